@@ -1,0 +1,425 @@
+"""StarNetDeblender: catalogs with posterior uncertainties from images of crowded star fields."""
+
+import json
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from astropy import units as u
+from astropy.nddata import NDData
+from astropy.table import QTable, vstack
+
+from . import __version__
+from .encoder import StarNetEncoder
+from .posterior import count_distribution
+from .prior import StarFieldPrior
+from .psf import as_psf, pixel_stamps, psf_from_dict, psf_to_dict
+from .simulate import StarFieldRenderer, as_background
+from .tiles import TileGrid
+from .training import SimulatedBatches, TrainingSettings, train_encoder
+
+__all__ = ["StarNetDeblender"]
+
+_MODEL_FORMAT = "starnet-deblender-1"
+_GAUSS_HERMITE = np.polynomial.hermite_e.hermegauss(32)
+
+
+class StarNetDeblender:
+    """Probabilistic cataloger of crowded star fields (StarNet).
+
+    A convolutional encoder maps an image to a variational posterior over catalogs,
+    tile by tile. It is fitted by the expected forward KL on images simulated from the
+    generative model (prior, PSF, background): see `fit`. Calling the deblender on an
+    image returns its modal catalog; `sample` draws whole catalogs from the posterior.
+
+    Parameters
+    ----------
+    prior : `~starnet.StarFieldPrior`
+        Prior over catalogs; its band names are the bands the model expects.
+    psf : PSF or list of PSF
+        One PSF per band (or one for all bands).
+    background : float or sequence of float
+        Background per band in electrons per pixel, used to simulate training images.
+    tile_size : int, optional
+        Side of a tile in pixels (paper for M2: 2).
+    max_sources : int, optional
+        Largest number of stars per tile (paper: 3).
+    stamp_size : int, optional
+        Width of the PSF stamp used to render training images.
+    hidden, tile_hidden : int, optional
+        Width of the encoder (channels at pixel and at tile resolution).
+
+    Examples
+    --------
+    >>> from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender, simulate_starfield
+    >>> psf = PowerLawPSF(sigma1=1.0, sigma2=2.5, sigmap=3.0, beta=3.0, b=0.1, p0=0.01)
+    >>> prior = StarFieldPrior(mu=0.02, bands=["r"])
+    >>> deblender = StarNetDeblender(prior=prior, psf=psf, background=[686.0])
+    >>> history = deblender.fit(n_epochs=1, batches_per_epoch=2, batch_size=2,
+    ...                         image_shape=(24, 24), progress=False)
+    >>> image, truth = simulate_starfield((24, 24), prior=prior, psf=psf,
+    ...                                   background=686.0, seed=2)
+    >>> catalog = deblender(image)
+    >>> catalog.colnames[:5]
+    ['id', 'x_fit', 'y_fit', 'x_err', 'y_err']
+    """
+
+    def __init__(self, *, prior, psf, background, tile_size=2, max_sources=3, stamp_size=25,
+                 hidden=32, tile_hidden=128):
+        self.prior = prior
+        psfs = list(psf) if isinstance(psf, (list, tuple)) else [psf] * prior.n_bands
+        if len(psfs) != prior.n_bands:
+            raise ValueError(f"got {len(psfs)} PSFs for the {prior.n_bands} bands {prior.bands}")
+        self.psfs = [as_psf(p) for p in psfs]
+        background = as_background(background, prior.n_bands)
+        if background.ndim != 1:
+            raise ValueError("the training background must be one value per band; "
+                             "images may carry background maps")
+        self.background = background
+        self.grid = TileGrid(tile_size=tile_size, max_sources=max_sources)
+        self.stamp_size = int(stamp_size)
+        self.encoder = StarNetEncoder(n_bands=prior.n_bands, tile_size=tile_size,
+                                      max_sources=max_sources, hidden=hidden,
+                                      tile_hidden=tile_hidden)
+        self.encoder.eval()
+        self.training_settings = None
+        self.training_history = None
+
+    @classmethod
+    def from_nddata(cls, nddata, *, prior=None, **kwargs):
+        """A deblender for images like ``nddata``: bands, PSFs and background from its meta.
+
+        A background map is reduced to its median per band for training.
+        """
+        meta = _check_meta(nddata)
+        prior = StarFieldPrior(bands=meta["bands"]) if prior is None else prior
+        if list(prior.bands) != list(meta["bands"]):
+            raise ValueError(f"the prior's bands {prior.bands} differ from the image's "
+                             f"bands {meta['bands']}")
+        background = as_background(meta["background"], prior.n_bands)
+        if background.ndim == 3:
+            background = np.median(background, axis=(1, 2))
+        return cls(prior=prior, psf=meta["psf"], background=background, **kwargs)
+
+    @property
+    def bands(self):
+        """Band names the model expects, in order."""
+        return list(self.prior.bands)
+
+    # ------------------------------------------------------------------ training
+    def fit(self, *, settings=None, checkpoint=None, progress=True, **kwargs):
+        """Fit the encoder by the expected forward KL on images simulated from the model.
+
+        Parameters
+        ----------
+        settings : `~starnet.training.TrainingSettings`, optional
+            All training settings; keyword arguments override single fields
+            (e.g. ``n_epochs=20``).
+        checkpoint : str or path, optional
+            Written every epoch; training resumes from it when it exists.
+        progress : bool, optional
+            Show a progress bar.
+
+        Returns
+        -------
+        history : `~astropy.table.QTable`
+            Loss, validation F1 and throughput per epoch (also kept as
+            ``training_history``).
+        """
+        settings = settings or TrainingSettings()
+        for key, value in kwargs.items():
+            if not hasattr(settings, key):
+                raise TypeError(f"unknown training setting {key!r}")
+            setattr(settings, key, value)
+        renderer = StarFieldRenderer(self.psfs, stamp_size=self.stamp_size)
+        batches = SimulatedBatches(self.prior, renderer, self.background,
+                                   settings.image_shape, margin=settings.margin)
+        history = train_encoder(self.encoder, batches, settings, checkpoint=checkpoint,
+                                progress=progress)
+        self.training_settings = settings
+        self.training_history = history
+        return history
+
+    # --------------------------------------------------------------- persistence
+    def save(self, path, *, overwrite=False):
+        """Save the model: network weights (tensors only) and JSON metadata, in one file.
+
+        The file loads with ``torch.load(path, weights_only=True)``; no code is
+        pickled.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        history = None
+        if self.training_history is not None:
+            history = {name: [float(v) for v in self.training_history[name]]
+                       for name in self.training_history.colnames}
+        metadata = {
+            "format": _MODEL_FORMAT, "starnet_version": __version__,
+            "prior": self.prior.to_dict(), "psf": [psf_to_dict(p) for p in self.psfs],
+            "background": [float(b) for b in self.background],
+            "tile_size": self.grid.tile_size, "max_sources": self.grid.max_sources,
+            "stamp_size": self.stamp_size, "hidden": self.encoder.pixel_layers[0].out_channels,
+            "tile_hidden": self.encoder.head.in_channels,
+            "training_settings": (self.training_settings.to_dict()
+                                  if self.training_settings is not None else None),
+            "training_history": history,
+        }
+        torch.save({"metadata": json.dumps(metadata), "weights": self.encoder.state_dict()},
+                   path)
+
+    @classmethod
+    def load(cls, path):
+        """Load a model written by `save`."""
+        state = torch.load(Path(path), weights_only=True)
+        metadata = json.loads(state["metadata"])
+        if metadata.get("format") != _MODEL_FORMAT:
+            raise ValueError(f"{path} is not a starnet model file (format "
+                             f"{metadata.get('format')!r}, expected {_MODEL_FORMAT!r})")
+        deblender = cls(prior=StarFieldPrior.from_dict(metadata["prior"]),
+                        psf=[psf_from_dict(p) for p in metadata["psf"]],
+                        background=metadata["background"], tile_size=metadata["tile_size"],
+                        max_sources=metadata["max_sources"], stamp_size=metadata["stamp_size"],
+                        hidden=metadata["hidden"], tile_hidden=metadata["tile_hidden"])
+        deblender.encoder.load_state_dict(state["weights"])
+        if metadata["training_settings"] is not None:
+            settings = dict(metadata["training_settings"])
+            settings["image_shape"] = tuple(settings["image_shape"])
+            deblender.training_settings = TrainingSettings(**settings)
+        if metadata["training_history"] is not None:
+            deblender.training_history = QTable(metadata["training_history"])
+        return deblender
+
+    @classmethod
+    def pretrained(cls, name="sdss-m2"):
+        """Load a model shipped with the package (``starnet.StarNetDeblender.available()``)."""
+        available = cls.available()
+        if name not in available:
+            raise ValueError(f"no pretrained model {name!r}; available: {available}")
+        return cls.load(resources.files("starnet") / "models" / f"{name}.pt")
+
+    @staticmethod
+    def available():
+        """Names of the pretrained models shipped with the package."""
+        folder = resources.files("starnet") / "models"
+        if not folder.is_dir():
+            return []
+        return sorted(p.name[:-3] for p in folder.iterdir() if p.name.endswith(".pt"))
+
+    # ----------------------------------------------------------------- inference
+    def _prepare(self, nddata):
+        """Validated image and background tensors (1, bands, rows, cols) and the meta."""
+        meta = _check_meta(nddata)
+        if list(meta["bands"]) != self.bands:
+            raise ValueError(f"the image has bands {list(meta['bands'])} but the model was "
+                             f"trained for bands {self.bands}")
+        data = np.asarray(nddata.data)
+        if data.ndim == 2 and len(self.bands) == 1:
+            data = data[None]
+        if data.ndim != 3 or data.shape[0] != len(self.bands):
+            raise ValueError(f"image data must have shape (bands={len(self.bands)}, rows, cols),"
+                             f" got {data.shape}")
+        if nddata.unit is not None and u.Unit(nddata.unit) != u.electron:
+            raise ValueError(f"image unit is {nddata.unit}; the model works in electrons "
+                             "(SDSS frames: see starnet.datasets.load_sdss_frame)")
+        data = data.astype(np.float64)  # also turns big-endian FITS data native
+        background = as_background(meta["background"], len(self.bands), data.shape[1:])
+        background = np.broadcast_to(background.reshape(len(self.bands), *(
+            (1, 1) if background.ndim == 1 else background.shape[1:])), data.shape)
+        bad = ~np.isfinite(data)
+        if nddata.mask is not None:
+            bad |= np.broadcast_to(np.asarray(nddata.mask, dtype=bool), data.shape)
+        if bad.any():
+            warnings.warn(f"{int(bad.sum())} masked or non-finite pixels are replaced by the "
+                          "background; stars there are not detected", UserWarning)
+            data = np.where(bad, background, data)
+        self._check_psfs(meta["psf"])
+        image = torch.from_numpy(data).float()[None]
+        return image, torch.from_numpy(np.ascontiguousarray(background)).float()[None], meta
+
+    def _check_psfs(self, psfs):
+        psfs = list(psfs) if isinstance(psfs, (list, tuple)) else [psfs] * len(self.bands)
+        if len(psfs) != len(self.bands):
+            raise ValueError(f"meta['psf'] has {len(psfs)} PSFs for {len(self.bands)} bands")
+        for band, model_psf, image_psf in zip(self.bands, self.psfs, psfs):
+            size = min(self.stamp_size, 15)
+            ours = pixel_stamps(model_psf, size, [0.0], [0.0])[0]
+            theirs = pixel_stamps(as_psf(image_psf), size, [0.0], [0.0])[0]
+            ours, theirs = ours / ours.sum(), theirs / theirs.sum()
+            difference = np.abs(ours - theirs).sum() / 2
+            if difference > 0.05:
+                warnings.warn(f"the image's PSF in band {band} differs from the PSF the model "
+                              f"was trained with ({difference:.1%} of the light is placed "
+                              "differently); results may be biased", UserWarning)
+
+    @torch.no_grad()
+    def _posterior(self, nddata):
+        image, background, meta = self._prepare(nddata)
+        self.encoder.eval()
+        return self.encoder(image, background), image.shape[-2:], meta
+
+    def __call__(self, nddata):
+        """Modal catalog of an image.
+
+        Parameters
+        ----------
+        nddata : `~astropy.nddata.NDData`
+            ``data`` (bands, rows, cols) in electrons including the background;
+            ``meta['bands']``, ``meta['psf']`` and ``meta['background']`` as produced by
+            `~starnet.simulate_starfield` or `starnet.datasets.load_sdss_frame`. Masked or
+            non-finite pixels are replaced by the background (with a warning).
+
+        Returns
+        -------
+        catalog : `~astropy.table.QTable`
+            One row per star of the modal catalog (the most probable count in each tile,
+            with the modes of the positions and fluxes), sorted by tile:
+
+            * ``id``: 1-based index;
+            * ``x_fit``, ``y_fit``: position in pixels (x = column, y = row);
+            * ``x_err``, ``y_err``: posterior standard deviations of the position;
+            * ``flux_<band>``, ``flux_<band>_err``: flux (the median of its log-normal
+              posterior) and its posterior standard deviation, electrons;
+            * ``mag_<band>``, ``mag_<band>_err``: magnitude and its posterior standard
+              deviation; ``22.5 - 2.5 log10(flux / nelec_per_nmgy)`` when
+              ``meta['nelec_per_nmgy']`` gives the calibration, otherwise the
+              instrumental magnitude ``-2.5 log10(flux / electron)``;
+            * ``detection_prob``: posterior probability that the tile holds at least as
+              many stars as this star's rank by flux in the tile;
+            * ``sky_centroid`` when the image has a WCS.
+
+            ``meta`` holds the posterior of the total number of stars in the image
+            (``n_stars_mean``, ``n_stars_q05``, ``n_stars_q95``), the model settings
+            and the package version.
+        """
+        posterior, shape, meta = self._posterior(nddata)
+        mode = posterior.mode()
+        locs, fluxes, mask = self.grid.from_tiles(mode)
+        loc_mean, loc_sd, flux_mean, flux_sd = (
+            p.reshape(1, -1, p.shape[-1]) for p in posterior.row_parameters(mode.counts))
+        # detection probability of the k-th brightest star of a tile: q(count >= k)
+        at_least = torch.flip(torch.cumsum(torch.flip(posterior.count_probs, [-1]), -1), [-1])
+        slot = torch.arange(self.grid.max_sources)
+        brightness = mode.fluxes[..., 0].masked_fill(slot >= mode.counts[..., None], -1.0)
+        rank = torch.argsort(torch.argsort(-brightness, dim=-1), dim=-1)
+        detection = at_least[..., 1:].gather(-1, rank).reshape(1, -1)
+        keep = mask[0] & _inside(locs[0], shape)
+        table = self._table(locs[0][keep], fluxes[0][keep], loc_mean[0][keep], loc_sd[0][keep],
+                            flux_sd[0][keep], meta, nddata)
+        table["detection_prob"] = detection[0, keep].double().numpy()
+        table.meta.update(self._count_summary(posterior))
+        return table
+
+    def _table(self, locs, fluxes, loc_mean, loc_sd, flux_sd, meta, nddata):
+        table = QTable()
+        table["id"] = np.arange(1, len(locs) + 1)
+        table["x_fit"] = locs[:, 0].double().numpy()
+        table["y_fit"] = locs[:, 1].double().numpy()
+        if len(loc_mean):
+            sd = _sigmoid_sd(loc_mean.double().numpy(), loc_sd.double().numpy())
+            sd = sd * self.grid.tile_size
+        else:
+            sd = np.zeros((0, 2))
+        table["x_err"] = sd[:, 0]
+        table["y_err"] = sd[:, 1]
+        zero_points = _zero_points(meta, self.bands)
+        for b, band in enumerate(self.bands):
+            flux = fluxes[:, b].double().numpy()
+            s = flux_sd[:, b].double().numpy()
+            table[f"flux_{band}"] = flux * u.electron
+            table[f"flux_{band}_err"] = (flux * np.exp(s**2 / 2) * np.sqrt(np.expm1(s**2))
+                                         * u.electron)
+            table[f"mag_{band}"] = (zero_points[b] - 2.5 * np.log10(flux)) * u.mag
+            table[f"mag_{band}_err"] = 2.5 / np.log(10) * s * u.mag
+        if getattr(nddata, "wcs", None) is not None and len(table):
+            table["sky_centroid"] = nddata.wcs.pixel_to_world(table["x_fit"], table["y_fit"])
+        table.meta.update({
+            "version": __version__, "bands": self.bands,
+            "mag_zero_points": [float(z) for z in zero_points],
+            "tile_size": self.grid.tile_size, "max_sources": self.grid.max_sources})
+        return table
+
+    def _count_summary(self, posterior):
+        pmf = count_distribution(posterior.count_probs[0].reshape(-1, self.grid.max_sources + 1)
+                                 .double().numpy())
+        cdf = np.cumsum(pmf)
+        return {"n_stars_mean": float(np.dot(np.arange(len(pmf)), pmf)),
+                "n_stars_q05": int(np.searchsorted(cdf, 0.05)),
+                "n_stars_q95": int(np.searchsorted(cdf, 0.95))}
+
+    def count_posterior(self, nddata):
+        """Posterior probabilities of the total number of stars in the image.
+
+        Returns ``pmf`` with ``pmf[k]`` = q(N = k).
+        """
+        posterior, _, _ = self._posterior(nddata)
+        return count_distribution(posterior.count_probs[0].reshape(
+            -1, self.grid.max_sources + 1).double().numpy())
+
+    def sample(self, nddata, *, n_samples=100, seed=None):
+        """Whole catalogs drawn from the posterior.
+
+        Returns
+        -------
+        samples : `~astropy.table.QTable`
+            Columns ``sample`` (0-based draw index), ``x``, ``y`` and ``flux_<band>``
+            (electrons) for every star of every draw.
+        """
+        posterior, shape, _ = self._posterior(nddata)
+        generator = torch.Generator().manual_seed(_seed(seed))
+        tables = []
+        for index in range(n_samples):
+            locs, fluxes, mask = self.grid.from_tiles(posterior.sample(generator=generator))
+            keep = mask[0] & _inside(locs[0], shape)
+            table = QTable()
+            table["sample"] = np.full(int(keep.sum()), index)
+            table["x"] = locs[0][keep, 0].double().numpy()
+            table["y"] = locs[0][keep, 1].double().numpy()
+            for b, band in enumerate(self.bands):
+                table[f"flux_{band}"] = fluxes[0][keep, b].double().numpy() * u.electron
+            tables.append(table)
+        samples = vstack(tables)
+        samples.meta.update({"version": __version__, "n_samples": n_samples, "seed": seed})
+        return samples
+
+
+def _check_meta(nddata):
+    if not isinstance(nddata, NDData):
+        raise TypeError(f"expected an astropy NDData image, got {type(nddata).__name__}")
+    meta = nddata.meta
+    missing = [key for key in ("bands", "psf", "background") if key not in meta]
+    if missing:
+        raise ValueError(f"the image's meta lacks {missing}: it needs 'bands' (band names), "
+                         "'psf' (one PSF per band) and 'background' (electrons per pixel)")
+    return meta
+
+
+def _inside(locs, shape):
+    rows, cols = shape
+    return ((locs[:, 0] >= -0.5) & (locs[:, 0] < cols - 0.5)
+            & (locs[:, 1] >= -0.5) & (locs[:, 1] < rows - 0.5))
+
+
+def _sigmoid_sd(mean, sd):
+    """Standard deviation of sigmoid(z), z ~ Normal(mean, sd^2), by Gauss-Hermite quadrature."""
+    nodes, weights = _GAUSS_HERMITE
+    weights = weights / weights.sum()
+    values = 1 / (1 + np.exp(-(mean[..., None] + sd[..., None] * nodes)))
+    first = (values * weights).sum(-1)
+    second = (values**2 * weights).sum(-1)
+    return np.sqrt(np.clip(second - first**2, 0, None))
+
+
+def _zero_points(meta, bands):
+    """Magnitude zero points: 22.5 + 2.5 log10(nelec_per_nmgy), or 0 (instrumental)."""
+    calibration = meta.get("nelec_per_nmgy")
+    if calibration is None:
+        return np.zeros(len(bands))
+    calibration = np.broadcast_to(np.asarray(calibration, dtype=float), (len(bands),))
+    return 22.5 + 2.5 * np.log10(calibration)
+
+
+def _seed(seed):
+    return int(np.random.default_rng(seed).integers(2**62))

@@ -1,0 +1,174 @@
+"""The tiled variational posterior q(catalog | image).
+
+Tiles are independent. In each tile the number of stars ``n`` follows a categorical
+distribution on ``0 .. max_sources``. Given ``n``, the tile's stars are the ``n`` rows
+of a triangular array of sources (row ``n`` has its own ``n`` sets of parameters):
+source ``k`` has a position within the tile ``u = sigmoid(z)`` with
+``z ~ Normal(loc_mean, loc_sd^2)`` per axis (logit-normal), and a flux per band
+``f = exp(w)`` with ``w ~ Normal(log_flux_mean, log_flux_sd^2)`` (log-normal). A tile's
+stars form an unordered set, so its density sums over the ``n!`` orderings of the
+sources (paper appendix A); `TiledPosterior.log_prob` does this exactly with a
+log-sum-exp.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import torch
+
+from .tiles import TileCatalog
+
+__all__ = ["TiledPosterior", "count_distribution"]
+
+_EPS = 1e-6
+
+
+def triangle_slots(max_sources):
+    """Slot indices of row ``n`` (``n = 1 .. max_sources``) of the triangular array."""
+    return [list(range(n * (n - 1) // 2, n * (n + 1) // 2)) for n in range(1, max_sources + 1)]
+
+
+class TiledPosterior:
+    """The variational distribution of the catalogs of a batch of images.
+
+    Parameters
+    ----------
+    count_logits : `torch.Tensor`, shape (n_images, tile_rows, tile_cols, max_sources + 1)
+        Unnormalised log probabilities of ``0 .. max_sources`` stars per tile.
+    loc_mean, loc_sd : `torch.Tensor`, shape (n_images, tile_rows, tile_cols, n_slots, 2)
+        Normal parameters of the logit of the within-tile position ``(u_x, u_y)``;
+        ``n_slots = max_sources (max_sources + 1) / 2`` is the size of the triangular array.
+    log_flux_mean, log_flux_sd : `torch.Tensor`, shape (..., n_slots, n_bands)
+        Normal parameters of the natural log of the flux (electrons) in each band.
+    """
+
+    def __init__(self, count_logits, loc_mean, loc_sd, log_flux_mean, log_flux_sd):
+        self.count_logits = count_logits
+        self.loc_mean = loc_mean
+        self.loc_sd = loc_sd
+        self.log_flux_mean = log_flux_mean
+        self.log_flux_sd = log_flux_sd
+        self.max_sources = count_logits.shape[-1] - 1
+        self._slots = triangle_slots(self.max_sources)
+
+    @property
+    def count_probs(self):
+        """Probabilities of ``0 .. max_sources`` stars in each tile."""
+        return torch.softmax(self.count_logits, dim=-1)
+
+    def _row(self, n):
+        """Parameters of row ``n`` of the triangular array, each (..., n, dim)."""
+        index = torch.tensor(self._slots[n - 1])
+        return (self.loc_mean[..., index, :], self.loc_sd[..., index, :],
+                self.log_flux_mean[..., index, :], self.log_flux_sd[..., index, :])
+
+    def log_prob(self, tiles: TileCatalog):
+        """Log density of the tile variables under q, shape (n_images, tile_rows, tile_cols).
+
+        The density is with respect to the count, the within-tile positions and the
+        fluxes in electrons (the Jacobians of the logit and log transforms included).
+        """
+        log_count = torch.log_softmax(self.count_logits, dim=-1)
+        result = log_count.gather(-1, tiles.counts[..., None])[..., 0]
+        u = tiles.locs.clamp(_EPS, 1 - _EPS)
+        z = torch.log(u) - torch.log1p(-u)
+        w = torch.log(tiles.fluxes)
+        for n in range(1, self.max_sources + 1):
+            loc_mean, loc_sd, flux_mean, flux_sd = self._row(n)
+            # pair[..., a, k]: log density of true source a under slot k of row n
+            pair = (_normal_log_prob(z[..., :n, None, :], loc_mean[..., None, :, :],
+                                     loc_sd[..., None, :, :]).sum(-1)
+                    + _normal_log_prob(w[..., :n, None, :], flux_mean[..., None, :, :],
+                                       flux_sd[..., None, :, :]).sum(-1))
+            jacobian = (torch.log(u[..., :n, :]) + torch.log1p(-u[..., :n, :])).sum((-1, -2))
+            jacobian = jacobian + w[..., :n, :].sum((-1, -2))
+            perms = torch.tensor(list(itertools.permutations(range(n))))
+            slot = torch.arange(n)
+            matched = pair[..., perms, slot].sum(-1)
+            row_log_prob = torch.logsumexp(matched, dim=-1) - jacobian
+            result = result + torch.where(tiles.counts == n, row_log_prob, 0.0)
+        return result
+
+    def _counts_to_catalog(self, counts, z, w):
+        """Tile variables with ``counts`` from row values ``z``, ``w`` of every row."""
+        shape = counts.shape
+        locs = torch.full((*shape, self.max_sources, 2), 0.5)
+        fluxes = torch.ones(*shape, self.max_sources, w.shape[-1])
+        for n in range(1, self.max_sources + 1):
+            index = torch.tensor(self._slots[n - 1])
+            chosen = (counts == n)[..., None, None]
+            locs[..., :n, :] = torch.where(chosen, torch.sigmoid(z[..., index, :]),
+                                           locs[..., :n, :])
+            fluxes[..., :n, :] = torch.where(chosen, torch.exp(w[..., index, :]),
+                                             fluxes[..., :n, :])
+        return TileCatalog(counts=counts, locs=locs, fluxes=fluxes, n_dropped=0)
+
+    def mode(self):
+        """Most probable count per tile, with positions ``sigmoid(loc_mean)`` and fluxes
+        ``exp(log_flux_mean)`` (the transformed modes of the underlying normals)."""
+        counts = self.count_logits.argmax(dim=-1)
+        return self._counts_to_catalog(counts, self.loc_mean, self.log_flux_mean)
+
+    def sample(self, *, generator=None):
+        """Draw one catalog per image from q, as tile variables."""
+        probs = self.count_probs
+        flat = probs.reshape(-1, probs.shape[-1])
+        counts = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+        z = self.loc_mean + self.loc_sd * torch.randn(self.loc_mean.shape, generator=generator)
+        w = self.log_flux_mean + self.log_flux_sd * torch.randn(self.log_flux_mean.shape,
+                                                                generator=generator)
+        return self._counts_to_catalog(counts, z, w)
+
+    def row_parameters(self, counts):
+        """Parameters of each tile's sources when the tile has ``counts`` stars.
+
+        Returns ``loc_mean, loc_sd, log_flux_mean, log_flux_sd`` each of shape
+        (..., max_sources, dim), valid in the first ``counts`` slots.
+        """
+        out = []
+        for param in (self.loc_mean, self.loc_sd, self.log_flux_mean, self.log_flux_sd):
+            chosen = torch.zeros(*counts.shape, self.max_sources, param.shape[-1])
+            for n in range(1, self.max_sources + 1):
+                index = torch.tensor(self._slots[n - 1])
+                chosen[..., :n, :] = torch.where((counts == n)[..., None, None],
+                                                 param[..., index, :], chosen[..., :n, :])
+            out.append(chosen)
+        return tuple(out)
+
+
+def _normal_log_prob(x, mean, sd):
+    return -0.5 * ((x - mean) / sd) ** 2 - torch.log(sd) - 0.5 * math.log(2 * math.pi)
+
+
+def count_distribution(count_probs):
+    """Distribution of the total number of stars over independent tiles.
+
+    Parameters
+    ----------
+    count_probs : array, shape (n_tiles, max_sources + 1)
+        Probabilities of ``0 .. max_sources`` stars in each tile.
+
+    Returns
+    -------
+    pmf : `numpy.ndarray`, shape (n_tiles * max_sources + 1,)
+        ``pmf[k]`` is the probability of ``k`` stars in all: the convolution of the
+        tiles' distributions, computed exactly as a product of their generating
+        functions on the unit circle (FFT).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from starnet.posterior import count_distribution
+    >>> pmf = count_distribution(np.array([[0.5, 0.5], [0.5, 0.5]]))
+    >>> print(np.round(pmf, 3))
+    [0.25 0.5  0.25]
+    """
+    probs = np.asarray(count_probs, dtype=float).reshape(-1, np.shape(count_probs)[-1])
+    length = probs.shape[0] * (probs.shape[1] - 1) + 1
+    transform = np.fft.rfft(probs, n=length, axis=1)
+    with np.errstate(divide="ignore"):
+        log_total = np.log(transform + 0j).sum(axis=0)
+    pmf = np.fft.irfft(np.exp(log_total), n=length)
+    pmf = np.clip(pmf, 0, None)
+    return pmf / pmf.sum()

@@ -1,0 +1,451 @@
+"""
+Point spread functions: the SDSS power-law PSF, PSF images, and
+pixel-integrated PSF stamps.
+
+Three kinds of PSF are accepted wherever starnet needs one (see
+`as_psf`):
+
+* a `PowerLawPSF` (or any other 2-D `astropy.modeling` model with
+  ``flux``, ``x_0`` and ``y_0`` parameters) giving the *point* value of
+  the PSF; `pixel_stamps` integrates it over pixels;
+* a `photutils.psf.ImagePSF` (or a photutils model whose class name ends
+  in ``'PRF'``), which is already integrated over pixels;
+* a 2-D `numpy.ndarray`: a pixel-integrated PSF image centred on its
+  central pixel, wrapped in an `~photutils.psf.ImagePSF`.
+"""
+
+import numpy as np
+from astropy.io import fits
+from astropy.modeling import Fittable2DModel, Model, Parameter
+from photutils.psf import GriddedPSFModel, ImagePSF
+from scipy.optimize import brentq
+
+__all__ = ['PowerLawPSF', 'pixel_stamps', 'as_psf', 'psf_to_dict',
+           'psf_from_dict']
+
+SDSS_BANDS = 'ugriz'
+_SHAPE_NAMES = ('sigma1', 'sigma2', 'sigmap', 'beta', 'b', 'p0')
+
+
+def _check_beta(beta):
+    if np.any(np.asarray(beta) <= 2):
+        msg = (f'beta must be > 2 for the power-law wing to have a finite '
+               f'integral; got beta={beta}')
+        raise ValueError(msg)
+
+
+class PowerLawPSF(Fittable2DModel):
+    r"""
+    The SDSS power-law PSF: two Gaussians plus a power-law wing.
+
+    This is the PSF model of the SDSS photometric pipeline (Xin et al.
+    2018; eq. 7 of Liu, Regier et al. 2023), with the parameters stored
+    in HDU 6 of an SDSS psField file (see `from_psfield`).
+
+    The model gives the *point* value of the PSF (not integrated over
+    pixels; see `pixel_stamps` for that), normalised so that its integral
+    over the whole plane equals ``flux``. The shape parameters are fixed
+    by default, so that photutils PSF photometry fits only ``flux``,
+    ``x_0`` and ``y_0``.
+
+    Parameters
+    ----------
+    flux : float, optional
+        Total flux (integral over the plane).
+    x_0, y_0 : float, optional
+        Position of the centre (x = column, y = row, pixels).
+    sigma1, sigma2 : float, optional
+        Standard deviations of the core and the second Gaussian (pixels).
+    sigmap : float, optional
+        Width of the power-law wing (pixels).
+    beta : float, optional
+        Power-law index; must be > 2.
+    b : float, optional
+        Amplitude of the second Gaussian relative to the core.
+    p0 : float, optional
+        Amplitude of the power-law wing relative to the core.
+    bbox_factor : float, optional
+        Half-width of the bounding box in units of the FWHM.
+    **kwargs : dict, optional
+        Passed to `astropy.modeling.Model`.
+
+    Notes
+    -----
+    With :math:`r^2 = (x - x_0)^2 + (y - y_0)^2`, the profile is
+
+    .. math::
+
+        P(r) \propto e^{-r^2 / 2 \sigma_1^2}
+            + b\, e^{-r^2 / 2 \sigma_2^2}
+            + p_0 \left(1 + \frac{r^2}{\beta \sigma_P^2}\right)^{-\beta/2},
+
+    normalised analytically by its integral
+    :math:`2\pi\sigma_1^2 + 2\pi b \sigma_2^2
+    + 2\pi p_0 \beta \sigma_P^2 / (\beta - 2)`. (The factor
+    :math:`1 / (1 + b + p_0)` of the SDSS definition cancels in this
+    normalisation.) The wing holds a sizeable part of the flux when
+    :math:`\beta` is close to 2, so a finite stamp holds less than
+    ``flux``.
+
+    Examples
+    --------
+    >>> from starnet.psf import PowerLawPSF
+    >>> psf = PowerLawPSF(sigma1=1.0, sigma2=2.5, sigmap=2.0, beta=3.0,
+    ...                   b=0.1, p0=0.01)
+    >>> print(f'{psf.fwhm:.3f}')
+    2.498
+    >>> print(f'{psf(0.0, 0.0):.4f}')
+    0.1012
+    """
+
+    flux = Parameter(default=1, description='Total flux')
+    x_0 = Parameter(default=0, description='Position of the centre along x')
+    y_0 = Parameter(default=0, description='Position of the centre along y')
+    sigma1 = Parameter(default=1, fixed=True,
+                       description='Sigma of the core Gaussian (pixels)')
+    sigma2 = Parameter(default=3, fixed=True,
+                       description='Sigma of the second Gaussian (pixels)')
+    sigmap = Parameter(default=3, fixed=True,
+                       description='Width of the power-law wing (pixels)')
+    beta = Parameter(default=3, fixed=True,
+                     description='Power-law index (> 2)')
+    b = Parameter(default=0.1, fixed=True,
+                  description='Relative amplitude of the second Gaussian')
+    p0 = Parameter(default=0.01, fixed=True,
+                   description='Relative amplitude of the power-law wing')
+
+    def __init__(self, *, flux=flux.default, x_0=x_0.default,
+                 y_0=y_0.default, sigma1=sigma1.default,
+                 sigma2=sigma2.default, sigmap=sigmap.default,
+                 beta=beta.default, b=b.default, p0=p0.default,
+                 bbox_factor=6.0, **kwargs):
+        for name, value in (('sigma1', sigma1), ('sigma2', sigma2),
+                            ('sigmap', sigmap)):
+            if not value > 0:
+                msg = f'{name} must be > 0 (pixels); got {value}'
+                raise ValueError(msg)
+        for name, value in (('b', b), ('p0', p0)):
+            if not value >= 0:
+                msg = f'{name} must be >= 0; got {value}'
+                raise ValueError(msg)
+        _check_beta(beta)
+        super().__init__(flux=flux, x_0=x_0, y_0=y_0, sigma1=sigma1,
+                         sigma2=sigma2, sigmap=sigmap, beta=beta, b=b,
+                         p0=p0, **kwargs)
+        self.bbox_factor = bbox_factor
+
+    @classmethod
+    def from_psfield(cls, path, *, band, **kwargs):
+        """
+        Read the power-law PSF of one band from an SDSS psField file.
+
+        Parameters
+        ----------
+        path : str or path-like
+            The psField FITS file; HDU 6 holds the columns
+            ``psf_sigma1``, ``psf_sigma2``, ``psf_sigmap``, ``psf_beta``,
+            ``psf_b`` and ``psf_p0`` (one value per band, in ugriz order).
+        band : str
+            One of ``'u'``, ``'g'``, ``'r'``, ``'i'``, ``'z'``.
+        **kwargs : dict, optional
+            Other arguments of `PowerLawPSF` (e.g. ``flux``).
+
+        Returns
+        -------
+        psf : `PowerLawPSF`
+
+        Examples
+        --------
+        >>> from importlib.resources import files
+        >>> from starnet.psf import PowerLawPSF
+        >>> path = (files('starnet') / 'datasets' / 'data' / 'sdss'
+        ...         / 'psField-002583-2-0136.fit')
+        >>> psf = PowerLawPSF.from_psfield(path, band='r')
+        >>> print(f'{psf.sigma1.value:.3f} {psf.fwhm:.3f}')
+        0.880 2.143
+        """
+        if not isinstance(band, str) or len(band) != 1 \
+                or band not in SDSS_BANDS:
+            msg = f"band must be one of 'u', 'g', 'r', 'i', 'z'; got {band!r}"
+            raise ValueError(msg)
+        iband = SDSS_BANDS.index(band)
+        with fits.open(path) as hdul:
+            row = hdul[6].data[0]
+            params = {name: float(np.ravel(row[f'psf_{name}'])[iband])
+                      for name in _SHAPE_NAMES}
+        return cls(**params, **kwargs)
+
+    def _profile(self, r):
+        """Unnormalised radial profile at radius ``r`` (pixels)."""
+        r2 = np.square(r)
+        return (np.exp(-0.5 * r2 / self.sigma1.value ** 2)
+                + self.b.value * np.exp(-0.5 * r2 / self.sigma2.value ** 2)
+                + self.p0.value * (1 + r2 / (self.beta.value
+                                             * self.sigmap.value ** 2))
+                ** (-0.5 * self.beta.value))
+
+    @property
+    def fwhm(self):
+        """
+        The full width at half maximum (pixels), found numerically.
+
+        This is the FWHM of the point profile. The ``psf_width`` column of
+        a psField file is a different quantity: the width of the Gaussian
+        with the same effective area (``0.6643 * sqrt(n_eff)``) for the
+        2-Gaussian fit, about 20% larger than this FWHM for SDSS PSFs.
+        """
+        half = 0.5 * self._profile(0.0)
+        upper = max(self.sigma1.value, self.sigma2.value, self.sigmap.value)
+        while self._profile(upper) > half:
+            upper *= 2
+        return 2 * brentq(lambda r: self._profile(r) - half, 0.0, upper,
+                          xtol=1e-10)
+
+    @property
+    def bounding_box(self):
+        """
+        The bounding box: ``bbox_factor`` times the FWHM on each side of
+        the centre.
+        """
+        delta = self.bbox_factor * self.fwhm
+        return ((self.y_0 - delta, self.y_0 + delta),
+                (self.x_0 - delta, self.x_0 + delta))
+
+    @staticmethod
+    def evaluate(x, y, flux, x_0, y_0, sigma1, sigma2, sigmap, beta, b, p0):
+        """
+        Evaluate the PSF (point values) at ``x``, ``y``.
+
+        Parameters
+        ----------
+        x, y : array_like
+            Coordinates (pixels).
+        flux, x_0, y_0, sigma1, sigma2, sigmap, beta, b, p0 : float
+            The model parameters.
+
+        Returns
+        -------
+        values : `~numpy.ndarray`
+            ``flux`` times the unit-integral profile.
+        """
+        _check_beta(beta)
+        r2 = (x - x_0) ** 2 + (y - y_0) ** 2
+        norm = 2 * np.pi * (sigma1 ** 2 + b * sigma2 ** 2
+                            + p0 * beta * sigmap ** 2 / (beta - 2))
+        profile = (np.exp(-0.5 * r2 / sigma1 ** 2)
+                   + b * np.exp(-0.5 * r2 / sigma2 ** 2)
+                   + p0 * (1 + r2 / (beta * sigmap ** 2)) ** (-0.5 * beta))
+        return flux / norm * profile
+
+
+def as_psf(psf):
+    """
+    Validate a PSF and return it as an astropy model.
+
+    Parameters
+    ----------
+    psf : `PowerLawPSF`, `~photutils.psf.ImagePSF`, 2-D model or ndarray
+        A 2-D `astropy.modeling.Model` with ``flux``, ``x_0`` and ``y_0``
+        parameters is returned unchanged. A 2-D `numpy.ndarray` is a
+        pixel-integrated PSF image centred on its central pixel; it must
+        be finite, not all zero and at least 4 x 4.
+
+    Returns
+    -------
+    psf : `astropy.modeling.Model`
+        The model, or an `~photutils.psf.ImagePSF` (``x_0 = y_0 = 0`` at
+        the centre of the array) for an array.
+
+    Raises
+    ------
+    TypeError
+        If ``psf`` is neither an array nor a suitable model.
+    ValueError
+        If an array is not 2-D, not finite or all zero.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from starnet.psf import as_psf
+    >>> image = np.zeros((5, 5))
+    >>> image[2, 2] = 1.0
+    >>> model = as_psf(image)
+    >>> type(model).__name__, model.origin.tolist()
+    ('ImagePSF', [2.0, 2.0])
+    """
+    if isinstance(psf, np.ndarray):
+        if psf.ndim != 2:
+            msg = f'a PSF image must be a 2-D array; got shape {psf.shape}'
+            raise ValueError(msg)
+        if not np.all(np.isfinite(psf)):
+            msg = 'a PSF image must contain only finite values (no NaN/inf)'
+            raise ValueError(msg)
+        if not np.any(psf):
+            msg = 'a PSF image must not be all zero'
+            raise ValueError(msg)
+        return ImagePSF(psf.astype(float))
+    if isinstance(psf, GriddedPSFModel):
+        msg = ('a GriddedPSFModel varies with position; pass the ImagePSF '
+               'of one position instead')
+        raise TypeError(msg)
+    if isinstance(psf, Model) and psf.n_inputs == 2 \
+            and {'flux', 'x_0', 'y_0'} <= set(psf.param_names):
+        return psf
+    msg = ('psf must be a PowerLawPSF, a photutils ImagePSF, a 2-D astropy '
+           'model with flux, x_0 and y_0 parameters, or a 2-D numpy array; '
+           f'got {type(psf).__name__}')
+    raise TypeError(msg)
+
+
+def _is_pixel_integrated(model):
+    return (isinstance(model, ImagePSF)
+            or type(model).__name__.endswith('PRF'))
+
+
+def pixel_stamps(psf, size, dx, dy, *, oversample=5):
+    """
+    Stamps of the PSF integrated over pixels, for sub-pixel offsets.
+
+    Parameters
+    ----------
+    psf : `PowerLawPSF`, `~photutils.psf.ImagePSF`, 2-D model or ndarray
+        Anything `as_psf` accepts. Point-value models are integrated over
+        each pixel with ``oversample`` x ``oversample`` Gauss-Legendre
+        points; pixel-integrated PSFs (`~photutils.psf.ImagePSF`, arrays,
+        photutils ``*PRF`` models) are evaluated at pixel centres.
+    size : int
+        Odd stamp size; the star's reference pixel is ``size // 2``.
+    dx, dy : float or array_like, shape (n,)
+        Offsets of the stars from the centre of the central pixel
+        (x = column, y = row; pixels).
+    oversample : int, optional
+        Gauss-Legendre points per pixel and axis for point-value models.
+
+    Returns
+    -------
+    stamps : `~numpy.ndarray`, shape (n, size, size)
+        ``stamps[k, row, col]``: the PSF of unit flux (not renormalised
+        to the stamp) centred at ``(size // 2 + dx[k], size // 2 + dy[k])``.
+
+    Examples
+    --------
+    >>> from starnet.psf import PowerLawPSF, pixel_stamps
+    >>> psf = PowerLawPSF(sigma1=1.5, sigma2=3.0, b=0.1, p0=0.0)
+    >>> stamps = pixel_stamps(psf, 31, [0.0, 0.3], [0.0, -0.2])
+    >>> stamps.shape
+    (2, 31, 31)
+    >>> print(f'{stamps[0].sum():.4f}')
+    1.0000
+    """
+    model = as_psf(psf).copy()
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) \
+            or size < 1 or size % 2 == 0:
+        msg = f'size must be a positive odd integer; got {size!r}'
+        raise ValueError(msg)
+    dx = np.atleast_1d(np.asarray(dx, dtype=float))
+    dy = np.atleast_1d(np.asarray(dy, dtype=float))
+    if dx.ndim != 1 or dx.shape != dy.shape:
+        msg = ('dx and dy must be scalars or 1-D arrays of the same length; '
+               f'got shapes {dx.shape} and {dy.shape}')
+        raise ValueError(msg)
+    if not (np.all(np.isfinite(dx)) and np.all(np.isfinite(dy))):
+        msg = 'dx and dy must be finite'
+        raise ValueError(msg)
+    model.flux = 1.0
+    model.x_0 = 0.0
+    model.y_0 = 0.0
+    centres = np.arange(size, dtype=float) - size // 2
+
+    if _is_pixel_integrated(model):
+        return np.asarray(model(centres[None, None, :] - dx[:, None, None],
+                                centres[None, :, None] - dy[:, None, None]),
+                          dtype=float)
+
+    nodes, weights = np.polynomial.legendre.leggauss(oversample)
+    sub = (centres[:, None] + 0.5 * nodes[None, :]).ravel()
+    weights = 0.5 * weights
+    stamps = np.empty((dx.size, size, size))
+    chunk = max(1, 2 ** 20 // sub.size ** 2)
+    for start in range(0, dx.size, chunk):
+        sl = slice(start, start + chunk)
+        values = model(sub[None, None, :] - dx[sl, None, None],
+                       sub[None, :, None] - dy[sl, None, None])
+        values = values.reshape(-1, size, oversample, size, oversample)
+        stamps[sl] = np.einsum('nakbl,k,l->nab', values, weights, weights)
+    return stamps
+
+
+def psf_to_dict(psf):
+    """
+    Describe a PSF with plain JSON-serialisable values.
+
+    Parameters
+    ----------
+    psf : `PowerLawPSF`, `~photutils.psf.ImagePSF` or 2-D ndarray
+
+    Returns
+    -------
+    d : dict
+        ``{'type': 'PowerLawPSF', <parameter>: float, ...}`` or
+        ``{'type': 'ImagePSF', 'data': nested lists, 'oversampling':
+        [int, int], 'origin': [float, float], 'fill_value': float,
+        'flux', 'x_0', 'y_0': float}``.
+
+    Raises
+    ------
+    TypeError
+        For any other PSF model.
+
+    Examples
+    --------
+    >>> import json
+    >>> from starnet.psf import PowerLawPSF, psf_from_dict, psf_to_dict
+    >>> text = json.dumps(psf_to_dict(PowerLawPSF(sigma1=1.2)))
+    >>> print(psf_from_dict(json.loads(text)).sigma1.value)
+    1.2
+    """
+    psf = as_psf(psf)
+    params = {name: float(getattr(psf, name).value)
+              for name in psf.param_names}
+    if isinstance(psf, PowerLawPSF):
+        return {'type': 'PowerLawPSF', **params,
+                'bbox_factor': float(psf.bbox_factor)}
+    if isinstance(psf, ImagePSF):
+        return {'type': 'ImagePSF', **params,
+                'data': psf.data.tolist(),
+                'oversampling': [int(v) for v in psf.oversampling],
+                'origin': [float(v) for v in psf.origin],
+                'fill_value': (None if psf.fill_value is None
+                               else float(psf.fill_value))}
+    msg = ('only PowerLawPSF, ImagePSF and numpy arrays can be saved; '
+           f'got {type(psf).__name__}')
+    raise TypeError(msg)
+
+
+def psf_from_dict(d):
+    """
+    Rebuild a PSF from the output of `psf_to_dict`.
+
+    Parameters
+    ----------
+    d : dict
+        As returned by `psf_to_dict`.
+
+    Returns
+    -------
+    psf : `PowerLawPSF` or `~photutils.psf.ImagePSF`
+
+    Raises
+    ------
+    ValueError
+        If ``d['type']`` is not ``'PowerLawPSF'`` or ``'ImagePSF'``.
+    """
+    d = dict(d)
+    kind = d.pop('type', None)
+    if kind == 'PowerLawPSF':
+        return PowerLawPSF(**d)
+    if kind == 'ImagePSF':
+        data = np.asarray(d.pop('data'), dtype=float)
+        return ImagePSF(data, **d)
+    msg = f"d['type'] must be 'PowerLawPSF' or 'ImagePSF'; got {kind!r}"
+    raise ValueError(msg)

@@ -1,0 +1,303 @@
+import json
+from importlib.resources import files
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.modeling.models import Gaussian1D
+from astropy.nddata import NDData
+from astropy.table import QTable
+from photutils.datasets import make_model_image
+from photutils.psf import (CircularGaussianPRF, CircularGaussianPSF,
+                           GriddedPSFModel, ImagePSF, PSFPhotometry)
+
+from starnet.psf import (PowerLawPSF, as_psf, pixel_stamps, psf_from_dict,
+                         psf_to_dict)
+
+DATA = files('starnet') / 'datasets' / 'data'
+PSFIELD = DATA / 'sdss' / 'psField-002583-2-0136.fit'
+PIXEL_SCALE = 0.396  # arcsec per SDSS pixel
+
+
+def psf_image(band):
+    path = DATA / 'm2' / f'sdss-002583-2-0136-psf-{band}.fits'
+    return fits.getdata(path).astype(float)
+
+
+def centroid(stamp):
+    rows, cols = np.indices(stamp.shape)
+    total = stamp.sum()
+    return (np.sum(cols * stamp) / total, np.sum(rows * stamp) / total)
+
+
+# values of psField HDU 6 for r and i, as listed in data/m2/SOURCES.txt
+@pytest.mark.parametrize(('band', 'expected'), [
+    ('r', (0.880, 2.308, 5.0, 3.0, 0.0588, 1e-7)),
+    ('i', (0.886, 2.131, 1.558, 2.280, 0.0574, 0.00988))])
+def test_from_psfield_reads_band(band, expected):
+    psf = PowerLawPSF.from_psfield(PSFIELD, band=band)
+    values = [getattr(psf, name).value
+              for name in ('sigma1', 'sigma2', 'sigmap', 'beta', 'b', 'p0')]
+    np.testing.assert_allclose(values, expected, rtol=2e-3)
+    assert psf.flux.value == 1 and psf.x_0.value == 0 and psf.y_0.value == 0
+    # photutils fits only flux and position
+    free = [name for name in psf.param_names if not psf.fixed[name]]
+    assert free == ['flux', 'x_0', 'y_0']
+
+
+@pytest.mark.parametrize('band', ['r', 'i'])
+def test_from_psfield_matches_sdss_psf_image(band):
+    psf = PowerLawPSF.from_psfield(PSFIELD, band=band)
+    stamp = pixel_stamps(psf, 25, 0.0, 0.0)[0]
+    image = psf_image(band)
+    corr = np.corrcoef(stamp.ravel(), image.ravel())[0, 1]
+    # measured: r 0.9992, i 0.9962 (the i image is the KL PSF, whose core
+    # is narrower than the power-law fit)
+    assert corr > 0.99
+    assert np.unravel_index(np.argmax(stamp), stamp.shape) == (12, 12)
+
+
+def test_effective_width_matches_psfield_psf_width():
+    # psf_width (arcsec) is the width of the Gaussian with the same
+    # effective area n_eff = 1 / integral(P^2); in r the power-law PSF is
+    # the 2-Gaussian fit (p0 = 1e-7). Measured: 2.626 px vs 2.645 px.
+    psf = PowerLawPSF.from_psfield(PSFIELD, band='r')
+    step = 0.05
+    x = np.arange(-15, 15 + step / 2, step)
+    values = psf(x[None, :], x[:, None])
+    n_eff = 1 / (np.sum(values ** 2) * step ** 2)
+    width = 2 * np.sqrt(2 * np.log(2)) * np.sqrt(n_eff / (4 * np.pi))
+    with fits.open(PSFIELD) as hdul:
+        psf_width = hdul[6].data['psf_width'].ravel()[2]
+    assert width * PIXEL_SCALE == pytest.approx(psf_width, rel=0.02)
+    # the FWHM of the profile itself is much narrower (2.143 px)
+    assert psf.fwhm == pytest.approx(2.143, abs=1e-3)
+
+
+def test_fwhm():
+    sigma = 1.3
+    gaussian = PowerLawPSF(sigma1=sigma, b=0.0, p0=0.0)
+    assert gaussian.fwhm == pytest.approx(2 * np.sqrt(2 * np.log(2)) * sigma,
+                                          rel=1e-8)
+    psf = PowerLawPSF.from_psfield(PSFIELD, band='i', x_0=3.0, y_0=-2.0)
+    half = psf.fwhm / 2
+    assert psf(3.0 + half, -2.0) == pytest.approx(psf(3.0, -2.0) / 2,
+                                                  rel=1e-8)
+
+
+@pytest.mark.parametrize('params', [
+    {'sigma1': 1.0, 'sigma2': 3.0, 'sigmap': 2.0, 'beta': 6.0, 'b': 0.2,
+     'p0': 0.1},
+    {'sigma1': 0.886, 'sigma2': 2.131, 'sigmap': 1.558, 'beta': 2.28,
+     'b': 0.0574, 'p0': 0.00988}])
+def test_unit_integral(params):
+    # radial integral to R plus the analytic flux of each term outside R
+    psf = PowerLawPSF(flux=2.5, **params)
+    radius = 200.0
+    r = np.linspace(0, radius, 400_001)
+    inside = np.trapezoid(2 * np.pi * r * psf(r, 0.0), r)
+    s1, s2, sp = params['sigma1'], params['sigma2'], params['sigmap']
+    beta, b, p0 = params['beta'], params['b'], params['p0']
+    # integrals of the three terms and their fractions beyond the radius
+    weights = np.array([s1 ** 2, b * s2 ** 2,
+                        p0 * beta * sp ** 2 / (beta - 2)])
+    r2 = radius ** 2
+    outside = np.array([np.exp(-r2 / (2 * s1 ** 2)),
+                        np.exp(-r2 / (2 * s2 ** 2)),
+                        (1 + r2 / (beta * sp ** 2)) ** (1 - beta / 2)])
+    tail = np.sum(weights * outside) / np.sum(weights)
+    assert inside / 2.5 + tail == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(('dx', 'dy'), [(0.0, 0.0), (0.3, -0.2),
+                                        (-0.5, 0.45), (0.17, 0.5),
+                                        (1.3, -0.7)])
+def test_pixel_stamps_flux_and_centroid(dx, dy):
+    psf = PowerLawPSF(sigma1=1.5, sigma2=3.0, b=0.1, p0=0.0)
+    stamp = pixel_stamps(psf, 31, [dx], [dy])[0]
+    assert stamp.sum() == pytest.approx(1.0, abs=1e-4)
+    xc, yc = centroid(stamp)
+    assert xc - 15 == pytest.approx(dx, abs=0.01)
+    assert yc - 15 == pytest.approx(dy, abs=0.01)
+
+
+def test_pixel_stamps_integrate_over_pixels():
+    # CircularGaussianPRF is the exact (erf) pixel integral of the PSF
+    fwhm = 0.88 * 2 * np.sqrt(2 * np.log(2))
+    dx = np.array([0.0, 0.3, -0.45, 0.5])
+    dy = np.array([0.1, -0.45, 0.2, 0.5])
+    stamps = pixel_stamps(CircularGaussianPSF(fwhm=fwhm), 25, dx, dy)
+    exact = pixel_stamps(CircularGaussianPRF(fwhm=fwhm), 25, dx, dy)
+    assert stamps.shape == (4, 25, 25) and stamps.dtype == np.float64
+    assert np.max(np.abs(stamps - exact)) < 1e-6 * exact.max()
+    # the exact PRF is centred where asked
+    yy, xx = np.mgrid[:25, :25]
+    direct = CircularGaussianPRF(fwhm=fwhm, x_0=12.3, y_0=11.55)(xx, yy)
+    np.testing.assert_allclose(exact[1], direct, atol=1e-15)
+
+
+def test_pixel_stamps_of_image_reproduce_image():
+    image = psf_image('r')
+    for psf in (image, ImagePSF(image), ImagePSF(image, x_0=4, flux=3)):
+        np.testing.assert_allclose(pixel_stamps(psf, 25, 0.0, 0.0)[0],
+                                   image, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(pixel_stamps(image, 11, 0.0, 0.0)[0],
+                               image[7:18, 7:18], rtol=1e-10, atol=1e-12)
+    # beyond the image: zero
+    wide = pixel_stamps(image, 31, 0.0, 0.0)[0]
+    assert np.all(wide[:3] == 0)
+    np.testing.assert_allclose(wide[3:28, 3:28], image, rtol=1e-10)
+
+
+@pytest.mark.parametrize(('dx', 'dy'), [(0.3, -0.2), (-0.45, 0.25),
+                                        (0.5, 0.5)])
+def test_pixel_stamps_of_shifted_image(dx, dy):
+    image = psf_image('r')
+    x0, y0 = centroid(pixel_stamps(image, 25, 0.0, 0.0)[0])
+    stamp = pixel_stamps(image, 25, [dx], [dy])[0]
+    xc, yc = centroid(stamp)
+    assert xc - x0 == pytest.approx(dx, abs=0.01)
+    assert yc - y0 == pytest.approx(dy, abs=0.01)
+    assert stamp.sum() == pytest.approx(image.sum(), rel=1e-3)
+
+
+def test_pixel_stamps_oversampled_image():
+    # an oversampled ePSF samples the pixel-integrated PSF on a finer grid
+    # (photutils convention: it sums to oversampling**2); the offsets here
+    # fall on its samples, so the stamps are exact
+    fwhm = 2.5
+    over = 4
+    n = 25 * over + 1
+    fine = np.arange(n) / over - (n - 1) / over / 2
+    epsf = CircularGaussianPRF(fwhm=fwhm)(fine[None, :], fine[:, None])
+    assert epsf.sum() == pytest.approx(over ** 2)
+    psf = ImagePSF(epsf, oversampling=over)
+    stamps = pixel_stamps(psf, 15, [0.0, 0.25], [0.0, -0.5])
+    exact = pixel_stamps(CircularGaussianPRF(fwhm=fwhm), 15, [0.0, 0.25],
+                         [0.0, -0.5])
+    np.testing.assert_allclose(stamps, exact, atol=1e-12)
+
+
+def test_as_psf_accepts():
+    psf = PowerLawPSF()
+    assert as_psf(psf) is psf
+    gaussian = CircularGaussianPSF(fwhm=2.0)
+    assert as_psf(gaussian) is gaussian
+    image = np.zeros((7, 7))
+    image[3, 3] = 1.0
+    model = as_psf(image)
+    assert isinstance(model, ImagePSF)
+    assert model.origin.tolist() == [3.0, 3.0]
+    assert model.x_0.value == 0 and model.y_0.value == 0
+    assert model(0.0, 0.0) == pytest.approx(1.0)
+
+
+def test_as_psf_errors():
+    with pytest.raises(ValueError, match='2-D array; got shape'):
+        as_psf(np.ones((2, 7, 7)))
+    bad = np.ones((7, 7))
+    bad[1, 1] = np.nan
+    with pytest.raises(ValueError, match='finite'):
+        as_psf(bad)
+    with pytest.raises(ValueError, match='all zero'):
+        as_psf(np.zeros((7, 7)))
+    with pytest.raises(TypeError, match='psf must be .* got list'):
+        as_psf([[0.0, 1.0], [1.0, 0.0]])
+    with pytest.raises(TypeError, match='got Gaussian1D'):
+        as_psf(Gaussian1D())
+    grid = NDData(np.ones((4, 7, 7)),
+                  meta={'grid_xypos': [(0, 0), (10, 0), (0, 10), (10, 10)],
+                        'oversampling': 1})
+    with pytest.raises(TypeError, match='varies with position'):
+        as_psf(GriddedPSFModel(grid))
+
+
+def test_pixel_stamps_errors():
+    psf = PowerLawPSF()
+    with pytest.raises(ValueError, match='positive odd integer'):
+        pixel_stamps(psf, 24, 0.0, 0.0)
+    with pytest.raises(ValueError, match='positive odd integer'):
+        pixel_stamps(psf, 25.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match='same length'):
+        pixel_stamps(psf, 25, [0.0, 0.1], [0.0])
+    with pytest.raises(ValueError, match='finite'):
+        pixel_stamps(psf, 25, [np.nan], [0.0])
+    with pytest.raises(TypeError, match='psf must be'):
+        pixel_stamps('psf', 25, 0.0, 0.0)
+
+
+def test_parameter_errors():
+    with pytest.raises(ValueError, match='beta must be > 2'):
+        PowerLawPSF(beta=2.0)
+    with pytest.raises(ValueError, match='sigma2 must be > 0'):
+        PowerLawPSF(sigma2=0.0)
+    with pytest.raises(ValueError, match='p0 must be >= 0'):
+        PowerLawPSF(p0=-0.1)
+    psf = PowerLawPSF()
+    psf.beta = 1.5
+    with pytest.raises(ValueError, match='beta must be > 2'):
+        psf(0.0, 0.0)
+    with pytest.raises(ValueError, match="band must be one of"):
+        PowerLawPSF.from_psfield(PSFIELD, band='y')
+
+
+def test_dict_round_trip_power_law():
+    psf = PowerLawPSF.from_psfield(PSFIELD, band='i', flux=3.0, x_0=1.5,
+                                   y_0=-0.5, bbox_factor=4.0)
+    d = json.loads(json.dumps(psf_to_dict(psf)))
+    assert d['type'] == 'PowerLawPSF'
+    new = psf_from_dict(d)
+    assert isinstance(new, PowerLawPSF)
+    np.testing.assert_array_equal(new.parameters, psf.parameters)
+    assert new.bbox_factor == 4.0
+    x = np.linspace(-5, 5, 11)
+    np.testing.assert_array_equal(new(x, x[::-1]), psf(x, x[::-1]))
+
+
+def test_dict_round_trip_image():
+    image = psf_image('i')
+    psf = ImagePSF(image, origin=(12.0, 11.5), oversampling=(1, 1), flux=2.0)
+    d = json.loads(json.dumps(psf_to_dict(psf)))
+    assert d['type'] == 'ImagePSF'
+    new = psf_from_dict(d)
+    assert isinstance(new, ImagePSF)
+    np.testing.assert_array_equal(new.data, image)
+    assert new.origin.tolist() == [12.0, 11.5]
+    assert new.oversampling.tolist() == [1, 1]
+    assert new.flux.value == 2.0
+    x = np.linspace(-5, 5, 11)
+    np.testing.assert_array_equal(new(x, x[::-1]), psf(x, x[::-1]))
+    # a numpy array is saved as its ImagePSF
+    from_array = psf_from_dict(json.loads(json.dumps(psf_to_dict(image))))
+    np.testing.assert_array_equal(from_array.data, image)
+
+
+def test_dict_errors():
+    with pytest.raises(TypeError, match='only PowerLawPSF, ImagePSF'):
+        psf_to_dict(CircularGaussianPSF())
+    with pytest.raises(ValueError, match="d\\['type'\\] must be"):
+        psf_from_dict({'type': 'MoffatPSF'})
+
+
+def test_photutils_make_model_image_conserves_flux():
+    psf = PowerLawPSF.from_psfield(PSFIELD, band='r')
+    params = QTable({'x_0': [20.0, 41.3, 30.7], 'y_0': [25.0, 38.6, 52.2],
+                     'flux': [1000.0, 2500.0, 400.0]})
+    image = make_model_image((80, 70), psf, params,
+                             discretize_method='oversample')
+    assert image.sum() == pytest.approx(3900.0, rel=1e-4)
+    assert np.unravel_index(np.argmax(image), image.shape) == (39, 41)
+
+
+def test_photutils_psf_photometry():
+    psf = PowerLawPSF.from_psfield(PSFIELD, band='r')
+    truth = QTable({'x_0': [15.3, 24.8], 'y_0': [14.6, 25.2],
+                    'flux': [1500.0, 800.0]})
+    image = make_model_image((40, 40), psf, truth)
+    init = QTable({'x': [15.0, 25.0], 'y': [15.0, 25.0],
+                   'flux': [1000.0, 1000.0]})
+    phot = PSFPhotometry(psf, (9, 9))
+    result = phot(image, init_params=init)
+    np.testing.assert_allclose(result['x_fit'], truth['x_0'], atol=1e-4)
+    np.testing.assert_allclose(result['y_fit'], truth['y_0'], atol=1e-4)
+    np.testing.assert_allclose(result['flux_fit'], truth['flux'], rtol=1e-4)

@@ -1,0 +1,194 @@
+"""Fitting the encoder by the expected forward KL on simulated images (paper eq. 21)."""
+
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from astropy.table import QTable
+from tqdm.auto import tqdm
+
+from .matching import match_catalogs
+from .prior import batch_to_table, catalog_table
+from .simulate import add_noise
+from .tiles import TileGrid
+
+__all__ = ["TrainingSettings", "SimulatedBatches", "train_encoder"]
+
+
+@dataclass
+class TrainingSettings:
+    """Settings of a forward-KL fit.
+
+    Attributes
+    ----------
+    image_shape : tuple of int
+        ``(rows, cols)`` of the simulated training images.
+    batch_size : int
+        Images per gradient step.
+    batches_per_epoch : int
+        Gradient steps per epoch.
+    n_epochs : int
+        Number of epochs.
+    learning_rate, weight_decay : float
+        Adam settings (reference M2 code: 1e-3 and 1e-5).
+    margin : float
+        Stars are simulated this many pixels beyond the image edges too, so the encoder
+        learns what light from outside looks like at the edges.
+    n_validation : int
+        Images of the fixed simulated validation set, scored at the end of each epoch.
+    seed : int
+        Seed of the network initialisation, the training images and the validation set.
+    """
+
+    image_shape: tuple = (64, 64)
+    batch_size: int = 16
+    batches_per_epoch: int = 50
+    n_epochs: int = 10
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    margin: float = 6.0
+    n_validation: int = 8
+    seed: int = 0
+
+    def to_dict(self):
+        settings = asdict(self)
+        settings["image_shape"] = list(self.image_shape)
+        return settings
+
+
+class SimulatedBatches:
+    """Draws (catalog, image) pairs from the generative model.
+
+    Parameters
+    ----------
+    prior : `~starnet.StarFieldPrior`
+    renderer : `~starnet.simulate.StarFieldRenderer`
+    background : `numpy.ndarray`, shape (n_bands,)
+        Background per band, electrons.
+    shape : tuple of int
+        Image ``(rows, cols)``.
+    margin : float
+        Stars are drawn within ``margin`` pixels outside the image too.
+    """
+
+    def __init__(self, prior, renderer, background, shape, *, margin=0.0):
+        self.prior = prior
+        self.renderer = renderer
+        self.background = torch.as_tensor(np.asarray(background, dtype=np.float32))
+        self.shape = tuple(shape)
+        self.margin = margin
+
+    def draw(self, n_images, *, generator=None):
+        """Return ``(images, backgrounds, catalogs)`` for ``n_images`` new images."""
+        catalogs = self.prior.sample_batch(n_images, self.shape, margin=self.margin,
+                                           generator=generator)
+        stars = self.renderer.render(catalogs.locs, catalogs.fluxes, catalogs.mask, self.shape)
+        background = self.background.reshape(1, -1, 1, 1).expand_as(stars)
+        images = add_noise((stars + background).clamp(min=0), generator=generator)
+        return images, background, catalogs
+
+
+def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True):
+    """Fit ``encoder`` by minimising the expected forward KL on simulated batches.
+
+    Parameters
+    ----------
+    encoder : `~starnet.encoder.StarNetEncoder`
+        Trained in place.
+    batches : `SimulatedBatches`
+        The generative model.
+    settings : `TrainingSettings`
+    checkpoint : str or `~pathlib.Path`, optional
+        File written at the end of every epoch (network, optimiser, random state,
+        history); when it exists, training resumes from it.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    history : `~astropy.table.QTable`
+        One row per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``val_f1``,
+        ``val_tpr``, ``val_ppv``, ``images_per_second``, ``seconds`` and the number of
+        training stars dropped because a tile held more than ``max_sources``.
+    """
+    torch.manual_seed(settings.seed)
+    grid = TileGrid(tile_size=encoder.tile_size, max_sources=encoder.max_sources)
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=settings.learning_rate,
+                                 weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed)
+    validation = batches.draw(settings.n_validation,
+                              generator=torch.Generator().manual_seed(settings.seed + 1))
+    history = []
+    start_epoch = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, weights_only=True)
+        encoder.load_state_dict(state["encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history = state["history"]
+        start_epoch = len(history)
+
+    for epoch in range(start_epoch, settings.n_epochs):
+        encoder.train()
+        started = time.perf_counter()
+        losses, dropped = [], 0
+        steps = tqdm(range(settings.batches_per_epoch), disable=not progress, leave=False,
+                     desc=f"epoch {epoch + 1}/{settings.n_epochs}")
+        for _ in steps:
+            images, background, catalogs = batches.draw(settings.batch_size, generator=generator)
+            tiles = grid.to_tiles(catalogs.locs, catalogs.fluxes, catalogs.mask,
+                                  images.shape[-2:])
+            loss = -encoder(images, background).log_prob(tiles).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            dropped += tiles.n_dropped
+            steps.set_postfix(loss=f"{losses[-1]:.3f}")
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+               **_validate(encoder, grid, validation, batches.prior.bands),
+               "images_per_second": settings.batches_per_epoch * settings.batch_size / seconds,
+               "seconds": seconds, "dropped_stars": dropped}
+        history.append(row)
+        if progress:
+            tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.3f}, "
+                       f"validation loss {row['val_loss']:.3f}, F1 {row['val_f1']:.3f}, "
+                       f"{row['images_per_second']:.1f} images/s")
+        if checkpoint is not None:
+            torch.save({"encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
+                        "generator": generator.get_state(), "history": history}, checkpoint)
+    encoder.eval()
+    return QTable(rows=history, names=list(history[0])) if history else QTable()
+
+
+@torch.no_grad()
+def _validate(encoder, grid, validation, bands):
+    """Validation loss and detection F1 of the modal catalogs against the truth."""
+    encoder.eval()
+    images, background, catalogs = validation
+    tiles = grid.to_tiles(catalogs.locs, catalogs.fluxes, catalogs.mask, images.shape[-2:])
+    posterior = encoder(images, background)
+    loss = -posterior.log_prob(tiles).mean().item()
+    locs, fluxes, mask = grid.from_tiles(posterior.mode())
+    rows, cols = images.shape[-2:]
+    inside = ((catalogs.locs[..., 0] >= -0.5) & (catalogs.locs[..., 0] < cols - 0.5)
+              & (catalogs.locs[..., 1] >= -0.5) & (catalogs.locs[..., 1] < rows - 0.5))
+    truth_mask = catalogs.mask & inside
+    matched_true = matched_est = n_true = n_est = 0
+    for i in range(images.shape[0]):
+        truth = batch_to_table(catalogs, i, bands, mask=truth_mask[i])
+        estimate = catalog_table(locs[i][mask[i]], fluxes[i][mask[i]], bands)
+        match = match_catalogs(estimate, truth, band=bands[0])
+        matched_true += match.n_matched_true
+        matched_est += match.n_matched_estimated
+        n_true += match.n_true
+        n_est += match.n_estimated
+    tpr = matched_true / max(n_true, 1)
+    ppv = matched_est / max(n_est, 1)
+    f1 = 2 * tpr * ppv / (tpr + ppv) if tpr + ppv > 0 else 0.0
+    encoder.train()
+    return {"val_loss": loss, "val_f1": f1, "val_tpr": tpr, "val_ppv": ppv}
+
