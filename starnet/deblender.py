@@ -1,5 +1,6 @@
 """StarNetDeblender: catalogs with posterior uncertainties from images of crowded star fields."""
 
+import dataclasses
 import json
 import warnings
 from importlib import resources
@@ -10,6 +11,7 @@ import torch
 from astropy import units as u
 from astropy.nddata import NDData
 from astropy.table import QTable, vstack
+from photutils.utils.exceptions import NoDetectionsWarning
 
 from . import __version__
 from .encoder import StarNetEncoder
@@ -18,7 +20,7 @@ from .prior import StarFieldPrior
 from .psf import as_psf, pixel_stamps, psf_from_dict, psf_to_dict
 from .simulate import StarFieldRenderer, as_background
 from .tiles import TileGrid
-from .training import SimulatedBatches, TrainingSettings, train_encoder
+from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
 
 __all__ = ["StarNetDeblender"]
 
@@ -50,6 +52,8 @@ class StarNetDeblender:
         Width of the PSF stamp used to render training images.
     hidden, tile_hidden : int, optional
         Width of the encoder (channels at pixel and at tile resolution).
+    seed : int, optional
+        Seed of the encoder's initial weights.
 
     Examples
     --------
@@ -67,7 +71,7 @@ class StarNetDeblender:
     """
 
     def __init__(self, *, prior, psf, background, tile_size=2, max_sources=3, stamp_size=25,
-                 hidden=32, tile_hidden=128):
+                 hidden=32, tile_hidden=128, seed=0):
         self.prior = prior
         psfs = list(psf) if isinstance(psf, (list, tuple)) else [psf] * prior.n_bands
         if len(psfs) != prior.n_bands:
@@ -80,12 +84,16 @@ class StarNetDeblender:
         self.background = background
         self.grid = TileGrid(tile_size=tile_size, max_sources=max_sources)
         self.stamp_size = int(stamp_size)
-        self.encoder = StarNetEncoder(n_bands=prior.n_bands, tile_size=tile_size,
-                                      max_sources=max_sources, hidden=hidden,
-                                      tile_hidden=tile_hidden)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.encoder = StarNetEncoder(n_bands=prior.n_bands, tile_size=tile_size,
+                                          max_sources=max_sources, hidden=hidden,
+                                          tile_hidden=tile_hidden)
         self.encoder.eval()
         self.training_settings = None
         self.training_history = None
+        #: Free-form record saved with the model (e.g. the command that trained it).
+        self.provenance = {}
 
     @classmethod
     def from_nddata(cls, nddata, *, prior=None, **kwargs):
@@ -129,13 +137,14 @@ class StarNetDeblender:
             ``training_history``).
         """
         settings = settings or TrainingSettings()
-        for key, value in kwargs.items():
-            if not hasattr(settings, key):
-                raise TypeError(f"unknown training setting {key!r}")
-            setattr(settings, key, value)
+        unknown = [key for key in kwargs if not hasattr(settings, key)]
+        if unknown:
+            raise TypeError(f"unknown training settings {unknown}")
+        settings = dataclasses.replace(settings, **kwargs)
         renderer = StarFieldRenderer(self.psfs, stamp_size=self.stamp_size)
         batches = SimulatedBatches(self.prior, renderer, self.background,
-                                   settings.image_shape, margin=settings.margin)
+                                   settings.image_shape, margin=settings.margin,
+                                   background_range=settings.background_range)
         history = train_encoder(self.encoder, batches, settings, checkpoint=checkpoint,
                                 progress=progress)
         self.training_settings = settings
@@ -165,7 +174,7 @@ class StarNetDeblender:
             "tile_hidden": self.encoder.head.in_channels,
             "training_settings": (self.training_settings.to_dict()
                                   if self.training_settings is not None else None),
-            "training_history": history,
+            "training_history": history, "provenance": self.provenance,
         }
         torch.save({"metadata": json.dumps(metadata), "weights": self.encoder.state_dict()},
                    path)
@@ -187,7 +196,9 @@ class StarNetDeblender:
         if metadata["training_settings"] is not None:
             settings = dict(metadata["training_settings"])
             settings["image_shape"] = tuple(settings["image_shape"])
+            settings["background_range"] = tuple(settings["background_range"])
             deblender.training_settings = TrainingSettings(**settings)
+        deblender.provenance = metadata.get("provenance", {})
         if metadata["training_history"] is not None:
             deblender.training_history = QTable(metadata["training_history"])
         return deblender
@@ -237,7 +248,8 @@ class StarNetDeblender:
             data = np.where(bad, background, data)
         self._check_psfs(meta["psf"])
         image = torch.from_numpy(data).float()[None]
-        return image, torch.from_numpy(np.ascontiguousarray(background)).float()[None], meta
+        # np.array copies: a broadcast view is read-only, which torch.from_numpy warns about
+        return image, torch.from_numpy(np.array(background)).float()[None], meta
 
     def _check_psfs(self, psfs):
         psfs = list(psfs) if isinstance(psfs, (list, tuple)) else [psfs] * len(self.bands)
@@ -305,14 +317,15 @@ class StarNetDeblender:
         brightness = mode.fluxes[..., 0].masked_fill(slot >= mode.counts[..., None], -1.0)
         rank = torch.argsort(torch.argsort(-brightness, dim=-1), dim=-1)
         detection = at_least[..., 1:].gather(-1, rank).reshape(1, -1)
-        keep = mask[0] & _inside(locs[0], shape)
+        keep = mask[0] & inside_image(locs[0], shape)
         table = self._table(locs[0][keep], fluxes[0][keep], loc_mean[0][keep], loc_sd[0][keep],
-                            flux_sd[0][keep], meta, nddata)
-        table["detection_prob"] = detection[0, keep].double().numpy()
+                            flux_sd[0][keep], detection[0, keep], meta, nddata)
         table.meta.update(self._count_summary(posterior))
+        if len(table) == 0:
+            warnings.warn("the modal catalog holds no stars", NoDetectionsWarning)
         return table
 
-    def _table(self, locs, fluxes, loc_mean, loc_sd, flux_sd, meta, nddata):
+    def _table(self, locs, fluxes, loc_mean, loc_sd, flux_sd, detection, meta, nddata):
         table = QTable()
         table["id"] = np.arange(1, len(locs) + 1)
         table["x_fit"] = locs[:, 0].double().numpy()
@@ -333,7 +346,8 @@ class StarNetDeblender:
                                          * u.electron)
             table[f"mag_{band}"] = (zero_points[b] - 2.5 * np.log10(flux)) * u.mag
             table[f"mag_{band}_err"] = 2.5 / np.log(10) * s * u.mag
-        if getattr(nddata, "wcs", None) is not None and len(table):
+        table["detection_prob"] = detection.double().numpy()
+        if getattr(nddata, "wcs", None) is not None:
             table["sky_centroid"] = nddata.wcs.pixel_to_world(table["x_fit"], table["y_fit"])
         table.meta.update({
             "version": __version__, "bands": self.bands,
@@ -372,7 +386,7 @@ class StarNetDeblender:
         tables = []
         for index in range(n_samples):
             locs, fluxes, mask = self.grid.from_tiles(posterior.sample(generator=generator))
-            keep = mask[0] & _inside(locs[0], shape)
+            keep = mask[0] & inside_image(locs[0], shape)
             table = QTable()
             table["sample"] = np.full(int(keep.sum()), index)
             table["x"] = locs[0][keep, 0].double().numpy()
@@ -394,12 +408,6 @@ def _check_meta(nddata):
         raise ValueError(f"the image's meta lacks {missing}: it needs 'bands' (band names), "
                          "'psf' (one PSF per band) and 'background' (electrons per pixel)")
     return meta
-
-
-def _inside(locs, shape):
-    rows, cols = shape
-    return ((locs[:, 0] >= -0.5) & (locs[:, 0] < cols - 0.5)
-            & (locs[:, 1] >= -0.5) & (locs[:, 1] < rows - 0.5))
 
 
 def _sigmoid_sd(mean, sd):

@@ -15,6 +15,7 @@ import itertools
 import math
 
 import numpy as np
+import scipy.fft
 import torch
 
 from .tiles import TileCatalog
@@ -153,8 +154,8 @@ def count_distribution(count_probs):
     -------
     pmf : `numpy.ndarray`, shape (n_tiles * max_sources + 1,)
         ``pmf[k]`` is the probability of ``k`` stars in all: the convolution of the
-        tiles' distributions, computed exactly as a product of their generating
-        functions on the unit circle (FFT).
+        tiles' distributions, computed exactly (to rounding) by convolving them in
+        pairs by FFT, level by level, in ``O(L log^2 L)`` for ``L = len(pmf)``.
 
     Examples
     --------
@@ -164,11 +165,15 @@ def count_distribution(count_probs):
     >>> print(np.round(pmf, 3))
     [0.25 0.5  0.25]
     """
-    probs = np.asarray(count_probs, dtype=float).reshape(-1, np.shape(count_probs)[-1])
-    length = probs.shape[0] * (probs.shape[1] - 1) + 1
-    transform = np.fft.rfft(probs, n=length, axis=1)
-    with np.errstate(divide="ignore"):
-        log_total = np.log(transform + 0j).sum(axis=0)
-    pmf = np.fft.irfft(np.exp(log_total), n=length)
-    pmf = np.clip(pmf, 0, None)
+    pmfs = np.asarray(count_probs, dtype=float).reshape(-1, np.shape(count_probs)[-1])
+    length = pmfs.shape[0] * (pmfs.shape[1] - 1) + 1
+    while len(pmfs) > 1:
+        if len(pmfs) % 2:   # pad with a tile that is certainly empty
+            pmfs = np.vstack([pmfs, np.eye(1, pmfs.shape[1])])
+        pair_length = 2 * pmfs.shape[1] - 1
+        n_fft = scipy.fft.next_fast_len(pair_length, real=True)
+        product = (scipy.fft.rfft(pmfs[0::2], n_fft, axis=1)
+                   * scipy.fft.rfft(pmfs[1::2], n_fft, axis=1))
+        pmfs = np.clip(scipy.fft.irfft(product, n_fft, axis=1)[:, :pair_length], 0, None)
+    pmf = pmfs[0, :length]
     return pmf / pmf.sum()

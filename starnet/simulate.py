@@ -82,8 +82,11 @@ class StarFieldRenderer:
                                               full_matrices=False)
         residual = np.sqrt(np.cumsum((singular**2)[::-1])[::-1]) / np.sqrt((singular**2).sum())
         rank = int(np.argmax(np.append(residual[1:], 0.0) <= self.tolerance)) + 1
-        coefficients = (left[:, :rank] * singular[:rank]).reshape(steps + 1, steps + 1, rank)
+        coefficients = left[:, :rank] * singular[:rank]
         basis = right[:rank].reshape(rank, size, size)
+        # truncation changes each stamp's sum by up to ~tolerance: restore unit sums
+        coefficients /= (coefficients @ basis.sum(axis=(1, 2)))[:, None]
+        coefficients = coefficients.reshape(steps + 1, steps + 1, rank)
         return (torch.from_numpy(coefficients).float(), torch.from_numpy(basis).float())
 
     def _fft_shape(self, shape):
@@ -123,8 +126,9 @@ class StarFieldRenderer:
                              f"{self.n_bands} PSFs")
         half = self.stamp_size // 2
         canvas = (rows + 2 * half, cols + 2 * half)
-        nearest = torch.round(locs.float())
-        offset = locs.float() - nearest
+        locs, fluxes = locs.float(), fluxes.float()
+        nearest = torch.round(locs)
+        offset = locs - nearest
         col = nearest[..., 0].long() + half
         row = nearest[..., 1].long() + half
         inside = mask & (col >= 0) & (col < canvas[1]) & (row >= 0) & (row < canvas[0])

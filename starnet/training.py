@@ -38,8 +38,15 @@ class TrainingSettings:
         learns what light from outside looks like at the edges.
     n_validation : int
         Images of the fixed simulated validation set, scored at the end of each epoch.
+    background_range : tuple of float
+        Each training image's background is the model's background times a factor drawn
+        uniformly from this range (``(1, 1)``: exactly the model's background). A range
+        teaches the encoder to read the background from its input, so that the
+        background of an image can be fitted after training (see
+        `starnet.background.fit_background`).
     seed : int
-        Seed of the network initialisation, the training images and the validation set.
+        Seed of the training images and of the validation set (the network's initial
+        weights are seeded by `~starnet.StarNetDeblender`).
     """
 
     image_shape: tuple = (64, 64)
@@ -50,11 +57,13 @@ class TrainingSettings:
     weight_decay: float = 1e-5
     margin: float = 6.0
     n_validation: int = 8
+    background_range: tuple = (1.0, 1.0)
     seed: int = 0
 
     def to_dict(self):
         settings = asdict(self)
         settings["image_shape"] = list(self.image_shape)
+        settings["background_range"] = list(self.background_range)
         return settings
 
 
@@ -71,21 +80,27 @@ class SimulatedBatches:
         Image ``(rows, cols)``.
     margin : float
         Stars are drawn within ``margin`` pixels outside the image too.
+    background_range : tuple of float
+        Range of the uniform factor applied to the background of each image.
     """
 
-    def __init__(self, prior, renderer, background, shape, *, margin=0.0):
+    def __init__(self, prior, renderer, background, shape, *, margin=0.0,
+                 background_range=(1.0, 1.0)):
         self.prior = prior
         self.renderer = renderer
         self.background = torch.as_tensor(np.asarray(background, dtype=np.float32))
         self.shape = tuple(shape)
         self.margin = margin
+        self.background_range = tuple(background_range)
 
     def draw(self, n_images, *, generator=None):
         """Return ``(images, backgrounds, catalogs)`` for ``n_images`` new images."""
         catalogs = self.prior.sample_batch(n_images, self.shape, margin=self.margin,
                                            generator=generator)
         stars = self.renderer.render(catalogs.locs, catalogs.fluxes, catalogs.mask, self.shape)
-        background = self.background.reshape(1, -1, 1, 1).expand_as(stars)
+        low, high = self.background_range
+        scale = low + (high - low) * torch.rand(n_images, 1, 1, 1, generator=generator)
+        background = (scale * self.background.reshape(1, -1, 1, 1)).expand_as(stars)
         images = add_noise((stars + background).clamp(min=0), generator=generator)
         return images, background, catalogs
 
@@ -113,7 +128,6 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
         ``val_tpr``, ``val_ppv``, ``images_per_second``, ``seconds`` and the number of
         training stars dropped because a tile held more than ``max_sources``.
     """
-    torch.manual_seed(settings.seed)
     grid = TileGrid(tile_size=encoder.tile_size, max_sources=encoder.max_sources)
     optimizer = torch.optim.Adam(encoder.parameters(), lr=settings.learning_rate,
                                  weight_decay=settings.weight_decay)
@@ -164,6 +178,13 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
     return QTable(rows=history, names=list(history[0])) if history else QTable()
 
 
+def inside_image(locs, shape):
+    """Which ``(x, y)`` positions ``locs`` (..., 2) lie on an image of ``shape``."""
+    rows, cols = shape
+    return ((locs[..., 0] >= -0.5) & (locs[..., 0] < cols - 0.5)
+            & (locs[..., 1] >= -0.5) & (locs[..., 1] < rows - 0.5))
+
+
 @torch.no_grad()
 def _validate(encoder, grid, validation, bands):
     """Validation loss and detection F1 of the modal catalogs against the truth."""
@@ -174,9 +195,8 @@ def _validate(encoder, grid, validation, bands):
     loss = -posterior.log_prob(tiles).mean().item()
     locs, fluxes, mask = grid.from_tiles(posterior.mode())
     rows, cols = images.shape[-2:]
-    inside = ((catalogs.locs[..., 0] >= -0.5) & (catalogs.locs[..., 0] < cols - 0.5)
-              & (catalogs.locs[..., 1] >= -0.5) & (catalogs.locs[..., 1] < rows - 0.5))
-    truth_mask = catalogs.mask & inside
+    truth_mask = catalogs.mask & inside_image(catalogs.locs, (rows, cols))
+    mask = mask & inside_image(locs, (rows, cols))
     matched_true = matched_est = n_true = n_est = 0
     for i in range(images.shape[0]):
         truth = batch_to_table(catalogs, i, bands, mask=truth_mask[i])

@@ -304,12 +304,13 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
     686.2 e-
     """
     bands = _check_bands(bands)
-    paths = {b: _locate("frame", run, camcol, field, band=b,
-                        cache_dir=cache_dir) for b in bands}
-    psfield = _locate("psField", run, camcol, field, cache_dir=cache_dir)
+    # The small per-camcol file first: it tells whether the field exists.
     photofield = _locate("photoField", run, camcol, field, cache_dir=cache_dir)
     all_gains = _read_gains(str(photofield), field)
     gains = [all_gains[SDSS_BANDS.index(b)] for b in bands]
+    paths = {b: _locate("frame", run, camcol, field, band=b,
+                        cache_dir=cache_dir) for b in bands}
+    psfield = _locate("psField", run, camcol, field, cache_dir=cache_dir)
 
     first = _read_frame(str(paths[bands[0]]))
     rows, cols = _check_cutout(cutout, first.shape)

@@ -1,0 +1,72 @@
+"""Train the bundled SDSS M2 model ``starnet/models/sdss-m2.pt``.
+
+The generative model comes from the data only: the prior of the paper (0.12 stars per
+pixel, Pareto index 0.5 above 1000 electrons), the power-law PSFs of the field's psField
+file, and the SDSS sky of the frame as the background (the median of the sky map over the
+M2 region, r and i). Training images get backgrounds scaled by a random factor in
+``--background-range`` so the encoder reads the background from its input; the
+background of the real image is then fitted by `starnet.background.fit_background`.
+
+Run (the command that made the bundled model is recorded in its metadata)::
+
+    python scripts/train_sdss_m2.py --minutes 35 --seed 0 --overwrite
+
+Training resumes from ``--checkpoint`` when it exists.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from starnet import StarFieldPrior, StarNetDeblender
+from starnet.datasets import load_m2
+from starnet.training import TrainingSettings
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="starnet/models/sdss-m2.pt")
+    parser.add_argument("--checkpoint", default="runs/sdss-m2.ckpt")
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop after the epoch that passes this wall time")
+    parser.add_argument("--batches-per-epoch", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--tile-size", type=int, default=2)
+    parser.add_argument("--max-sources", type=int, default=3)
+    parser.add_argument("--background-range", type=float, nargs=2, default=(0.9, 1.6))
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+
+    image, _ = load_m2(border=3)
+    prior = StarFieldPrior(mu=0.12, f_min=1000.0, f_max=1e6, alpha=0.5, bands=("r", "i"))
+    deblender = StarNetDeblender.from_nddata(image, prior=prior, tile_size=args.tile_size,
+                                             max_sources=args.max_sources)
+    settings = TrainingSettings(
+        image_shape=(args.image_size, args.image_size), batch_size=args.batch_size,
+        batches_per_epoch=args.batches_per_epoch, n_epochs=args.epochs,
+        learning_rate=args.learning_rate, background_range=tuple(args.background_range),
+        seed=args.seed)
+    Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    # train epoch by epoch (resuming from the checkpoint) until the epochs or the time run out
+    for epoch in range(1, args.epochs + 1):
+        settings.n_epochs = epoch
+        deblender.fit(settings=settings, checkpoint=args.checkpoint, progress=False)
+        row = deblender.training_history[-1]
+        print(f"epoch {row['epoch']}: loss {row['train_loss']:.3f} / {row['val_loss']:.3f}, "
+              f"F1 {row['val_f1']:.3f}, {row['images_per_second']:.1f} images/s", flush=True)
+        if args.minutes is not None and time.time() - started > 60 * args.minutes:
+            break
+    deblender.provenance["command"] = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
+    deblender.provenance["trained_minutes"] = round((time.time() - started) / 60, 1)
+    deblender.save(args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

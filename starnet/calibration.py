@@ -1,0 +1,81 @@
+"""Checking a deblender on images simulated from its own generative model."""
+
+import numpy as np
+from astropy.table import QTable
+
+from .matching import match_catalogs
+from .simulate import simulate_starfield
+
+__all__ = ["evaluate_on_simulations", "count_coverage"]
+
+
+def evaluate_on_simulations(deblender, *, n_images=20, shape=(100, 100), seed=0, margin=6.0,
+                            levels=(0.5, 0.8, 0.9, 0.95)):
+    """Detection accuracy and calibration of the star count on simulated images.
+
+    Images are drawn from the deblender's own prior, PSFs and background (stars are
+    drawn ``margin`` pixels beyond the edges too, as on a real sky); only stars inside
+    the image count as truth.
+
+    Parameters
+    ----------
+    deblender : `~starnet.StarNetDeblender`
+    n_images : int, optional
+    shape : tuple of int, optional
+        ``(rows, cols)`` of the images.
+    seed : int, optional
+        Image ``k`` is simulated with seed ``seed + k``.
+    margin : float, optional
+    levels : sequence of float, optional
+        Credible levels of the central intervals of the star count to check.
+
+    Returns
+    -------
+    results : `~astropy.table.QTable`
+        One row per image: ``n_true``, ``n_estimated`` (modal catalog),
+        ``n_stars_mean``, ``tpr``, ``ppv``, ``f1`` (one-to-one matching in the first
+        band), and for each level ``L`` the interval ``n_low_L``, ``n_high_L`` and
+        whether it ``covered_L`` the true count.
+    """
+    rows = []
+    band = deblender.bands[0]
+    for k in range(n_images):
+        image, truth = simulate_starfield(shape, prior=deblender.prior, psf=deblender.psfs,
+                                          background=deblender.background, seed=seed + k,
+                                          margin=margin, stamp_size=deblender.stamp_size)
+        inside = ((truth["x"] >= -0.5) & (truth["x"] < shape[1] - 0.5)
+                  & (truth["y"] >= -0.5) & (truth["y"] < shape[0] - 0.5))
+        truth = truth[inside]
+        catalog = deblender(image)
+        match = match_catalogs(catalog, truth, band=band)
+        pmf = deblender.count_posterior(image)
+        row = {"image": k, "n_true": len(truth), "n_estimated": len(catalog),
+               "n_stars_mean": float(np.dot(np.arange(len(pmf)), pmf)),
+               "tpr": match.tpr, "ppv": match.ppv, "f1": match.f1}
+        cdf = np.cumsum(pmf)
+        for level in levels:
+            low = int(np.searchsorted(cdf, (1 - level) / 2))
+            high = int(np.searchsorted(cdf, 1 - (1 - level) / 2))
+            row[f"n_low_{level:g}"] = low
+            row[f"n_high_{level:g}"] = high
+            row[f"covered_{level:g}"] = low <= len(truth) <= high
+        rows.append(row)
+    results = QTable(rows=rows, names=list(rows[0]))
+    results.meta["levels"] = list(levels)
+    return results
+
+
+def count_coverage(results):
+    """Coverage of the star-count intervals in `evaluate_on_simulations` results.
+
+    Returns a QTable with ``level`` (nominal) and ``coverage`` (fraction of images whose
+    interval holds the true count), plus ``relative_bias``, the mean of
+    ``(n_stars_mean - n_true) / n_true``.
+    """
+    levels = results.meta["levels"]
+    table = QTable()
+    table["level"] = levels
+    table["coverage"] = [float(np.mean(results[f"covered_{level:g}"])) for level in levels]
+    table.meta["relative_bias"] = float(np.mean(
+        (results["n_stars_mean"] - results["n_true"]) / results["n_true"]))
+    return table

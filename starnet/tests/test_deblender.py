@@ -1,0 +1,331 @@
+import json
+
+import numpy as np
+import pytest
+from photutils.utils.exceptions import NoDetectionsWarning
+import torch
+from astropy import units as u
+from astropy.nddata import NDData
+from astropy.table import QTable
+from astropy.wcs import WCS
+from scipy import stats
+
+from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender, simulate_starfield
+
+SHAPE = (16, 16)
+BANDS = ['r', 'i']
+BACKGROUND = [686.0, 1123.0]
+PSF = PowerLawPSF(sigma1=1.0, sigma2=2.5, sigmap=3.0, beta=3.0, b=0.1, p0=0.01)
+PRIOR = StarFieldPrior(mu=0.05, bands=BANDS)
+SMALL = dict(hidden=8, tile_hidden=16, stamp_size=7)
+BASE_COLUMNS = ['id', 'x_fit', 'y_fit', 'x_err', 'y_err',
+                'flux_r', 'flux_r_err', 'mag_r', 'mag_r_err',
+                'flux_i', 'flux_i_err', 'mag_i', 'mag_i_err', 'detection_prob']
+
+
+def tiny_deblender(**kwargs):
+    return StarNetDeblender(prior=PRIOR, psf=PSF, background=BACKGROUND, **{**SMALL, **kwargs})
+
+
+@pytest.fixture(scope='module')
+def trained():
+    """A deblender after two gradient steps: enough to have a history to save."""
+    deblender = tiny_deblender()
+    deblender.fit(n_epochs=1, batches_per_epoch=2, batch_size=2, image_shape=SHAPE,
+                  n_validation=2, progress=False)
+    return deblender
+
+
+@pytest.fixture(scope='module')
+def image():
+    data, _ = simulate_starfield(SHAPE, prior=PRIOR, psf=PSF, background=BACKGROUND, seed=3,
+                                 stamp_size=7)
+    return data
+
+
+def like(image, **changes):
+    """A copy of ``image`` with some of data, unit, mask, wcs or meta entries replaced."""
+    meta = dict(image.meta)
+    meta.update(changes.pop('meta', {}))
+    args = dict(data=image.data, unit=image.unit, mask=None, wcs=None, meta=meta)
+    args.update(changes)
+    return NDData(**args)
+
+
+def assert_same_catalog(first, second):
+    assert first.colnames == second.colnames
+    for name in first.colnames:
+        np.testing.assert_array_equal(np.asarray(first[name]), np.asarray(second[name]))
+
+
+def test_catalog_columns_units_and_meta(trained, image):
+    catalog = trained(image)
+    assert isinstance(catalog, QTable)
+    assert catalog.colnames == BASE_COLUMNS
+    assert len(catalog) > 0
+    np.testing.assert_array_equal(catalog['id'], np.arange(1, len(catalog) + 1))
+    for band in BANDS:
+        assert catalog[f'flux_{band}'].unit == u.electron
+        assert catalog[f'flux_{band}_err'].unit == u.electron
+        assert catalog[f'mag_{band}'].unit == u.mag
+        assert catalog[f'mag_{band}_err'].unit == u.mag
+    for name in ['x_fit', 'y_fit', 'x_err', 'y_err', 'detection_prob']:
+        assert not isinstance(catalog[name], u.Quantity)
+    # positions in the image; a position within a tile of 2 pixels has sd < 1 pixel
+    assert np.all((catalog['x_fit'] >= -0.5) & (catalog['x_fit'] < SHAPE[1] - 0.5))
+    assert np.all((catalog['y_fit'] >= -0.5) & (catalog['y_fit'] < SHAPE[0] - 0.5))
+    assert np.all((catalog['x_err'] > 0) & (catalog['x_err'] < 1))
+    assert np.all((catalog['y_err'] > 0) & (catalog['y_err'] < 1))
+    assert np.all((catalog['detection_prob'] > 0) & (catalog['detection_prob'] <= 1))
+
+    meta = catalog.meta
+    assert meta['bands'] == BANDS
+    assert isinstance(meta['version'], str)
+    assert meta['n_stars_q05'] <= meta['n_stars_mean'] <= meta['n_stars_q95']
+
+
+def test_magnitudes_and_errors(trained, image):
+    catalog = trained(image)
+    calibrated = trained(like(image, meta={'nelec_per_nmgy': [800.0, 600.0]}))
+    for b, band in enumerate(BANDS):
+        flux = catalog[f'flux_{band}'].to_value(u.electron)
+        # instrumental magnitudes without a calibration, SDSS-like with one
+        np.testing.assert_allclose(catalog[f'mag_{band}'].value, -2.5 * np.log10(flux))
+        np.testing.assert_allclose(calibrated[f'mag_{band}'].value,
+                                   22.5 - 2.5 * np.log10(flux / [800.0, 600.0][b]))
+        # the flux is the median of a log-normal whose log sd gives the magnitude error
+        s = catalog[f'mag_{band}_err'].value * np.log(10) / 2.5
+        assert np.all(s > 0)
+        np.testing.assert_allclose(catalog[f'flux_{band}_err'].value,
+                                   stats.lognorm(s, scale=flux).std(), rtol=1e-6)
+
+
+def test_catalog_length_is_modal_count(trained, image):
+    image_tensor = torch.tensor(image.data, dtype=torch.float32)[None]
+    background = torch.tensor(BACKGROUND).reshape(1, 2, 1, 1)
+    with torch.no_grad():
+        posterior = trained.encoder(image_tensor, background)
+    assert len(trained(image)) == int(posterior.count_logits.argmax(-1).sum())
+
+
+def test_sky_centroid_with_wcs(trained, image):
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ['RA---TAN', 'DEC--TAN']
+    wcs.wcs.crval = [323.36, -0.82]
+    wcs.wcs.crpix = [8.0, 8.0]
+    wcs.wcs.cdelt = [-0.396 / 3600, 0.396 / 3600]
+    catalog = trained(like(image, wcs=wcs))
+    assert catalog.colnames[:len(BASE_COLUMNS) - 1] == BASE_COLUMNS[:-1]
+    assert set(catalog.colnames) == set(BASE_COLUMNS) | {'sky_centroid'}
+    expected = wcs.pixel_to_world(catalog['x_fit'], catalog['y_fit'])
+    assert np.all(catalog['sky_centroid'].separation(expected).arcsec < 1e-6)
+
+
+def test_empty_result_keeps_columns(image):
+    deblender = tiny_deblender()
+    with torch.no_grad():
+        deblender.encoder.head.bias[0] = 100.0      # every tile certainly empty
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ['RA---TAN', 'DEC--TAN']
+    with pytest.warns(NoDetectionsWarning, match="no stars"):
+        catalog = deblender(like(image, wcs=wcs))
+    assert len(catalog) == 0
+    assert set(catalog.colnames) == set(BASE_COLUMNS) | {'sky_centroid'}
+    assert catalog.meta['n_stars_q05'] == catalog.meta['n_stars_q95'] == 0
+    samples = deblender.sample(image, n_samples=3, seed=0)
+    assert len(samples) == 0
+    assert samples.colnames == ['sample', 'x', 'y', 'flux_r', 'flux_i']
+
+
+def test_sample(trained, image):
+    samples = trained.sample(image, n_samples=4, seed=1)
+    assert isinstance(samples, QTable)
+    assert samples.colnames == ['sample', 'x', 'y', 'flux_r', 'flux_i']
+    assert sorted(set(samples['sample'].tolist())) == [0, 1, 2, 3]
+    assert samples['flux_r'].unit == u.electron
+    assert np.all((samples['x'] >= -0.5) & (samples['x'] < SHAPE[1] - 0.5))
+    assert np.all((samples['y'] >= -0.5) & (samples['y'] < SHAPE[0] - 0.5))
+    assert_same_catalog(samples, trained.sample(image, n_samples=4, seed=1))
+    other = trained.sample(image, n_samples=4, seed=2)
+    assert len(other) != len(samples) or not np.array_equal(other['x'], samples['x'])
+
+
+def test_count_posterior(trained, image):
+    pmf = trained.count_posterior(image)
+    n_tiles = (SHAPE[0] // 2) * (SHAPE[1] // 2)
+    assert pmf.shape == (3 * n_tiles + 1,)
+    assert np.all(pmf >= 0)
+    np.testing.assert_allclose(pmf.sum(), 1.0, rtol=1e-12)
+    catalog = trained(image)
+    np.testing.assert_allclose(pmf @ np.arange(len(pmf)), catalog.meta['n_stars_mean'],
+                               rtol=1e-9)
+    cdf = np.cumsum(pmf)
+    assert cdf[catalog.meta['n_stars_q05']] >= 0.05
+    assert cdf[catalog.meta['n_stars_q95']] >= 0.95
+    if catalog.meta['n_stars_q05'] > 0:
+        assert cdf[catalog.meta['n_stars_q05'] - 1] < 0.05
+
+
+def test_save_load_round_trip(trained, image, tmp_path):
+    path = tmp_path / 'model.pt'
+    trained.save(path)
+    loaded = StarNetDeblender.load(path)
+    assert loaded.bands == BANDS
+    assert_same_catalog(trained(image), loaded(image))
+    assert_same_catalog(trained.sample(image, n_samples=2, seed=5),
+                        loaded.sample(image, n_samples=2, seed=5))
+    np.testing.assert_allclose(loaded.training_history['train_loss'],
+                               trained.training_history['train_loss'])
+    assert loaded.training_settings == trained.training_settings
+
+    state = torch.load(path, weights_only=True)
+    assert json.loads(state['metadata'])['background'] == BACKGROUND
+
+    with pytest.raises(FileExistsError, match='overwrite=True'):
+        trained.save(path)
+    tiny_deblender(seed=1).save(path, overwrite=True)
+    assert not np.array_equal(np.asarray(StarNetDeblender.load(path)(image)['x_fit']),
+                              np.asarray(trained(image)['x_fit']))
+
+
+def test_load_rejects_other_files(tmp_path):
+    path = tmp_path / 'other.pt'
+    torch.save({'metadata': json.dumps({'format': 'something-else'})}, path)
+    with pytest.raises(ValueError, match='not a starnet model'):
+        StarNetDeblender.load(path)
+
+
+def test_seed_sets_initial_weights():
+    first, second, third = tiny_deblender(seed=4), tiny_deblender(seed=4), tiny_deblender(seed=5)
+    for a, b, c in zip(first.encoder.parameters(), second.encoder.parameters(),
+                       third.encoder.parameters()):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, c) for a, c in zip(first.encoder.parameters(),
+                                                     third.encoder.parameters()))
+
+
+def test_pretrained_unknown_name_lists_available():
+    available = StarNetDeblender.available()
+    assert isinstance(available, list) and all(isinstance(name, str) for name in available)
+    with pytest.raises(ValueError, match='nope') as error:
+        StarNetDeblender.pretrained('nope')
+    assert f'available: {available}' in str(error.value)
+
+
+@pytest.mark.parametrize(('changes', 'error', 'match'), [
+    ({'meta': {'bands': ['g', 'r']}}, ValueError, r"bands \['g', 'r'\]"),
+    ({'unit': u.adu}, ValueError, 'electrons'),
+    ({'unit': u.electron / u.s}, ValueError, 'electrons'),
+])
+def test_invalid_images(trained, image, changes, error, match):
+    with pytest.raises(error, match=match):
+        trained(like(image, **changes))
+
+
+def test_wrong_number_of_bands(trained, image):
+    three = np.concatenate([image.data, image.data[:1]])
+    with pytest.raises(ValueError, match=r'\(bands=2, rows, cols\)'):
+        trained(like(image, data=three))
+    with pytest.raises(ValueError, match=r'\(bands=2, rows, cols\)'):
+        trained(like(image, data=image.data[0]))
+
+
+@pytest.mark.parametrize('key', ['bands', 'psf', 'background'])
+def test_missing_meta(trained, image, key):
+    meta = {k: v for k, v in image.meta.items() if k != key}
+    with pytest.raises(ValueError, match=key):
+        trained(NDData(image.data, unit=u.electron, meta=meta))
+
+
+def test_not_nddata(trained, image):
+    with pytest.raises(TypeError, match='NDData'):
+        trained(image.data)
+
+
+def test_bad_pixels_are_replaced_by_background(trained, image):
+    bad = np.zeros(image.data.shape, dtype=bool)
+    bad[0, 3, 4] = bad[1, 10, 2] = bad[:, 7, 7] = True
+    filled = np.where(bad, np.reshape(BACKGROUND, (2, 1, 1)), image.data)
+    expected = trained(like(image, data=filled))
+    with_nan = np.where(bad, np.nan, image.data)
+    with pytest.warns(UserWarning, match='4 masked or non-finite pixels'):
+        result = trained(like(image, data=with_nan))
+    assert_same_catalog(result, expected)
+    hot = np.where(bad, 1e7, image.data)
+    with pytest.warns(UserWarning, match='4 masked or non-finite pixels'):
+        result = trained(like(image, data=hot, mask=bad))
+    assert_same_catalog(result, expected)
+
+
+def test_big_endian_data(trained, image):
+    native = trained(like(image, data=image.data.astype('<f4')))
+    swapped = trained(like(image, data=image.data.astype('>f4')))
+    assert_same_catalog(native, swapped)
+
+
+def test_psf_mismatch_warns(trained, image):
+    wide = PowerLawPSF(sigma1=2.5, sigma2=5.0, sigmap=3.0, beta=3.0, b=0.1, p0=0.01)
+    with pytest.warns(UserWarning, match='PSF in band r differs'):
+        trained(like(image, meta={'psf': [wide, PSF]}))
+    # the same PSF given as a pixel image does not warn (warnings are errors here)
+    stamp = PSF(*np.mgrid[-7:8, -7:8][::-1])
+    trained(like(image, meta={'psf': [stamp, stamp]}))
+
+
+def test_background_map(trained, image):
+    # a background map equal everywhere to the per-band values gives the same catalog
+    background_map = np.broadcast_to(np.reshape(BACKGROUND, (2, 1, 1)), image.data.shape)
+    assert_same_catalog(trained(like(image, meta={'background': background_map.copy()})),
+                        trained(image))
+
+
+def test_from_nddata(image):
+    background_map = np.reshape(BACKGROUND, (2, 1, 1)) * np.linspace(0.9, 1.1, 256).reshape(
+        1, 16, 16)
+    narrow = PowerLawPSF(sigma1=0.8, sigma2=2.0, sigmap=3.0, beta=3.0, b=0.1, p0=0.01)
+    source = like(image, meta={'psf': [PSF, narrow], 'background': background_map})
+    deblender = StarNetDeblender.from_nddata(source, **SMALL)
+    assert deblender.bands == BANDS
+    np.testing.assert_allclose(deblender.background, np.median(background_map, axis=(1, 2)))
+    assert deblender.psfs[1].sigma1.value == 0.8 and deblender.psfs[0].sigma1.value == 1.0
+    assert deblender.encoder.pixel_layers[0].out_channels == 8
+    assert deblender.prior.bands == BANDS
+    # the image's own PSFs match the model's: no warning (warnings are errors here)
+    assert isinstance(deblender(source), QTable)
+    with pytest.raises(ValueError, match='bands'):
+        StarNetDeblender.from_nddata(source, prior=StarFieldPrior(bands=['g', 'r']))
+
+
+def test_fit_history_and_weights_change():
+    deblender = tiny_deblender()
+    before = [p.clone() for p in deblender.encoder.parameters()]
+    history = deblender.fit(n_epochs=2, batches_per_epoch=1, batch_size=2, image_shape=SHAPE,
+                            n_validation=2, progress=False)
+    assert isinstance(history, QTable)
+    assert history['epoch'].tolist() == [1, 2]
+    for name in ['train_loss', 'val_loss', 'val_f1', 'val_tpr', 'val_ppv',
+                 'images_per_second', 'seconds']:
+        assert np.all(np.isfinite(history[name])), name
+    assert np.all((history['val_f1'] >= 0) & (history['val_f1'] <= 1))
+    assert deblender.training_history is history
+    assert deblender.training_settings.n_epochs == 2
+    assert not deblender.encoder.training
+    assert any(not torch.equal(a, b) for a, b in zip(before, deblender.encoder.parameters()))
+    with pytest.raises(TypeError, match='n_epoch'):
+        deblender.fit(n_epoch=1)
+
+
+def test_fit_resumes_from_checkpoint(tmp_path):
+    settings = dict(batches_per_epoch=1, batch_size=2, image_shape=SHAPE, n_validation=2,
+                    progress=False)
+    straight = tiny_deblender(seed=2)
+    straight.fit(n_epochs=2, **settings)
+    checkpoint = tmp_path / 'fit.ckpt'
+    tiny_deblender(seed=2).fit(n_epochs=1, checkpoint=checkpoint, **settings)
+    resumed = tiny_deblender(seed=7)       # weights come from the checkpoint
+    history = resumed.fit(n_epochs=2, checkpoint=checkpoint, **settings)
+    assert history['epoch'].tolist() == [1, 2]
+    np.testing.assert_allclose(history['train_loss'], straight.training_history['train_loss'],
+                               rtol=1e-6)
+    for a, b in zip(straight.encoder.parameters(), resumed.encoder.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

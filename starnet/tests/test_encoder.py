@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import torch
+
+from starnet.encoder import StarNetEncoder, normalize_image
+from starnet.posterior import TiledPosterior
+
+BACKGROUND = 700.0
+
+
+def sky(shape, *, seed=0):
+    """Noisy sky with a few bright pixels, (n_images, n_bands, rows, cols)."""
+    generator = torch.Generator().manual_seed(seed)
+    image = BACKGROUND + BACKGROUND ** 0.5 * torch.randn(shape, generator=generator)
+    spikes = torch.rand(shape, generator=generator) < 0.05
+    return image + 3000.0 * spikes
+
+
+def encoder_of(**kwargs):
+    torch.manual_seed(0)
+    settings = dict(n_bands=2, hidden=8, tile_hidden=16)
+    settings.update(kwargs)
+    return StarNetEncoder(**settings).eval()
+
+
+def flat_parameters(posterior):
+    """All parameters of each tile, (n_images, tile_rows, tile_cols, n_values)."""
+    parts = [posterior.count_logits, posterior.loc_mean, posterior.loc_sd,
+             posterior.log_flux_mean, posterior.log_flux_sd]
+    return torch.cat([p.reshape(*p.shape[:3], -1) for p in parts], dim=-1)
+
+
+@pytest.mark.parametrize(('tile_size', 'max_sources', 'rows', 'cols'),
+                         [(2, 3, 13, 9), (3, 2, 10, 11), (4, 1, 16, 7), (1, 3, 5, 6)])
+def test_output_grid_and_shapes(tile_size, max_sources, rows, cols):
+    encoder = encoder_of(tile_size=tile_size, max_sources=max_sources)
+    with torch.no_grad():
+        posterior = encoder(sky((2, 2, rows, cols)), torch.tensor(BACKGROUND))
+    assert isinstance(posterior, TiledPosterior)
+    grid = (2, int(np.ceil(rows / tile_size)), int(np.ceil(cols / tile_size)))
+    n_slots = max_sources * (max_sources + 1) // 2
+    assert posterior.count_logits.shape == (*grid, max_sources + 1)
+    assert posterior.max_sources == max_sources
+    assert posterior.loc_mean.shape == posterior.loc_sd.shape == (*grid, n_slots, 2)
+    assert posterior.log_flux_mean.shape == posterior.log_flux_sd.shape == (*grid, n_slots, 2)
+    assert torch.all(posterior.loc_sd > 0) and torch.all(posterior.log_flux_sd > 0)
+
+
+def test_wrong_number_of_bands():
+    with pytest.raises(ValueError, match=r'\(n_images, 2, rows, cols\)'):
+        encoder_of()(sky((1, 3, 8, 8)), torch.tensor(BACKGROUND))
+    with pytest.raises(ValueError, match=r'\(n_images, 2, rows, cols\)'):
+        encoder_of()(sky((2, 8, 8)), torch.tensor(BACKGROUND))
+
+
+@pytest.mark.parametrize('tile_size', [2, 3])
+def test_receptive_field_window(tile_size):
+    # the pixels that influence a tile's parameters (non-zero gradient) fill exactly the
+    # documented window: receptive_field pixels wide, centred on the tile
+    encoder = encoder_of(tile_size=tile_size, hidden=16, tile_hidden=32)
+    assert encoder.receptive_field == 5 * tile_size + 6
+    reach = (encoder.receptive_field - tile_size) // 2
+    image = sky((1, 2, 48, 48)).requires_grad_()
+    i, j = 7, 8                                   # a tile far from the image edges
+    weights = torch.randn(flat_parameters(encoder(image, torch.tensor(BACKGROUND))).shape[-1],
+                          generator=torch.Generator().manual_seed(2))
+    value = flat_parameters(encoder(image, torch.tensor(BACKGROUND)))[0, i, j] @ weights
+    value.backward()
+    influence = (image.grad[0] != 0).any(dim=0).numpy()
+    rows, cols = np.nonzero(influence)
+    assert (rows.min(), rows.max()) == (i * tile_size - reach, (i + 1) * tile_size - 1 + reach)
+    assert (cols.min(), cols.max()) == (j * tile_size - reach, (j + 1) * tile_size - 1 + reach)
+    window = influence[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert window.shape == (encoder.receptive_field,) * 2
+    assert window.mean() > 0.9
+
+
+def test_receptive_field_perturbation():
+    encoder = encoder_of(tile_size=2)
+    image = sky((1, 2, 40, 40))
+    i, j = 10, 9
+    with torch.no_grad():
+        reference = flat_parameters(encoder(image, torch.tensor(BACKGROUND)))[0, i, j]
+
+    def change(band, row, col):
+        perturbed = image.clone()
+        perturbed[0, band, row, col] += 20000.0
+        with torch.no_grad():
+            out = flat_parameters(encoder(perturbed, torch.tensor(BACKGROUND)))[0, i, j]
+        return (out - reference).abs().max().item()
+
+    far = encoder.receptive_field // 2 + 2        # farther than this from the tile
+    assert change(0, 2 * i, 2 * j) > 1e-4
+    assert change(1, 2 * i + 1, 2 * j + 1) > 1e-4
+    for pixel in [(0, 2 * i - far - 1, 2 * j), (1, 2 * i + 1 + far + 1, 2 * j),
+                  (0, 2 * i, 2 * j - far - 1), (1, 2 * i, 2 * j + 1 + far + 1)]:
+        assert change(*pixel) < 1e-6, pixel
+
+
+def test_normalize_image_is_per_pixel():
+    generator = torch.Generator().manual_seed(1)
+    image = sky((2, 3, 6, 7))
+    background = 500.0 + 400.0 * torch.rand((2, 3, 6, 7), generator=generator)
+    reference = normalize_image(image, background)
+    assert reference.shape == (2, 6, 6, 7)
+    for index in [(0, 0, 2, 3), (1, 2, 5, 0), (0, 1, 0, 6)]:
+        image_n, band, row, col = index
+        perturbed = image.clone()
+        perturbed[index] = background[index] + 5000.0
+        changed = (normalize_image(perturbed, background) != reference).nonzero().tolist()
+        assert sorted(changed) == [[image_n, band, row, col], [image_n, 3 + band, row, col]]
+
+
+def test_normalize_image_empty_sky_is_zero():
+    background = torch.tensor([686.0, 1123.0]).reshape(1, 2, 1, 1)
+    image = background.expand(1, 2, 4, 5)
+    assert torch.all(normalize_image(image, background) == 0)
+
+
+def test_batch_equals_images_one_by_one():
+    encoder = encoder_of()
+    images = sky((3, 2, 12, 10), seed=4)
+    background = torch.tensor([700.0, 900.0]).reshape(1, 2, 1, 1)
+    for mode in (encoder.eval, encoder.train):
+        mode()
+        with torch.no_grad():
+            batch = flat_parameters(encoder(images, background))
+            for n in range(3):
+                alone = flat_parameters(encoder(images[n:n + 1], background))
+                torch.testing.assert_close(batch[n:n + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_odd_size_padding_is_empty_sky():
+    # the encoder pads images to whole tiles with zero normalised input: the same as
+    # padding the image with its background
+    encoder = encoder_of(tile_size=2)
+    image = sky((1, 2, 13, 9), seed=5)
+    padded = torch.nn.functional.pad(image, (0, 1, 0, 1), value=BACKGROUND)
+    with torch.no_grad():
+        odd = flat_parameters(encoder(image, torch.tensor(BACKGROUND)))
+        even = flat_parameters(encoder(padded, torch.tensor(BACKGROUND)))
+    torch.testing.assert_close(odd, even, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,241 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from scipy.special import log_softmax, logit, logsumexp, softmax
+
+from starnet.posterior import TiledPosterior, count_distribution
+from starnet.tiles import TileCatalog
+
+MAX_SOURCES = 3
+N_SLOTS = 6          # rows 1, 2, 3 of the triangular array
+ROW_SLOTS = {1: [0], 2: [1, 2], 3: [3, 4, 5]}
+
+
+def random_parameters(rng, shape, n_bands):
+    """Posterior parameters (numpy, float64) for a grid of tiles of ``shape``."""
+    return dict(count_logits=rng.normal(0, 1, (*shape, MAX_SOURCES + 1)),
+                loc_mean=rng.normal(0, 1, (*shape, N_SLOTS, 2)),
+                loc_sd=rng.uniform(0.3, 1.5, (*shape, N_SLOTS, 2)),
+                log_flux_mean=rng.normal(8, 1, (*shape, N_SLOTS, n_bands)),
+                log_flux_sd=rng.uniform(0.2, 1.0, (*shape, N_SLOTS, n_bands)))
+
+
+def posterior_of(params):
+    return TiledPosterior(**{key: torch.tensor(value) for key, value in params.items()})
+
+
+def random_tiles(rng, shape, n_bands):
+    """Tile variables (numpy) with random counts 0..3, padded like `TileGrid.to_tiles`."""
+    counts = rng.integers(0, MAX_SOURCES + 1, shape)
+    locs = np.full((*shape, MAX_SOURCES, 2), 0.5)
+    fluxes = np.ones((*shape, MAX_SOURCES, n_bands))
+    for index in np.ndindex(*shape):
+        n = counts[index]
+        locs[index][:n] = rng.uniform(0.02, 0.98, (n, 2))
+        fluxes[index][:n] = np.exp(rng.normal(8, 1.5, (n, n_bands)))
+    return counts, locs, fluxes
+
+
+def tile_catalog(counts, locs, fluxes):
+    return TileCatalog(counts=torch.tensor(counts), locs=torch.tensor(locs),
+                       fluxes=torch.tensor(fluxes), n_dropped=0)
+
+
+def brute_force_log_prob(params, index, n, locs, fluxes):
+    """log q of a tile with n sources: log q(n) + log sum over the n! orderings."""
+    log_q_n = log_softmax(params['count_logits'][index])[n]
+    if n == 0:
+        return log_q_n
+    slots = ROW_SLOTS[n]
+    terms = []
+    for perm in itertools.permutations(range(n)):
+        term = 0.0
+        for k, source in enumerate(perm):
+            slot = slots[k]
+            u = locs[source]
+            # logit-normal density of u: norm.pdf(logit(u); m, s) / (u (1 - u))
+            term += np.sum(stats.norm.logpdf(logit(u), params['loc_mean'][index][slot],
+                                             params['loc_sd'][index][slot])
+                           - np.log(u) - np.log1p(-u))
+            term += np.sum(stats.lognorm.logpdf(
+                fluxes[source], params['log_flux_sd'][index][slot],
+                scale=np.exp(params['log_flux_mean'][index][slot])))
+        terms.append(term)
+    return log_q_n + logsumexp(terms)
+
+
+@pytest.mark.parametrize('n_bands', [1, 2])
+def test_log_prob_brute_force(n_bands):
+    rng = np.random.default_rng(n_bands)
+    shape = (2, 3, 4)
+    params = random_parameters(rng, shape, n_bands)
+    counts, locs, fluxes = random_tiles(rng, shape, n_bands)
+    for n in range(MAX_SOURCES + 1):    # every count appears
+        counts[0, 0, n] = n
+        locs[0, 0, n] = 0.5
+        fluxes[0, 0, n] = 1.0
+        locs[0, 0, n, :n] = rng.uniform(0.02, 0.98, (n, 2))
+        fluxes[0, 0, n, :n] = np.exp(rng.normal(8, 1.5, (n, n_bands)))
+    result = posterior_of(params).log_prob(tile_catalog(counts, locs, fluxes))
+    assert result.shape == shape
+    for index in np.ndindex(*shape):
+        n = counts[index]
+        expected = brute_force_log_prob(params, index, n, locs[index], fluxes[index])
+        np.testing.assert_allclose(result[index].item(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_log_prob_invariant_to_order_within_tile():
+    rng = np.random.default_rng(5)
+    shape = (1, 4, 5)
+    params = random_parameters(rng, shape, 2)
+    counts, locs, fluxes = random_tiles(rng, shape, 2)
+    posterior = posterior_of(params)
+    before = posterior.log_prob(tile_catalog(counts, locs, fluxes))
+    shuffled_locs, shuffled_fluxes = locs.copy(), fluxes.copy()
+    for index in np.ndindex(*shape):
+        n = counts[index]
+        perm = rng.permutation(n)
+        shuffled_locs[index][:n] = locs[index][perm]
+        shuffled_fluxes[index][:n] = fluxes[index][perm]
+    assert not np.array_equal(shuffled_locs, locs)
+    after = posterior.log_prob(tile_catalog(counts, shuffled_locs, shuffled_fluxes))
+    np.testing.assert_allclose(after.numpy(), before.numpy(), rtol=1e-12)
+
+
+def test_log_prob_ignores_padded_slots():
+    rng = np.random.default_rng(6)
+    shape = (1, 2, 2)
+    params = random_parameters(rng, shape, 1)
+    counts, locs, fluxes = random_tiles(rng, shape, 1)
+    counts[0, 0, :] = [1, 2]
+    posterior = posterior_of(params)
+    before = posterior.log_prob(tile_catalog(counts, locs, fluxes))
+    locs[0, 0, 0, 1:] = 0.123      # slots beyond each tile's count
+    fluxes[0, 0, 1, 2:] = 7.0
+    after = posterior.log_prob(tile_catalog(counts, locs, fluxes))
+    np.testing.assert_array_equal(after.numpy(), before.numpy())
+
+
+def test_log_prob_is_differentiable():
+    rng = np.random.default_rng(7)
+    params = {k: torch.tensor(v, requires_grad=True)
+              for k, v in random_parameters(rng, (1, 2, 2), 2).items()}
+    counts, locs, fluxes = random_tiles(rng, (1, 2, 2), 2)
+    TiledPosterior(**params).log_prob(tile_catalog(counts, locs, fluxes)).sum().backward()
+    for value in params.values():
+        assert torch.all(torch.isfinite(value.grad))
+
+
+def identical_tiles(rng, n_tiles, n_bands):
+    """One tile's parameters repeated over a (1, 1, n_tiles) grid: each tile is a draw."""
+    one = random_parameters(rng, (), n_bands)
+    return one, {key: np.broadcast_to(value, (1, 1, n_tiles, *value.shape)).copy()
+                 for key, value in one.items()}
+
+
+def test_sample_moments():
+    rng = np.random.default_rng(8)
+    n_draws = 20000
+    one, params = identical_tiles(rng, n_draws, 2)
+    sample = posterior_of(params).sample(generator=torch.Generator().manual_seed(1))
+    counts = sample.counts[0, 0].numpy()
+
+    probs = softmax(one['count_logits'])
+    frequencies = np.bincount(counts, minlength=MAX_SOURCES + 1) / n_draws
+    np.testing.assert_allclose(frequencies, probs,
+                               atol=5 * np.sqrt(probs * (1 - probs) / n_draws).max())
+
+    for n in range(1, MAX_SOURCES + 1):
+        chosen = counts == n
+        n_chosen = chosen.sum()
+        assert n_chosen > 1000
+        z = logit(sample.locs[0, 0][chosen][:, :n].numpy().astype(float))
+        w = np.log(sample.fluxes[0, 0][chosen][:, :n].numpy().astype(float))
+        for values, mean, sd in [(z, one['loc_mean'], one['loc_sd']),
+                                 (w, one['log_flux_mean'], one['log_flux_sd'])]:
+            expected_mean = mean[ROW_SLOTS[n]]
+            expected_sd = sd[ROW_SLOTS[n]]
+            np.testing.assert_allclose(values.mean(0), expected_mean,
+                                       atol=5 * expected_sd.max() / np.sqrt(n_chosen))
+            np.testing.assert_allclose(values.std(0), expected_sd,
+                                       atol=5 * expected_sd.max() / np.sqrt(2 * n_chosen))
+        # slots beyond the count are padded as in TileGrid.to_tiles
+        assert np.all(sample.locs[0, 0][chosen][:, n:].numpy() == 0.5)
+        assert np.all(sample.fluxes[0, 0][chosen][:, n:].numpy() == 1.0)
+
+
+def test_sample_same_generator_seed_same_draw():
+    params = random_parameters(np.random.default_rng(9), (2, 3, 3), 1)
+    posterior = posterior_of(params)
+    first = posterior.sample(generator=torch.Generator().manual_seed(3))
+    second = posterior.sample(generator=torch.Generator().manual_seed(3))
+    third = posterior.sample(generator=torch.Generator().manual_seed(4))
+    assert torch.equal(first.locs, second.locs) and torch.equal(first.counts, second.counts)
+    assert not torch.equal(first.locs, third.locs)
+
+
+def test_mode():
+    rng = np.random.default_rng(10)
+    shape = (2, 3, 4)
+    params = random_parameters(rng, shape, 2)
+    mode = posterior_of(params).mode()
+    for index in np.ndindex(*shape):
+        n = int(np.argmax(params['count_logits'][index]))
+        assert mode.counts[index] == n
+        slots = ROW_SLOTS.get(n, [])
+        np.testing.assert_allclose(mode.locs[index][:n].numpy(),
+                                   1 / (1 + np.exp(-params['loc_mean'][index][slots])))
+        np.testing.assert_allclose(mode.fluxes[index][:n].numpy(),
+                                   np.exp(params['log_flux_mean'][index][slots]))
+        assert np.all(mode.locs[index][n:].numpy() == 0.5)
+        assert np.all(mode.fluxes[index][n:].numpy() == 1.0)
+
+
+def test_row_parameters():
+    rng = np.random.default_rng(11)
+    shape = (1, 2, 3)
+    params = random_parameters(rng, shape, 2)
+    counts = np.array([[[0, 1, 2], [3, 2, 1]]])
+    result = posterior_of(params).row_parameters(torch.tensor(counts))
+    names = ['loc_mean', 'loc_sd', 'log_flux_mean', 'log_flux_sd']
+    for name, value in zip(names, result):
+        assert value.shape == (*shape, MAX_SOURCES, params[name].shape[-1])
+        for index in np.ndindex(*shape):
+            n = counts[index]
+            np.testing.assert_allclose(value[index][:n].numpy(),
+                                       params[name][index][ROW_SLOTS.get(n, [])], rtol=1e-6)
+
+
+def convolve_chain(probs):
+    pmf = np.array([1.0])
+    for tile in probs:
+        pmf = np.convolve(pmf, tile)
+    return pmf
+
+
+@pytest.mark.parametrize(('n_tiles', 'n_counts'), [(1, 4), (5, 4), (7, 2), (2500, 4)])
+def test_count_distribution_is_convolution(n_tiles, n_counts):
+    rng = np.random.default_rng(n_tiles)
+    probs = rng.dirichlet(np.full(n_counts, 0.5), n_tiles)
+    probs[0] = np.eye(n_counts)[0]      # a tile certainly empty
+    pmf = count_distribution(probs)
+    assert pmf.shape == (n_tiles * (n_counts - 1) + 1,)
+    np.testing.assert_allclose(pmf, convolve_chain(probs), atol=1e-12)
+    np.testing.assert_allclose(pmf.sum(), 1.0, rtol=1e-12)
+    tile_means = probs @ np.arange(n_counts)
+    np.testing.assert_allclose(pmf @ np.arange(len(pmf)), tile_means.sum(), rtol=1e-9)
+
+
+def test_count_distribution_accepts_grid_and_tensor():
+    probs = np.random.default_rng(12).dirichlet(np.ones(4), (2, 3))
+    expected = convolve_chain(probs.reshape(-1, 4))
+    np.testing.assert_allclose(count_distribution(probs), expected, atol=1e-12)
+    np.testing.assert_allclose(count_distribution(torch.tensor(probs)), expected, atol=1e-12)
+
+
+def test_count_distribution_certain_counts():
+    probs = np.eye(4)[[3, 1, 0, 2]]
+    np.testing.assert_allclose(count_distribution(probs), np.eye(13)[6], atol=1e-12)
