@@ -94,6 +94,9 @@ class StarNetDeblender:
         self.training_history = None
         #: Free-form record saved with the model (e.g. the command that trained it).
         self.provenance = {}
+        #: Images larger than this many pixels on a side are encoded in square chunks of
+        #: this size (with a halo, so the result is the same), to bound memory.
+        self.chunk_size = 256
 
     @classmethod
     def from_nddata(cls, nddata, *, prior=None, **kwargs):
@@ -270,7 +273,11 @@ class StarNetDeblender:
     def _posterior(self, nddata):
         image, background, meta = self._prepare(nddata)
         self.encoder.eval()
-        return self.encoder(image, background), image.shape[-2:], meta
+        chunk_tiles = None
+        if max(image.shape[-2:]) > self.chunk_size:
+            chunk_tiles = max(self.chunk_size // self.grid.tile_size, 1)
+        return (self.encoder(image, background, chunk_tiles=chunk_tiles), image.shape[-2:],
+                meta)
 
     def __call__(self, nddata):
         """Modal catalog of an image.

@@ -83,8 +83,12 @@ class StarNetEncoder(nn.Module):
         """Width in pixels of the window each tile sees."""
         return 7 + (self.tile_size - 1) + 4 * self.tile_size
 
-    def forward(self, image, background):
+    def forward(self, image, background, *, chunk_tiles=None):
         """Posterior of the catalogs of ``image`` (n_images, n_bands, rows, cols).
+
+        With ``chunk_tiles``, the network runs on square blocks of that many tiles, each
+        with a halo wider than the receptive field, so that memory is bounded and the
+        result equals the one-shot computation.
 
         Returns
         -------
@@ -96,7 +100,34 @@ class StarNetEncoder(nn.Module):
         x = normalize_image(image, background)
         rows, cols = x.shape[-2:]
         x = F.pad(x, (0, -cols % self.tile_size, 0, -rows % self.tile_size))
-        out = self.head(self.tile_layers(self.pixel_layers(x)))
+        out = self._network(x) if chunk_tiles is None else self._chunked(x, int(chunk_tiles))
+        return self._posterior(out)
+
+    def _network(self, x):
+        return self.head(self.tile_layers(self.pixel_layers(x)))
+
+    def _chunked(self, x, chunk_tiles):
+        if chunk_tiles < 1:
+            raise ValueError(f"chunk_tiles must be positive, got {chunk_tiles}")
+        size = self.tile_size
+        tile_rows, tile_cols = x.shape[-2] // size, x.shape[-1] // size
+        # every layer pads by one unit: 3 pixels, then 2 tiles; a halo of that many tiles
+        # plus one keeps the chunk edges out of reach of the kept tiles
+        halo = -(-3 // size) + 3
+        rows = []
+        for r0 in range(0, tile_rows, chunk_tiles):
+            r1 = min(r0 + chunk_tiles, tile_rows)
+            h0, h1 = max(r0 - halo, 0), min(r1 + halo, tile_rows)
+            row = []
+            for c0 in range(0, tile_cols, chunk_tiles):
+                c1 = min(c0 + chunk_tiles, tile_cols)
+                w0, w1 = max(c0 - halo, 0), min(c1 + halo, tile_cols)
+                out = self._network(x[..., h0 * size:h1 * size, w0 * size:w1 * size])
+                row.append(out[..., r0 - h0:r1 - h0, c0 - w0:c1 - w0])
+            rows.append(torch.cat(row, dim=-1))
+        return torch.cat(rows, dim=-2)
+
+    def _posterior(self, out):
         out = out.permute(0, 2, 3, 1)
         n_count = self.max_sources + 1
         count_logits = out[..., :n_count]

@@ -213,4 +213,3 @@ def _seed_int(seed):
     if isinstance(seed, np.random.Generator):
         return int(seed.integers(2**62))
     return int(seed) % (2**63 - 1)
-

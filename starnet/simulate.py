@@ -203,8 +203,8 @@ def as_background(background, n_bands, shape=None):
         raise ValueError(f"background has {background.size} values but there are {n_bands} "
                          "bands; give a scalar, one value per band or a (bands, rows, cols) map")
     if background.ndim == 3:
-        if background.shape[0] != n_bands or (shape is not None
-                                               and background.shape[1:] != tuple(shape)):
+        wrong_size = shape is not None and background.shape[1:] != tuple(shape)
+        if background.shape[0] != n_bands or wrong_size:
             raise ValueError(f"background map has shape {background.shape}, expected "
                              f"({n_bands}, rows, cols) matching the image {tuple(shape or ())}")
     elif background.ndim != 1:

@@ -129,7 +129,7 @@ class TileGrid:
             n_dropped=int((valid & ~keep).sum()))
 
     def to_pixels(self, tile_locs):
-        """Pixel ``(x, y)`` of within-tile positions ``tile_locs`` of shape (..., rows, cols, k, 2)."""
+        """Pixel ``(x, y)`` of within-tile positions ``tile_locs`` (..., rows, cols, k, 2)."""
         tile_rows, tile_cols = tile_locs.shape[-4:-2]
         col = torch.arange(tile_cols, dtype=tile_locs.dtype)[None, :, None]
         row = torch.arange(tile_rows, dtype=tile_locs.dtype)[:, None, None]

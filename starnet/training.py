@@ -211,4 +211,3 @@ def _validate(encoder, grid, validation, bands):
     f1 = 2 * tpr * ppv / (tpr + ppv) if tpr + ppv > 0 else 0.0
     encoder.train()
     return {"val_loss": loss, "val_f1": f1, "val_tpr": tpr, "val_ppv": ppv}
-

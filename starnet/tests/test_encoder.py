@@ -140,3 +140,18 @@ def test_odd_size_padding_is_empty_sky():
         odd = flat_parameters(encoder(image, torch.tensor(BACKGROUND)))
         even = flat_parameters(encoder(padded, torch.tensor(BACKGROUND)))
     torch.testing.assert_close(odd, even, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tile_size", [2, 3])
+def test_chunked_equals_one_shot(tile_size):
+    torch.manual_seed(3)
+    encoder = StarNetEncoder(n_bands=2, tile_size=tile_size, hidden=8, tile_hidden=16).eval()
+    image = 700.0 + 40 * torch.randn(1, 2, 61, 74)
+    image[0, :, 30, 40] += 5000.0
+    background = torch.full_like(image, 700.0)
+    with torch.no_grad():
+        whole = encoder(image, background)
+        chunked = encoder(image, background, chunk_tiles=5)
+    for name in ("count_logits", "loc_mean", "loc_sd", "log_flux_mean", "log_flux_sd"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name),
+                                   rtol=1e-4, atol=1e-4)
