@@ -36,6 +36,8 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--tile-size", type=int, default=2)
     parser.add_argument("--max-sources", type=int, default=3)
+    parser.add_argument("--n-colors", type=int, default=1, choices=(1, 2, 4),
+                        help="checkerboard colours (1: independent tiles as in the paper)")
     parser.add_argument("--background-range", type=float, nargs=2, default=(0.9, 1.6))
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -45,7 +47,8 @@ def main(argv=None):
     image, _ = load_m2(border=3)
     prior = StarFieldPrior(mu=0.12, f_min=1000.0, f_max=1e6, alpha=0.5, bands=("r", "i"))
     deblender = StarNetDeblender.from_nddata(image, prior=prior, tile_size=args.tile_size,
-                                             max_sources=args.max_sources)
+                                             max_sources=args.max_sources,
+                                             n_colors=args.n_colors, seed=args.seed)
     settings = TrainingSettings(
         image_shape=(args.image_size, args.image_size), batch_size=args.batch_size,
         batches_per_epoch=args.batches_per_epoch, n_epochs=args.epochs,

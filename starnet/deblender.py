@@ -19,7 +19,7 @@ from .posterior import count_distribution
 from .prior import StarFieldPrior
 from .psf import as_psf, pixel_stamps, psf_from_dict, psf_to_dict
 from .simulate import StarFieldRenderer, as_background
-from .tiles import TileGrid
+from .tiles import TileCatalog, TileGrid
 from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
 
 __all__ = ["StarNetDeblender"]
@@ -52,6 +52,11 @@ class StarNetDeblender:
         Width of the PSF stamp used to render training images.
     hidden, tile_hidden : int, optional
         Width of the encoder (channels at pixel and at tile resolution).
+    n_colors : {1, 2, 4}, optional
+        Checkerboard colours: 1 gives the paper's independent tiles; 2 or 4 decide the
+        tiles colour by colour, each seeing its decided neighbours, which removes the
+        double counting of stars on tile boundaries (see
+        `~starnet.encoder.StarNetEncoder`).
     seed : int, optional
         Seed of the encoder's initial weights.
 
@@ -71,7 +76,7 @@ class StarNetDeblender:
     """
 
     def __init__(self, *, prior, psf, background, tile_size=2, max_sources=3, stamp_size=25,
-                 hidden=32, tile_hidden=128, seed=0):
+                 hidden=32, tile_hidden=128, n_colors=1, seed=0):
         self.prior = prior
         psfs = list(psf) if isinstance(psf, (list, tuple)) else [psf] * prior.n_bands
         if len(psfs) != prior.n_bands:
@@ -88,7 +93,7 @@ class StarNetDeblender:
             torch.manual_seed(seed)
             self.encoder = StarNetEncoder(n_bands=prior.n_bands, tile_size=tile_size,
                                           max_sources=max_sources, hidden=hidden,
-                                          tile_hidden=tile_hidden)
+                                          tile_hidden=tile_hidden, n_colors=n_colors)
         self.encoder.eval()
         self.training_settings = None
         self.training_history = None
@@ -97,6 +102,8 @@ class StarNetDeblender:
         #: Images larger than this many pixels on a side are encoded in square chunks of
         #: this size (with a halo, so the result is the same), to bound memory.
         self.chunk_size = 256
+        #: Posterior draws behind the star-count summary of a checkerboard model.
+        self.n_count_samples = 200
 
     @classmethod
     def from_nddata(cls, nddata, *, prior=None, **kwargs):
@@ -174,7 +181,7 @@ class StarNetDeblender:
             "background": [float(b) for b in self.background],
             "tile_size": self.grid.tile_size, "max_sources": self.grid.max_sources,
             "stamp_size": self.stamp_size, "hidden": self.encoder.pixel_layers[0].out_channels,
-            "tile_hidden": self.encoder.head.in_channels,
+            "tile_hidden": self.encoder.head.in_channels, "n_colors": self.encoder.n_colors,
             "training_settings": (self.training_settings.to_dict()
                                   if self.training_settings is not None else None),
             "training_history": history, "provenance": self.provenance,
@@ -194,7 +201,8 @@ class StarNetDeblender:
                         psf=[psf_from_dict(p) for p in metadata["psf"]],
                         background=metadata["background"], tile_size=metadata["tile_size"],
                         max_sources=metadata["max_sources"], stamp_size=metadata["stamp_size"],
-                        hidden=metadata["hidden"], tile_hidden=metadata["tile_hidden"])
+                        hidden=metadata["hidden"], tile_hidden=metadata["tile_hidden"],
+                        n_colors=metadata.get("n_colors", 1))
         deblender.encoder.load_state_dict(state["weights"])
         if metadata["training_settings"] is not None:
             settings = dict(metadata["training_settings"])
@@ -270,14 +278,33 @@ class StarNetDeblender:
                               "differently); results may be biased", UserWarning)
 
     @torch.no_grad()
-    def _posterior(self, nddata):
+    def _features(self, nddata):
+        """Encoder features of a validated image, its shape, meta and chunking."""
         image, background, meta = self._prepare(nddata)
         self.encoder.eval()
         chunk_tiles = None
         if max(image.shape[-2:]) > self.chunk_size:
             chunk_tiles = max(self.chunk_size // self.grid.tile_size, 1)
-        return (self.encoder(image, background, chunk_tiles=chunk_tiles), image.shape[-2:],
-                meta)
+        features = self.encoder.features(image, background, chunk_tiles=chunk_tiles)
+        return features, image.shape[-2:], meta, chunk_tiles
+
+    @torch.no_grad()
+    def _draw(self, features, n_samples, generator, chunk_tiles):
+        """``n_samples`` catalogs from the posterior, as tile variables (one per image)."""
+        def sample(q):
+            return q.sample(generator=generator)
+
+        if self.encoder.n_colors == 1:
+            posterior = self.encoder.tile_posterior(features, chunk_tiles=chunk_tiles)
+            return TileCatalog.concatenate([sample(posterior) for _ in range(n_samples)])
+        n_tiles = features.shape[-2] * features.shape[-1]
+        batch = int(np.clip(2_000_000 // n_tiles, 1, 64))
+        draws = []
+        for start in range(0, n_samples, batch):
+            size = min(batch, n_samples - start)
+            expanded = features.expand(size, *features.shape[1:])
+            draws.append(self.encoder.decide(expanded, sample, chunk_tiles=chunk_tiles)[1])
+        return TileCatalog.concatenate(draws)
 
     def __call__(self, nddata):
         """Modal catalog of an image.
@@ -313,8 +340,10 @@ class StarNetDeblender:
             (``n_stars_mean``, ``n_stars_q05``, ``n_stars_q95``), the model settings
             and the package version.
         """
-        posterior, shape, meta = self._posterior(nddata)
-        mode = posterior.mode()
+        features, shape, meta, chunk_tiles = self._features(nddata)
+        with torch.no_grad():
+            posterior, mode = self.encoder.decide(features, lambda q: q.mode(),
+                                                  chunk_tiles=chunk_tiles)
         locs, fluxes, mask = self.grid.from_tiles(mode)
         loc_mean, loc_sd, flux_mean, flux_sd = (
             p.reshape(1, -1, p.shape[-1]) for p in posterior.row_parameters(mode.counts))
@@ -327,7 +356,11 @@ class StarNetDeblender:
         keep = mask[0] & inside_image(locs[0], shape)
         table = self._table(locs[0][keep], fluxes[0][keep], loc_mean[0][keep], loc_sd[0][keep],
                             flux_sd[0][keep], detection[0, keep], meta, nddata)
-        table.meta.update(self._count_summary(posterior))
+        pmf = self._count_pmf(features, posterior, chunk_tiles)
+        cdf = np.cumsum(pmf)
+        table.meta.update({"n_stars_mean": float(np.dot(np.arange(len(pmf)), pmf)),
+                           "n_stars_q05": int(np.searchsorted(cdf, 0.05)),
+                           "n_stars_q95": int(np.searchsorted(cdf, 0.95))})
         if len(table) == 0:
             warnings.warn("the modal catalog holds no stars", NoDetectionsWarning)
         return table
@@ -362,22 +395,28 @@ class StarNetDeblender:
             "tile_size": self.grid.tile_size, "max_sources": self.grid.max_sources})
         return table
 
-    def _count_summary(self, posterior):
-        pmf = count_distribution(posterior.count_probs[0].reshape(-1, self.grid.max_sources + 1)
-                                 .double().numpy())
-        cdf = np.cumsum(pmf)
-        return {"n_stars_mean": float(np.dot(np.arange(len(pmf)), pmf)),
-                "n_stars_q05": int(np.searchsorted(cdf, 0.05)),
-                "n_stars_q95": int(np.searchsorted(cdf, 0.95))}
+    def _count_pmf(self, features, posterior, chunk_tiles):
+        """Posterior pmf of the number of stars in all tiles: exact for independent tiles
+        (`~starnet.posterior.count_distribution`), else from ``n_count_samples`` draws."""
+        if self.encoder.n_colors == 1:
+            return count_distribution(posterior.count_probs[0].reshape(
+                -1, self.grid.max_sources + 1).double().numpy())
+        generator = torch.Generator().manual_seed(0)
+        draws = self._draw(features, self.n_count_samples, generator, chunk_tiles)
+        totals = draws.counts.reshape(self.n_count_samples, -1).sum(dim=1).numpy()
+        return np.bincount(totals, minlength=int(totals.max()) + 1) / len(totals)
 
     def count_posterior(self, nddata):
         """Posterior probabilities of the total number of stars in the image.
 
-        Returns ``pmf`` with ``pmf[k]`` = q(N = k).
+        Returns ``pmf`` with ``pmf[k]`` = q(N = k): exact for independent tiles, the
+        frequencies of ``n_count_samples`` posterior draws for a checkerboard model.
         """
-        posterior, _, _ = self._posterior(nddata)
-        return count_distribution(posterior.count_probs[0].reshape(
-            -1, self.grid.max_sources + 1).double().numpy())
+        features, _, _, chunk_tiles = self._features(nddata)
+        with torch.no_grad():
+            posterior, _ = self.encoder.decide(features, lambda q: q.mode(),
+                                               chunk_tiles=chunk_tiles)
+        return self._count_pmf(features, posterior, chunk_tiles)
 
     def sample(self, nddata, *, n_samples=100, seed=None):
         """Whole catalogs drawn from the posterior.
@@ -388,18 +427,19 @@ class StarNetDeblender:
             Columns ``sample`` (0-based draw index), ``x``, ``y`` and ``flux_<band>``
             (electrons) for every star of every draw.
         """
-        posterior, shape, _ = self._posterior(nddata)
+        features, shape, _, chunk_tiles = self._features(nddata)
         generator = torch.Generator().manual_seed(_seed(seed))
+        draws = self._draw(features, n_samples, generator, chunk_tiles)
+        all_locs, all_fluxes, all_masks = self.grid.from_tiles(draws)
         tables = []
-        for index in range(n_samples):
-            locs, fluxes, mask = self.grid.from_tiles(posterior.sample(generator=generator))
-            keep = mask[0] & inside_image(locs[0], shape)
+        for index, (locs, fluxes, mask) in enumerate(zip(all_locs, all_fluxes, all_masks)):
+            keep = mask & inside_image(locs, shape)
             table = QTable()
             table["sample"] = np.full(int(keep.sum()), index)
-            table["x"] = locs[0][keep, 0].double().numpy()
-            table["y"] = locs[0][keep, 1].double().numpy()
+            table["x"] = locs[keep, 0].double().numpy()
+            table["y"] = locs[keep, 1].double().numpy()
             for b, band in enumerate(self.bands):
-                table[f"flux_{band}"] = fluxes[0][keep, b].double().numpy() * u.electron
+                table[f"flux_{band}"] = fluxes[keep, b].double().numpy() * u.electron
             tables.append(table)
         samples = vstack(tables)
         samples.meta.update({"version": __version__, "n_samples": n_samples, "seed": seed})

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from .posterior import TiledPosterior
 
-__all__ = ["StarNetEncoder", "normalize_image"]
+__all__ = ["StarNetEncoder", "normalize_image", "conditioning_map"]
 
 
 def normalize_image(image, background):
@@ -29,6 +29,37 @@ def normalize_image(image, background):
                       torch.log1p(excess.clamp(min=0)) / 5], dim=1)
 
 
+def conditioning_map(tiles, decided, log_flux_offset):
+    """Tile-resolution input that shows the encoder the catalogs of decided tiles.
+
+    Channels: a flag for decided tiles; the one-hot count; for each slot, a presence
+    flag, the within-tile position minus 0.5 and the log flux (minus
+    ``log_flux_offset``, over 3) in each band. Everything is zero on undecided tiles.
+
+    Parameters
+    ----------
+    tiles : `~starnet.tiles.TileCatalog`
+    decided : `torch.Tensor` of bool, shape (n_images, tile_rows, tile_cols)
+
+    Returns
+    -------
+    `torch.Tensor`, shape (n_images, channels, tile_rows, tile_cols)
+    """
+    max_sources = tiles.locs.shape[-2]
+    present = (torch.arange(max_sources) < tiles.counts[..., None]).float()
+    parts = [torch.ones_like(present[..., :1]),
+             F.one_hot(tiles.counts, max_sources + 1).float(), present,
+             ((tiles.locs - 0.5) * present[..., None]).flatten(-2),
+             ((torch.log(tiles.fluxes) - log_flux_offset) / 3 * present[..., None]).flatten(-2)]
+    channels = torch.cat(parts, dim=-1) * decided[..., None].float()
+    return channels.permute(0, 3, 1, 2)
+
+
+def conditioning_channels(max_sources, n_bands):
+    """Number of channels of `conditioning_map`."""
+    return 2 + max_sources * (4 + n_bands)
+
+
 class StarNetEncoder(nn.Module):
     """Fully convolutional network whose output grid is the tile grid.
 
@@ -40,6 +71,13 @@ class StarNetEncoder(nn.Module):
     cutting patches. An image whose size is not a multiple of ``tile_size`` is padded
     on the bottom and right; outside the image the normalised input is zero, the value
     of empty sky, which is what the network is trained with at image edges.
+
+    With ``n_colors`` > 1 the tiles are coloured in a checkerboard (2 colours:
+    ``(i + j) mod 2``; 4 colours: ``2 (i mod 2) + (j mod 2)``) and decided colour by
+    colour: the tiles of colour ``c`` see the catalogs already chosen for their
+    neighbours of colours below ``c`` (`conditioning_map`, added to the tile features),
+    so that two neighbouring tiles cannot both claim a star on their common boundary.
+    The variational distribution is then ``q(z | x) = prod_c q(z_c | x, z_{<c})``.
 
     Parameters
     ----------
@@ -53,17 +91,22 @@ class StarNetEncoder(nn.Module):
         Channels at pixel resolution.
     tile_hidden : int
         Channels at tile resolution.
+    n_colors : {1, 2, 4}
+        Number of checkerboard colours (1: independent tiles, as in the paper).
     log_flux_offset : float
         Added to the network's log-flux output (a starting point near the faint end
         of the prior helps training).
     """
 
     def __init__(self, *, n_bands, tile_size=2, max_sources=3, hidden=32, tile_hidden=128,
-                 log_flux_offset=math.log(3000.0)):
+                 n_colors=1, log_flux_offset=math.log(3000.0)):
         super().__init__()
+        if n_colors not in (1, 2, 4):
+            raise ValueError(f"n_colors must be 1, 2 or 4, got {n_colors}")
         self.n_bands = n_bands
         self.tile_size = tile_size
         self.max_sources = max_sources
+        self.n_colors = n_colors
         self.n_slots = max_sources * (max_sources + 1) // 2
         self.log_flux_offset = log_flux_offset
         n_out = max_sources + 1 + self.n_slots * (4 + 2 * n_bands)
@@ -72,6 +115,9 @@ class StarNetEncoder(nn.Module):
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
             nn.Conv2d(hidden, tile_hidden, tile_size, stride=tile_size), nn.ReLU())
+        if n_colors > 1:
+            self.condition = nn.Conv2d(conditioning_channels(max_sources, n_bands),
+                                       tile_hidden, 1)
         self.tile_layers = nn.Sequential(
             nn.Conv2d(tile_hidden, tile_hidden, 3, padding=1), nn.ReLU(),
             nn.Conv2d(tile_hidden, tile_hidden, 3, padding=1), nn.ReLU(),
@@ -83,59 +129,132 @@ class StarNetEncoder(nn.Module):
         """Width in pixels of the window each tile sees."""
         return 7 + (self.tile_size - 1) + 4 * self.tile_size
 
-    def forward(self, image, background, *, chunk_tiles=None):
+    def tile_colors(self, grid_shape):
+        """Checkerboard colour of each tile, shape ``grid_shape``."""
+        row = torch.arange(grid_shape[0])[:, None]
+        col = torch.arange(grid_shape[1])[None, :]
+        if self.n_colors == 4:
+            return 2 * (row % 2) + col % 2
+        return (row + col) % self.n_colors
+
+    def forward(self, image, background, *, conditioning=None, chunk_tiles=None):
         """Posterior of the catalogs of ``image`` (n_images, n_bands, rows, cols).
 
-        With ``chunk_tiles``, the network runs on square blocks of that many tiles, each
-        with a halo wider than the receptive field, so that memory is bounded and the
-        result equals the one-shot computation.
+        ``conditioning`` (a `conditioning_map`) is required when ``n_colors`` > 1: it
+        gives the catalogs of the tiles decided so far. With ``chunk_tiles``, the
+        network runs on square blocks of that many tiles, each with a halo wider than
+        the receptive field, so that memory is bounded and the result equals the
+        one-shot computation.
 
         Returns
         -------
         `~starnet.posterior.TiledPosterior`
         """
+        features = self.features(image, background, chunk_tiles=chunk_tiles)
+        return self.tile_posterior(features, conditioning, chunk_tiles=chunk_tiles)
+
+    def features(self, image, background, *, chunk_tiles=None):
+        """Tile-resolution features of the images (the part that sees pixels)."""
         if image.ndim != 4 or image.shape[1] != self.n_bands:
             raise ValueError(f"expected images of shape (n_images, {self.n_bands}, rows, cols),"
                              f" got {tuple(image.shape)}")
         x = normalize_image(image, background)
         rows, cols = x.shape[-2:]
         x = F.pad(x, (0, -cols % self.tile_size, 0, -rows % self.tile_size))
-        out = self._network(x) if chunk_tiles is None else self._chunked(x, int(chunk_tiles))
-        return self._posterior(out)
+        # three pixel convolutions reach 3 pixels beyond a block: a halo of that many
+        # tiles plus one keeps the block edges out of reach of the kept tiles
+        halo = -(-3 // self.tile_size) + 1
+        return _chunked(self.pixel_layers, x, chunk_tiles, halo, self.tile_size)
 
-    def _network(self, x):
-        return self.head(self.tile_layers(self.pixel_layers(x)))
+    def tile_posterior(self, features, conditioning=None, *, chunk_tiles=None):
+        """Posterior from tile features and, with ``n_colors`` > 1, the conditioning map."""
+        if self.n_colors > 1:
+            if conditioning is None:
+                raise ValueError("a checkerboard encoder needs the conditioning map of the "
+                                 "decided tiles (see StarNetEncoder.decide)")
+            features = features + self.condition(conditioning)
 
-    def _chunked(self, x, chunk_tiles):
-        if chunk_tiles < 1:
-            raise ValueError(f"chunk_tiles must be positive, got {chunk_tiles}")
-        size = self.tile_size
-        tile_rows, tile_cols = x.shape[-2] // size, x.shape[-1] // size
-        # every layer pads by one unit: 3 pixels, then 2 tiles; a halo of that many tiles
-        # plus one keeps the chunk edges out of reach of the kept tiles
-        halo = -(-3 // size) + 3
-        rows = []
-        for r0 in range(0, tile_rows, chunk_tiles):
-            r1 = min(r0 + chunk_tiles, tile_rows)
-            h0, h1 = max(r0 - halo, 0), min(r1 + halo, tile_rows)
-            row = []
-            for c0 in range(0, tile_cols, chunk_tiles):
-                c1 = min(c0 + chunk_tiles, tile_cols)
-                w0, w1 = max(c0 - halo, 0), min(c1 + halo, tile_cols)
-                out = self._network(x[..., h0 * size:h1 * size, w0 * size:w1 * size])
-                row.append(out[..., r0 - h0:r1 - h0, c0 - w0:c1 - w0])
-            rows.append(torch.cat(row, dim=-1))
-        return torch.cat(rows, dim=-2)
+        def layers(x):
+            return self.head(self.tile_layers(x))
 
-    def _posterior(self, out):
-        out = out.permute(0, 2, 3, 1)
+        out = _chunked(layers, features, chunk_tiles, 3, 1).permute(0, 2, 3, 1)
         n_count = self.max_sources + 1
-        count_logits = out[..., :n_count]
         params = out[..., n_count:].reshape(*out.shape[:-1], self.n_slots, 4 + 2 * self.n_bands)
         b = self.n_bands
         return TiledPosterior(
-            count_logits=count_logits,
+            count_logits=out[..., :n_count],
             loc_mean=params[..., 0:2],
             loc_sd=torch.exp(params[..., 2:4].clamp(-8, 3)),
             log_flux_mean=params[..., 4:4 + b] + self.log_flux_offset,
             log_flux_sd=torch.exp(params[..., 4 + b:4 + 2 * b].clamp(-8, 3)))
+
+    def decide(self, features, choose, *, chunk_tiles=None):
+        """Choose the catalog colour by colour.
+
+        Parameters
+        ----------
+        features : `torch.Tensor`
+            From `features`.
+        choose : callable
+            Maps a `~starnet.posterior.TiledPosterior` to a
+            `~starnet.tiles.TileCatalog`, e.g. ``lambda q: q.mode()``.
+
+        Returns
+        -------
+        posterior : `~starnet.posterior.TiledPosterior`
+            Each tile's distribution given the choices made for the tiles before it.
+        tiles : `~starnet.tiles.TileCatalog`
+            The choices.
+        """
+        if self.n_colors == 1:
+            posterior = self.tile_posterior(features, chunk_tiles=chunk_tiles)
+            return posterior, choose(posterior)
+        colors = self.tile_colors(features.shape[-2:])[None].expand(features.shape[0], -1, -1)
+        posterior = tiles = None
+        for color in range(self.n_colors):
+            conditioning = (torch.zeros(features.shape[0], self.condition.in_channels,
+                                        *features.shape[-2:]) if tiles is None else
+                            conditioning_map(tiles, colors < color, self.log_flux_offset))
+            step = self.tile_posterior(features, conditioning, chunk_tiles=chunk_tiles)
+            chosen = choose(step)
+            mine = colors == color
+            posterior = step if posterior is None else step.where(mine, posterior)
+            tiles = chosen if tiles is None else chosen.where(mine, tiles)
+        return posterior, tiles
+
+    def joint_log_prob(self, features, tiles):
+        """``log q(tiles | image)`` per tile, each tile conditioned on the true catalogs
+        of the tiles decided before it (for n_colors = 1, the plain tile densities)."""
+        if self.n_colors == 1:
+            return self.tile_posterior(features).log_prob(tiles)
+        colors = self.tile_colors(features.shape[-2:])[None].expand(features.shape[0], -1, -1)
+        total = 0.0
+        for color in range(self.n_colors):
+            conditioning = conditioning_map(tiles, colors < color, self.log_flux_offset)
+            log_prob = self.tile_posterior(features, conditioning).log_prob(tiles)
+            total = total + torch.where(colors == color, log_prob, 0.0)
+        return total
+
+
+def _chunked(function, x, chunk, halo, scale):
+    """Apply a convolutional ``function`` that maps ``x`` (..., rows, cols) to a grid
+    ``scale`` times coarser, block by block: blocks of ``chunk`` output cells, each
+    computed with ``halo`` cells of context on every side."""
+    if chunk is None:
+        return function(x)
+    chunk = int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk_tiles must be positive, got {chunk}")
+    out_rows, out_cols = x.shape[-2] // scale, x.shape[-1] // scale
+    rows = []
+    for r0 in range(0, out_rows, chunk):
+        r1 = min(r0 + chunk, out_rows)
+        h0, h1 = max(r0 - halo, 0), min(r1 + halo, out_rows)
+        row = []
+        for c0 in range(0, out_cols, chunk):
+            c1 = min(c0 + chunk, out_cols)
+            w0, w1 = max(c0 - halo, 0), min(c1 + halo, out_cols)
+            out = function(x[..., h0 * scale:h1 * scale, w0 * scale:w1 * scale])
+            row.append(out[..., r0 - h0:r1 - h0, c0 - w0:c1 - w0])
+        rows.append(torch.cat(row, dim=-1))
+    return torch.cat(rows, dim=-2)

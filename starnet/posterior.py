@@ -53,6 +53,16 @@ class TiledPosterior:
         self.max_sources = count_logits.shape[-1] - 1
         self._slots = triangle_slots(self.max_sources)
 
+    _FIELDS = ("count_logits", "loc_mean", "loc_sd", "log_flux_mean", "log_flux_sd")
+
+    def where(self, mask, other):
+        """Tiles of ``self`` where ``mask`` (n_images, tile_rows, tile_cols) is true, else of
+        ``other``."""
+        return TiledPosterior(*(
+            torch.where(mask.reshape(*mask.shape, *[1] * (getattr(self, name).ndim - 3)),
+                        getattr(self, name), getattr(other, name))
+            for name in self._FIELDS))
+
     @property
     def count_probs(self):
         """Probabilities of ``0 .. max_sources`` stars in each tile."""

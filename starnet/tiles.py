@@ -39,6 +39,23 @@ class TileCatalog:
     fluxes: torch.Tensor
     n_dropped: int
 
+    def where(self, mask, other):
+        """Tiles of ``self`` where ``mask`` (n_images, tile_rows, tile_cols) is true, else of
+        ``other``."""
+        wide = mask[..., None, None]
+        return TileCatalog(counts=torch.where(mask, self.counts, other.counts),
+                           locs=torch.where(wide, self.locs, other.locs),
+                           fluxes=torch.where(wide, self.fluxes, other.fluxes),
+                           n_dropped=self.n_dropped + other.n_dropped)
+
+    @staticmethod
+    def concatenate(catalogs):
+        """Join tile catalogs of several batches along the image axis."""
+        return TileCatalog(counts=torch.cat([c.counts for c in catalogs]),
+                           locs=torch.cat([c.locs for c in catalogs]),
+                           fluxes=torch.cat([c.fluxes for c in catalogs]),
+                           n_dropped=sum(c.n_dropped for c in catalogs))
+
 
 class TileGrid:
     """The tiling of an image and the conversion between catalogs and tile variables.

@@ -9,6 +9,7 @@ import torch
 from astropy.table import QTable
 from tqdm.auto import tqdm
 
+from .encoder import conditioning_map
 from .matching import match_catalogs
 from .prior import batch_to_table, catalog_table
 from .simulate import add_noise
@@ -154,7 +155,7 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
             images, background, catalogs = batches.draw(settings.batch_size, generator=generator)
             tiles = grid.to_tiles(catalogs.locs, catalogs.fluxes, catalogs.mask,
                                   images.shape[-2:])
-            loss = -encoder(images, background).log_prob(tiles).mean()
+            loss = _training_loss(encoder, images, background, tiles, generator)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -178,6 +179,25 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
     return QTable(rows=history, names=list(history[0])) if history else QTable()
 
 
+def _training_loss(encoder, images, background, tiles, generator):
+    """Mean of ``-log q`` over the tiles that are scored in this step.
+
+    With a checkerboard encoder each image draws a colour ``c``; the true catalogs of
+    tiles of colours below ``c`` are shown to the encoder (teacher forcing) and the
+    other tiles are scored. The decided set never depends on the truth, so every
+    conditional ``q(z_t | x, z_decided)`` is fitted by the forward KL.
+    """
+    features = encoder.features(images, background)
+    if encoder.n_colors == 1:
+        return -encoder.tile_posterior(features).log_prob(tiles).mean()
+    first = torch.randint(encoder.n_colors, (images.shape[0], 1, 1), generator=generator)
+    decided = encoder.tile_colors(features.shape[-2:])[None] < first
+    conditioning = conditioning_map(tiles, decided, encoder.log_flux_offset)
+    log_prob = encoder.tile_posterior(features, conditioning).log_prob(tiles)
+    scored = ~decided
+    return -(log_prob * scored).sum() / scored.sum()
+
+
 def inside_image(locs, shape):
     """Which ``(x, y)`` positions ``locs`` (..., 2) lie on an image of ``shape``."""
     rows, cols = shape
@@ -191,9 +211,10 @@ def _validate(encoder, grid, validation, bands):
     encoder.eval()
     images, background, catalogs = validation
     tiles = grid.to_tiles(catalogs.locs, catalogs.fluxes, catalogs.mask, images.shape[-2:])
-    posterior = encoder(images, background)
-    loss = -posterior.log_prob(tiles).mean().item()
-    locs, fluxes, mask = grid.from_tiles(posterior.mode())
+    features = encoder.features(images, background)
+    loss = -encoder.joint_log_prob(features, tiles).mean().item()
+    _, mode = encoder.decide(features, lambda q: q.mode())
+    locs, fluxes, mask = grid.from_tiles(mode)
     rows, cols = images.shape[-2:]
     truth_mask = catalogs.mask & inside_image(catalogs.locs, (rows, cols))
     mask = mask & inside_image(locs, (rows, cols))

@@ -329,3 +329,22 @@ def test_fit_resumes_from_checkpoint(tmp_path):
                                rtol=1e-6)
     for a, b in zip(straight.encoder.parameters(), resumed.encoder.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_checkerboard_deblender(image, tmp_path):
+    deblender = tiny_deblender(n_colors=4)
+    deblender.n_count_samples = 50
+    deblender.fit(n_epochs=1, batches_per_epoch=2, batch_size=2, image_shape=SHAPE,
+                  n_validation=2, progress=False)
+    catalog = deblender(image)
+    pmf = deblender.count_posterior(image)
+    assert np.isclose(pmf.sum(), 1)
+    assert catalog.meta['n_stars_q05'] <= catalog.meta['n_stars_mean'] \
+        <= catalog.meta['n_stars_q95']
+    samples = deblender.sample(image, n_samples=3, seed=0)
+    assert sorted(set(samples['sample'].tolist())) <= [0, 1, 2]
+    path = tmp_path / 'checkerboard.pt'
+    deblender.save(path)
+    loaded = StarNetDeblender.load(path)
+    assert loaded.encoder.n_colors == 4
+    assert_same_catalog(loaded(image), catalog)

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from starnet.encoder import StarNetEncoder, normalize_image
+from starnet.encoder import StarNetEncoder, conditioning_map, normalize_image
 from starnet.posterior import TiledPosterior
+from starnet.tiles import TileCatalog
 
 BACKGROUND = 700.0
 
@@ -155,3 +156,67 @@ def test_chunked_equals_one_shot(tile_size):
     for name in ("count_logits", "loc_mean", "loc_sd", "log_flux_mean", "log_flux_sd"):
         torch.testing.assert_close(getattr(chunked, name), getattr(whole, name),
                                    rtol=1e-4, atol=1e-4)
+
+
+def _random_tiles(grid_shape, n_images=1, max_sources=3, n_bands=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n_images, *grid_shape)
+    return TileCatalog(
+        counts=torch.randint(0, max_sources + 1, shape, generator=generator),
+        locs=torch.rand(*shape, max_sources, 2, generator=generator),
+        fluxes=1000 + 5000 * torch.rand(*shape, max_sources, n_bands, generator=generator),
+        n_dropped=0)
+
+
+def test_checkerboard_colors():
+    encoder = StarNetEncoder(n_bands=1, n_colors=4, hidden=4, tile_hidden=8)
+    colors = encoder.tile_colors((4, 4))
+    assert colors.tolist()[:2] == [[0, 1, 0, 1], [2, 3, 2, 3]]
+    # no two tiles that touch (diagonals included) share a colour
+    for di, dj in [(0, 1), (1, 0), (1, 1), (1, -1)]:
+        a = colors[max(di, 0):4 + min(di, 0), max(dj, 0):4 + min(dj, 0)]
+        b = colors[max(-di, 0):4 + min(-di, 0), max(-dj, 0):4 + min(-dj, 0)]
+        assert torch.all(a != b)
+    with pytest.raises(ValueError, match="n_colors must be 1, 2 or 4"):
+        StarNetEncoder(n_bands=1, n_colors=3)
+
+
+def test_checkerboard_tiles_see_decided_neighbours():
+    torch.manual_seed(0)
+    encoder = StarNetEncoder(n_bands=2, n_colors=4, hidden=8, tile_hidden=16).eval()
+    image = 700.0 + 30 * torch.randn(1, 2, 16, 16)
+    background = torch.full_like(image, 700.0)
+    features = encoder.features(image, background)
+    colors = encoder.tile_colors(features.shape[-2:])[None]
+    tiles = _random_tiles((8, 8))
+    other = _random_tiles((8, 8), seed=1)
+    with torch.no_grad():
+        # colour-1 tiles see the catalogs of colour-0 tiles, and nothing else
+        decided = colors < 1
+        q = encoder.tile_posterior(features, conditioning_map(tiles, decided, 8.0))
+        changed_own = tiles.where(colors != 1, other)          # colour-1 catalogs differ
+        q_own = encoder.tile_posterior(features, conditioning_map(changed_own, decided, 8.0))
+        changed_neighbour = tiles.where(colors != 0, other)    # colour-0 catalogs differ
+        q_neighbour = encoder.tile_posterior(features,
+                                             conditioning_map(changed_neighbour, decided, 8.0))
+    torch.testing.assert_close(q_own.count_logits, q.count_logits)
+    assert not torch.allclose(q_neighbour.count_logits[colors == 1], q.count_logits[colors == 1])
+
+
+def test_checkerboard_decide_and_joint_log_prob():
+    torch.manual_seed(0)
+    encoder = StarNetEncoder(n_bands=2, n_colors=2, hidden=8, tile_hidden=16).eval()
+    image = 700.0 + 30 * torch.randn(1, 2, 12, 12)
+    background = torch.full_like(image, 700.0)
+    with torch.no_grad():
+        features = encoder.features(image, background)
+        posterior, mode = encoder.decide(features, lambda q: q.mode())
+        # the mode of the assembled posterior is the catalog that was decided
+        again = posterior.mode()
+        torch.testing.assert_close(again.counts, mode.counts)
+        # the joint log density of the decided catalog, tile by tile, equals the assembled
+        # posterior's density of it (each tile conditioned on its predecessors' choices)
+        torch.testing.assert_close(encoder.joint_log_prob(features, mode),
+                                   posterior.log_prob(mode))
+    with pytest.raises(ValueError, match="conditioning map"):
+        encoder.tile_posterior(features)
