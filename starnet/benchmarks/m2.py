@@ -45,7 +45,7 @@ _HEADER = (f"{'method':<44} {'one-to-one':^17} {'paper rule':^17} {'N cat':>6} "
 
 
 def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrite=False,
-                     fit_background=True, n_samples=1000, seed=0, verbose=True):
+                     fit_background=True, n_samples=200, seed=0, verbose=True):
     """Reproduce the StarNet paper's M2 results (Table 1, Figures 7 to 9).
 
     The paper's evaluation: SDSS run 2583, camcol 2, field 136, r and i bands, the
@@ -293,7 +293,8 @@ def _figure7(image, region, truth, catalogs, path):
                ("DAOPHOT-like (photutils)", catalogs["DAOPHOT-like (photutils)"],
                 dict(marker="+", color="yellow", s=40, linewidths=0.8))]
     figure = Figure(figsize=(13, 6.5), layout="constrained")
-    norm = simple_norm(data, "asinh", percent=99.5)
+    norm = simple_norm(data, "asinh", vmin=np.percentile(data, 1),
+                       vmax=np.percentile(data, 99.8), asinh_a=0.05)
     for ax, (lo, hi) in zip(figure.subplots(1, 2), [(-0.5, 99.5), (34.5, 64.5)]):
         ax.imshow(data, origin="lower", cmap="gray", norm=norm, interpolation="nearest")
         for label, catalog, style in markers:
@@ -355,9 +356,9 @@ def add_arguments(parser):
                         help="replace existing output files")
     parser.add_argument("--no-fit-background", dest="fit_background", action="store_false",
                         help="skip the StarNet row with a fitted background")
-    parser.add_argument("--n-samples", type=int, default=1000,
+    parser.add_argument("--n-samples", type=int, default=200,
                         help="posterior catalogs drawn for the count posterior "
-                             "(default: 1000)")
+                             "(default: 200)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the posterior draws (default: 0)")
 
