@@ -65,6 +65,7 @@ def test_mosaic_equals_one_shot(client, n_colors):
     expected = deblender(image)
     mosaic = catalog_mosaic(image, deblender, block_size=16, client=client)
     assert mosaic.meta["n_blocks"] == 4 * 5
+
     def order(table):   # by position, rounded so that float noise cannot swap stars
         return np.lexsort([np.round(np.asarray(table[c]), 2)
                            for c in ("flux_r", "x_fit", "y_fit")])

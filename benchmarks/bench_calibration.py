@@ -1,0 +1,70 @@
+"""Calibration of a deblender on images simulated from its own model (paper Fig. A.4).
+
+For ``--n-images`` simulated 100 x 100 images (stars also drawn 6 pixels beyond the
+edges), prints the coverage of the central posterior intervals of the star count at
+several levels, the mean relative bias of the count, the detection F1, and the coverage of
+per-star intervals of position and flux for matched stars; writes a PNG of coverage
+against nominal level.
+
+Run::
+
+    python benchmarks/bench_calibration.py --model sdss-m2 --n-images 200 --output calibration.png
+"""
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+from starnet import StarNetDeblender
+from starnet.calibration import count_coverage, evaluate_on_simulations
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+LEVELS = (0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=["sdss-m2"])
+    parser.add_argument("--n-images", type=int, default=200)
+    parser.add_argument("--size", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--output", default=None, help="PNG of coverage against level")
+    args = parser.parse_args(argv)
+    figure, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=1)
+    for model in args.model:
+        deblender = (StarNetDeblender.load(model) if Path(model).exists()
+                     else StarNetDeblender.pretrained(model))
+        results = evaluate_on_simulations(deblender, n_images=args.n_images,
+                                          shape=(args.size, args.size), seed=args.seed,
+                                          levels=LEVELS)
+        coverage = count_coverage(results)
+        print(f"model {model} (checkerboard colours: {deblender.encoder.n_colors}), "
+              f"{args.n_images} images of {args.size} x {args.size}")
+        print(f"  true count {np.mean(results['n_true']):.1f} per image; posterior mean "
+              f"{np.mean(results['n_stars_mean']):.1f}; relative bias "
+              f"{coverage.meta['relative_bias']:+.2%}")
+        print(f"  detection (one-to-one, 0.5 px, 0.5 mag): TPR {np.mean(results['tpr']):.3f} "
+              f"PPV {np.mean(results['ppv']):.3f} F1 {np.mean(results['f1']):.3f}")
+        print("  level   count coverage   " + "   ".join(
+            f"{name} coverage" for name in results.meta["source_coverage"]))
+        for i, level in enumerate(LEVELS):
+            sources = "   ".join(f"{values[i]:13.3f}"
+                                 for values in results.meta["source_coverage"].values())
+            print(f"  {level:5.2f}   {coverage['coverage'][i]:14.3f}   {sources}")
+        ax.plot(LEVELS, coverage["coverage"], "o-",
+                label=f"{Path(model).stem}, {deblender.encoder.n_colors} colour(s)")
+    ax.set_xlabel("nominal level of the star-count interval")
+    ax.set_ylabel("fraction of images covered")
+    ax.legend()
+    if args.output:
+        figure.savefig(args.output, dpi=120)
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
