@@ -222,6 +222,19 @@ class StarNetDeblender:
             raise ValueError(f"no pretrained model {name!r}; available: {available}")
         return cls.load(resources.files("starnet") / "models" / f"{name}.pt")
 
+    @classmethod
+    def from_name_or_path(cls, model):
+        """A deblender from a pretrained model's name, a saved model file, or a deblender."""
+        if isinstance(model, cls):
+            return model
+        if Path(str(model)).is_file():
+            return cls.load(model)
+        available = cls.available()
+        if str(model) in available:
+            return cls.pretrained(str(model))
+        raise FileNotFoundError(f"model {str(model)!r} is neither a model file nor a "
+                                f"pretrained model (pretrained: {available})")
+
     @staticmethod
     def available():
         """Names of the pretrained models shipped with the package."""
@@ -294,16 +307,19 @@ class StarNetDeblender:
         def sample(q):
             return q.sample(generator=generator)
 
-        if self.encoder.n_colors == 1:
-            posterior = self.encoder.tile_posterior(features, chunk_tiles=chunk_tiles)
-            return TileCatalog.concatenate([sample(posterior) for _ in range(n_samples)])
         n_tiles = features.shape[-2] * features.shape[-1]
         batch = int(np.clip(2_000_000 // n_tiles, 1, 64))
+        posterior = None
+        if self.encoder.n_colors == 1:
+            posterior = self.encoder.tile_posterior(features, chunk_tiles=chunk_tiles)
         draws = []
         for start in range(0, n_samples, batch):
             size = min(batch, n_samples - start)
-            expanded = features.expand(size, *features.shape[1:])
-            draws.append(self.encoder.decide(expanded, sample, chunk_tiles=chunk_tiles)[1])
+            if posterior is not None:
+                draws.append(sample(posterior.expand(size)))
+            else:
+                expanded = features.expand(size, *features.shape[1:])
+                draws.append(self.encoder.decide(expanded, sample, chunk_tiles=chunk_tiles)[1])
         return TileCatalog.concatenate(draws)
 
     def __call__(self, nddata):

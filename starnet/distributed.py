@@ -38,7 +38,7 @@ def catalog_images(images, model, *, client=None):
     catalogs : list of `~astropy.table.QTable`
         In the order of ``images``; equal to ``model(image)`` for each.
     """
-    deblender = _as_deblender(model)
+    deblender = StarNetDeblender.from_name_or_path(model)
     with _client(client) as active:
         shared = active.scatter(deblender, broadcast=True)
         futures = active.map(_catalog, images, deblender=shared, pure=False)
@@ -87,7 +87,7 @@ def catalog_mosaic(nddata, model, *, block_size=1024, client=None):
     -------
     catalog : `~astropy.table.QTable`
     """
-    deblender = _as_deblender(model)
+    deblender = StarNetDeblender.from_name_or_path(model)
     encoder = deblender.encoder
     tile = deblender.grid.tile_size
     halo = tile * (math.ceil(3 / tile) + 1 + 3 * encoder.n_colors + 1)
@@ -133,14 +133,6 @@ def _cut(nddata, bounds):
     mask = None if nddata.mask is None else np.asarray(nddata.mask)[..., r0:r1, c0:c1]
     return NDData(np.asarray(nddata.data)[..., r0:r1, c0:c1], mask=mask, unit=nddata.unit,
                   meta=meta)
-
-
-def _as_deblender(model):
-    if isinstance(model, StarNetDeblender):
-        return model
-    if os.path.exists(str(model)):
-        return StarNetDeblender.load(model)
-    return StarNetDeblender.pretrained(model)
 
 
 @contextlib.contextmanager

@@ -63,6 +63,11 @@ class TiledPosterior:
                         getattr(self, name), getattr(other, name))
             for name in self._FIELDS))
 
+    def expand(self, n_images):
+        """The posterior of a single image repeated ``n_images`` times (no copy)."""
+        return TiledPosterior(*(getattr(self, name).expand(n_images, *getattr(self, name).shape[1:])
+                                for name in self._FIELDS))
+
     @property
     def count_probs(self):
         """Probabilities of ``0 .. max_sources`` stars in each tile."""

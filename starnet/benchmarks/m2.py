@@ -14,6 +14,7 @@ from astropy.table import QTable
 from matplotlib.figure import Figure
 
 from .. import __version__
+from ..background import fit_background as fit_image_background
 from ..baselines import daophot_catalog
 from ..datasets import load_m2, load_m2_daophot
 from ..deblender import StarNetDeblender
@@ -39,9 +40,9 @@ QUOTED = [
 ]
 _COLUMNS = ["tpr", "ppv", "f1", "tpr_paper", "ppv_paper", "f1_paper", "n_estimated",
             "n_mean", "n_q05", "n_q95", "wall_time"]
-_HEADER = (f"{'method':<44} {'one-to-one':^17} {'paper rule':^17} {'N cat':>6} "
+_HEADER = (f"{'method':<46} {'one-to-one':^17} {'paper rule':^17} {'N cat':>6} "
            f"{'N posterior':>20} {'time':>7}\n"
-           f"{'':<44} {'TPR   PPV   F1':^17} {'TPR   PPV   F1':^17}")
+           f"{'':<46} {'TPR   PPV   F1':^17} {'TPR   PPV   F1':^17}")
 
 
 def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrite=False,
@@ -96,10 +97,12 @@ def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrit
     -------
     results : `~astropy.table.QTable`
         One row per method: ``method``, ``kind`` (``'truth'``, ``'live'``,
-        ``'catalogue'`` or ``'quoted'``), ``tpr``, ``ppv``, ``f1`` (one-to-one),
+        ``'catalogue'``, ``'quoted'``, or ``'failed'`` when the background fit
+        raised an error, which is printed), ``tpr``, ``ppv``, ``f1`` (one-to-one),
         ``tpr_paper``, ``ppv_paper``, ``f1_paper`` (paper code's rule),
         ``n_estimated`` (stars in the region), ``n_mean``, ``n_q05``, ``n_q95``
-        (posterior of the count) and ``wall_time`` (seconds); NaN where not
+        (posterior of the count) and ``wall_time`` (seconds: for StarNet the
+        modal catalog, the posterior draws and any background fit); NaN where not
         applicable. Also written to ``output_dir`` as ``m2_table1.ecsv``, next to
         ``fig7_m2_catalogs.png`` (the catalogs over the r image),
         ``fig8_m2_tpr_ppv_by_magnitude.png`` (TPR and PPV against r magnitude,
@@ -114,7 +117,7 @@ def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrit
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} exist; pass overwrite=True "
                               "(--overwrite) to replace them")
-    deblender = _resolve_model(model)
+    deblender = StarNetDeblender.from_name_or_path(model)
     say = print if verbose else (lambda *args, **kwargs: None)
 
     image, truth = load_m2(border=BORDER)
@@ -149,13 +152,10 @@ def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrit
              "wall_time": time.perf_counter() - start}, catalog)
 
     starnet_row("SDSS sky", image, time.perf_counter())
-    fit = _fit_background_step() if fit_background else None
-    if fit_background and fit is None:
-        say("(starnet.background.fit_background is not available: no fitted-background row)")
-    if fit is not None:
+    if fit_background:
         start = time.perf_counter()
         try:
-            fitted, _ = fit(deblender, image)
+            fitted, _ = fit_image_background(deblender, image)
         except ValueError as err:
             say(f"StarNet (this package, fitted background): the fit failed: {err}")
             rows.append({name: np.nan for name in _COLUMNS}
@@ -195,28 +195,6 @@ def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrit
     _figure9(truth, catalogs, output_dir / FIGURES["fig9"])
     say(f"Wrote {', '.join(str(p) for p in outputs)}")
     return results
-
-
-def _resolve_model(model):
-    """A deblender from a bundled model name, a model file or a deblender."""
-    if isinstance(model, StarNetDeblender):
-        return model
-    if Path(model).is_file():
-        return StarNetDeblender.load(model)
-    available = StarNetDeblender.available()
-    if str(model) in available:
-        return StarNetDeblender.pretrained(str(model))
-    raise FileNotFoundError(f"model {str(model)!r} is neither a model file nor a bundled "
-                            f"model (bundled: {available})")
-
-
-def _fit_background_step():
-    """``starnet.background.fit_background`` when the package has it, else None."""
-    try:
-        from ..background import fit_background
-    except ImportError:
-        return None
-    return fit_background
 
 
 def _inside_region(x, y, region):
@@ -270,13 +248,13 @@ def _format(row):
         return format(value, fmt) if np.isfinite(value) else "-"
 
     one = " ".join(f"{number(row[c], '.2f'):>5}" for c in ("tpr", "ppv", "f1"))
-    paper = " ".join(f"{number(row[c], '.2f'):>5}" for c in ("tpr_paper", "ppv_paper",
-                                                              "f1_paper"))
+    paper = " ".join(f"{number(row[c], '.2f'):>5}"
+                     for c in ("tpr_paper", "ppv_paper", "f1_paper"))
     posterior = "-"
     if np.isfinite(row["n_mean"]):
         posterior = f"{row['n_mean']:.0f} ({row['n_q05']:.0f}, {row['n_q95']:.0f})"
     time_s = number(row["wall_time"], ".1f") + (" s" if np.isfinite(row["wall_time"]) else "")
-    return (f"{row['method']:<44} {one:^17} {paper:^17} "
+    return (f"{row['method']:<46} {one:^17} {paper:^17} "
             f"{number(row['n_estimated'], '.0f'):>6} {posterior:>20} {time_s:>7}")
 
 
@@ -288,13 +266,13 @@ def _figure7(image, region, truth, catalogs, path):
     starnet = next(name for name in catalogs if name.startswith("StarNet"))
     markers = [("HST truth", truth, dict(marker="o", facecolors="none", edgecolors="cyan",
                                          s=30, linewidths=0.8)),
-               (starnet, catalogs[starnet], dict(marker="x", color="red", s=20,
-                                                  linewidths=0.8)),
+               (starnet, catalogs[starnet],
+                dict(marker="x", color="red", s=20, linewidths=0.8)),
                ("DAOPHOT-like (photutils)", catalogs["DAOPHOT-like (photutils)"],
                 dict(marker="+", color="yellow", s=40, linewidths=0.8))]
     figure = Figure(figsize=(13, 6.5), layout="constrained")
     norm = simple_norm(data, "asinh", vmin=np.percentile(data, 1),
-                       vmax=np.percentile(data, 99.8), asinh_a=0.05)
+                       vmax=np.percentile(data, 99), asinh_a=0.1)
     for ax, (lo, hi) in zip(figure.subplots(1, 2), [(-0.5, 99.5), (34.5, 64.5)]):
         ax.imshow(data, origin="lower", cmap="gray", norm=norm, interpolation="nearest")
         for label, catalog, style in markers:

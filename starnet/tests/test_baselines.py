@@ -87,7 +87,7 @@ def test_image_psf_and_evaluation_calibration():
     """A pixel-integrated PSF image is used as it is; magnitudes from meta['evaluation']."""
     stamp = pixel_stamps(PSF, 25, [0.0], [0.0])[0]
     image = _image(STARS, meta={"psf": [ImagePSF(stamp)],
-                                             "evaluation": {"nelec_per_nmgy": 900.0}})
+                                "evaluation": {"nelec_per_nmgy": 900.0}})
     catalog = daophot_catalog(image, band="r")
     assert len(catalog) == 3
     star, distance = _nearest(catalog, *STARS[1, :2])

@@ -1,0 +1,204 @@
+"""The ``starnet`` command.
+
+``starnet catalog IMAGE -o OUT [--model NAME_OR_PATH] ...``
+    Catalog an image with a StarNet model and write the modal catalog.
+``starnet benchmark m2 [--model NAME_OR_PATH] [--output-dir DIR] ...``
+    Reproduce the StarNet paper's M2 results (`starnet.benchmarks.m2`).
+
+``starnet <command> --help`` describes the options.
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from astropy import units as u
+from astropy.io import fits
+from astropy.nddata import NDData
+from astropy.wcs import WCS
+
+from .benchmarks import m2 as m2_benchmark
+from .datasets import load_sdss_frame
+from .deblender import StarNetDeblender
+
+__all__ = ["main"]
+
+SDSS_FRAME = re.compile(r"frame-[ugriz]-(\d{6})-(\d)-(\d{4})\.fits\.bz2$")
+"""File names of SDSS frames: frame-<band>-<run>-<camcol>-<field>.fits.bz2."""
+
+_FORMATS = {".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits", ".fits.gz": "fits"}
+
+_CATALOG_HELP = """\
+IMAGE is either
+
+* an SDSS frame, recognised by its name frame-<band>-<run>-<camcol>-<field>.fits.bz2:
+  the model's bands of that field are read with starnet.datasets.load_sdss_frame
+  (from IMAGE's folder, the bundled data or the SDSS archive), converted to
+  electrons, with the SDSS sky as background and the psField PSFs; or
+* a FITS file whose primary HDU holds the image in electrons, sky included, with
+  shape (bands, rows, cols) or (rows, cols) for a one-band model, bands in the
+  model's order. --background is then required; the PSFs are the model's and the
+  WCS is read from the header when it has one.
+
+The catalog (columns as StarNetDeblender's: x_fit, y_fit, flux_<band>, mag_<band>,
+...) is written as ECSV (.ecsv) or FITS (.fits, .fit, .fits.gz); the posterior of
+the number of stars is in its metadata (FITS: COMMENT cards, which also say that
+the fluxes are in electrons, a unit FITS does not know).
+"""
+
+
+def main(argv=None):
+    """Run the ``starnet`` command with the arguments ``argv`` (default: sys.argv[1:]).
+
+    Returns the exit status: 0 on success, 1 for a refused or impossible request (an
+    output that exists, a missing or inconsistent input), 2 for bad arguments.
+    """
+    parser = argparse.ArgumentParser(
+        prog="starnet", description="Probabilistic cataloging of crowded star fields "
+                                    "(StarNet).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    catalog = commands.add_parser(
+        "catalog", help="catalog an image", description="Catalog an image with a "
+        "StarNet model.", epilog=_CATALOG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    catalog.add_argument("image", help="SDSS frame or FITS image (see below)")
+    catalog.add_argument("-o", "--output", required=True,
+                         help="output catalog, .ecsv or .fits")
+    catalog.add_argument("--model", default="sdss-m2",
+                         help="bundled model name or model file (default: sdss-m2)")
+    catalog.add_argument("--overwrite", action="store_true", help="replace the output")
+    catalog.add_argument("--background", type=float, nargs="+", metavar="E",
+                         help="FITS image: background per band in electrons per pixel "
+                              "(one value per band, or one for all)")
+    catalog.add_argument("--nelec-per-nmgy", type=float, nargs="+", metavar="C",
+                         help="FITS image: electrons per nanomaggy per band, for "
+                              "magnitudes 22.5 - 2.5 log10(flux / C) (default: "
+                              "instrumental magnitudes)")
+    catalog.add_argument("--cutout", metavar="R0:R1,C0:C1",
+                         help="catalog only these rows and columns of the image")
+    catalog.set_defaults(run=_catalog)
+
+    benchmark = commands.add_parser("benchmark", help="reproduce the paper's results")
+    benchmarks = benchmark.add_subparsers(dest="benchmark", required=True)
+    m2 = benchmarks.add_parser("m2", help="M2 field: Table 1 and Figures 7 to 9",
+                               description=m2_benchmark.run_m2_benchmark.__doc__.split(
+                                   "\n")[0])
+    m2_benchmark.add_arguments(m2)
+    m2.set_defaults(run=m2_benchmark.run_from_arguments)
+
+    args = parser.parse_args(argv)
+    subparser = {"catalog": catalog, "benchmark": m2}[args.command]
+    return args.run(subparser, args)
+
+
+def _catalog(parser, args):
+    output = Path(args.output)
+    suffix = ".fits.gz" if output.name.endswith(".fits.gz") else output.suffix.lower()
+    if suffix not in _FORMATS:
+        parser.error(f"the output must end in {', '.join(_FORMATS)}; got {output.name}")
+    if output.exists() and not args.overwrite:
+        parser.exit(1, f"{parser.prog}: error: {output} exists; pass --overwrite to "
+                       "replace it\n")
+    try:
+        deblender = StarNetDeblender.from_name_or_path(args.model)
+        image = _read_image(args, deblender)
+    except (OSError, ValueError) as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
+    table = deblender(image)
+    meta = dict(table.meta)
+    if _FORMATS[suffix] == "fits":
+        # FITS knows no 'electron' unit and its headers hold no lists: fluxes become
+        # plain numbers, and the metadata JSON in COMMENT cards.
+        fluxes = [name for name in table.colnames
+                  if getattr(table[name], "unit", None) == u.electron]
+        for name in fluxes:
+            table[name] = table[name].value
+        table.meta = {"comments": [f"{', '.join(fluxes)} in electrons"] + [
+            f"{key} = {json.dumps(value)}" for key, value in meta.items()]}
+    table.write(output, format=_FORMATS[suffix], overwrite=args.overwrite)
+    print(f"{len(table)} stars in the modal catalog written to {output}; posterior "
+          f"number of stars {meta['n_stars_mean']:.0f} (5 %: {meta['n_stars_q05']}, "
+          f"95 %: {meta['n_stars_q95']})")
+    return 0
+
+
+def _read_image(args, deblender):
+    """The image as the deblender takes it (see the catalog command's help)."""
+    cutout = _parse_cutout(args.cutout)
+    path = Path(args.image)
+    frame = SDSS_FRAME.search(path.name)
+    if frame:
+        if args.background or args.nelec_per_nmgy:
+            raise ValueError("--background and --nelec-per-nmgy are for FITS images; an "
+                             "SDSS frame carries its own sky and calibration")
+        run, camcol, field = (int(v) for v in frame.groups())
+        return load_sdss_frame(run, camcol, field, deblender.bands, cutout=cutout,
+                               cache_dir=path.parent)
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file {path}")
+    with fits.open(path) as hdul:
+        header = hdul[0].header
+        data = hdul[0].data
+    if data is None:
+        raise ValueError(f"{path} has no image in its primary HDU")
+    unit = header.get("BUNIT")
+    if unit is not None and u.Unit(unit, parse_strict="silent") != u.electron:
+        raise ValueError(f"{path} is in {unit!r} (BUNIT), the model needs electrons; SDSS "
+                         "frames are read under their SDSS name "
+                         "frame-<band>-<run>-<camcol>-<field>.fits.bz2")
+    n_bands = len(deblender.bands)
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3 or data.shape[0] != n_bands:
+        raise ValueError(f"{path} holds an image of shape {data.shape}; the model needs "
+                         f"(bands={n_bands}, rows, cols) for bands {deblender.bands}"
+                         + (" or (rows, cols)" if n_bands == 1 else ""))
+    if args.background is None:
+        raise ValueError("a FITS image needs --background (electrons per pixel, one value "
+                         f"per band {deblender.bands} or one for all)")
+    meta = {"bands": deblender.bands, "psf": deblender.psfs,
+            "background": _per_band(args.background, n_bands, "--background")}
+    if args.nelec_per_nmgy:
+        meta["nelec_per_nmgy"] = _per_band(args.nelec_per_nmgy, n_bands, "--nelec-per-nmgy")
+    wcs = WCS(header)
+    wcs = wcs.celestial if wcs.has_celestial else None
+    if cutout is not None:
+        (r0, r1), (c0, c1) = cutout
+        if not (0 <= r0 < r1 <= data.shape[1] and 0 <= c0 < c1 <= data.shape[2]):
+            raise ValueError(f"--cutout {args.cutout} is not inside the image of "
+                             f"{data.shape[1]} x {data.shape[2]} pixels")
+        data = data[:, r0:r1, c0:c1]
+        wcs = None if wcs is None else wcs[r0:r1, c0:c1]
+    return NDData(data, unit=u.electron, wcs=wcs, meta=meta)
+
+
+def _per_band(values, n_bands, option):
+    values = np.asarray(values, dtype=float)
+    if values.size == 1:
+        return np.full(n_bands, values[0])
+    if values.size != n_bands:
+        raise ValueError(f"{option} takes one value per band ({n_bands}) or one for all; "
+                         f"got {values.size}")
+    return values
+
+
+def _parse_cutout(text):
+    """``'R0:R1,C0:C1'`` as ``((r0, r1), (c0, c1))``, or None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+):(\d+)\s*,\s*(\d+):(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"--cutout must look like R0:R1,C0:C1 (e.g. 630:730,310:410); "
+                         f"got {text!r}")
+    r0, r1, c0, c1 = (int(v) for v in match.groups())
+    return (r0, r1), (c0, c1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

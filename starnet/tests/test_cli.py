@@ -1,0 +1,152 @@
+import numpy as np
+import pytest
+from astropy import units as u
+from astropy.io import fits
+from astropy.nddata import NDData
+from astropy.table import QTable
+from astropy.wcs import WCS
+
+from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
+from starnet.benchmarks.m2 import FIGURES, RESULTS_FILE, _in_region
+from starnet.cli import SDSS_FRAME, main
+from starnet.psf import pixel_stamps
+
+PSF = PowerLawPSF(sigma1=0.9, sigma2=2.3, b=0.06, p0=0.0)
+SKY = 686.0
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """An untrained one-band model: enough to test the input and output."""
+    deblender = StarNetDeblender(prior=StarFieldPrior(bands=["r"]), psf=PSF, background=[SKY],
+                                 hidden=8, tile_hidden=16)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    deblender.save(path)
+    return path
+
+
+def _image_file(path, *, shape=(16, 16), header=None):
+    data = np.full(shape, SKY, dtype=np.float32)
+    data[..., 4:15, 3:14] += (3e4 * pixel_stamps(PSF, 11, [0.2], [-0.3])[0]).astype(np.float32)
+    fits.PrimaryHDU(data, header=header).writeto(path)
+    return data
+
+
+def test_catalog_ecsv_is_the_models_catalog(model_path, tmp_path, capsys):
+    data = _image_file(tmp_path / "image.fits")
+    out = tmp_path / "catalog.ecsv"
+    status = main(["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+                   "--background", str(SKY), "--nelec-per-nmgy", "856", "-o", str(out)])
+    assert status == 0
+    written = QTable.read(out)
+    expected = StarNetDeblender.load(model_path)(NDData(
+        data[None], unit=u.electron,
+        meta={"bands": ["r"], "psf": [PSF], "background": [SKY], "nelec_per_nmgy": 856.0}))
+    assert len(written) == len(expected) > 0
+    np.testing.assert_allclose(written["x_fit"], expected["x_fit"])
+    np.testing.assert_allclose(written["mag_r"].value, expected["mag_r"].value)
+    assert written.meta["n_stars_mean"] == pytest.approx(expected.meta["n_stars_mean"])
+    assert f"{len(written)} stars" in capsys.readouterr().out
+
+
+def test_catalog_refuses_to_overwrite(model_path, tmp_path):
+    _image_file(tmp_path / "image.fits")
+    out = tmp_path / "catalog.ecsv"
+    out.write_text("keep me")
+    args = ["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+            "--background", str(SKY), "-o", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1
+    assert out.read_text() == "keep me"
+    assert main([*args, "--overwrite"]) == 0
+    assert "x_fit" in QTable.read(out).colnames
+
+
+def test_catalog_fits_output_with_wcs_and_cutout(model_path, tmp_path):
+    header = fits.Header({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRPIX1": 8.0,
+                          "CRPIX2": 8.0, "CRVAL1": 323.34, "CRVAL2": -0.81,
+                          "CDELT1": -1.1e-4, "CDELT2": 1.1e-4, "BUNIT": "electron"})
+    _image_file(tmp_path / "image.fits", shape=(20, 18), header=header)
+    out = tmp_path / "catalog.fits"
+    assert main(["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+                 "--background", str(SKY), "--cutout", "2:18,1:17", "-o", str(out)]) == 0
+    written = QTable.read(out)
+    assert len(written) > 0 and "sky_centroid" in written.colnames
+    # The cutout's WCS: its pixel (x, y) is the image's (x + 1, y + 2).
+    x, y = WCS(header).world_to_pixel(written["sky_centroid"])
+    np.testing.assert_allclose(x, written["x_fit"] + 1, atol=1e-6)
+    np.testing.assert_allclose(y, written["y_fit"] + 2, atol=1e-6)
+    assert any(c.startswith("n_stars_mean = ") for c in written.meta["comments"])
+    assert "flux_r, flux_r_err in electrons" in written.meta["comments"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "needs --background"),
+    (["--background", "1", "2", "3"], "one value per band"),
+    (["--background", str(SKY), "--cutout", "0:40,0:5"], "not inside the image"),
+    (["--background", str(SKY), "--cutout", "a:b"], "R0:R1,C0:C1"),
+])
+def test_catalog_bad_requests(model_path, tmp_path, capsys, extra, message):
+    _image_file(tmp_path / "image.fits")
+    out = tmp_path / "catalog.ecsv"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+              "-o", str(out), *extra])
+    assert exit_info.value.code == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_catalog_rejects_wrong_images(model_path, tmp_path, capsys):
+    _image_file(tmp_path / "cube.fits", shape=(2, 16, 16))
+    _image_file(tmp_path / "nmgy.fits", header=fits.Header({"BUNIT": "nanomaggy"}))
+    for name, message in (("cube.fits", "shape (2, 16, 16)"), ("nmgy.fits", "electrons"),
+                          ("missing.fits", "no image file")):
+        with pytest.raises(SystemExit):
+            main(["catalog", str(tmp_path / name), "--model", str(model_path),
+                  "--background", str(SKY), "-o", str(tmp_path / "out.ecsv")])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["catalog", str(tmp_path / "cube.fits"), "-o", str(tmp_path / "out.txt")])
+    assert exit_info.value.code == 2
+
+
+def test_sdss_frame_names(model_path, tmp_path, capsys):
+    groups = SDSS_FRAME.search("frame-r-002583-2-0136.fits.bz2").groups()
+    assert groups == ("002583", "2", "0136")
+    assert SDSS_FRAME.search("frame-r-002583-2-0136.fits") is None
+    with pytest.raises(SystemExit):
+        main(["catalog", str(tmp_path / "frame-r-002583-2-0136.fits.bz2"), "--model",
+              str(model_path), "--background", "686", "-o", str(tmp_path / "out.ecsv")])
+    assert "SDSS frame carries its own sky" in capsys.readouterr().err
+
+
+def test_unknown_model(tmp_path, capsys):
+    _image_file(tmp_path / "image.fits")
+    with pytest.raises(SystemExit):
+        main(["catalog", str(tmp_path / "image.fits"), "--model", "no-such-model",
+              "--background", str(SKY), "-o", str(tmp_path / "out.ecsv")])
+    assert "neither a model file nor a bundled model" in capsys.readouterr().err
+
+
+def test_benchmark_refuses_to_overwrite_before_any_work(tmp_path, capsys):
+    (tmp_path / FIGURES["fig8"]).write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "m2", "--output-dir", str(tmp_path), "--model", "no-such-model"])
+    assert exit_info.value.code == 1
+    assert "pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert (tmp_path / FIGURES["fig8"]).read_text() == "keep me"
+    assert not (tmp_path / RESULTS_FILE).exists()
+
+
+def test_benchmark_region_selection():
+    """Stars are kept strictly between the centres of the region's edge pixels."""
+    region = (slice(3, 103), slice(3, 103))
+    catalog = QTable({"x_fit": [3.0, 3.01, 50.0, 101.99, 102.0, 50.0],
+                      "y_fit": [50.0, 50.0, 2.5, 50.0, 50.0, 60.0],
+                      "flux_r": [1e3, 1e3, 1e3, 1e3, 1e3, 856.0 * 10**(-0.4)] * u.electron})
+    inside = _in_region(catalog, region, 856.0)
+    np.testing.assert_allclose(inside["x_fit"], [0.01, 98.99, 47.0])
+    np.testing.assert_allclose(inside["y_fit"], [47.0, 47.0, 57.0])
+    assert inside["mag_r"][-1].to_value(u.mag) == pytest.approx(23.5)
