@@ -127,7 +127,7 @@ def test_unknown_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["catalog", str(tmp_path / "image.fits"), "--model", "no-such-model",
               "--background", str(SKY), "-o", str(tmp_path / "out.ecsv")])
-    assert "neither a model file nor a bundled model" in capsys.readouterr().err
+    assert "neither a model file nor a pretrained model" in capsys.readouterr().err
 
 
 def test_benchmark_refuses_to_overwrite_before_any_work(tmp_path, capsys):
