@@ -104,6 +104,7 @@ class StarNetDeblender:
         self.chunk_size = 256
         #: Posterior draws behind the star-count summary of a checkerboard model.
         self.n_count_samples = 200
+        self._cached_renderer = None
 
     @classmethod
     def from_nddata(cls, nddata, *, prior=None, **kwargs):
@@ -151,8 +152,7 @@ class StarNetDeblender:
         if unknown:
             raise TypeError(f"unknown training settings {unknown}")
         settings = dataclasses.replace(settings, **kwargs)
-        renderer = StarFieldRenderer(self.psfs, stamp_size=self.stamp_size)
-        batches = SimulatedBatches(self.prior, renderer, self.background,
+        batches = SimulatedBatches(self.prior, self._renderer(), self.background,
                                    settings.image_shape, margin=settings.margin,
                                    background_range=settings.background_range)
         history = train_encoder(self.encoder, batches, settings, checkpoint=checkpoint,
@@ -433,6 +433,28 @@ class StarNetDeblender:
             posterior, _ = self.encoder.decide(features, lambda q: q.mode(),
                                                chunk_tiles=chunk_tiles)
         return self._count_pmf(features, posterior, chunk_tiles)
+
+    def render(self, catalog, shape):
+        """Star light of a catalog through the model's PSFs, (bands, rows, cols) electrons.
+
+        ``catalog`` has ``x_fit``, ``y_fit`` (or ``x``, ``y``) and ``flux_<band>`` for
+        the model's bands; ``image.data - deblender.render(catalog, shape)`` minus the
+        background is the residual image.
+        """
+        x = catalog["x_fit"] if "x_fit" in catalog.colnames else catalog["x"]
+        y = catalog["y_fit"] if "y_fit" in catalog.colnames else catalog["y"]
+        locs = torch.tensor(np.stack([np.asarray(x), np.asarray(y)], axis=-1),
+                            dtype=torch.float32).reshape(1, -1, 2)
+        fluxes = torch.tensor(np.stack([u.Quantity(catalog[f"flux_{band}"], u.electron).value
+                                        for band in self.bands], axis=-1),
+                              dtype=torch.float32).reshape(1, -1, len(self.bands))
+        mask = torch.ones(locs.shape[:2], dtype=torch.bool)
+        return self._renderer().render(locs, fluxes, mask, tuple(shape))[0].double().numpy()
+
+    def _renderer(self):
+        if self._cached_renderer is None:
+            self._cached_renderer = StarFieldRenderer(self.psfs, stamp_size=self.stamp_size)
+        return self._cached_renderer
 
     def sample(self, nddata, *, n_samples=100, seed=None):
         """Whole catalogs drawn from the posterior.

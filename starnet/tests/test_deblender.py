@@ -348,3 +348,14 @@ def test_checkerboard_deblender(image, tmp_path):
     loaded = StarNetDeblender.load(path)
     assert loaded.encoder.n_colors == 4
     assert_same_catalog(loaded(image), catalog)
+
+
+def test_render_conserves_flux_and_places_stars():
+    deblender = tiny_deblender()
+    catalog = QTable({'x_fit': [7.3], 'y_fit': [9.6], 'flux_r': [1500.0] * u.electron,
+                      'flux_i': [900.0] * u.electron})
+    light = deblender.render(catalog, SHAPE)
+    assert light.shape == (2, *SHAPE)
+    np.testing.assert_allclose(light.sum(axis=(1, 2)), [1500.0, 900.0], rtol=1e-3)
+    row, col = np.unravel_index(np.argmax(light[0]), SHAPE)
+    assert (row, col) == (10, 7)

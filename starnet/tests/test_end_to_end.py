@@ -18,8 +18,9 @@ def fitted():
     prior = StarFieldPrior(mu=0.04, f_min=2000.0, f_max=1e5, alpha=0.5, bands=["r"])
     deblender = StarNetDeblender(prior=prior, psf=psf, background=BACKGROUND, hidden=16,
                                  tile_hidden=48, stamp_size=15, seed=0)
-    deblender.fit(n_epochs=4, batches_per_epoch=40, batch_size=8, image_shape=SHAPE,
-                  learning_rate=3e-3, margin=4.0, progress=False, seed=0)
+    deblender.fit(n_epochs=8, batches_per_epoch=40, batch_size=8, image_shape=SHAPE,
+                  learning_rate=3e-3, margin=4.0, background_range=(0.7, 1.3),
+                  progress=False, seed=0)
     return deblender
 
 
