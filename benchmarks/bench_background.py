@@ -31,7 +31,8 @@ def main(argv=None):
         image, _ = simulate_starfield((106, 106), prior=deblender.prior, psf=deblender.psfs,
                                       background=deblender.background, seed=seed, margin=6)
         image.meta["background"] = deblender.background * args.start
-        fitted, _ = fit_background(deblender, image, bounds=(0.5, 2.0))
+        # the same factors of the truth as the model was trained on: 0.9 to 1.6
+        fitted, _ = fit_background(deblender, image, bounds=(0.9 / args.start, 1.6 / args.start))
         factor = fitted.meta["background"].mean(axis=(1, 2)) / deblender.background
         factors.append(factor)
         print(f"simulated {seed:<6} " + "  ".join(f"{f:13.3f}" for f in factor))
