@@ -56,8 +56,10 @@ class TiledPosterior:
     _FIELDS = ("count_logits", "loc_mean", "loc_sd", "log_flux_mean", "log_flux_sd")
 
     def where(self, mask, other):
-        """Tiles of ``self`` where ``mask`` (n_images, tile_rows, tile_cols) is true, else of
-        ``other``."""
+        """Tiles of ``self`` where ``mask`` is true and of ``other`` elsewhere.
+
+        ``mask`` has shape (n_images, tile_rows, tile_cols).
+        """
         return TiledPosterior(*(
             torch.where(mask.reshape(*mask.shape, *[1] * (getattr(self, name).ndim - 3)),
                         getattr(self, name), getattr(other, name))
@@ -70,7 +72,7 @@ class TiledPosterior:
 
     @property
     def count_probs(self):
-        """Probabilities of ``0 .. max_sources`` stars in each tile."""
+        """Probabilities of 0 to ``max_sources`` stars in each tile."""
         return torch.softmax(self.count_logits, dim=-1)
 
     def _row(self, n):
@@ -121,8 +123,10 @@ class TiledPosterior:
         return TileCatalog(counts=counts, locs=locs, fluxes=fluxes, n_dropped=0)
 
     def mode(self):
-        """Most probable count per tile, with positions ``sigmoid(loc_mean)`` and fluxes
-        ``exp(log_flux_mean)`` (the transformed modes of the underlying normals)."""
+        """Most probable count per tile, with the transformed modes of the normals.
+
+        Positions are ``sigmoid(loc_mean)`` and fluxes ``exp(log_flux_mean)``.
+        """
         counts = self.count_logits.argmax(dim=-1)
         return self._counts_to_catalog(counts, self.loc_mean, self.log_flux_mean)
 

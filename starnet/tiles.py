@@ -40,8 +40,10 @@ class TileCatalog:
     n_dropped: int
 
     def where(self, mask, other):
-        """Tiles of ``self`` where ``mask`` (n_images, tile_rows, tile_cols) is true, else of
-        ``other``."""
+        """Tiles of ``self`` where ``mask`` is true and of ``other`` elsewhere.
+
+        ``mask`` has shape (n_images, tile_rows, tile_cols).
+        """
         wide = mask[..., None, None]
         return TileCatalog(counts=torch.where(mask, self.counts, other.counts),
                            locs=torch.where(wide, self.locs, other.locs),
