@@ -112,7 +112,7 @@ class StarNetDeblender:
 
         A background map is reduced to its median per band for training.
         """
-        meta = _check_meta(nddata)
+        meta = check_image_meta(nddata)
         prior = StarFieldPrior(bands=meta["bands"]) if prior is None else prior
         if list(prior.bands) != list(meta["bands"]):
             raise ValueError(f"the prior's bands {prior.bands} differ from the image's "
@@ -246,7 +246,7 @@ class StarNetDeblender:
     # ----------------------------------------------------------------- inference
     def _prepare(self, nddata):
         """Validated image and background tensors (1, bands, rows, cols) and the meta."""
-        meta = _check_meta(nddata)
+        meta = check_image_meta(nddata)
         if list(meta["bands"]) != self.bands:
             raise ValueError(f"the image has bands {list(meta['bands'])} but the model was "
                              f"trained for bands {self.bands}")
@@ -484,7 +484,8 @@ class StarNetDeblender:
         return samples
 
 
-def _check_meta(nddata):
+def check_image_meta(nddata):
+    """The meta of an image, checked to hold 'bands', 'psf' and 'background'."""
     if not isinstance(nddata, NDData):
         raise TypeError(f"expected an astropy NDData image, got {type(nddata).__name__}")
     meta = nddata.meta

@@ -4,7 +4,6 @@ import warnings
 
 import numpy as np
 from astropy import units as u
-from astropy.nddata import NDData
 from astropy.table import QTable
 from astropy.utils.exceptions import AstropyUserWarning
 from photutils.background import LocalBackground, MMMBackground
@@ -12,6 +11,7 @@ from photutils.detection import DAOStarFinder
 from photutils.psf import ImagePSF, IterativePSFPhotometry
 
 from .. import __version__
+from ..deblender import check_image_meta
 from ..psf import _is_pixel_integrated, as_psf, pixel_stamps
 from ..simulate import as_background
 
@@ -171,13 +171,7 @@ def daophot_catalog(nddata, *, band="r", threshold=8.0, fwhm=None, min_separatio
 
 def _band_data(nddata, band, nelec_per_nmgy):
     """Image, background, mask and PSF of one band, and its magnitude zero point."""
-    if not isinstance(nddata, NDData):
-        raise TypeError(f"expected an astropy NDData image, got {type(nddata).__name__}")
-    meta = nddata.meta
-    missing = [key for key in ("bands", "psf", "background") if key not in meta]
-    if missing:
-        raise ValueError(f"the image's meta lacks {missing}: it needs 'bands', 'psf' "
-                         "and 'background' (electrons per pixel)")
+    meta = check_image_meta(nddata)
     bands = list(meta["bands"])
     if band not in bands:
         raise ValueError(f"band {band!r} is not among the image's bands {bands}")
