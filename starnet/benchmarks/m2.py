@@ -263,7 +263,8 @@ def _figure7(image, region, truth, catalogs, path):
     from astropy.visualization import simple_norm
 
     data = np.asarray(image.data[0], dtype=float)[region]
-    starnet = next(name for name in catalogs if name.startswith("StarNet"))
+    # the last StarNet catalog: the fitted background's when it was fitted
+    starnet = [name for name in catalogs if name.startswith("StarNet")][-1]
     markers = [("HST truth", truth, dict(marker="o", facecolors="none", edgecolors="cyan",
                                          s=30, linewidths=0.8)),
                (starnet, catalogs[starnet],
