@@ -4,7 +4,8 @@ Each measurement runs in a fresh process, so that the peak resident memory it re
 (``ru_maxrss``) is the job's own. Images are cut from the bundled SDSS frame of M2
 (r and i, electrons): 100 x 100, 1000 x 1000 and the whole 1489 x 2048 frame.
 photutils' ``DAOStarFinder`` (on the r band) and ``IterativePSFPhotometry`` (r band,
-SDSS power-law PSF; the whole frame is skipped: it takes too long) run on the same images.
+SDSS power-law PSF; the whole frame is skipped) run on the same images; a job that passes
+``--timeout`` seconds is stopped and reported as such.
 
 Run::
 
@@ -15,6 +16,7 @@ import argparse
 import multiprocessing as mp
 import resource
 import time
+from queue import Empty
 
 SIZES = {"100 x 100": (slice(630, 730), slice(310, 410)),
          "1000 x 1000": (slice(300, 1300), slice(500, 1500)),
@@ -54,12 +56,17 @@ def _job(method, size, model, threads, queue):
     queue.put((seconds, peak / 1024, (peak - base) / 1024, n_found))
 
 
-def measure(method, size, model, threads):
+def measure(method, size, model, threads, timeout):
+    """(seconds, peak MB, job MB, stars) of one job, or None when it passes ``timeout``."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_job, args=(method, size, model, threads, queue))
     process.start()
-    result = queue.get()
+    try:
+        result = queue.get(timeout=timeout)
+    except Empty:
+        result = None
+        process.terminate()
     process.join()
     return result
 
@@ -68,6 +75,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sdss-m2")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=300,
+                        help="seconds after which a job is stopped and reported as such")
     args = parser.parse_args(argv)
     print(f"{'image':>12} {'method':>22} {'seconds':>9} {'peak MB':>9} {'job MB':>8} "
           f"{'stars':>7}")
@@ -76,7 +85,11 @@ def main(argv=None):
         if size != "whole frame":
             methods.append("IterativePSFPhotometry")
         for method in methods:
-            seconds, peak, job, n_found = measure(method, size, args.model, args.threads)
+            result = measure(method, size, args.model, args.threads, args.timeout)
+            if result is None:
+                print(f"{size:>12} {method:>22} {'> ' + str(int(args.timeout)):>9}", flush=True)
+                continue
+            seconds, peak, job, n_found = result
             print(f"{size:>12} {method:>22} {seconds:9.2f} {peak:9.0f} {job:8.0f} "
                   f"{n_found:7d}", flush=True)
 

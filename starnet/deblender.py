@@ -353,8 +353,10 @@ class StarNetDeblender:
             * ``sky_centroid`` when the image has a WCS.
 
             ``meta`` holds the posterior of the total number of stars in the image
-            (``n_stars_mean``, ``n_stars_q05``, ``n_stars_q95``), the model settings
-            and the package version.
+            (``n_stars_mean``, ``n_stars_q05``, ``n_stars_q95``; for a checkerboard
+            model, given the modal catalogs of the tiles decided before each tile,
+            which is cheap for any image size: `count_posterior` samples the full
+            posterior instead), the model settings and the package version.
         """
         features, shape, meta, chunk_tiles = self._features(nddata)
         with torch.no_grad():
@@ -372,7 +374,7 @@ class StarNetDeblender:
         keep = mask[0] & inside_image(locs[0], shape)
         table = self._table(locs[0][keep], fluxes[0][keep], loc_mean[0][keep], loc_sd[0][keep],
                             flux_sd[0][keep], detection[0, keep], meta, nddata)
-        pmf = self._count_pmf(features, posterior, chunk_tiles)
+        pmf = self._tile_count_pmf(posterior)
         cdf = np.cumsum(pmf)
         table.meta.update({"n_stars_mean": float(np.dot(np.arange(len(pmf)), pmf)),
                            "n_stars_q05": int(np.searchsorted(cdf, 0.05)),
@@ -411,12 +413,17 @@ class StarNetDeblender:
             "tile_size": self.grid.tile_size, "max_sources": self.grid.max_sources})
         return table
 
+    def _tile_count_pmf(self, posterior):
+        """pmf of the total count of independent tiles with the posterior's count
+        probabilities (for a checkerboard model: given the modal choices before them)."""
+        return count_distribution(posterior.count_probs[0].reshape(
+            -1, self.grid.max_sources + 1).double().numpy())
+
     def _count_pmf(self, features, posterior, chunk_tiles):
         """Posterior pmf of the number of stars in all tiles: exact for independent tiles
         (`~starnet.posterior.count_distribution`), else from ``n_count_samples`` draws."""
         if self.encoder.n_colors == 1:
-            return count_distribution(posterior.count_probs[0].reshape(
-                -1, self.grid.max_sources + 1).double().numpy())
+            return self._tile_count_pmf(posterior)
         generator = torch.Generator().manual_seed(0)
         draws = self._draw(features, self.n_count_samples, generator, chunk_tiles)
         totals = draws.counts.reshape(self.n_count_samples, -1).sum(dim=1).numpy()
