@@ -65,6 +65,9 @@ def fit_background(deblender, nddata, *, n_iterations=8, edge=4, bounds=(0.9, 1.
         first = np.broadcast_to(first[:, None, None], data.shape)
     inner = (slice(None), slice(edge, rows - edge), slice(edge, cols - edge))
     level = first[inner].mean(axis=(1, 2))
+    bad = ~np.isfinite(data)
+    if nddata.mask is not None:
+        bad |= np.broadcast_to(np.asarray(nddata.mask, dtype=bool), data.shape)
     bands = deblender.bands
 
     def image_with(scales):
@@ -82,7 +85,8 @@ def fit_background(deblender, nddata, *, n_iterations=8, edge=4, bounds=(0.9, 1.
             warnings.simplefilter("ignore", NoDetectionsWarning)
             catalog = deblender(image)
         residual = data - deblender.render(catalog, (rows, cols)) - image.meta["background"]
-        misfit = np.median(residual[inner], axis=(1, 2)) / (level * scales)
+        residual[bad] = np.nan     # masked and non-finite pixels do not count
+        misfit = np.nanmedian(residual[inner], axis=(1, 2)) / (level * scales)
         history.append({"iteration": iteration + 1, "n_stars": len(catalog),
                         **{f"scale_{b}": float(s) for b, s in zip(bands, scales)},
                         **{f"background_{b}": float(v) for b, v in zip(bands, level * scales)},
@@ -91,6 +95,22 @@ def fit_background(deblender, nddata, *, n_iterations=8, edge=4, bounds=(0.9, 1.
         high = np.where(misfit > 0, high, scales)
     scales = (low + high) / 2
     image = image_with(scales)
+    _warn_if_untrained(deblender, level * scales)
     image.meta["background_fit"] = {"scales": scales.tolist(), "edge": edge,
                                     "bounds": list(bounds), "rounds": n_iterations}
     return image, QTable(rows=history, names=list(history[0]))
+
+
+def _warn_if_untrained(deblender, fitted):
+    """Warn when a fitted mean background lies outside the range the encoder was trained on."""
+    settings = deblender.training_settings
+    if settings is None:
+        return
+    low = settings.background_range[0] * deblender.background
+    high = settings.background_range[1] * deblender.background
+    outside = (fitted < 0.99 * low) | (fitted > 1.01 * high)
+    if np.any(outside):
+        warnings.warn(f"the fitted background {np.round(fitted, 1).tolist()} lies outside the "
+                      f"range the encoder was trained on ({np.round(low, 1).tolist()} to "
+                      f"{np.round(high, 1).tolist()} e-); the catalog may be unreliable",
+                      UserWarning)

@@ -182,6 +182,7 @@ class StarNetDeblender:
             "tile_size": self.grid.tile_size, "max_sources": self.grid.max_sources,
             "stamp_size": self.stamp_size, "hidden": self.encoder.pixel_layers[0].out_channels,
             "tile_hidden": self.encoder.head.in_channels, "n_colors": self.encoder.n_colors,
+            "log_flux_offset": self.encoder.log_flux_offset,
             "training_settings": (self.training_settings.to_dict()
                                   if self.training_settings is not None else None),
             "training_history": history, "provenance": self.provenance,
@@ -203,6 +204,8 @@ class StarNetDeblender:
                         max_sources=metadata["max_sources"], stamp_size=metadata["stamp_size"],
                         hidden=metadata["hidden"], tile_hidden=metadata["tile_hidden"],
                         n_colors=metadata.get("n_colors", 1))
+        deblender.encoder.log_flux_offset = metadata.get("log_flux_offset",
+                                                         deblender.encoder.log_flux_offset)
         deblender.encoder.load_state_dict(state["weights"])
         if metadata["training_settings"] is not None:
             settings = dict(metadata["training_settings"])
@@ -256,7 +259,10 @@ class StarNetDeblender:
         if data.ndim != 3 or data.shape[0] != len(self.bands):
             raise ValueError(f"image data must have shape (bands={len(self.bands)}, rows, cols),"
                              f" got {data.shape}")
-        if nddata.unit is not None and u.Unit(nddata.unit) != u.electron:
+        if nddata.unit is None:
+            warnings.warn("the image has no unit; its values are taken as electrons",
+                          UserWarning)
+        elif u.Unit(nddata.unit) != u.electron:
             raise ValueError(f"image unit is {nddata.unit}; the model works in electrons "
                              "(SDSS frames: see starnet.datasets.load_sdss_frame)")
         data = data.astype(np.float64)  # also turns big-endian FITS data native
@@ -519,6 +525,9 @@ def _zero_points(meta, bands):
     if calibration is None:
         return np.zeros(len(bands))
     calibration = np.broadcast_to(np.asarray(calibration, dtype=float), (len(bands),))
+    if not np.all(np.isfinite(calibration) & (calibration > 0)):
+        raise ValueError(f"meta['nelec_per_nmgy'] must be positive and finite, got "
+                         f"{calibration.tolist()}")
     return 22.5 + 2.5 * np.log10(calibration)
 
 

@@ -53,8 +53,8 @@ def mosaic_blocks(shape, *, block_size, halo, tile_size):
     (clipped at the image edges).
     """
     if block_size % tile_size:
-        raise ValueError(f"block_size {block_size} must be a multiple of the tile size "
-                         f"{tile_size}")
+        raise ValueError(f"block_size {block_size} must be a multiple of {tile_size} "
+                         "pixels (the tile grid)")
     rows, cols = shape
     blocks = []
     for r0 in range(0, rows, block_size):
@@ -70,17 +70,18 @@ def catalog_mosaic(nddata, model, *, block_size=1024, client=None):
     """Modal catalog of one large image, cataloged block by block on a Dask cluster.
 
     Each block is cataloged with a halo wider than the encoder's reach (for a
-    checkerboard model, the reach of every colour's pass), and keeps the stars of its
-    core, so the result equals ``model(nddata)`` (up to floating-point rounding). The
-    catalog's ``meta`` holds the sum of the blocks' posterior mean star counts
-    (``n_stars_mean``); the blocks' intervals are not combined.
+    checkerboard model, the reach of every colour's pass, with blocks starting on the
+    same checkerboard colour as the image), and keeps the stars of its core, so the
+    result equals ``model(nddata)`` (up to floating-point rounding). The posterior of
+    the star count is not combined across blocks: the catalog's ``meta`` has no
+    ``n_stars_*`` entries (`~starnet.StarNetDeblender.sample` gives it for an image).
 
     Parameters
     ----------
     nddata : `~astropy.nddata.NDData`
     model : `~starnet.StarNetDeblender` or str
     block_size : int, optional
-        Side of a block's core in pixels (a multiple of the tile size).
+        Side of a block's core in pixels (a multiple of twice the tile size).
     client : `distributed.Client`, optional
 
     Returns
@@ -90,9 +91,12 @@ def catalog_mosaic(nddata, model, *, block_size=1024, client=None):
     deblender = StarNetDeblender.from_name_or_path(model)
     encoder = deblender.encoder
     tile = deblender.grid.tile_size
-    halo = tile * (math.ceil(3 / tile) + 1 + 3 * encoder.n_colors + 1)
+    # an even number of tiles keeps every block on the image's checkerboard colours
+    reach = math.ceil(3 / tile) + 1 + 3 * encoder.n_colors + 1
+    halo = 2 * tile * math.ceil(reach / 2)
     data = np.asarray(nddata.data)
-    blocks = mosaic_blocks(data.shape[-2:], block_size=block_size, halo=halo, tile_size=tile)
+    blocks = mosaic_blocks(data.shape[-2:], block_size=block_size, halo=halo,
+                           tile_size=2 * tile)
     pieces = [_cut(nddata, outer) for _, outer in blocks]
     with _client(client) as active:
         shared = active.scatter(deblender, broadcast=True)
@@ -111,10 +115,8 @@ def catalog_mosaic(nddata, model, *, block_size=1024, client=None):
     merged["id"] = np.arange(1, len(merged) + 1)
     if nddata.wcs is not None:
         merged["sky_centroid"] = nddata.wcs.pixel_to_world(merged["x_fit"], merged["y_fit"])
-    merged.meta = dict(catalogs[0].meta)
-    for key in ("n_stars_q05", "n_stars_q95"):
-        merged.meta.pop(key, None)
-    merged.meta["n_stars_mean"] = float(sum(c.meta["n_stars_mean"] for c in catalogs))
+    merged.meta = {key: value for key, value in catalogs[0].meta.items()
+                   if not key.startswith("n_stars")}
     merged.meta.update({"block_size": block_size, "halo": halo, "n_blocks": len(blocks)})
     return merged
 

@@ -32,9 +32,10 @@ def normalize_image(image, background):
 def conditioning_map(tiles, decided, log_flux_offset):
     """Tile-resolution input that shows the encoder the catalogs of decided tiles.
 
-    Channels: a flag for decided tiles; the one-hot count; for each slot, a presence
-    flag, the within-tile position minus 0.5 and the log flux (minus
-    ``log_flux_offset``, over 3) in each band. Everything is zero on undecided tiles.
+    Channels: a flag for decided tiles; the one-hot count; for each slot (stars sorted
+    by flux in the first band, brightest first), a presence flag, the within-tile
+    position minus 0.5 and the log flux (minus ``log_flux_offset``, over 3) in each
+    band. Everything is zero on undecided tiles.
 
     Parameters
     ----------
@@ -46,11 +47,17 @@ def conditioning_map(tiles, decided, log_flux_offset):
     `torch.Tensor`, shape (n_images, channels, tile_rows, tile_cols)
     """
     max_sources = tiles.locs.shape[-2]
-    present = (torch.arange(max_sources) < tiles.counts[..., None]).float()
+    present = torch.arange(max_sources) < tiles.counts[..., None]
+    # brightest first, as in the training targets (a posterior draw's slots are unordered)
+    brightness = torch.where(present, tiles.fluxes[..., 0], -1.0)
+    order = torch.argsort(brightness, dim=-1, descending=True)
+    locs = tiles.locs.gather(-2, order[..., None].expand_as(tiles.locs))
+    fluxes = tiles.fluxes.gather(-2, order[..., None].expand_as(tiles.fluxes))
+    present = present.float()
     parts = [torch.ones_like(present[..., :1]),
              F.one_hot(tiles.counts, max_sources + 1).float(), present,
-             ((tiles.locs - 0.5) * present[..., None]).flatten(-2),
-             ((torch.log(tiles.fluxes) - log_flux_offset) / 3 * present[..., None]).flatten(-2)]
+             ((locs - 0.5) * present[..., None]).flatten(-2),
+             ((torch.log(fluxes) - log_flux_offset) / 3 * present[..., None]).flatten(-2)]
     channels = torch.cat(parts, dim=-1) * decided[..., None].float()
     return channels.permute(0, 3, 1, 2)
 
@@ -68,9 +75,10 @@ class StarNetEncoder(nn.Module):
     convolution between tiles, and a 1 x 1 head. Each tile therefore sees a window of
     ``7 + (tile_size - 1) + 4 tile_size`` pixels centred on it (16 pixels for tiles of
     2 pixels: a padding of 7 pixels around the tile), computed once per image without
-    cutting patches. An image whose size is not a multiple of ``tile_size`` is padded
-    on the bottom and right; outside the image the normalised input is zero, the value
-    of empty sky, which is what the network is trained with at image edges.
+    cutting patches. Beyond the image edges the convolutions see zeros (an image whose
+    size is not a multiple of ``tile_size`` is padded with zeros on the bottom and
+    right too); training images are simulated with stars beyond their edges, so the
+    network learns what edges look like.
 
     With ``n_colors`` > 1 the tiles are coloured in a checkerboard (2 colours:
     ``(i + j) mod 2``; 4 colours: ``2 (i mod 2) + (j mod 2)``) and decided colour by

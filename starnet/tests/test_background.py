@@ -15,6 +15,7 @@ class PerfectDeblender:
     """Stands in for a deblender whose catalog reproduces the star light exactly."""
 
     bands = ["r", "i"]
+    training_settings = None
 
     def __init__(self, starlight):
         self.starlight = starlight
@@ -52,6 +53,19 @@ def test_recovers_the_background_of_each_band():
     # every round cataloged the image with the background it was testing
     np.testing.assert_allclose(deblender.backgrounds_seen[-1],
                                [history["background_r"][-1], history["background_i"][-1]])
+
+
+def test_masked_and_non_finite_pixels_are_left_out():
+    image, starlight = _image([800.0, 1300.0], guess=[686.0, 1123.0])
+    data = image.data.copy()
+    data[:, 5:15, 5:45] = np.nan          # a quarter of the pixels
+    data[:, 20:25, :] = 1e6               # saturated, but masked
+    mask = np.zeros(data.shape, dtype=bool)
+    mask[:, 20:25, :] = True
+    broken = NDData(data, mask=mask, unit=image.unit, meta=image.meta)
+    fitted, _ = fit_background(PerfectDeblender(starlight), broken, n_iterations=12)
+    np.testing.assert_allclose(fitted.meta["background"].mean(axis=(1, 2)), [800.0, 1300.0],
+                               rtol=0.01)
 
 
 def test_stays_within_bounds():

@@ -359,3 +359,11 @@ def test_render_conserves_flux_and_places_stars():
     np.testing.assert_allclose(light.sum(axis=(1, 2)), [1500.0, 900.0], rtol=1e-3)
     row, col = np.unravel_index(np.argmax(light[0]), SHAPE)
     assert (row, col) == (10, 7)
+
+
+def test_missing_unit_warns_and_bad_calibration_raises(trained, image):
+    plain = NDData(image.data, meta=image.meta)
+    with pytest.warns(UserWarning, match="no unit"):
+        trained(plain)
+    with pytest.raises(ValueError, match="nelec_per_nmgy"):
+        trained(like(image, meta={**image.meta, 'nelec_per_nmgy': [0.0, 800.0]}))
