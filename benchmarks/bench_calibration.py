@@ -9,6 +9,8 @@ against nominal level.
 Run::
 
     python benchmarks/bench_calibration.py --model sdss-m2 --n-images 200 --output calibration.png
+
+Several ``--model`` values (names or files) are compared on the same images.
 """
 
 import argparse
@@ -32,19 +34,23 @@ def main(argv=None):
     parser.add_argument("--n-images", type=int, default=200)
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--count-samples", type=int, default=200,
+                        help="posterior draws behind a checkerboard model's count interval")
     parser.add_argument("--output", default=None, help="PNG of coverage against level")
     args = parser.parse_args(argv)
     figure, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", lw=1)
     for model in args.model:
-        deblender = (StarNetDeblender.load(model) if Path(model).exists()
-                     else StarNetDeblender.pretrained(model))
+        deblender = StarNetDeblender.from_name_or_path(model)
+        deblender.n_count_samples = args.count_samples
         results = evaluate_on_simulations(deblender, n_images=args.n_images,
                                           shape=(args.size, args.size), seed=args.seed,
                                           levels=LEVELS)
         coverage = count_coverage(results)
         print(f"model {model} (checkerboard colours: {deblender.encoder.n_colors}), "
-              f"{args.n_images} images of {args.size} x {args.size}")
+              f"{args.n_images} images of {args.size} x {args.size}"
+              + (f", count intervals from {args.count_samples} draws"
+                 if deblender.encoder.n_colors > 1 else ", exact count intervals"))
         print(f"  true count {np.mean(results['n_true']):.1f} per image; posterior mean "
               f"{np.mean(results['n_stars_mean']):.1f}; relative bias "
               f"{coverage.meta['relative_bias']:+.2%}")
