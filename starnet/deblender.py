@@ -15,7 +15,7 @@ from photutils.utils.exceptions import NoDetectionsWarning
 
 from . import __version__
 from .encoder import StarNetEncoder
-from .posterior import count_distribution
+from .posterior import TiledPosterior, count_distribution
 from .prior import StarFieldPrior
 from .psf import as_psf, pixel_stamps, psf_from_dict, psf_to_dict
 from .simulate import StarFieldRenderer, as_background
@@ -297,34 +297,43 @@ class StarNetDeblender:
                               "differently); results may be biased", UserWarning)
 
     @torch.no_grad()
-    def _features(self, nddata):
-        """Encoder features of a validated image, its shape, meta and chunking."""
+    def _encode(self, nddata):
+        """Encode a validated image: its posterior (independent tiles) or tile features
+        (checkerboard, decided later), with its shape, meta and chunking."""
         image, background, meta = self._prepare(nddata)
         self.encoder.eval()
         chunk_tiles = None
         if max(image.shape[-2:]) > self.chunk_size:
             chunk_tiles = max(self.chunk_size // self.grid.tile_size, 1)
-        features = self.encoder.features(image, background, chunk_tiles=chunk_tiles)
-        return features, image.shape[-2:], meta, chunk_tiles
+        if self.encoder.n_colors == 1:
+            state = self.encoder(image, background, chunk_tiles=chunk_tiles)
+        else:
+            state = self.encoder.features(image, background, chunk_tiles=chunk_tiles)
+        return state, image.shape[-2:], meta, chunk_tiles
 
     @torch.no_grad()
-    def _draw(self, features, n_samples, generator, chunk_tiles):
+    def _modal(self, state, chunk_tiles):
+        """The posterior of every tile and the modal catalog."""
+        if isinstance(state, TiledPosterior):
+            return state, state.mode()
+        return self.encoder.decide(state, lambda q: q.mode(), chunk_tiles=chunk_tiles)
+
+    @torch.no_grad()
+    def _draw(self, state, n_samples, generator, chunk_tiles):
         """``n_samples`` catalogs from the posterior, as tile variables (one per image)."""
         def sample(q):
             return q.sample(generator=generator)
 
-        n_tiles = features.shape[-2] * features.shape[-1]
+        n_tiles = state.count_logits[0, ..., 0].numel() if isinstance(
+            state, TiledPosterior) else state.shape[-2] * state.shape[-1]
         batch = int(np.clip(2_000_000 // n_tiles, 1, 64))
-        posterior = None
-        if self.encoder.n_colors == 1:
-            posterior = self.encoder.tile_posterior(features, chunk_tiles=chunk_tiles)
         draws = []
         for start in range(0, n_samples, batch):
             size = min(batch, n_samples - start)
-            if posterior is not None:
-                draws.append(sample(posterior.expand(size)))
+            if isinstance(state, TiledPosterior):
+                draws.append(sample(state.expand(size)))
             else:
-                expanded = features.expand(size, *features.shape[1:])
+                expanded = state.expand(size, *state.shape[1:])
                 draws.append(self.encoder.decide(expanded, sample, chunk_tiles=chunk_tiles)[1])
         return TileCatalog.concatenate(draws)
 
@@ -364,10 +373,8 @@ class StarNetDeblender:
             which is cheap for any image size: `count_posterior` samples the full
             posterior instead), the model settings and the package version.
         """
-        features, shape, meta, chunk_tiles = self._features(nddata)
-        with torch.no_grad():
-            posterior, mode = self.encoder.decide(features, lambda q: q.mode(),
-                                                  chunk_tiles=chunk_tiles)
+        state, shape, meta, chunk_tiles = self._encode(nddata)
+        posterior, mode = self._modal(state, chunk_tiles)
         locs, fluxes, mask = self.grid.from_tiles(mode)
         loc_mean, loc_sd, flux_mean, flux_sd = (
             p.reshape(1, -1, p.shape[-1]) for p in posterior.row_parameters(mode.counts))
@@ -425,13 +432,13 @@ class StarNetDeblender:
         return count_distribution(posterior.count_probs[0].reshape(
             -1, self.grid.max_sources + 1).double().numpy())
 
-    def _count_pmf(self, features, posterior, chunk_tiles):
+    def _count_pmf(self, state, posterior, chunk_tiles):
         """Posterior pmf of the number of stars in all tiles: exact for independent tiles
         (`~starnet.posterior.count_distribution`), else from ``n_count_samples`` draws."""
         if self.encoder.n_colors == 1:
             return self._tile_count_pmf(posterior)
         generator = torch.Generator().manual_seed(0)
-        draws = self._draw(features, self.n_count_samples, generator, chunk_tiles)
+        draws = self._draw(state, self.n_count_samples, generator, chunk_tiles)
         totals = draws.counts.reshape(self.n_count_samples, -1).sum(dim=1).numpy()
         return np.bincount(totals, minlength=int(totals.max()) + 1) / len(totals)
 
@@ -441,11 +448,9 @@ class StarNetDeblender:
         Returns ``pmf`` with ``pmf[k]`` = q(N = k): exact for independent tiles, the
         frequencies of ``n_count_samples`` posterior draws for a checkerboard model.
         """
-        features, _, _, chunk_tiles = self._features(nddata)
-        with torch.no_grad():
-            posterior, _ = self.encoder.decide(features, lambda q: q.mode(),
-                                               chunk_tiles=chunk_tiles)
-        return self._count_pmf(features, posterior, chunk_tiles)
+        state, _, _, chunk_tiles = self._encode(nddata)
+        posterior, _ = self._modal(state, chunk_tiles)
+        return self._count_pmf(state, posterior, chunk_tiles)
 
     def render(self, catalog, shape):
         """Star light of a catalog through the model's PSFs, (bands, rows, cols) electrons.
@@ -478,9 +483,9 @@ class StarNetDeblender:
             Columns ``sample`` (0-based draw index), ``x``, ``y`` and ``flux_<band>``
             (electrons) for every star of every draw.
         """
-        features, shape, _, chunk_tiles = self._features(nddata)
+        state, shape, _, chunk_tiles = self._encode(nddata)
         generator = torch.Generator().manual_seed(_seed(seed))
-        draws = self._draw(features, n_samples, generator, chunk_tiles)
+        draws = self._draw(state, n_samples, generator, chunk_tiles)
         all_locs, all_fluxes, all_masks = self.grid.from_tiles(draws)
         tables = []
         for index, (locs, fluxes, mask) in enumerate(zip(all_locs, all_fluxes, all_masks)):

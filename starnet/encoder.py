@@ -158,21 +158,36 @@ class StarNetEncoder(nn.Module):
         -------
         `~starnet.posterior.TiledPosterior`
         """
+        if self.n_colors == 1 and chunk_tiles is not None:
+            # the whole network block by block: the tile features of a large image are
+            # never held at once
+            def network(x):
+                return self.head(self.tile_layers(self.pixel_layers(x)))
+
+            halo = self._pixel_halo() + 3
+            out = _chunked(network, self._input(image, background), chunk_tiles, halo,
+                           self.tile_size)
+            return self._to_posterior(out)
         features = self.features(image, background, chunk_tiles=chunk_tiles)
         return self.tile_posterior(features, conditioning, chunk_tiles=chunk_tiles)
 
-    def features(self, image, background, *, chunk_tiles=None):
-        """Tile-resolution features of the images (the part that sees pixels)."""
+    def _input(self, image, background):
         if image.ndim != 4 or image.shape[1] != self.n_bands:
             raise ValueError(f"expected images of shape (n_images, {self.n_bands}, rows, cols),"
                              f" got {tuple(image.shape)}")
         x = normalize_image(image, background)
         rows, cols = x.shape[-2:]
-        x = F.pad(x, (0, -cols % self.tile_size, 0, -rows % self.tile_size))
+        return F.pad(x, (0, -cols % self.tile_size, 0, -rows % self.tile_size))
+
+    def _pixel_halo(self):
         # three pixel convolutions reach 3 pixels beyond a block: a halo of that many
         # tiles plus one keeps the block edges out of reach of the kept tiles
-        halo = -(-3 // self.tile_size) + 1
-        return _chunked(self.pixel_layers, x, chunk_tiles, halo, self.tile_size)
+        return -(-3 // self.tile_size) + 1
+
+    def features(self, image, background, *, chunk_tiles=None):
+        """Tile-resolution features of the images (the part that sees pixels)."""
+        return _chunked(self.pixel_layers, self._input(image, background), chunk_tiles,
+                        self._pixel_halo(), self.tile_size)
 
     def tile_posterior(self, features, conditioning=None, *, chunk_tiles=None):
         """Posterior from tile features and, with ``n_colors`` > 1, the conditioning map."""
@@ -185,7 +200,10 @@ class StarNetEncoder(nn.Module):
         def layers(x):
             return self.head(self.tile_layers(x))
 
-        out = _chunked(layers, features, chunk_tiles, 3, 1).permute(0, 2, 3, 1)
+        return self._to_posterior(_chunked(layers, features, chunk_tiles, 3, 1))
+
+    def _to_posterior(self, out):
+        out = out.permute(0, 2, 3, 1)
         n_count = self.max_sources + 1
         params = out[..., n_count:].reshape(*out.shape[:-1], self.n_slots, 4 + 2 * self.n_bands)
         b = self.n_bands

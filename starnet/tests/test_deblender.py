@@ -367,3 +367,12 @@ def test_missing_unit_warns_and_bad_calibration_raises(trained, image):
         trained(plain)
     with pytest.raises(ValueError, match="nelec_per_nmgy"):
         trained(like(image, meta={**image.meta, 'nelec_per_nmgy': [0.0, 800.0]}))
+
+
+@pytest.mark.parametrize('n_colors', [1, 2])
+def test_chunked_inference_equals_one_shot(image, n_colors):
+    deblender = tiny_deblender(n_colors=n_colors)
+    whole = deblender(image)
+    deblender.chunk_size = 6          # blocks of 3 tiles, with halos
+    chunked = deblender(image)
+    assert_same_catalog(chunked, whole)
