@@ -23,6 +23,9 @@ from astropy.wcs import WCS
 from .benchmarks import m2 as m2_benchmark
 from .datasets import load_sdss_frame
 from .deblender import StarNetDeblender
+from .prior import StarFieldPrior
+from .psf import PowerLawPSF, psf_from_dict
+from .training import TrainingSettings
 
 __all__ = ["main"]
 
@@ -47,6 +50,24 @@ The catalog (columns as StarNetDeblender's: x_fit, y_fit, flux_<band>, mag_<band
 ...) is written as ECSV (.ecsv) or FITS (.fits, .fit, .fits.gz); the posterior of
 the number of stars is in its metadata (FITS: COMMENT cards, which also say that
 the fluxes are in electrons, a unit FITS does not know).
+"""
+
+
+_TRAIN_HELP = """\
+The configuration is a JSON object:
+
+  {"prior": {"mu": 0.12, "f_min": 1000, "alpha": 0.5, "bands": ["r", "i"]},
+   "psf": [{"psfield": "psField-002583-2-0136.fit", "band": "r"},
+           {"psfield": "psField-002583-2-0136.fit", "band": "i"}],
+   "background": [686.0, 1123.0],
+   "model": {"tile_size": 2, "max_sources": 3, "seed": 0},
+   "training": {"n_epochs": 20, "batch_size": 16, "image_shape": [64, 64]}}
+
+"prior" takes the keywords of starnet.StarFieldPrior; "psf" one entry per band, either
+an SDSS psField file and band or a PSF as starnet.psf.psf_to_dict writes it; "model" the
+keywords of StarNetDeblender (tile_size, max_sources, n_colors, hidden, tile_hidden,
+stamp_size, seed); "training" the fields of starnet.training.TrainingSettings. Relative
+file names are relative to the configuration file.
 """
 
 
@@ -82,6 +103,18 @@ def main(argv=None):
                          help="catalog only these rows and columns of the image")
     catalog.set_defaults(run=_catalog)
 
+    train = commands.add_parser(
+        "train", help="train a model from a configuration file",
+        description="Train a StarNet model on images simulated from the generative model "
+        "that a JSON configuration file describes.", epilog=_TRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("config", help="JSON configuration file (see below)")
+    train.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
+    train.add_argument("--checkpoint", help="checkpoint file: written every epoch, resumed "
+                                            "from when it exists")
+    train.add_argument("--overwrite", action="store_true", help="replace the output")
+    train.set_defaults(run=_train)
+
     benchmark = commands.add_parser("benchmark", help="reproduce the paper's results")
     benchmarks = benchmark.add_subparsers(dest="benchmark", required=True)
     m2 = benchmarks.add_parser("m2", help="M2 field: Table 1 and Figures 7 to 9",
@@ -91,7 +124,7 @@ def main(argv=None):
     m2.set_defaults(run=m2_benchmark.run_from_arguments)
 
     args = parser.parse_args(argv)
-    subparser = {"catalog": catalog, "benchmark": m2}[args.command]
+    subparser = {"catalog": catalog, "train": train, "benchmark": m2}[args.command]
     return args.run(subparser, args)
 
 
@@ -124,6 +157,48 @@ def _catalog(parser, args):
           f"number of stars {meta['n_stars_mean']:.0f} (5 %: {meta['n_stars_q05']}, "
           f"95 %: {meta['n_stars_q95']})")
     return 0
+
+
+def _train(parser, args):
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        parser.exit(1, f"{parser.prog}: error: {output} exists; pass --overwrite to "
+                       "replace it\n")
+    try:
+        deblender, settings = _deblender_from_config(Path(args.config))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        parser.exit(1, f"{parser.prog}: error: bad configuration {args.config}: {err}\n")
+    deblender.fit(settings=settings, checkpoint=args.checkpoint)
+    deblender.provenance["command"] = " ".join(["starnet train", args.config, "-o",
+                                                args.output])
+    deblender.save(output, overwrite=args.overwrite)
+    last = deblender.training_history[-1]
+    print(f"trained {last['epoch']} epochs (validation F1 {last['val_f1']:.3f}); "
+          f"wrote {output}")
+    return 0
+
+
+def _deblender_from_config(path):
+    """A deblender and its training settings from a JSON configuration file."""
+    config = json.loads(path.read_text())
+    unknown = set(config) - {"prior", "psf", "background", "model", "training"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}")
+    prior = StarFieldPrior(**config.get("prior", {}))
+    psfs = []
+    for entry in config["psf"]:
+        if "psfield" in entry:
+            psfs.append(PowerLawPSF.from_psfield(path.parent / entry["psfield"],
+                                                 band=entry["band"]))
+        else:
+            psfs.append(psf_from_dict(entry))
+    deblender = StarNetDeblender(prior=prior, psf=psfs, background=config["background"],
+                                 **config.get("model", {}))
+    training = dict(config.get("training", {}))
+    for key in ("image_shape", "background_range"):
+        if key in training:
+            training[key] = tuple(training[key])
+    return deblender, TrainingSettings(**training)
 
 
 def _read_image(args, deblender):

@@ -1,3 +1,6 @@
+import json
+from importlib.resources import files
+
 import numpy as np
 import pytest
 from astropy import units as u
@@ -150,3 +153,27 @@ def test_benchmark_region_selection():
     np.testing.assert_allclose(inside["x_fit"], [0.01, 98.99, 47.0])
     np.testing.assert_allclose(inside["y_fit"], [47.0, 47.0, 57.0])
     assert inside["mag_r"][-1].to_value(u.mag) == pytest.approx(23.5)
+
+
+def test_train_from_config(tmp_path, capsys):
+    psfield = files("starnet") / "datasets" / "data" / "sdss" / "psField-002583-2-0136.fit"
+    config = {"prior": {"mu": 0.02, "bands": ["r"]},
+              "psf": [{"psfield": str(psfield), "band": "r"}],
+              "background": [686.0],
+              "model": {"hidden": 4, "tile_hidden": 8, "stamp_size": 11},
+              "training": {"n_epochs": 1, "batches_per_epoch": 1, "batch_size": 2,
+                           "image_shape": [16, 16], "n_validation": 1}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    output = tmp_path / "model.pt"
+    assert main(["train", str(path), "-o", str(output)]) == 0
+    model = StarNetDeblender.load(output)
+    assert model.bands == ["r"] and model.encoder.head.in_channels == 8
+    assert model.psfs[0].sigma1.value == pytest.approx(0.880, abs=1e-3)
+    assert len(model.training_history) == 1
+    with pytest.raises(SystemExit):           # never overwrites without --overwrite
+        main(["train", str(path), "-o", str(output)])
+    path.write_text(json.dumps({**config, "typo": 1}))
+    with pytest.raises(SystemExit):
+        main(["train", str(path), "-o", str(tmp_path / "other.pt")])
+    assert "unknown keys ['typo']" in capsys.readouterr().err
