@@ -16,7 +16,7 @@ from photutils.utils.exceptions import NoDetectionsWarning
 from . import __version__
 from .encoder import StarNetEncoder
 from .posterior import TiledPosterior, count_distribution
-from .prior import StarFieldPrior
+from .prior import StarFieldPrior, _seed_int
 from .psf import as_psf, pixel_stamps, psf_from_dict, psf_to_dict
 from .simulate import StarFieldRenderer, as_background
 from .tiles import TileCatalog, TileGrid
@@ -484,7 +484,7 @@ class StarNetDeblender:
             (electrons) for every star of every draw.
         """
         state, shape, _, chunk_tiles = self._encode(nddata)
-        generator = torch.Generator().manual_seed(_seed(seed))
+        generator = torch.Generator().manual_seed(_seed_int(seed))
         draws = self._draw(state, n_samples, generator, chunk_tiles)
         all_locs, all_fluxes, all_masks = self.grid.from_tiles(draws)
         tables = []
@@ -534,7 +534,3 @@ def _zero_points(meta, bands):
         raise ValueError(f"meta['nelec_per_nmgy'] must be positive and finite, got "
                          f"{calibration.tolist()}")
     return 22.5 + 2.5 * np.log10(calibration)
-
-
-def _seed(seed):
-    return int(np.random.default_rng(seed).integers(2**62))
