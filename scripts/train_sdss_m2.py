@@ -15,9 +15,12 @@ Training resumes from ``--checkpoint`` when it exists.
 """
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from starnet import StarFieldPrior, StarNetDeblender
 from starnet.datasets import load_m2
@@ -40,6 +43,10 @@ def main(argv=None):
                         help="checkerboard colours (1: independent tiles as in the paper)")
     parser.add_argument("--background-range", type=float, nargs=2, default=(0.9, 1.6))
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--final-learning-rate", type=float, default=None,
+                        help="decay the rate (cosine) to this value at the last epoch")
+    parser.add_argument("--decay-start", type=int, default=1,
+                        help="first epoch of the decay (earlier epochs: --learning-rate)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -57,18 +64,32 @@ def main(argv=None):
     Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     # train epoch by epoch (resuming from the checkpoint) until the epochs or the time run out
-    for epoch in range(1, args.epochs + 1):
+    done = 0
+    if Path(args.checkpoint).exists():
+        done = len(torch.load(args.checkpoint, weights_only=True)["history"])
+    for epoch in range(done + 1, args.epochs + 1):
         settings.n_epochs = epoch
+        settings.learning_rate = learning_rate(epoch, args)
         deblender.fit(settings=settings, checkpoint=args.checkpoint, progress=False)
         row = deblender.training_history[-1]
         print(f"epoch {row['epoch']}: loss {row['train_loss']:.3f} / {row['val_loss']:.3f}, "
-              f"F1 {row['val_f1']:.3f}, {row['images_per_second']:.1f} images/s", flush=True)
+              f"F1 {row['val_f1']:.3f}, {row['images_per_second']:.1f} images/s, "
+              f"rate {settings.learning_rate:.2e}", flush=True)
         if args.minutes is not None and time.time() - started > 60 * args.minutes:
             break
     deblender.provenance["command"] = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
     deblender.provenance["trained_minutes"] = round((time.time() - started) / 60, 1)
     deblender.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}")
+
+
+def learning_rate(epoch, args):
+    """The rate of ``epoch``: constant, then a cosine from ``--decay-start`` to ``--epochs``."""
+    if args.final_learning_rate is None or epoch < args.decay_start:
+        return args.learning_rate
+    progress = (epoch - args.decay_start) / max(args.epochs - args.decay_start, 1)
+    return args.final_learning_rate + 0.5 * (args.learning_rate - args.final_learning_rate) * (
+        1 + math.cos(math.pi * progress))
 
 
 if __name__ == "__main__":

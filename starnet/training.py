@@ -33,7 +33,8 @@ class TrainingSettings:
     n_epochs : int
         Number of epochs.
     learning_rate, weight_decay : float
-        Adam settings (reference M2 code: 1e-3 and 1e-5).
+        Adam settings (reference M2 code: 1e-3 and 1e-5). When training resumes from a
+        checkpoint, the optimiser's state is restored but this learning rate is used.
     margin : float
         Stars are simulated this many pixels beyond the image edges too, so the encoder
         learns what light from outside looks like at the edges.
@@ -144,6 +145,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
         generator.set_state(state["generator"])
         history = state["history"]
         start_epoch = len(history)
+    for group in optimizer.param_groups:  # the settings' rate, also when resuming
+        group["lr"] = settings.learning_rate
 
     for epoch in range(start_epoch, settings.n_epochs):
         encoder.train()

@@ -331,6 +331,21 @@ def test_fit_resumes_from_checkpoint(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_resumed_fit_uses_the_new_learning_rate(tmp_path):
+    """A checkpoint restores Adam's state, but the rate is the one asked for now: a
+    resumed epoch at rate 0 leaves the checkpoint's weights untouched."""
+    settings = dict(batches_per_epoch=2, batch_size=2, image_shape=SHAPE, n_validation=2,
+                    progress=False)
+    checkpoint = tmp_path / 'fit.ckpt'
+    first = tiny_deblender(seed=2)
+    first.fit(n_epochs=1, checkpoint=checkpoint, learning_rate=1e-2, **settings)
+    resumed = tiny_deblender(seed=2)
+    resumed.fit(n_epochs=2, checkpoint=checkpoint, learning_rate=0.0, **settings)
+    assert len(resumed.training_history) == 2
+    for a, b in zip(first.encoder.parameters(), resumed.encoder.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_checkerboard_deblender(image, tmp_path):
     deblender = tiny_deblender(n_colors=4)
     deblender.n_count_samples = 50
