@@ -4,8 +4,9 @@ The generative model comes from the data only: the prior of the paper (0.12 star
 pixel, Pareto index 0.5 above 1000 electrons), the power-law PSFs of the field's psField
 file, and the SDSS sky of the frame as the background (the median of the sky map over the
 M2 region, r and i). Training images get backgrounds scaled by a random factor in
-``--background-range`` so the encoder reads the background from its input; the
-background of the real image is then fitted by `starnet.background.fit_background`.
+``--background-range`` so the encoder reads the background from its input; then a
+background encoder is fitted on such images (``--background-steps``) and
+`starnet.background.fit_background` estimates the factor of a real image from its pixels.
 
 Run (the command that made the bundled model is recorded in its metadata)::
 
@@ -47,6 +48,9 @@ def main(argv=None):
                         help="decay the rate (cosine) to this value at the last epoch")
     parser.add_argument("--decay-start", type=int, default=1,
                         help="first epoch of the decay (earlier epochs: --learning-rate)")
+    parser.add_argument("--background-steps", type=int, default=3000,
+                        help="steps of the background encoder's fit, after the catalog "
+                             "encoder's (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -67,7 +71,8 @@ def main(argv=None):
     done = 0
     if Path(args.checkpoint).exists():
         done = len(torch.load(args.checkpoint, weights_only=True)["history"])
-    for epoch in range(done + 1, args.epochs + 1):
+    # (the first call at an epoch already done loads the checkpoint and trains nothing)
+    for epoch in range(max(done, 1), args.epochs + 1):
         settings.n_epochs = epoch
         settings.learning_rate = learning_rate(epoch, args)
         deblender.fit(settings=settings, checkpoint=args.checkpoint, progress=False)
@@ -77,8 +82,15 @@ def main(argv=None):
               f"rate {settings.learning_rate:.2e}", flush=True)
         if args.minutes is not None and time.time() - started > 60 * args.minutes:
             break
-    deblender.provenance["command"] = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
     deblender.provenance["trained_minutes"] = round((time.time() - started) / 60, 1)
+    if args.background_steps:
+        started = time.time()
+        history = deblender.fit_background_encoder(n_steps=args.background_steps,
+                                                   seed=args.seed, progress=False)
+        print(f"background encoder: loss {history['loss'][0]:.3f} -> {history['loss'][-1]:.3f} "
+              f"in {args.background_steps} steps", flush=True)
+        deblender.provenance["background_minutes"] = round((time.time() - started) / 60, 1)
+    deblender.provenance["command"] = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
     deblender.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}")
 

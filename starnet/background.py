@@ -1,119 +1,214 @@
-"""Fitting the background level of an image to its catalog (the 'wake' step)."""
+"""Estimating the background of an image by amortized inference.
 
+The model's background is known only up to a factor (the SDSS sky, for instance, leaves
+out the light of unresolved stars). A deblender trained with a ``background_range`` has
+seen images whose background is its nominal background times a factor ``s`` drawn
+uniformly from that range, the same factor in every band. A small convolutional network,
+`BackgroundEncoder`, is fitted on such simulated images, by the same forward KL as the
+catalog encoder, to give the posterior of ``log s`` from each cell of the image; the cells'
+posteriors are combined into one factor per image (`fit_background`).
+"""
+
+import math
+import time
 import warnings
 
 import numpy as np
+import torch
 from astropy.nddata import NDData
 from astropy.table import QTable
-from photutils.utils.exceptions import NoDetectionsWarning
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
 
-from .simulate import as_background
+from .encoder import normalize_image
 
-__all__ = ["fit_background"]
+__all__ = ["BackgroundEncoder", "train_background_encoder", "fit_background",
+           "combine_cells"]
 
 
-def fit_background(deblender, nddata, *, n_iterations=8, edge=4, bounds=(0.9, 1.6)):
-    """Scale the background of each band until the catalog leaves a residual of zero median.
+class BackgroundEncoder(nn.Module):
+    """Posterior of the background factor, one normal on ``log s`` per cell of the image.
 
-    Under the model, data minus the star light of the true catalog minus the
-    background is noise of median zero. This finds, band by band, the factor ``s``
-    applied to the first guess in ``meta['background']`` for which the residual of the
-    modal catalog cataloged with that background, ``data - render(catalog) - s * b``,
-    has zero median over the image, by bisection within ``bounds`` (all bands at once:
-    the encoder sees them together). The median makes the fit insensitive to the flux
-    errors of the bright stars, which hold most of the light of a crowded field. Light
-    the model does not hold as stars, such as that of stars fainter than the prior's
-    ``f_min``, ends up in the background, as the generative model requires. Only the
-    image is used; pixels within ``edge`` pixels of the border (lit by stars outside the
-    image) are left out. The encoder must have been trained with a ``background_range``
-    that covers ``bounds`` (the bundled SDSS model: 0.9 to 1.6 times the SDSS sky).
+    Three 3 x 3 convolutions at pixel resolution, a ``cell_size`` x ``cell_size``
+    convolution with that stride, two 3 x 3 convolutions between cells and a 1 x 1 head
+    that gives the mean and log standard deviation of ``log s``. The input is the
+    catalog encoder's (`~starnet.encoder.normalize_image`) computed with the nominal
+    background, so the network sees the image only.
 
-    This is a heuristic, and a biased one. On 106 x 106 images simulated from the
-    bundled SDSS M2 model at its own background, the r-band residual median crosses
-    zero at 1.2 to 1.27 times the true background, not at 1, and in i it stays near
-    -0.1 of the background for factors 0.9 to 1.6, so the i factor is not identified
-    (``benchmarks/bench_background.py`` prints the fitted factors: 0.90 to 1.60 over 5
-    images). On M2 it gives 1.25 (r) and 1.31 (i) times the SDSS sky.
+    Parameters
+    ----------
+    n_bands : int
+    cell_size : int
+        Side of a cell in pixels.
+    hidden : int
+        Channels at pixel resolution (twice as many between cells).
+    """
+
+    def __init__(self, *, n_bands, cell_size=8, hidden=16):
+        super().__init__()
+        self.n_bands = n_bands
+        self.cell_size = cell_size
+        self.hidden = hidden
+        self.layers = nn.Sequential(
+            nn.Conv2d(2 * n_bands, hidden, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(hidden, 2 * hidden, cell_size, stride=cell_size), nn.ReLU(),
+            nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * hidden, 2, 1))
+
+    def forward(self, image, nominal):
+        """Mean and standard deviation of ``log s`` per cell, each (n_images, rows, cols).
+
+        ``image`` is (n_images, n_bands, rows, cols) electrons; ``nominal`` the nominal
+        background, broadcastable to it. Images are padded with zeros to whole cells.
+        """
+        x = normalize_image(image, nominal)
+        rows, cols = x.shape[-2:]
+        x = F.pad(x, (0, -cols % self.cell_size, 0, -rows % self.cell_size))
+        out = self.layers(x)
+        return out[:, 0], torch.exp(out[:, 1].clamp(-6, 2))
+
+
+def train_background_encoder(encoder, batches, *, n_steps=2000, batch_size=16,
+                             learning_rate=1e-3, final_learning_rate=1e-5, seed=0,
+                             progress=True):
+    """Fit ``encoder`` by the forward KL: mean of ``-log q(log s | cell)`` on simulated images.
+
+    Parameters
+    ----------
+    encoder : `BackgroundEncoder`
+        Trained in place.
+    batches : `~starnet.training.SimulatedBatches`
+        The generative model, with the ``background_range`` to learn.
+    n_steps, batch_size : int
+        Gradient steps and images per step.
+    learning_rate, final_learning_rate : float
+        Adam's rate decays from the first to the second by a cosine over the steps.
+    seed : int
+        Seed of the simulated images.
+
+    Returns
+    -------
+    history : `~astropy.table.QTable`
+        One row per tenth of the steps: ``step``, ``loss`` (mean over those steps),
+        ``seconds``.
+    """
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, n_steps,
+                                                          eta_min=final_learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    nominal = batches.background.reshape(1, -1, 1, 1)
+    encoder.train()
+    history, losses, started = [], [], time.perf_counter()
+    report_every = max(n_steps // 10, 1)
+    for step in tqdm(range(1, n_steps + 1), disable=not progress, leave=False):
+        images, background, _ = batches.draw(batch_size, generator=generator)
+        log_scale = torch.log(background[:, 0, 0, 0] / nominal[0, 0, 0, 0])
+        mean, sd = encoder(images, nominal)
+        loss = (0.5 * ((log_scale[:, None, None] - mean) / sd) ** 2 + torch.log(sd)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % report_every == 0 or step == n_steps:
+            history.append({"step": step, "loss": float(np.mean(losses)),
+                            "seconds": time.perf_counter() - started})
+            losses = []
+    encoder.eval()
+    return QTable(rows=history, names=["step", "loss", "seconds"])
+
+
+def combine_cells(mean, sd):
+    """Combine the cells' normal posteriors of ``log s`` by their precisions.
+
+    Returns ``(log_scale, log_scale_sd)``: the precision-weighted mean and the standard
+    deviation of the product of the normals. Cells' windows overlap, so the cells are
+    not independent and the standard deviation is a lower bound.
+
+    >>> mean, sd = combine_cells([0.1, 0.3], [0.1, 0.1])
+    >>> print(f"{mean:.3f} {sd:.4f}")
+    0.200 0.0707
+    """
+    precision = 1 / np.asarray(sd, dtype=float) ** 2
+    total = precision.sum()
+    return float((np.asarray(mean) * precision).sum() / total), float(1 / math.sqrt(total))
+
+
+@torch.no_grad()
+def fit_background(deblender, nddata):
+    """The image with its background replaced by the deblender's estimate from the pixels.
+
+    The `BackgroundEncoder` of ``deblender`` (see
+    `~starnet.StarNetDeblender.fit_background_encoder`) gives each whole 8 x 8 pixel
+    cell a posterior of the background factor ``s`` (the pixels of a partial last row
+    or column of cells are left out); the cells are combined by
+    `combine_cells` into one factor, the same for every band as in training, and
+    the background becomes ``s`` times the model's nominal background. The first guess
+    in ``meta['background']`` is not used. The factor is clipped to the range the
+    deblender was trained on, with a warning.
 
     Parameters
     ----------
     deblender : `~starnet.StarNetDeblender`
     nddata : `~astropy.nddata.NDData`
-        The image, with a first guess of the background in ``meta['background']``.
-    n_iterations : int, optional
-        Bisection rounds (the interval shrinks by 2 each round).
-    edge : int, optional
-        Border width in pixels left out.
-    bounds : tuple of float, optional
-        Range of the factors.
+        The image (bands, rows, cols) in electrons, in the form the deblender takes.
 
     Returns
     -------
     image : `~astropy.nddata.NDData`
-        A copy of ``nddata`` whose ``meta['background']`` is the fitted background map
-        (bands, rows, cols).
-    history : `~astropy.table.QTable`
-        One row per round: the factors tried (``scale_<band>``), the mean background
-        (``background_<band>``, electrons), the median residual over the mean
-        background (``misfit_<band>``) and the number of stars cataloged.
+        A copy of ``nddata`` with the fitted background map (bands, rows, cols) in
+        ``meta['background']`` and the fit in ``meta['background_fit']``
+        (``scale``, ``scale_sd``: the factor and the lower bound on its standard
+        deviation).
+    cells : `~astropy.table.QTable`
+        One row per cell: ``x``, ``y`` (cell centre, pixels), ``scale`` (``exp`` of the
+        mean of ``log s``) and ``log_scale_sd``.
+
+    Examples
+    --------
+    >>> from starnet import StarNetDeblender
+    >>> from starnet.datasets import load_m2
+    >>> deblender = StarNetDeblender.pretrained("sdss-m2")
+    >>> image, truth = load_m2()
+    >>> fitted, cells = fit_background(deblender, image)
+    >>> 1.0 < fitted.meta["background_fit"]["scale"] < 1.6
+    True
     """
-    data = np.asarray(nddata.data, dtype=float)
-    n_bands, rows, cols = data.shape
-    if min(rows, cols) <= 2 * edge + 3:
-        raise ValueError(f"image of {rows} x {cols} pixels is too small for edge={edge}")
-    if not 0 < bounds[0] < bounds[1]:
-        raise ValueError(f"bounds must be increasing positive factors, got {bounds}")
-    first = as_background(nddata.meta["background"], n_bands, (rows, cols))
-    if first.ndim == 1:
-        first = np.broadcast_to(first[:, None, None], data.shape)
-    inner = (slice(None), slice(edge, rows - edge), slice(edge, cols - edge))
-    level = first[inner].mean(axis=(1, 2))
-    bad = ~np.isfinite(data)
-    if nddata.mask is not None:
-        bad |= np.broadcast_to(np.asarray(nddata.mask, dtype=bool), data.shape)
-    bands = deblender.bands
-
-    def image_with(scales):
-        meta = dict(nddata.meta, background=first * scales[:, None, None])
-        return NDData(nddata.data, mask=nddata.mask, wcs=nddata.wcs, unit=nddata.unit,
-                      meta=meta)
-
-    low = np.full(n_bands, float(bounds[0]))
-    high = np.full(n_bands, float(bounds[1]))
-    history = []
-    for iteration in range(n_iterations):
-        scales = (low + high) / 2
-        image = image_with(scales)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NoDetectionsWarning)
-            catalog = deblender(image)
-        residual = data - deblender.render(catalog, (rows, cols)) - image.meta["background"]
-        residual[bad] = np.nan     # masked and non-finite pixels do not count
-        misfit = np.nanmedian(residual[inner], axis=(1, 2)) / (level * scales)
-        history.append({"iteration": iteration + 1, "n_stars": len(catalog),
-                        **{f"scale_{b}": float(s) for b, s in zip(bands, scales)},
-                        **{f"background_{b}": float(v) for b, v in zip(bands, level * scales)},
-                        **{f"misfit_{b}": float(m) for b, m in zip(bands, misfit)}})
-        low = np.where(misfit > 0, scales, low)
-        high = np.where(misfit > 0, high, scales)
-    scales = (low + high) / 2
-    image = image_with(scales)
-    _warn_if_untrained(deblender, level * scales)
-    image.meta["background_fit"] = {"scales": scales.tolist(), "edge": edge,
-                                    "bounds": list(bounds), "rounds": n_iterations}
-    return image, QTable(rows=history, names=list(history[0]))
-
-
-def _warn_if_untrained(deblender, fitted):
-    """Warn when a fitted mean background lies outside the range the encoder was trained on."""
-    settings = deblender.training_settings
-    if settings is None:
-        return
-    low = settings.background_range[0] * deblender.background
-    high = settings.background_range[1] * deblender.background
-    outside = (fitted < 0.99 * low) | (fitted > 1.01 * high)
-    if np.any(outside):
-        warnings.warn(f"the fitted background {np.round(fitted, 1).tolist()} lies outside the "
-                      f"range the encoder was trained on ({np.round(low, 1).tolist()} to "
-                      f"{np.round(high, 1).tolist()} e-); the catalog may be unreliable",
-                      UserWarning)
+    encoder = deblender.background_encoder
+    if encoder is None:
+        raise ValueError("this model has no background encoder; train one with "
+                         "deblender.fit_background_encoder()")
+    image, _, _ = deblender._prepare(nddata)
+    nominal = torch.as_tensor(np.asarray(deblender.background, dtype=np.float32))
+    cell = encoder.cell_size
+    rows, cols = image.shape[-2:]
+    if min(rows, cols) < cell:
+        raise ValueError(f"the image ({rows} x {cols} pixels) is smaller than one cell of "
+                         f"the background encoder ({cell} x {cell})")
+    # whole cells only: a partial cell would be padded with pixels at exactly the nominal
+    # background, which the network reads as evidence
+    whole = image[..., :rows - rows % cell, :cols - cols % cell]
+    mean, sd = encoder(whole, nominal.reshape(1, -1, 1, 1))
+    mean, sd = mean[0].double().numpy(), sd[0].double().numpy()
+    log_scale, log_scale_sd = combine_cells(mean, sd)
+    low, high = deblender.training_settings.background_range
+    scale = float(np.exp(log_scale))
+    if not low <= scale <= high:
+        warnings.warn(f"the estimated background factor {scale:.3f} lies outside the range "
+                      f"the model was trained on ({low} to {high}); clipped", UserWarning)
+        scale = float(np.clip(scale, low, high))
+    background = np.broadcast_to(
+        (scale * np.asarray(deblender.background, dtype=float))[:, None, None],
+        (len(deblender.bands), rows, cols)).copy()
+    fitted = NDData(nddata.data, mask=nddata.mask, wcs=nddata.wcs, unit=nddata.unit,
+                    meta=dict(nddata.meta, background=background,
+                              background_fit={"scale": scale, "scale_sd": scale * log_scale_sd}))
+    y, x = np.mgrid[0:mean.shape[0], 0:mean.shape[1]]
+    cells = QTable({"x": (x.ravel() + 0.5) * cell - 0.5, "y": (y.ravel() + 0.5) * cell - 0.5,
+                    "scale": np.exp(mean.ravel()), "log_scale_sd": sd.ravel()})
+    return fitted, cells

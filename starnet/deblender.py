@@ -14,6 +14,7 @@ from astropy.table import QTable, vstack
 from photutils.utils.exceptions import NoDetectionsWarning
 
 from . import __version__
+from .background import BackgroundEncoder, train_background_encoder
 from .encoder import StarNetEncoder
 from .posterior import TiledPosterior, count_distribution
 from .prior import StarFieldPrior, _seed_int
@@ -97,6 +98,10 @@ class StarNetDeblender:
         self.encoder.eval()
         self.training_settings = None
         self.training_history = None
+        #: `~starnet.background.BackgroundEncoder` behind `~starnet.background.fit_background`
+        #: (see `fit_background_encoder`), or None.
+        self.background_encoder = None
+        self.background_history = None
         #: Free-form record saved with the model (e.g. the command that trained it).
         self.provenance = {}
         #: Images larger than this many pixels on a side are encoded in square chunks of
@@ -161,6 +166,35 @@ class StarNetDeblender:
         self.training_history = history
         return history
 
+    def fit_background_encoder(self, *, n_steps=2000, batch_size=16, image_shape=(64, 64),
+                               seed=0, progress=True, **kwargs):
+        """Fit the network that estimates an image's background factor from its pixels.
+
+        Images are simulated as for `fit`, with backgrounds scaled by factors drawn from
+        the ``background_range`` of the training settings (so `fit` comes first, with a
+        range). Keyword arguments go to `~starnet.background.train_background_encoder`.
+
+        Returns
+        -------
+        history : `~astropy.table.QTable`
+            Loss against step (also kept as ``background_history``).
+        """
+        settings = self.training_settings
+        if settings is None or not settings.background_range[0] < settings.background_range[1]:
+            raise ValueError("the background can be estimated only by a model trained over a "
+                             "range of backgrounds: fit(background_range=(low, high)) first")
+        batches = SimulatedBatches(self.prior, self._renderer(), self.background, image_shape,
+                                   margin=settings.margin,
+                                   background_range=settings.background_range)
+        if self.background_encoder is None:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                self.background_encoder = BackgroundEncoder(n_bands=self.prior.n_bands)
+        self.background_history = train_background_encoder(
+            self.background_encoder, batches, n_steps=n_steps, batch_size=batch_size,
+            seed=seed, progress=progress, **kwargs)
+        return self.background_history
+
     # --------------------------------------------------------------- persistence
     def save(self, path, *, overwrite=False):
         """Save the model: network weights (tensors only) and JSON metadata, in one file.
@@ -187,8 +221,15 @@ class StarNetDeblender:
                                   if self.training_settings is not None else None),
             "training_history": history, "provenance": self.provenance,
         }
-        torch.save({"metadata": json.dumps(metadata), "weights": self.encoder.state_dict()},
-                   path)
+        state = {"weights": self.encoder.state_dict()}
+        if self.background_encoder is not None:
+            metadata["background_encoder"] = {
+                "cell_size": self.background_encoder.cell_size,
+                "hidden": self.background_encoder.hidden,
+                "history": {name: [float(v) for v in self.background_history[name]]
+                            for name in self.background_history.colnames}}
+            state["background_weights"] = self.background_encoder.state_dict()
+        torch.save({"metadata": json.dumps(metadata), **state}, path)
 
     @classmethod
     def load(cls, path):
@@ -213,6 +254,14 @@ class StarNetDeblender:
             settings["background_range"] = tuple(settings["background_range"])
             deblender.training_settings = TrainingSettings(**settings)
         deblender.provenance = metadata.get("provenance", {})
+        if "background_encoder" in metadata:
+            options = metadata["background_encoder"]
+            deblender.background_encoder = BackgroundEncoder(
+                n_bands=deblender.prior.n_bands, cell_size=options["cell_size"],
+                hidden=options["hidden"])
+            deblender.background_encoder.load_state_dict(state["background_weights"])
+            deblender.background_encoder.eval()
+            deblender.background_history = QTable(options["history"])
         if metadata["training_history"] is not None:
             deblender.training_history = QTable(metadata["training_history"])
         return deblender

@@ -65,8 +65,8 @@ def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrit
     Rows, printed as they are computed:
 
     * StarNet (this package): the modal catalog of ``model`` with the SDSS sky as
-      background and, with ``fit_background`` (when `starnet.background` exists), with
-      the background fitted by ``starnet.background.fit_background``. ``N posterior``
+      background and, with ``fit_background`` (for a model with a background encoder),
+      with the background fitted by ``starnet.background.fit_background``. ``N posterior``
       is the mean and 5 and 95 % quantiles of the number of stars strictly inside the
       region over ``n_samples`` catalogs drawn from the posterior.
     * DAOPHOT-like: `starnet.baselines.daophot_catalog` on the r band, run live.
@@ -165,8 +165,10 @@ def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrit
             starnet_row("fitted background", fitted, start)
             means = np.mean(as_background(fitted.meta["background"], len(deblender.bands),
                                           image.data.shape[1:]), axis=(1, 2))
-            say("    fitted background, mean over the image: " + ", ".join(
-                f"{band} {value:.0f} e-" for band, value in zip(deblender.bands, means)))
+            fit = fitted.meta["background_fit"]
+            say(f"    fitted background: {fit['scale']:.3f} +- {fit['scale_sd']:.3f} times the "
+                "model's (SDSS sky): " + ", ".join(
+                    f"{band} {value:.0f} e-" for band, value in zip(deblender.bands, means)))
 
     start = time.perf_counter()
     catalog = _in_region(daophot_catalog(image, band="r", nelec_per_nmgy=nelec), region, nelec)

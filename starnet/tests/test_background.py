@@ -1,82 +1,79 @@
-"""fit_background finds the background that makes the residual of zero median."""
+"""The background encoder estimates the factor on the nominal background from the pixels."""
 
 import numpy as np
 import pytest
-from astropy import units as u
-from astropy.nddata import NDData
-from astropy.table import QTable
+import torch
 
-from starnet.background import fit_background
+from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender, simulate_starfield
+from starnet.background import BackgroundEncoder, combine_cells, fit_background
 
-SHAPE = (40, 50)
-
-
-class PerfectDeblender:
-    """Stands in for a deblender whose catalog reproduces the star light exactly."""
-
-    bands = ["r", "i"]
-    training_settings = None
-
-    def __init__(self, starlight):
-        self.starlight = starlight
-        self.backgrounds_seen = []
-
-    def __call__(self, nddata):
-        self.backgrounds_seen.append(np.mean(nddata.meta["background"], axis=(1, 2)))
-        return QTable({"x_fit": [1.0], "y_fit": [2.0], "flux_r": [1.0] * u.electron,
-                       "flux_i": [1.0] * u.electron})
-
-    def render(self, catalog, shape):
-        return self.starlight
+BACKGROUND = [686.0, 1123.0]
+PSF = PowerLawPSF(sigma1=1.0, sigma2=2.5, sigmap=3.0, beta=3.0, b=0.1, p0=0.01)
+# almost no stars: the background alone sets the pixel values, so the factor is identified
+PRIOR = StarFieldPrior(mu=1e-4, bands=["r", "i"])
+RANGE = (0.8, 1.5)
 
 
-def _image(true_background, guess, seed=0):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:SHAPE[0], 0:SHAPE[1]]
-    starlight = np.stack([5000 * np.exp(-((x - 20) ** 2 + (y - 15) ** 2) / 8.0)] * 2)
-    expected = starlight + np.asarray(true_background)[:, None, None]
-    data = rng.normal(expected, np.sqrt(expected))
-    meta = {"bands": ["r", "i"], "background": np.asarray(guess, dtype=float), "psf": None}
-    return NDData(data, unit=u.electron, meta=meta), starlight
+@pytest.fixture(scope="module")
+def deblender():
+    deblender = StarNetDeblender(prior=PRIOR, psf=PSF, background=BACKGROUND, hidden=8,
+                                 tile_hidden=16, stamp_size=7)
+    deblender.fit(n_epochs=1, batches_per_epoch=1, batch_size=2, image_shape=(16, 16),
+                  n_validation=2, background_range=RANGE, progress=False)
+    deblender.fit_background_encoder(n_steps=600, batch_size=8, image_shape=(32, 32),
+                                     learning_rate=3e-3, progress=False)
+    return deblender
 
 
-def test_recovers_the_background_of_each_band():
-    image, starlight = _image([800.0, 1300.0], guess=[686.0, 1123.0])
-    deblender = PerfectDeblender(starlight)
-    fitted, history = fit_background(deblender, image, n_iterations=12)
-    means = fitted.meta["background"].mean(axis=(1, 2))
-    # the noise's median is zero: the fit recovers the truth to well under its noise
-    np.testing.assert_allclose(means, [800.0, 1300.0], rtol=0.01)
-    assert len(history) == 12
-    assert fitted.meta["background_fit"]["scales"] == pytest.approx(
-        [800 / 686, 1300 / 1123], rel=0.01)
-    # every round cataloged the image with the background it was testing
-    np.testing.assert_allclose(deblender.backgrounds_seen[-1],
-                               [history["background_r"][-1], history["background_i"][-1]])
+def image_at(scale, seed, shape=(24, 24)):
+    image, _ = simulate_starfield(shape, prior=PRIOR, psf=PSF, stamp_size=7, seed=seed,
+                                  background=[scale * b for b in BACKGROUND])
+    image.meta["background"] = BACKGROUND          # the first guess is not used
+    return image
 
 
-def test_masked_and_non_finite_pixels_are_left_out():
-    image, starlight = _image([800.0, 1300.0], guess=[686.0, 1123.0])
-    data = image.data.copy()
-    data[:, 5:15, 5:45] = np.nan          # a quarter of the pixels
-    data[:, 20:25, :] = 1e6               # saturated, but masked
-    mask = np.zeros(data.shape, dtype=bool)
-    mask[:, 20:25, :] = True
-    broken = NDData(data, mask=mask, unit=image.unit, meta=image.meta)
-    fitted, _ = fit_background(PerfectDeblender(starlight), broken, n_iterations=12)
-    np.testing.assert_allclose(fitted.meta["background"].mean(axis=(1, 2)), [800.0, 1300.0],
-                               rtol=0.01)
+def test_combine_cells_weights_by_precision():
+    mean, sd = combine_cells([0.0, 0.3, 1.0], [0.1, 0.1, 1e3])
+    assert mean == pytest.approx(0.15, abs=1e-6)   # the vague cell hardly counts
+    assert sd == pytest.approx(0.1 / np.sqrt(2), rel=1e-5)
 
 
-def test_stays_within_bounds():
-    image, starlight = _image([3000.0, 3000.0], guess=[686.0, 1123.0])
-    fitted, _ = fit_background(PerfectDeblender(starlight), image, bounds=(0.9, 1.6))
-    assert np.all(fitted.meta["background"].mean(axis=(1, 2)) <= 1.6 * np.array([686, 1123]))
+def test_encoder_gives_one_posterior_per_cell():
+    encoder = BackgroundEncoder(n_bands=2, cell_size=8, hidden=4)
+    mean, sd = encoder(torch.full((3, 2, 20, 30), 700.0), torch.tensor([[[[686.0]], [[1123.0]]]]))
+    assert mean.shape == sd.shape == (3, 3, 4)     # 20 x 30 pixels padded to 3 x 4 cells
+    assert torch.all(sd > 0)
 
 
-def test_errors():
-    image, starlight = _image([800.0, 1300.0], guess=[686.0, 1123.0])
-    with pytest.raises(ValueError, match="bounds must be increasing"):
-        fit_background(PerfectDeblender(starlight), image, bounds=(1.5, 1.0))
-    with pytest.raises(ValueError, match="too small"):
-        fit_background(PerfectDeblender(starlight), image, edge=30)
+@pytest.mark.parametrize("scale", [0.9, 1.2, 1.4])
+def test_recovers_the_background_factor(deblender, scale):
+    fitted, cells = fit_background(deblender, image_at(scale, seed=int(10 * scale)))
+    fit = fitted.meta["background_fit"]
+    assert fit["scale"] == pytest.approx(scale, rel=0.05)
+    np.testing.assert_allclose(fitted.meta["background"].mean(axis=(1, 2)),
+                               fit["scale"] * np.array(BACKGROUND))
+    assert len(cells) == 9 and set(cells.colnames) == {"x", "y", "scale", "log_scale_sd"}
+
+
+def test_outside_the_trained_range_warns_and_clips(deblender):
+    with pytest.warns(UserWarning, match="outside the range"):
+        fitted, _ = fit_background(deblender, image_at(3.0, seed=1))
+    assert fitted.meta["background_fit"]["scale"] == RANGE[1]
+
+
+def test_saved_with_the_model(deblender, tmp_path):
+    deblender.save(tmp_path / "model.pt")
+    loaded = StarNetDeblender.load(tmp_path / "model.pt")
+    image = image_at(1.1, seed=4)
+    assert (fit_background(loaded, image)[0].meta["background_fit"]
+            == fit_background(deblender, image)[0].meta["background_fit"])
+    assert len(loaded.background_history) == len(deblender.background_history)
+
+
+def test_needs_a_background_encoder_trained_over_a_range():
+    plain = StarNetDeblender(prior=PRIOR, psf=PSF, background=BACKGROUND, hidden=8,
+                             tile_hidden=16, stamp_size=7)
+    with pytest.raises(ValueError, match="no background encoder"):
+        fit_background(plain, image_at(1.0, seed=0))
+    with pytest.raises(ValueError, match="range of backgrounds"):
+        plain.fit_background_encoder(n_steps=1)
