@@ -37,7 +37,14 @@ FWHM = 4.2
 F_MIN = 5000.0
 BACKGROUND = 1000.0
 SHAPE = (30, 30)
-MIDPOINTS = {"tile centre": (15.0, 15.0), "tile corner": (10.0, 10.0)}
+
+
+def midpoints(tile_size):
+    """A tile centre and a corner shared by four tiles, near the image centre (tile
+    ``j`` covers ``j R - 0.5 <= x < (j + 1) R - 0.5``)."""
+    centre = tile_size * (SHAPE[1] // 2 // tile_size) + (tile_size - 1) / 2
+    corner = tile_size * round(SHAPE[1] / 2 / tile_size) - 0.5
+    return {"tile centre": (centre, centre), "tile corner": (corner, corner)}
 
 
 def gaussian_psf(fwhm, size=25):
@@ -49,7 +56,7 @@ def gaussian_psf(fwhm, size=25):
     return image / image.sum()
 
 
-def trained_deblender(path, epochs, seed):
+def trained_deblender(path, epochs, tile_size, seed):
     """Load the experiment's model from ``path``, or train it for ``epochs`` and save it.
 
     Adam's rate decays from 1e-3 to 1e-5 by a cosine over the epochs.
@@ -58,7 +65,7 @@ def trained_deblender(path, epochs, seed):
         return StarNetDeblender.load(path)
     prior = StarFieldPrior(mu=0.01, f_min=F_MIN, f_max=1e6, alpha=0.5, bands=("r",))
     deblender = StarNetDeblender(prior=prior, psf=gaussian_psf(FWHM), background=[BACKGROUND],
-                                 tile_size=10, max_sources=3, seed=seed)
+                                 tile_size=tile_size, max_sources=3, seed=seed)
     settings = TrainingSettings(image_shape=(40, 40), batch_size=32, batches_per_epoch=50,
                                 margin=8.0, seed=seed)
     checkpoint = Path(path).with_suffix(".ckpt")
@@ -70,7 +77,7 @@ def trained_deblender(path, epochs, seed):
         print(f"epoch {epoch}: loss {row['train_loss']:.3f} / {row['val_loss']:.3f}, "
               f"F1 {row['val_f1']:.3f}", flush=True)
     deblender.provenance["command"] = (f"python benchmarks/bench_deblending.py --epochs {epochs}"
-                                       f" --seed {seed}")
+                                       f" --tile-size {tile_size} --seed {seed}")
     deblender.save(path)
     return deblender
 
@@ -96,20 +103,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/deblending.pt")
     parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--tile-size", type=int, default=10)
     parser.add_argument("--flux", type=float, default=1e4)
     parser.add_argument("--n-images", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="PNG of P(N=2) and E[N] against delta")
     args = parser.parse_args(argv)
-    deblender = trained_deblender(args.model, args.epochs, args.seed)
+    deblender = trained_deblender(args.model, args.epochs, args.tile_size, args.seed)
     separations = np.arange(0.0, 5.01, 0.25)
     generator = torch.Generator().manual_seed(args.seed + 1)
     results = {name: np.array([pair_counts(deblender, delta, midpoint, args.flux,
                                            args.n_images, generator)
                                for delta in separations])
-               for name, midpoint in MIDPOINTS.items()}
+               for name, midpoint in midpoints(args.tile_size).items()}
     print(f"two stars of {args.flux:g} e- each, Gaussian PSF FWHM {FWHM} px, background "
-          f"{BACKGROUND:g} e-/px, tile 10 px; mean over {args.n_images} noise draws")
+          f"{BACKGROUND:g} e-/px, tile {args.tile_size} px; mean over {args.n_images} noise draws")
     print("delta (px) | " + " | ".join(f"{name}: P(N=2), E[N]" for name in results))
     for k, delta in enumerate(separations):
         print(f"{delta:10.2f} | " + " | ".join(f"{values[k, 0]:.3f}, {values[k, 1]:.2f}"
@@ -131,7 +139,7 @@ def main(argv=None):
         axes[1].axhline(2, color="grey", ls=":")
         axes[1].set(xlabel="separation (pixels)", ylabel="E[N]")
         axes[0].legend()
-        figure.suptitle(f"Two equal stars, PSF FWHM {FWHM} px, tile 10 px")
+        figure.suptitle(f"Two equal stars, PSF FWHM {FWHM} px, tile {args.tile_size} px")
         figure.tight_layout()
         figure.savefig(args.output, dpi=120)
         print(f"wrote {args.output}")

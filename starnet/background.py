@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from astropy.nddata import NDData
 from astropy.table import QTable
+from scipy.ndimage import gaussian_filter, map_coordinates
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -140,31 +141,39 @@ def combine_cells(mean, sd):
 
 
 @torch.no_grad()
-def fit_background(deblender, nddata):
+def fit_background(deblender, nddata, *, smoothing=None):
     """The image with its background replaced by the deblender's estimate from the pixels.
 
     The `BackgroundEncoder` of ``deblender`` (see
     `~starnet.StarNetDeblender.fit_background_encoder`) gives each whole 8 x 8 pixel
     cell a posterior of the background factor ``s`` (the pixels of a partial last row
-    or column of cells are left out); the cells are combined by
-    `combine_cells` into one factor, the same for every band as in training, and
-    the background becomes ``s`` times the model's nominal background. The first guess
-    in ``meta['background']`` is not used. The factor is clipped to the range the
-    deblender was trained on, with a warning.
+    or column of cells are left out). By default the cells are combined by
+    `combine_cells` into one factor, the same for every band as in training, and the
+    background becomes ``s`` times the model's nominal background. With ``smoothing``,
+    the factor varies over the image: at each cell, the precision-weighted mean of the
+    cells' ``log s`` under a Gaussian window of ``smoothing`` pixels (standard
+    deviation), interpolated linearly between cell centres; use it for fields whose
+    unresolved light varies, such as a whole frame across a cluster. The first guess in
+    ``meta['background']`` is not used. Factors are clipped to the range the deblender
+    was trained on, with a warning.
 
     Parameters
     ----------
     deblender : `~starnet.StarNetDeblender`
     nddata : `~astropy.nddata.NDData`
         The image (bands, rows, cols) in electrons, in the form the deblender takes.
+    smoothing : float, optional
+        Width in pixels of the window of a spatially varying background; by default one
+        factor for the whole image.
 
     Returns
     -------
     image : `~astropy.nddata.NDData`
         A copy of ``nddata`` with the fitted background map (bands, rows, cols) in
-        ``meta['background']`` and the fit in ``meta['background_fit']``
-        (``scale``, ``scale_sd``: the factor and the lower bound on its standard
-        deviation).
+        ``meta['background']`` and the fit in ``meta['background_fit']``: ``scale``
+        (the factor; with ``smoothing``, its median over the image), ``scale_sd`` (a
+        lower bound on the standard deviation of the single factor; None with
+        ``smoothing``) and ``smoothing``.
     cells : `~astropy.table.QTable`
         One row per cell: ``x``, ``y`` (cell centre, pixels), ``scale`` (``exp`` of the
         mean of ``log s``) and ``log_scale_sd``.
@@ -183,6 +192,8 @@ def fit_background(deblender, nddata):
     if encoder is None:
         raise ValueError("this model has no background encoder; train one with "
                          "deblender.fit_background_encoder()")
+    if smoothing is not None and not smoothing > 0:
+        raise ValueError(f"smoothing must be a positive width in pixels, got {smoothing}")
     image, _, _ = deblender._prepare(nddata)
     nominal = torch.as_tensor(np.asarray(deblender.background, dtype=np.float32))
     cell = encoder.cell_size
@@ -195,19 +206,30 @@ def fit_background(deblender, nddata):
     whole = image[..., :rows - rows % cell, :cols - cols % cell]
     mean, sd = encoder(whole, nominal.reshape(1, -1, 1, 1))
     mean, sd = mean[0].double().numpy(), sd[0].double().numpy()
-    log_scale, log_scale_sd = combine_cells(mean, sd)
+    if smoothing is None:
+        log_scale, log_scale_sd = combine_cells(mean, sd)
+        scale = np.full((rows, cols), np.exp(log_scale))
+    else:
+        precision = 1 / sd ** 2
+        width = smoothing / cell
+        log_map = (gaussian_filter(mean * precision, width, mode="nearest")
+                   / gaussian_filter(precision, width, mode="nearest"))
+        # pixel centres in cell coordinates (cell k's centre at k)
+        y = (np.arange(rows) + 0.5) / cell - 0.5
+        x = (np.arange(cols) + 0.5) / cell - 0.5
+        grid = np.meshgrid(y, x, indexing="ij")
+        scale = np.exp(map_coordinates(log_map, grid, order=1, mode="nearest"))
     low, high = deblender.training_settings.background_range
-    scale = float(np.exp(log_scale))
-    if not low <= scale <= high:
-        warnings.warn(f"the estimated background factor {scale:.3f} lies outside the range "
-                      f"the model was trained on ({low} to {high}); clipped", UserWarning)
-        scale = float(np.clip(scale, low, high))
-    background = np.broadcast_to(
-        (scale * np.asarray(deblender.background, dtype=float))[:, None, None],
-        (len(deblender.bands), rows, cols)).copy()
+    if np.any((scale < low) | (scale > high)):
+        warnings.warn(f"estimated background factors from {scale.min():.3f} to "
+                      f"{scale.max():.3f} lie outside the range the model was trained on "
+                      f"({low} to {high}); clipped", UserWarning)
+        scale = np.clip(scale, low, high)
+    background = scale[None] * np.asarray(deblender.background, dtype=float)[:, None, None]
+    fit = {"scale": float(np.median(scale)), "smoothing": smoothing,
+           "scale_sd": None if smoothing is not None else float(scale[0, 0] * log_scale_sd)}
     fitted = NDData(nddata.data, mask=nddata.mask, wcs=nddata.wcs, unit=nddata.unit,
-                    meta=dict(nddata.meta, background=background,
-                              background_fit={"scale": scale, "scale_sd": scale * log_scale_sd}))
+                    meta=dict(nddata.meta, background=background, background_fit=fit))
     y, x = np.mgrid[0:mean.shape[0], 0:mean.shape[1]]
     cells = QTable({"x": (x.ravel() + 0.5) * cell - 0.5, "y": (y.ravel() + 0.5) * cell - 0.5,
                     "scale": np.exp(mean.ravel()), "log_scale_sd": sd.ravel()})

@@ -77,3 +77,21 @@ def test_needs_a_background_encoder_trained_over_a_range():
         fit_background(plain, image_at(1.0, seed=0))
     with pytest.raises(ValueError, match="range of backgrounds"):
         plain.fit_background_encoder(n_steps=1)
+
+
+def test_smoothing_follows_a_background_that_varies(deblender):
+    scale = np.where(np.arange(80) < 40, 0.9, 1.3)
+    image, _ = simulate_starfield((24, 80), prior=PRIOR, psf=PSF, stamp_size=7, seed=5,
+                                  background=np.array(BACKGROUND)[:, None, None]
+                                  * np.broadcast_to(scale, (24, 80)))
+    image.meta["background"] = BACKGROUND
+    fitted, _ = fit_background(deblender, image, smoothing=4.0)
+    fitted_scale = fitted.meta["background"][0] / BACKGROUND[0]
+    assert fitted.meta["background"].shape == (2, 24, 80)
+    np.testing.assert_allclose(fitted.meta["background"][1] / BACKGROUND[1], fitted_scale)
+    assert np.mean(fitted_scale[:, :16]) == pytest.approx(0.9, rel=0.06)
+    assert np.mean(fitted_scale[:, -16:]) == pytest.approx(1.3, rel=0.06)
+    single = fit_background(deblender, image)[0].meta["background_fit"]["scale"]
+    assert 0.95 < single < 1.28       # one factor, between the two halves
+    with pytest.raises(ValueError, match="smoothing must be a positive"):
+        fit_background(deblender, image, smoothing=0)
