@@ -92,6 +92,6 @@ def test_smoothing_follows_a_background_that_varies(deblender):
     assert np.mean(fitted_scale[:, :16]) == pytest.approx(0.9, rel=0.06)
     assert np.mean(fitted_scale[:, -16:]) == pytest.approx(1.3, rel=0.06)
     single = fit_background(deblender, image)[0].meta["background_fit"]["scale"]
-    assert 0.95 < single < 1.28       # one factor, between the two halves
+    assert fitted_scale[:, :16].mean() < single < fitted_scale[:, -16:].mean()
     with pytest.raises(ValueError, match="smoothing must be a positive"):
         fit_background(deblender, image, smoothing=0)
