@@ -16,7 +16,6 @@ P(N = 2) exceeds 0.9. Run::
 """
 
 import argparse
-import math
 from pathlib import Path
 
 import matplotlib
@@ -28,7 +27,7 @@ from astropy.table import QTable
 
 from starnet import StarFieldPrior, StarNetDeblender
 from starnet.simulate import add_noise
-from starnet.training import TrainingSettings
+from starnet.training import TrainingSettings, cosine_rate
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -70,7 +69,7 @@ def trained_deblender(path, epochs, tile_size, seed):
                                 margin=8.0, seed=seed)
     checkpoint = Path(path).with_suffix(".ckpt")
     for epoch in range(1, epochs + 1):
-        rate = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+        rate = cosine_rate((epoch - 1) / epochs, 1e-3, 1e-5)
         deblender.fit(settings=settings, checkpoint=checkpoint, progress=False, n_epochs=epoch,
                       learning_rate=rate)
         row = deblender.training_history[-1]

@@ -16,7 +16,6 @@ Training resumes from ``--checkpoint`` when it exists.
 """
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from starnet import StarFieldPrior, StarNetDeblender
 from starnet.datasets import load_m2
-from starnet.training import TrainingSettings
+from starnet.training import TrainingSettings, cosine_rate
 
 
 def main(argv=None):
@@ -100,8 +99,7 @@ def learning_rate(epoch, args):
     if args.final_learning_rate is None or epoch < args.decay_start:
         return args.learning_rate
     progress = (epoch - args.decay_start) / max(args.epochs - args.decay_start, 1)
-    return args.final_learning_rate + 0.5 * (args.learning_rate - args.final_learning_rate) * (
-        1 + math.cos(math.pi * progress))
+    return cosine_rate(progress, args.learning_rate, args.final_learning_rate)
 
 
 if __name__ == "__main__":

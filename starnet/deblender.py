@@ -205,10 +205,6 @@ class StarNetDeblender:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        history = None
-        if self.training_history is not None:
-            history = {name: [float(v) for v in self.training_history[name]]
-                       for name in self.training_history.colnames}
         metadata = {
             "format": _MODEL_FORMAT, "starnet_version": __version__,
             "prior": self.prior.to_dict(), "psf": [psf_to_dict(p) for p in self.psfs],
@@ -219,15 +215,16 @@ class StarNetDeblender:
             "log_flux_offset": self.encoder.log_flux_offset,
             "training_settings": (self.training_settings.to_dict()
                                   if self.training_settings is not None else None),
-            "training_history": history, "provenance": self.provenance,
+            "training_history": (_table_to_lists(self.training_history)
+                                 if self.training_history is not None else None),
+            "provenance": self.provenance,
         }
         state = {"weights": self.encoder.state_dict()}
         if self.background_encoder is not None:
             metadata["background_encoder"] = {
                 "cell_size": self.background_encoder.cell_size,
                 "hidden": self.background_encoder.hidden,
-                "history": {name: [float(v) for v in self.background_history[name]]
-                            for name in self.background_history.colnames}}
+                "history": _table_to_lists(self.background_history)}
             state["background_weights"] = self.background_encoder.state_dict()
         torch.save({"metadata": json.dumps(metadata), **state}, path)
 
@@ -561,6 +558,11 @@ def check_image_meta(nddata):
         raise ValueError(f"the image's meta lacks {missing}: it needs 'bands' (band names), "
                          "'psf' (one PSF per band) and 'background' (electrons per pixel)")
     return meta
+
+
+def _table_to_lists(table):
+    """A table of numbers as a JSON-ready dict of lists of floats, column by column."""
+    return {name: [float(v) for v in table[name]] for name in table.colnames}
 
 
 def _sigmoid_sd(mean, sd):

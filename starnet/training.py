@@ -1,5 +1,6 @@
 """Fitting the encoder by the expected forward KL on simulated images (paper eq. 21)."""
 
+import math
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -15,7 +16,7 @@ from .prior import batch_to_table, catalog_table
 from .simulate import add_noise
 from .tiles import TileGrid
 
-__all__ = ["TrainingSettings", "SimulatedBatches", "train_encoder"]
+__all__ = ["TrainingSettings", "SimulatedBatches", "train_encoder", "cosine_rate"]
 
 
 @dataclass
@@ -180,6 +181,15 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
                         "generator": generator.get_state(), "history": history}, checkpoint)
     encoder.eval()
     return QTable(rows=history, names=list(history[0])) if history else QTable()
+
+
+def cosine_rate(progress, initial, final):
+    """Learning rate at ``progress`` (0 to 1) of a cosine decay from ``initial`` to ``final``.
+
+    >>> cosine_rate(0.5, 1e-3, 1e-5)
+    0.000505
+    """
+    return final + 0.5 * (initial - final) * (1 + math.cos(math.pi * progress))
 
 
 def _training_loss(encoder, images, background, tiles, generator):
