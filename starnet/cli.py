@@ -101,6 +101,8 @@ def main(argv=None):
                               "instrumental magnitudes)")
     catalog.add_argument("--cutout", metavar="R0:R1,C0:C1",
                          help="catalog only these rows and columns of the image")
+    catalog.add_argument("--no-progress", action="store_true",
+                         help="no progress bar (it shows the blocks of a large image)")
     catalog.set_defaults(run=_catalog)
 
     train = commands.add_parser(
@@ -141,7 +143,7 @@ def _catalog(parser, args):
         image = _read_image(args, deblender)
     except (OSError, ValueError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
-    table = deblender(image)
+    table = deblender(image, progress_bar=not args.no_progress)
     meta = dict(table.meta)
     if _FORMATS[suffix] == "fits":
         # FITS knows no 'electron' unit and its headers hold no lists: fluxes become

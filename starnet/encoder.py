@@ -119,18 +119,20 @@ class StarNetEncoder(nn.Module):
         self.log_flux_offset = log_flux_offset
         n_out = max_sources + 1 + self.n_slots * (4 + 2 * n_bands)
         self.pixel_layers = nn.Sequential(
-            nn.Conv2d(2 * n_bands, hidden, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(hidden, tile_hidden, tile_size, stride=tile_size), nn.ReLU())
+            nn.Conv2d(2 * n_bands, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, tile_hidden, tile_size, stride=tile_size), nn.ReLU(inplace=True))
         if n_colors > 1:
             self.condition = nn.Conv2d(conditioning_channels(max_sources, n_bands),
                                        tile_hidden, 1)
         self.tile_layers = nn.Sequential(
-            nn.Conv2d(tile_hidden, tile_hidden, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(tile_hidden, tile_hidden, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(tile_hidden, tile_hidden, 1), nn.ReLU())
+            nn.Conv2d(tile_hidden, tile_hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(tile_hidden, tile_hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(tile_hidden, tile_hidden, 1), nn.ReLU(inplace=True))
         self.head = nn.Conv2d(tile_hidden, n_out, 1)
+        # channels-last convolutions are 10-30 % faster on a CPU (oneDNN), in training too
+        self.to(memory_format=torch.channels_last)
 
     @property
     def receptive_field(self):
@@ -145,14 +147,16 @@ class StarNetEncoder(nn.Module):
             return 2 * (row % 2) + col % 2
         return (row + col) % self.n_colors
 
-    def forward(self, image, background, *, conditioning=None, chunk_tiles=None):
+    def forward(self, image, background, *, conditioning=None, chunk_tiles=None,
+                progress=None):
         """Posterior of the catalogs of ``image`` (n_images, n_bands, rows, cols).
 
         ``conditioning`` (a `conditioning_map`) is required when ``n_colors`` > 1: it
         gives the catalogs of the tiles decided so far. With ``chunk_tiles``, the
         network runs on square blocks of that many tiles, each with a halo wider than
         the receptive field, so that memory is bounded and the result equals the
-        one-shot computation.
+        one-shot computation; ``progress``, if given, is called with the number of
+        blocks done and the number in all after each block.
 
         Returns
         -------
@@ -166,9 +170,9 @@ class StarNetEncoder(nn.Module):
 
             halo = self._pixel_halo() + 3
             out = _chunked(network, self._input(image, background), chunk_tiles, halo,
-                           self.tile_size)
+                           self.tile_size, progress=progress)
             return self._to_posterior(out)
-        features = self.features(image, background, chunk_tiles=chunk_tiles)
+        features = self.features(image, background, chunk_tiles=chunk_tiles, progress=progress)
         return self.tile_posterior(features, conditioning, chunk_tiles=chunk_tiles)
 
     def _input(self, image, background):
@@ -177,17 +181,18 @@ class StarNetEncoder(nn.Module):
                              f" got {tuple(image.shape)}")
         x = normalize_image(image, background)
         rows, cols = x.shape[-2:]
-        return F.pad(x, (0, -cols % self.tile_size, 0, -rows % self.tile_size))
+        x = F.pad(x, (0, -cols % self.tile_size, 0, -rows % self.tile_size))
+        return x.contiguous(memory_format=torch.channels_last)
 
     def _pixel_halo(self):
         # three pixel convolutions reach 3 pixels beyond a block: a halo of that many
         # tiles plus one keeps the block edges out of reach of the kept tiles
         return -(-3 // self.tile_size) + 1
 
-    def features(self, image, background, *, chunk_tiles=None):
+    def features(self, image, background, *, chunk_tiles=None, progress=None):
         """Tile-resolution features of the images (the part that sees pixels)."""
         return _chunked(self.pixel_layers, self._input(image, background), chunk_tiles,
-                        self._pixel_halo(), self.tile_size)
+                        self._pixel_halo(), self.tile_size, progress=progress)
 
     def tile_posterior(self, features, conditioning=None, *, chunk_tiles=None):
         """Posterior from tile features and, with ``n_colors`` > 1, the conditioning map."""
@@ -262,16 +267,18 @@ class StarNetEncoder(nn.Module):
         return total
 
 
-def _chunked(function, x, chunk, halo, scale):
+def _chunked(function, x, chunk, halo, scale, *, progress=None):
     """Apply a convolutional ``function`` that maps ``x`` (..., rows, cols) to a grid
     ``scale`` times coarser, block by block: blocks of ``chunk`` output cells, each
-    computed with ``halo`` cells of context on every side."""
+    computed with ``halo`` cells of context on every side. ``progress(done, total)`` is
+    called after each block."""
     if chunk is None:
         return function(x)
     chunk = int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk_tiles must be positive, got {chunk}")
     out_rows, out_cols = x.shape[-2] // scale, x.shape[-1] // scale
+    total = -(-out_rows // chunk) * -(-out_cols // chunk)
     rows = []
     for r0 in range(0, out_rows, chunk):
         r1 = min(r0 + chunk, out_rows)
@@ -282,5 +289,7 @@ def _chunked(function, x, chunk, halo, scale):
             w0, w1 = max(c0 - halo, 0), min(c1 + halo, out_cols)
             out = function(x[..., h0 * scale:h1 * scale, w0 * scale:w1 * scale])
             row.append(out[..., r0 - h0:r1 - h0, c0 - w0:c1 - w0])
+            if progress is not None:
+                progress(len(rows) * len(range(0, out_cols, chunk)) + len(row), total)
         rows.append(torch.cat(row, dim=-1))
     return torch.cat(rows, dim=-2)

@@ -11,6 +11,7 @@ sources (paper appendix A); `TiledPosterior.log_prob` does this exactly with a
 log-sum-exp.
 """
 
+import functools
 import itertools
 import math
 
@@ -70,7 +71,7 @@ class TiledPosterior:
         return TiledPosterior(*(getattr(self, name).expand(n_images, *getattr(self, name).shape[1:])
                                 for name in self._FIELDS))
 
-    @property
+    @functools.cached_property
     def count_probs(self):
         """Probabilities of 0 to ``max_sources`` stars in each tile."""
         return torch.softmax(self.count_logits, dim=-1)
@@ -108,18 +109,23 @@ class TiledPosterior:
             result = result + torch.where(tiles.counts == n, row_log_prob, 0.0)
         return result
 
+    def _rows(self, counts, *params):
+        """Each of ``params`` (..., n_slots, dim) taken at the slots of row ``counts`` of
+        the triangular array: (..., max_sources, dim), valid in the first ``counts``
+        slots (the others repeat slot 0)."""
+        table = torch.zeros(self.max_sources + 1, self.max_sources, dtype=torch.long)
+        for n in range(1, self.max_sources + 1):
+            table[n, :n] = torch.tensor(self._slots[n - 1])
+        index = table[counts][..., None]
+        return tuple(p.gather(-2, index.expand(*index.shape[:-1], p.shape[-1]))
+                     for p in params)
+
     def _counts_to_catalog(self, counts, z, w):
         """Tile variables with ``counts`` from row values ``z``, ``w`` of every row."""
-        shape = counts.shape
-        locs = torch.full((*shape, self.max_sources, 2), 0.5)
-        fluxes = torch.ones(*shape, self.max_sources, w.shape[-1])
-        for n in range(1, self.max_sources + 1):
-            index = torch.tensor(self._slots[n - 1])
-            chosen = (counts == n)[..., None, None]
-            locs[..., :n, :] = torch.where(chosen, torch.sigmoid(z[..., index, :]),
-                                           locs[..., :n, :])
-            fluxes[..., :n, :] = torch.where(chosen, torch.exp(w[..., index, :]),
-                                             fluxes[..., :n, :])
+        z, w = self._rows(counts, z, w)
+        used = (torch.arange(self.max_sources) < counts[..., None])[..., None]
+        locs = torch.where(used, torch.sigmoid(z), 0.5)
+        fluxes = torch.where(used, torch.exp(w), 1.0)
         return TileCatalog(counts=counts, locs=locs, fluxes=fluxes, n_dropped=0)
 
     def mode(self):
@@ -146,15 +152,8 @@ class TiledPosterior:
         Returns ``loc_mean, loc_sd, log_flux_mean, log_flux_sd`` each of shape
         (..., max_sources, dim), valid in the first ``counts`` slots.
         """
-        out = []
-        for param in (self.loc_mean, self.loc_sd, self.log_flux_mean, self.log_flux_sd):
-            chosen = torch.zeros(*counts.shape, self.max_sources, param.shape[-1])
-            for n in range(1, self.max_sources + 1):
-                index = torch.tensor(self._slots[n - 1])
-                chosen[..., :n, :] = torch.where((counts == n)[..., None, None],
-                                                 param[..., index, :], chosen[..., :n, :])
-            out.append(chosen)
-        return tuple(out)
+        return self._rows(counts, self.loc_mean, self.loc_sd, self.log_flux_mean,
+                          self.log_flux_sd)
 
 
 def _normal_log_prob(x, mean, sd):
@@ -173,8 +172,11 @@ def count_distribution(count_probs):
     -------
     pmf : `numpy.ndarray`, shape (n_tiles * max_sources + 1,)
         ``pmf[k]`` is the probability of ``k`` stars in all: the convolution of the
-        tiles' distributions, computed exactly (to rounding) by convolving them in
-        pairs by FFT, level by level, in ``O(L log^2 L)`` for ``L = len(pmf)``.
+        tiles' distributions, computed by convolving them in pairs, level by level
+        (directly while they are short, then by FFT). After each level, probabilities
+        below ``1e-13`` of their distribution's largest (the level of the FFT's
+        rounding noise) are dropped from its ends, so that the work follows the width
+        of the distributions rather than their support.
 
     Examples
     --------
@@ -186,13 +188,45 @@ def count_distribution(count_probs):
     """
     pmfs = np.asarray(count_probs, dtype=float).reshape(-1, np.shape(count_probs)[-1])
     length = pmfs.shape[0] * (pmfs.shape[1] - 1) + 1
+    offsets = np.zeros(len(pmfs), dtype=np.int64)   # pmfs[i, j] = P(offsets[i] + j)
     while len(pmfs) > 1:
         if len(pmfs) % 2:   # pad with a tile that is certainly empty
             pmfs = np.vstack([pmfs, np.eye(1, pmfs.shape[1])])
-        pair_length = 2 * pmfs.shape[1] - 1
-        n_fft = scipy.fft.next_fast_len(pair_length, real=True)
-        product = (scipy.fft.rfft(pmfs[0::2], n_fft, axis=1)
-                   * scipy.fft.rfft(pmfs[1::2], n_fft, axis=1))
-        pmfs = np.clip(scipy.fft.irfft(product, n_fft, axis=1)[:, :pair_length], 0, None)
-    pmf = pmfs[0, :length]
+            offsets = np.append(offsets, 0)
+        pmfs = _convolve_pairs(pmfs[0::2], pmfs[1::2])
+        offsets = offsets[0::2] + offsets[1::2]
+        if pmfs.shape[1] > 32:      # short ones have no tails worth the trimming
+            pmfs, offsets = _trim(pmfs, offsets)
+    pmf = np.zeros(length)
+    end = min(offsets[0] + pmfs.shape[1], length)
+    pmf[offsets[0]:end] = pmfs[0, :end - offsets[0]]
     return pmf / pmf.sum()
+
+
+def _convolve_pairs(first, second):
+    """Row-wise full convolution of two arrays of distributions of the same width."""
+    width = first.shape[1]
+    if width <= 16:
+        out = np.zeros((len(first), 2 * width - 1))
+        for shift in range(width):
+            out[:, shift:shift + width] += first[:, shift:shift + 1] * second
+        return out
+    n_fft = scipy.fft.next_fast_len(2 * width - 1, real=True)
+    product = scipy.fft.rfft(first, n_fft, axis=1) * scipy.fft.rfft(second, n_fft, axis=1)
+    return np.clip(scipy.fft.irfft(product, n_fft, axis=1)[:, :2 * width - 1], 0, None)
+
+
+def _trim(pmfs, offsets, tail=1e-13):
+    """Drop the columns at both ends where every distribution is below ``tail`` of its
+    largest value, each row shifted so that its kept part starts at column 0."""
+    significant = pmfs > tail * pmfs.max(axis=1, keepdims=True)
+    first = significant.argmax(axis=1)
+    last = pmfs.shape[1] - 1 - significant[:, ::-1].argmax(axis=1)
+    width = int((last - first).max()) + 1
+    if width == pmfs.shape[1]:
+        return pmfs, offsets
+    columns = first[:, None] + np.arange(width)
+    inside = columns < pmfs.shape[1]
+    kept = np.where(inside, np.take_along_axis(pmfs, np.minimum(columns, pmfs.shape[1] - 1),
+                                               axis=1), 0.0)
+    return kept, offsets + first

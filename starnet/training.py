@@ -10,6 +10,7 @@ import torch
 from astropy.table import QTable
 from tqdm.auto import tqdm
 
+from .denormals import zero_negligible_weights
 from .encoder import conditioning_map
 from .matching import match_catalogs
 from .prior import batch_to_table, catalog_table
@@ -34,8 +35,11 @@ class TrainingSettings:
     n_epochs : int
         Number of epochs.
     learning_rate, weight_decay : float
-        Adam settings (reference M2 code: 1e-3 and 1e-5). When training resumes from a
-        checkpoint, the optimiser's state is restored but this learning rate is used.
+        Settings of Adam with decoupled weight decay (`torch.optim.AdamW`; the reference
+        M2 code used Adam with L2 decay, 1e-3 and 1e-5, which drives the weights of dead
+        units into the denormal range, where a CPU is 100 times slower: see
+        `starnet.denormals`). When training resumes from a checkpoint, the optimiser's
+        state is restored but these settings are used.
     margin : float
         Stars are simulated this many pixels beyond the image edges too, so the encoder
         learns what light from outside looks like at the edges.
@@ -132,8 +136,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
         training stars dropped because a tile held more than ``max_sources``.
     """
     grid = TileGrid(tile_size=encoder.tile_size, max_sources=encoder.max_sources)
-    optimizer = torch.optim.Adam(encoder.parameters(), lr=settings.learning_rate,
-                                 weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
     validation = batches.draw(settings.n_validation,
                               generator=torch.Generator().manual_seed(settings.seed + 1))
@@ -146,8 +150,10 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
         generator.set_state(state["generator"])
         history = state["history"]
         start_epoch = len(history)
-    for group in optimizer.param_groups:  # the settings' rate, also when resuming
-        group["lr"] = settings.learning_rate
+    for group in optimizer.param_groups:  # the settings, also when resuming (an Adam
+        group["lr"] = settings.learning_rate  # checkpoint would restore L2 decay)
+        group["weight_decay"] = settings.weight_decay
+        group["decoupled_weight_decay"] = True
 
     for epoch in range(start_epoch, settings.n_epochs):
         encoder.train()
@@ -180,6 +186,7 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
             torch.save({"encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
                         "generator": generator.get_state(), "history": history}, checkpoint)
     encoder.eval()
+    zero_negligible_weights(encoder)
     return QTable(rows=history, names=list(history[0])) if history else QTable()
 
 
