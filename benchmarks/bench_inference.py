@@ -4,12 +4,13 @@ Each measurement runs in a fresh process, so that the peak resident memory it re
 (``ru_maxrss``) is the job's own; the time is the best of ``--repeats`` calls in that
 process (the first call also pays for loading the model; ``IterativePSFPhotometry``,
 which takes seconds, is called once), and excludes reading the image. Images are cut
-from the bundled SDSS frame of M2 (r and i, electrons): the 100 x 100 region of the paper, two 1000 x 1000 cut-outs (a sparse one, frame rows
-300:1300, cols 500:1500, and one through the cluster core, rows 0:1000, cols 0:1000)
-and the whole 1489 x 2048 frame. photutils' ``DAOStarFinder`` (on the r band) and
-``IterativePSFPhotometry`` (r band, SDSS power-law PSF; only up to 1000 x 1000) run on
-the same images; the last column is the time over ``DAOStarFinder``'s on the same image
-in the same run. A job that passes ``--timeout`` seconds is stopped and reported as such.
+from the bundled SDSS frame of M2 (r and i, electrons): the 100 x 100 region of the
+paper, two 1000 x 1000 cut-outs (a sparse one, frame rows 300:1300, cols 500:1500, and
+one through the cluster core, rows 0:1000, cols 0:1000) and the whole 1489 x 2048
+frame. photutils' ``DAOStarFinder`` (on the r band) and ``IterativePSFPhotometry`` (r
+band, SDSS power-law PSF; only up to 1000 x 1000) run on the same images; the last
+column is the time over ``DAOStarFinder``'s on the same image in the same run. A job
+that passes ``--timeout`` seconds is stopped and reported as such.
 
 Speed figures in the documentation come from the bundled model; another model is
 refused unless ``--allow-other-model`` is given.
