@@ -11,9 +11,15 @@ Run::
     python benchmarks/bench_calibration.py --model sdss-m2 --n-images 200 --output calibration.png
 
 Several ``--model`` values (names or files) are compared on the same images.
+``--render-psf`` renders the images through other PSFs than the model's (the ``psf``
+options of `starnet.datasets.load_m2`: the field's power law, KL PSF or PSF images), to
+show what a PSF error does to the count::
+
+    python benchmarks/bench_calibration.py --render-psf model powerlaw kl image --n-images 20
 """
 
 import argparse
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +27,7 @@ import numpy as np
 
 from starnet import StarNetDeblender
 from starnet.calibration import count_coverage, evaluate_on_simulations
+from starnet.datasets import load_m2
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -36,18 +43,26 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--count-samples", type=int, default=200,
                         help="posterior draws behind a checkerboard model's count interval")
+    parser.add_argument("--render-psf", nargs="+", default=["model"], metavar="PSF",
+                        help="PSFs that render the images: 'model' (the model's own) or a "
+                             "psf option of starnet.datasets.load_m2")
     parser.add_argument("--output", default=None, help="PNG of coverage against level")
     args = parser.parse_args(argv)
     figure, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", lw=1)
-    for model in args.model:
+    runs = [(model, psf) for model in args.model for psf in args.render_psf]
+    for model, psf_name in runs:
         deblender = StarNetDeblender.from_name_or_path(model)
         deblender.n_count_samples = args.count_samples
-        results = evaluate_on_simulations(deblender, n_images=args.n_images,
-                                          shape=(args.size, args.size), seed=args.seed,
-                                          levels=LEVELS)
+        psf = None if psf_name == "model" else load_m2(psf=psf_name)[0].meta["psf"]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="the image's PSF")
+            results = evaluate_on_simulations(deblender, n_images=args.n_images,
+                                              shape=(args.size, args.size), seed=args.seed,
+                                              levels=LEVELS, psf=psf)
         coverage = count_coverage(results)
         print(f"model {model} (checkerboard colours: {deblender.encoder.n_colors}), "
+              f"images rendered with the {psf_name} PSF, "
               f"{args.n_images} images of {args.size} x {args.size}"
               + (f", count intervals from {args.count_samples} draws"
                  if deblender.encoder.n_colors > 1 else ", exact count intervals"))
@@ -63,7 +78,8 @@ def main(argv=None):
                                  for values in results.meta["source_coverage"].values())
             print(f"  {level:5.2f}   {coverage['coverage'][i]:14.3f}   {sources}")
         ax.plot(LEVELS, coverage["coverage"], "o-",
-                label=f"{Path(model).stem}, {deblender.encoder.n_colors} colour(s)")
+                label=f"{Path(model).stem}, {deblender.encoder.n_colors} colour(s), "
+                      f"{psf_name} PSF")
     ax.set_xlabel("nominal level of the star-count interval")
     ax.set_ylabel("fraction of images covered")
     ax.legend()

@@ -1,9 +1,12 @@
 """Train the bundled SDSS M2 model ``starnet/models/sdss-m2.pt``.
 
 The generative model comes from the data only: the prior of the paper (0.12 stars per
-pixel, Pareto index 0.5 above 1000 electrons), the power-law PSFs of the field's psField
-file, and the SDSS sky of the frame as the background (the median of the sky map over the
-M2 region, r and i). Training images get backgrounds scaled by a random factor in
+pixel, Pareto index 0.5 above 1000 electrons), the PSFs of the field's psField file
+(``--psf``: the power law of HDU 6, or the KL PSF of HDUs 1-5 at the M2 region), and the
+SDSS sky of the frame as the background (the median of the sky map over the M2 region,
+r and i). With ``--psf-variants``, training images are rendered between the PSF and
+those variants (``--variant-range``), so that the model tolerates a PSF error of that
+size. Training images get backgrounds scaled by a random factor in
 ``--background-range`` so the encoder reads the background from its input; then a
 background encoder is fitted on such images (``--background-steps``) and
 `starnet.background.fit_background` estimates the factor of a real image from its pixels.
@@ -12,7 +15,8 @@ Run (the command that made the bundled model is recorded in its metadata)::
 
     python scripts/train_sdss_m2.py --minutes 35 --seed 0 --overwrite
 
-Training resumes from ``--checkpoint`` when it exists.
+Training resumes from ``--checkpoint`` when it exists; ``--init-from`` starts from the
+weights of another model (fine-tuning) instead of random ones.
 """
 
 import argparse
@@ -42,6 +46,14 @@ def main(argv=None):
     parser.add_argument("--n-colors", type=int, default=1, choices=(1, 2, 4),
                         help="checkerboard colours (1: independent tiles as in the paper)")
     parser.add_argument("--background-range", type=float, nargs=2, default=(0.9, 1.6))
+    parser.add_argument("--psf", default="powerlaw",
+                        help="the model's PSF: a psf option of starnet.datasets.load_m2")
+    parser.add_argument("--psf-variants", nargs="*", default=[], metavar="PSF",
+                        help="PSFs (load_m2 psf options) that training images are rendered "
+                             "towards, by fractions drawn from --variant-range")
+    parser.add_argument("--variant-range", type=float, nargs=2, default=(0.0, 0.0))
+    parser.add_argument("--init-from", metavar="MODEL",
+                        help="start from this model's weights (a name or a file)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--final-learning-rate", type=float, default=None,
                         help="decay the rate (cosine) to this value at the last epoch")
@@ -54,16 +66,21 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
-    image, _ = load_m2(border=3)
+    image, _ = load_m2(border=3, psf=args.psf)
     prior = StarFieldPrior(mu=0.12, f_min=1000.0, f_max=1e6, alpha=0.5, bands=("r", "i"))
     deblender = StarNetDeblender.from_nddata(image, prior=prior, tile_size=args.tile_size,
                                              max_sources=args.max_sources,
                                              n_colors=args.n_colors, seed=args.seed)
+    deblender.psf_variants = [load_m2(border=3, psf=name)[0].meta["psf"]
+                              for name in args.psf_variants]
+    if args.init_from:
+        start = StarNetDeblender.from_name_or_path(args.init_from)
+        deblender.encoder.load_state_dict(start.encoder.state_dict())
     settings = TrainingSettings(
         image_shape=(args.image_size, args.image_size), batch_size=args.batch_size,
         batches_per_epoch=args.batches_per_epoch, n_epochs=args.epochs,
         learning_rate=args.learning_rate, background_range=tuple(args.background_range),
-        seed=args.seed)
+        psf_variant_range=tuple(args.variant_range), seed=args.seed)
     Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     # train epoch by epoch (resuming from the checkpoint) until the epochs or the time run out

@@ -11,11 +11,12 @@ __all__ = ["evaluate_on_simulations", "count_coverage"]
 
 
 def evaluate_on_simulations(deblender, *, n_images=20, shape=(100, 100), seed=0, margin=6.0,
-                            levels=(0.5, 0.8, 0.9, 0.95)):
+                            levels=(0.5, 0.8, 0.9, 0.95), psf=None):
     """Detection accuracy and calibration of the star count on simulated images.
 
-    Images are drawn from the deblender's own prior, PSFs and background (stars are
-    drawn ``margin`` pixels beyond the edges too, as on a real sky); only stars inside
+    Images are drawn from the deblender's own prior and background, through its own
+    PSFs or through others (``psf``), to see what a PSF error does; stars are drawn
+    ``margin`` pixels beyond the edges too, as on a real sky, and only stars inside
     the image count as truth.
 
     Parameters
@@ -29,6 +30,9 @@ def evaluate_on_simulations(deblender, *, n_images=20, shape=(100, 100), seed=0,
     margin : float, optional
     levels : sequence of float, optional
         Credible levels of the central intervals of the star count to check.
+    psf : list, optional
+        One PSF per band that renders the images (default: the deblender's). The
+        images' ``meta['psf']`` is this PSF, so a large mismatch is warned about.
 
     Returns
     -------
@@ -46,7 +50,8 @@ def evaluate_on_simulations(deblender, *, n_images=20, shape=(100, 100), seed=0,
     band = deblender.bands[0]
     z_scores = {"x": [], "y": [], f"flux_{band}": []}
     for k in range(n_images):
-        image, truth = simulate_starfield(shape, prior=deblender.prior, psf=deblender.psfs,
+        image, truth = simulate_starfield(shape, prior=deblender.prior,
+                                          psf=deblender.psfs if psf is None else psf,
                                           background=deblender.background, seed=seed + k,
                                           margin=margin, stamp_size=deblender.stamp_size)
         inside = ((truth["x"] >= -0.5) & (truth["x"] < shape[1] - 0.5)

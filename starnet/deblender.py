@@ -104,6 +104,11 @@ class StarNetDeblender:
         #: (see `fit_background_encoder`), or None.
         self.background_encoder = None
         self.background_history = None
+        #: Other PSFs (each a list of one PSF per band) between which training images
+        #: are rendered, with ``psf_variant_range`` of the training settings (see
+        #: `~starnet.training.TrainingSettings`), so that the model tolerates a PSF
+        #: error of that size.
+        self.psf_variants = []
         #: Free-form record saved with the model (e.g. the command that trained it).
         self.provenance = {}
         #: Images larger than this many pixels on a side are encoded in square chunks of
@@ -159,9 +164,7 @@ class StarNetDeblender:
         if unknown:
             raise TypeError(f"unknown training settings {unknown}")
         settings = dataclasses.replace(settings, **kwargs)
-        batches = SimulatedBatches(self.prior, self._renderer(), self.background,
-                                   settings.image_shape, margin=settings.margin,
-                                   background_range=settings.background_range)
+        batches = self._batches(settings.image_shape, settings)
         history = train_encoder(self.encoder, batches, settings, checkpoint=checkpoint,
                                 progress=progress)
         self.training_settings = settings
@@ -185,9 +188,7 @@ class StarNetDeblender:
         if settings is None or not settings.background_range[0] < settings.background_range[1]:
             raise ValueError("the background can be estimated only by a model trained over a "
                              "range of backgrounds: fit(background_range=(low, high)) first")
-        batches = SimulatedBatches(self.prior, self._renderer(), self.background, image_shape,
-                                   margin=settings.margin,
-                                   background_range=settings.background_range)
+        batches = self._batches(image_shape, settings)
         if self.background_encoder is None:
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
@@ -196,6 +197,15 @@ class StarNetDeblender:
             self.background_encoder, batches, n_steps=n_steps, batch_size=batch_size,
             seed=seed, progress=progress, **kwargs)
         return self.background_history
+
+    def _batches(self, shape, settings):
+        """The simulated training images of ``shape`` for ``settings``."""
+        variants = [StarFieldRenderer(psfs, stamp_size=self.stamp_size)
+                    for psfs in self.psf_variants]
+        return SimulatedBatches(self.prior, self._renderer(), self.background, shape,
+                                margin=settings.margin,
+                                background_range=settings.background_range,
+                                variants=variants, variant_range=settings.psf_variant_range)
 
     # --------------------------------------------------------------- persistence
     def save(self, path, *, overwrite=False):
@@ -224,6 +234,7 @@ class StarNetDeblender:
             "training_history": (_table_to_lists(self.training_history)
                                  if self.training_history is not None else None),
             "provenance": self.provenance,
+            "psf_variants": [[psf_to_dict(p) for p in psfs] for psfs in self.psf_variants],
         }
         state = {"weights": self.encoder.state_dict()}
         if self.background_encoder is not None:
@@ -260,9 +271,13 @@ class StarNetDeblender:
         if metadata["training_settings"] is not None:
             settings = dict(metadata["training_settings"])
             settings["image_shape"] = tuple(settings["image_shape"])
-            settings["background_range"] = tuple(settings["background_range"])
+            for name in ("background_range", "psf_variant_range"):
+                if name in settings:
+                    settings[name] = tuple(settings[name])
             deblender.training_settings = TrainingSettings(**settings)
         deblender.provenance = metadata.get("provenance", {})
+        deblender.psf_variants = [[as_psf(psf_from_dict(p)) for p in psfs]
+                                  for psfs in metadata.get("psf_variants", [])]
         if "background_encoder" in metadata:
             options = metadata["background_encoder"]
             deblender.background_encoder = BackgroundEncoder(

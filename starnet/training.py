@@ -51,6 +51,12 @@ class TrainingSettings:
         teaches the encoder to read the background from its input, so that the
         background of an image can be fitted after training (see
         `starnet.background.fit_background`).
+    psf_variant_range : tuple of float
+        With PSF variants (``StarNetDeblender.psf_variants``), each training image's
+        star light, band by band, is ``R_0 + sum_k t_k (R_k - R_0)`` where ``R_0`` is
+        rendered with the model's PSF, ``R_k`` with variant ``k`` and ``t_k`` is drawn
+        uniformly from this range: the encoder learns to read stars through any PSF
+        between them, so that a PSF error of that size is not taken for stars.
     seed : int
         Seed of the training images and of the validation set (the network's initial
         weights are seeded by `~starnet.StarNetDeblender`).
@@ -65,12 +71,13 @@ class TrainingSettings:
     margin: float = 6.0
     n_validation: int = 8
     background_range: tuple = (1.0, 1.0)
+    psf_variant_range: tuple = (0.0, 0.0)
     seed: int = 0
 
     def to_dict(self):
         settings = asdict(self)
-        settings["image_shape"] = list(self.image_shape)
-        settings["background_range"] = list(self.background_range)
+        for name in ("image_shape", "background_range", "psf_variant_range"):
+            settings[name] = list(settings[name])
         return settings
 
 
@@ -89,22 +96,36 @@ class SimulatedBatches:
         Stars are drawn within ``margin`` pixels outside the image too.
     background_range : tuple of float
         Range of the uniform factor applied to the background of each image.
+    variants : list of `~starnet.simulate.StarFieldRenderer`
+        Renderers of other PSFs: each image's star light is moved towards (or away
+        from) each variant's by a fraction drawn from ``variant_range``, per band.
+    variant_range : tuple of float
+        Range of those fractions.
     """
 
     def __init__(self, prior, renderer, background, shape, *, margin=0.0,
-                 background_range=(1.0, 1.0)):
+                 background_range=(1.0, 1.0), variants=(), variant_range=(0.0, 0.0)):
         self.prior = prior
         self.renderer = renderer
         self.background = torch.as_tensor(np.asarray(background, dtype=np.float32))
         self.shape = tuple(shape)
         self.margin = margin
         self.background_range = tuple(background_range)
+        self.variants = list(variants)
+        self.variant_range = tuple(variant_range)
 
     def draw(self, n_images, *, generator=None):
         """Return ``(images, backgrounds, catalogs)`` for ``n_images`` new images."""
         catalogs = self.prior.sample_batch(n_images, self.shape, margin=self.margin,
                                            generator=generator)
         stars = self.renderer.render(catalogs.locs, catalogs.fluxes, catalogs.mask, self.shape)
+        base = stars
+        for variant in self.variants:
+            low, high = self.variant_range
+            fraction = low + (high - low) * torch.rand(n_images, stars.shape[1], 1, 1,
+                                                       generator=generator)
+            other = variant.render(catalogs.locs, catalogs.fluxes, catalogs.mask, self.shape)
+            stars = stars + fraction * (other - base)
         low, high = self.background_range
         scale = low + (high - low) * torch.rand(n_images, 1, 1, 1, generator=generator)
         background = (scale * self.background.reshape(1, -1, 1, 1)).expand_as(stars)
