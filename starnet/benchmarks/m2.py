@@ -45,7 +45,11 @@ _HEADER = (f"{'method':<46} {'one-to-one':^17} {'paper rule':^17} {'N cat':>6} "
            f"{'':<46} {'TPR   PPV   F1':^17} {'TPR   PPV   F1':^17}")
 
 
-def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrite=False,
+MODELS = ("sdss-m2", "sdss-m2-powerlaw")
+"""The bundled M2 models, compared by default: one per PSF."""
+
+
+def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=False,
                      fit_background=True, n_samples=200, seed=0, verbose=True):
     """Reproduce the StarNet paper's M2 results (Table 1, Figures 7 to 9).
 
@@ -64,11 +68,14 @@ def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrit
 
     Rows, printed as they are computed:
 
-    * StarNet (this package): the modal catalog of ``model`` with the SDSS sky as
-      background and, with ``fit_background`` (for a model with a background encoder),
-      with the background fitted by ``starnet.background.fit_background``. ``N posterior``
-      is the mean and 5 and 95 % quantiles of the number of stars strictly inside the
-      region over ``n_samples`` catalogs drawn from the posterior.
+    * StarNet (this package), for each model (the bundled ones differ by their PSF: the
+      field's SDSS PSF image, ``sdss-m2``, and the psField power law,
+      ``sdss-m2-powerlaw``): the modal catalog with the SDSS sky as background and,
+      with ``fit_background`` (for a model with a background encoder), with the
+      background fitted by ``starnet.background.fit_background``. ``N posterior`` is
+      the mean and 5 and 95 % quantiles of the number of stars strictly inside the
+      region over ``n_samples`` catalogs drawn from the posterior. The figures show
+      the first model's catalogs.
     * DAOPHOT-like: `starnet.baselines.daophot_catalog` on the r band, run live.
     * DAOPHOT (An et al. 2008): the published catalogue (`~starnet.datasets.load_m2_daophot`).
     * PCAT and the paper's StarNet: numbers quoted from the paper's Table 1, not
@@ -76,9 +83,9 @@ def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrit
 
     Parameters
     ----------
-    model : str, path or `~starnet.StarNetDeblender`, optional
-        A bundled model name (`~starnet.StarNetDeblender.available`), a model file
-        written by `~starnet.StarNetDeblender.save`, or a deblender.
+    model : str, path, `~starnet.StarNetDeblender` or a list of them, optional
+        Bundled model names (`~starnet.StarNetDeblender.available`), model files
+        written by `~starnet.StarNetDeblender.save`, or deblenders.
     output_dir : str or path, optional
         Folder for the figures and the results table (created if needed).
     overwrite : bool, optional
@@ -117,7 +124,8 @@ def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrit
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} exist; pass overwrite=True "
                               "(--overwrite) to replace them")
-    deblender = StarNetDeblender.from_name_or_path(model)
+    models = [model] if isinstance(model, (str, Path, StarNetDeblender)) else list(model)
+    deblenders = [StarNetDeblender.from_name_or_path(m) for m in models]
     say = print if verbose else (lambda *args, **kwargs: None)
 
     image, truth = load_m2(border=BORDER)
@@ -142,27 +150,31 @@ def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrit
 
     add({"method": "HST truth", "kind": "truth", "n_estimated": len(truth)})
 
-    def starnet_row(label, nddata, start):
+    def starnet_row(deblender, name, label, nddata, start, primary):
         catalog = _in_region(deblender(nddata), region, nelec)
         counts = _posterior_counts(deblender, nddata, region, n_samples, seed)
-        catalogs[f"StarNet ({label})"] = catalog
-        add({"method": f"StarNet (this package, {label})", "kind": "live",
+        if primary:
+            catalogs[f"StarNet ({label})"] = catalog
+        add({"method": f"StarNet {name} ({label})", "kind": "live",
              "n_mean": counts.mean(), "n_q05": np.quantile(counts, 0.05),
              "n_q95": np.quantile(counts, 0.95),
              "wall_time": time.perf_counter() - start}, catalog)
 
-    starnet_row("SDSS sky", image, time.perf_counter())
-    if fit_background:
+    for index, (deblender, name) in enumerate(zip(deblenders, models)):
+        name = name if isinstance(name, str) and "/" not in name else (
+            Path(str(name)).stem if not isinstance(name, StarNetDeblender) else "")
+        starnet_row(deblender, name, "SDSS sky", image, time.perf_counter(), index == 0)
+        if not fit_background:
+            continue
         start = time.perf_counter()
         try:
             fitted, _ = fit_image_background(deblender, image)
         except ValueError as err:
-            say(f"StarNet (this package, fitted background): the fit failed: {err}")
-            rows.append({name: np.nan for name in _COLUMNS}
-                        | {"method": "StarNet (this package, fitted background)",
-                           "kind": "failed"})
+            say(f"StarNet {name} (fitted background): the fit failed: {err}")
+            rows.append({column: np.nan for column in _COLUMNS}
+                        | {"method": f"StarNet {name} (fitted background)", "kind": "failed"})
         else:
-            starnet_row("fitted background", fitted, start)
+            starnet_row(deblender, name, "fitted background", fitted, start, index == 0)
             means = np.mean(as_background(fitted.meta["background"], len(deblender.bands),
                                           image.data.shape[1:]), axis=(1, 2))
             fit = fitted.meta["background_fit"]
@@ -186,7 +198,8 @@ def run_m2_benchmark(*, model="sdss-m2", output_dir="benchmark_output", overwrit
     results = QTable(rows=rows, names=["method", "kind", *_COLUMNS])
     results["wall_time"].unit = u.s
     results.meta.update({
-        "version": __version__, "model": str(model), "n_samples": n_samples, "seed": seed,
+        "version": __version__, "model": [str(m) for m in models], "n_samples": n_samples,
+        "seed": seed,
         "max_separation": 0.5, "max_mag_difference": 0.5, "paper_rule_border": 5,
         "nelec_per_nmgy": nelec, "n_true": len(truth),
         "n_true_paper_rule": int(_paper_match(truth, truth).n_true)})
@@ -265,7 +278,7 @@ def _figure7(image, region, truth, catalogs, path):
     from astropy.visualization import simple_norm
 
     data = np.asarray(image.data[0], dtype=float)[region]
-    # the last StarNet catalog: the fitted background's when it was fitted
+    # the first model's last StarNet catalog: the fitted background's when it was fitted
     starnet = [name for name in catalogs if name.startswith("StarNet")][-1]
     markers = [("HST truth", truth, dict(marker="o", facecolors="none", edgecolors="cyan",
                                          s=30, linewidths=0.8)),
@@ -328,8 +341,9 @@ def _figure9(truth, catalogs, path):
 
 def add_arguments(parser):
     """Add the benchmark's options to an `argparse.ArgumentParser`."""
-    parser.add_argument("--model", default="sdss-m2",
-                        help="bundled model name or model file (default: sdss-m2)")
+    parser.add_argument("--model", nargs="+", default=list(MODELS),
+                        help="bundled model names or model files (default: "
+                             f"{' '.join(MODELS)}; the figures show the first)")
     parser.add_argument("--output-dir", default="benchmark_output",
                         help="folder for the figures and the table (default: "
                              "benchmark_output)")
