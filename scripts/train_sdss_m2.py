@@ -36,6 +36,8 @@ def main(argv=None):
     parser.add_argument("--output", default="starnet/models/sdss-m2.pt")
     parser.add_argument("--checkpoint", default="runs/sdss-m2.ckpt")
     parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                        help="stop after this epoch, keeping the schedule of --epochs")
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop after the epoch that passes this wall time")
     parser.add_argument("--batches-per-epoch", type=int, default=60)
@@ -88,7 +90,8 @@ def main(argv=None):
     if Path(args.checkpoint).exists():
         done = len(torch.load(args.checkpoint, weights_only=True)["history"])
     # (the first call at an epoch already done loads the checkpoint and trains nothing)
-    for epoch in range(max(done, 1), args.epochs + 1):
+    last = args.epochs if args.stop_after is None else min(args.stop_after, args.epochs)
+    for epoch in range(max(done, 1), last + 1):
         settings.n_epochs = epoch
         settings.learning_rate = learning_rate(epoch, args)
         deblender.fit(settings=settings, checkpoint=args.checkpoint, progress=False)

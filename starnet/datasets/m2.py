@@ -11,7 +11,8 @@ r and i bands) against a Hubble (HST ACS) catalogue. Bundled with starnet:
   magnitude cut, from Portillo et al. (2017) (`load_m2_hst`);
 - ``idR-002583-2-0136-tru.txt``: the DAOPHOT catalogue of An et al. (2008)
   restricted to the region, from Feder et al. (2020) (`load_m2_daophot`);
-- ``sdss-002583-2-0136-psf-{r,i}.fits``: 25 x 25 PSF images of the field.
+- ``sdss-002583-2-0136-psf-{r,i}.fits``: 25 x 25 PSF images of the field
+  (SDSS's KL PSF at frame row 600, column 500).
 
 All catalogs are given in the pixel coordinates of the image returned by
 ``load_m2(border=border)`` (photutils convention: ``x`` = column, ``y`` =
@@ -105,10 +106,17 @@ def load_m2(*, border=0, psf="powerlaw"):
         630:730, columns 310:410). The paper used 3 (a 106 x 106 image) so
         that the encoder sees the stars' surroundings, cataloguing the whole
         image and evaluating inside the region only.
-    psf : {'powerlaw', 'image'}, optional
+    psf : {'powerlaw', 'image', 'kl'}, optional
         ``'powerlaw'``: `~starnet.psf.PowerLawPSF` from the psField file.
         ``'image'``: the bundled 25 x 25 PSF images of the field, normalised
-        to unit sum, as `~photutils.psf.ImagePSF`.
+        to unit sum, as `~photutils.psf.ImagePSF`; they are SDSS's KL PSF
+        at frame row 600, column 500 (80 rows and 140 columns from the
+        region's centre). ``'kl'``: SDSS's KL PSF at the centre
+        of the region (frame row 679.5, column 359.5 in r; see
+        `~starnet.psf.kl_psf_from_psfield`), 25 x 25 and of unit sum, as
+        `~photutils.psf.ImagePSF`. In this field the i-band KL PSF does not
+        vary with position, so ``'image'`` and ``'kl'`` differ only in r,
+        by 0.35 % of the light (half the L1 difference).
 
     Returns
     -------
@@ -136,10 +144,11 @@ def load_m2(*, border=0, psf="powerlaw"):
     (slice(3, 103, None), slice(3, 103, None))
     """
     border = _check_border(border)
-    if psf not in ("powerlaw", "image"):
-        raise ValueError(f"psf must be 'powerlaw' or 'image'; got {psf!r}")
+    if not isinstance(psf, str) or psf not in ("powerlaw", "image", "kl"):
+        raise ValueError(f"psf must be 'powerlaw', 'image' or 'kl'; got {psf!r}")
     rows, cols = (slice(s.start - border, s.stop + border) for s in M2_REGION)
-    image = load_sdss_frame(*_FIELD, ("r", "i"), cutout=(rows, cols))
+    image = load_sdss_frame(*_FIELD, ("r", "i"), cutout=(rows, cols),
+                            psf="kl" if psf == "kl" else "powerlaw")
     if psf == "image":
         image.meta["psf"] = [_psf_image(b) for b in image.meta["bands"]]
     image.meta["region"] = (slice(border, border + 100),) * 2

@@ -5,8 +5,8 @@ holds a sky-subtracted, flat-fielded image in nanomaggies together with
 the calibration vector (nanomaggies per count, one value per column) and a
 coarse sky model in counts. `load_sdss_frame` turns frames of several bands
 into one image in electrons on the pixel grid of the first band, with the
-PSF of each band from the ``psField`` file and the gains from the
-``photoField`` file.
+PSF of each band from the ``psField`` file (the power-law fit or the KL
+PSF) and the gains from the ``photoField`` file.
 
 Files are looked up in the package's bundled data directory (run 2583,
 camcol 2, field 136, bands r and i), then in ``cache_dir`` or astropy's
@@ -28,8 +28,9 @@ from astropy.nddata import NDData
 from astropy.utils.data import download_file
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy.ndimage import map_coordinates
+from photutils.psf import ImagePSF
 
-from ..psf import PowerLawPSF
+from ..psf import PowerLawPSF, as_psf, kl_psf_from_psfield, pixel_stamps
 
 __all__ = ["SDSS_BANDS", "SAS_URL", "load_sdss_frame"]
 
@@ -221,8 +222,79 @@ def _resample(frame, gain, wcs_out, rows, cols, band):
     return signal, sky, outside, x
 
 
+_PSF_KINDS = ("powerlaw", "kl")
+
+
+def _check_psf_kind(psf):
+    if not isinstance(psf, str) or psf not in _PSF_KINDS:
+        msg = f"psf must be 'powerlaw' or 'kl'; got {psf!r}"
+        raise ValueError(msg)
+    return psf
+
+
+def _cutout_centre(wcs_first, frame, rows, cols, first):
+    """Frame (row, col) of the cutout's centre, in the frame of one band."""
+    row = 0.5 * (rows.start + rows.stop - 1)
+    col = 0.5 * (cols.start + cols.stop - 1)
+    if first:
+        return row, col
+    ra, dec = wcs_first.all_pix2world(col, row, 0)
+    x, y = frame.wcs.all_world2pix(ra, dec, 0)
+    return float(y), float(x)
+
+
+def _resampling_fractions(wcs_first, frame, rows, cols):
+    """Fractional (x, y) of another band's frame position of the cutout's central pixel."""
+    row = (rows.start + rows.stop - 1) // 2
+    col = (cols.start + cols.stop - 1) // 2
+    ra, dec = wcs_first.all_pix2world(col, row, 0)
+    x, y = frame.wcs.all_world2pix(ra, dec, 0)
+    return float(x) % 1, float(y) % 1
+
+
+def resampled_psf(psf, fx, fy, *, size=27):
+    """The PSF of a band after bilinear resampling with pixel fractions ``(fx, fy)``.
+
+    A pixel of the resampled image at frame position ``x`` with fractional part ``f``
+    is ``(1 - f) I[floor(x)] + f I[floor(x) + 1]``; where the two grids are parallel,
+    ``f`` is the same for every pixel, so a star's light is its PSF at offsets ``+f``
+    (weight ``1 - f``) and ``f - 1`` (weight ``f``), per axis: a blur with zero mean
+    offset.
+
+    Parameters
+    ----------
+    psf : PSF
+        The PSF of the band's own frame (anything `~starnet.psf.as_psf` accepts).
+    fx, fy : float
+        Fractional parts, 0 to 1, of the frame coordinates the resampled pixels map to.
+    size : int, optional
+        Odd width of the returned image.
+
+    Returns
+    -------
+    `~photutils.psf.ImagePSF`
+        Unit sum.
+
+    Examples
+    --------
+    >>> from starnet import PowerLawPSF
+    >>> from starnet.datasets.sdss import resampled_psf
+    >>> from starnet.psf import pixel_stamps
+    >>> psf = PowerLawPSF(sigma1=0.9, sigma2=2.2, sigmap=2.0, beta=3.0, b=0.06, p0=0.01)
+    >>> sharp = pixel_stamps(psf, 27, [0.0], [0.0])[0]
+    >>> blurred = resampled_psf(psf, 0.5, 0.5).data
+    >>> print(f"peak {sharp.max() / sharp.sum():.3f} -> {blurred.max():.3f}")
+    peak 0.130 -> 0.100
+    """
+    taps = [[(f, 1 - f), (f - 1, f)] for f in (fx, fy)]
+    stamp = sum(wx * wy * pixel_stamps(as_psf(psf), size, [ox], [oy])[0]
+                for ox, wx in taps[0] for oy, wy in taps[1])
+    name = f"{getattr(psf, 'name', None) or 'PSF'}, resampled (fx {fx:.2f}, fy {fy:.2f})"
+    return ImagePSF(stamp / stamp.sum(), name=name)
+
+
 def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
-                    include_sky=True, cache_dir=None):
+                    include_sky=True, psf="powerlaw", cache_dir=None):
     """
     Load SDSS frames of several bands as one image in electrons.
 
@@ -242,6 +314,18 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
         the image holds all the electrons, as the StarNet likelihood
         expects. If `False` the image is sky subtracted and
         ``meta['background']`` is zero.
+    psf : {'powerlaw', 'kl'}, optional
+        The PSF of each band in ``meta['psf']``, both from the psField
+        file. ``'powerlaw'``: the power-law fit of HDU 6
+        (`~starnet.psf.PowerLawPSF.from_psfield`). ``'kl'``: PHOTO's KL
+        PSF (`~starnet.psf.kl_psf_from_psfield`, a 25 x 25
+        `~photutils.psf.ImagePSF` of unit sum) at the centre of the cutout,
+        mapped to each band's own frame with the WCSs; for the bands
+        resampled onto the first band's pixels, convolved with the blur of
+        the bilinear resampling there (`resampled_psf`, 27 x 27). The KL PSF
+        is the one SDSS measured on the frame's stars; it varies (slowly)
+        across the frame, as does the resampling blur, so the PSF at the
+        centre describes a small cutout best.
     cache_dir : str or path-like, optional
         Directory searched for files that are not bundled with starnet, and
         where downloaded files are kept. `None` uses astropy's download
@@ -266,8 +350,9 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
         edge value. ``meta`` holds:
 
         - ``'bands'``: list of the band names;
-        - ``'psf'``: one `~starnet.psf.PowerLawPSF` per band, from the
-          psField file;
+        - ``'psf'``: one PSF per band, from the psField file: a
+          `~starnet.psf.PowerLawPSF`, or with ``psf='kl'`` an
+          `~photutils.psf.ImagePSF`;
         - ``'background'``: float32 array ``(n_bands, rows, cols)``, the sky
           in electrons (zeros when ``include_sky`` is `False`);
         - ``'gain'``: array ``(n_bands,)``, electrons per count, from the
@@ -280,8 +365,8 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
     Raises
     ------
     ValueError
-        For an unknown band, a cutout that is not inside the frame, or a
-        field missing from the photoField file.
+        For an unknown band or ``psf``, a cutout that is not inside the
+        frame, or a field missing from the photoField file.
     OSError
         If a file is not available and cannot be downloaded.
 
@@ -302,8 +387,13 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
     ((2, 100, 100), ['r', 'i'])
     >>> print(f"{image.meta['background'][0].mean():.1f} e-")
     686.2 e-
+    >>> image = load_sdss_frame(2583, 2, 136, cutout=((630, 730), (310, 410)),
+    ...                         psf='kl')
+    >>> [p.data.shape for p in image.meta['psf']]
+    [(25, 25), (27, 27)]
     """
     bands = _check_bands(bands)
+    psf = _check_psf_kind(psf)
     # The small per-camcol file first: it tells whether the field exists.
     photofield = _locate("photoField", run, camcol, field, cache_dir=cache_dir)
     all_gains = _read_gains(str(photofield), field)
@@ -316,10 +406,12 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
     rows, cols = _check_cutout(cutout, first.shape)
     signal, sky = first.electrons(gains[0], rows, cols)
     signals, skies = [signal], [sky]
+    frames = [first]
     masks = [np.zeros(signal.shape, dtype=bool)]
     nelec = [np.mean(gains[0] / first.calibration[cols], dtype=np.float64)]
     for band, gain in zip(bands[1:], gains[1:]):
         frame = _read_frame(str(paths[band]))
+        frames.append(frame)
         signal, sky, outside, x = _resample(frame, gain, first.wcs, rows,
                                             cols, band)
         signals.append(signal)
@@ -331,8 +423,18 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
 
     sky = np.stack(skies)
     data = np.stack(signals) + sky if include_sky else np.stack(signals)
+    if psf == "kl":
+        psfs = []
+        for k, (band, frame) in enumerate(zip(bands, frames)):
+            row, col = _cutout_centre(first.wcs, frame, rows, cols, k == 0)
+            kl = kl_psf_from_psfield(psfield, band=band, row=row, col=col)
+            if k > 0:   # resampled onto the first band's pixels: blurred
+                kl = resampled_psf(kl, *_resampling_fractions(first.wcs, frame, rows, cols))
+            psfs.append(kl)
+    else:
+        psfs = [PowerLawPSF.from_psfield(psfield, band=b) for b in bands]
     meta = {"bands": list(bands),
-            "psf": [PowerLawPSF.from_psfield(psfield, band=b) for b in bands],
+            "psf": psfs,
             "background": sky if include_sky else np.zeros_like(sky),
             "gain": np.array(gains, dtype=np.float64),
             "nelec_per_nmgy": np.array(nelec),

@@ -14,15 +14,17 @@ from urllib.error import URLError
 
 import numpy as np
 import pytest
+import torch
 from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
+from photutils.psf import ImagePSF
 from scipy.spatial import cKDTree
 
 from starnet.datasets import (load_m2, load_m2_daophot, load_m2_hst,
                               load_sdss_frame, sdss)
 from starnet.matching import match_catalogs
-from starnet.psf import PowerLawPSF
+from starnet.psf import PowerLawPSF, kl_psf_from_psfield
 
 DATA = Path(sdss.__file__).parent / "data"
 SAS = "https://data.sdss.org/sas/dr12/boss"
@@ -99,6 +101,110 @@ def test_m2_psf_images():
         assert np.unravel_index(psf.data.argmax(), psf.data.shape) == (12, 12)
 
 
+def test_m2_kl_psf():
+    image, _ = load_m2(psf="kl")
+    psfield = DATA / "sdss" / "psField-002583-2-0136.fit"
+    r, i = image.meta["psf"]
+    for psf, size in ((r, 25), (i, 27)):
+        assert isinstance(psf, ImagePSF)
+        assert psf.data.shape == (size, size)
+        assert psf.data.sum() == pytest.approx(1.0)
+        assert np.unravel_index(psf.data.argmax(), psf.data.shape) == (size // 2,) * 2
+    # r: at the centre of the region (rows 630:730, cols 310:410)
+    expected = kl_psf_from_psfield(psfield, band="r", row=679.5, col=359.5)
+    np.testing.assert_array_equal(r.data, expected.data)
+    # i: at the same place on the sky, i row ~ r row + 2.8, col - 0.58
+    # (provenance notes); this field's i KL PSF does not vary anyway
+    # (provenance notes), blurred by the bilinear resampling onto the r pixels
+    kl_i = kl_psf_from_psfield(psfield, band="i", row=682.3, col=358.9)
+    assert "row 682.3" in i.name and "col 358.9" in i.name and "resampled" in i.name
+    assert i.data.max() < 0.85 * kl_i.data.max()
+    # the bundled images are the KL PSF elsewhere (row 600, col 500): the
+    # same in i, slightly different in r (measured: half L1 0.0035)
+    bundled, _ = load_m2(psf="image")
+    np.testing.assert_allclose(kl_i.data, bundled.meta["psf"][1].data, atol=1e-7)
+    half_l1 = np.abs(r.data - bundled.meta["psf"][0].data).sum() / 2
+    assert 0.002 < half_l1 < 0.01
+    # the border does not move the PSF, nor change the image
+    bordered, _ = load_m2(border=3, psf="kl")
+    np.testing.assert_array_equal(bordered.meta["psf"][0].data, r.data)
+    plain, _ = load_m2()
+    np.testing.assert_array_equal(image.data, plain.data)
+
+
+# Bright isolated stars of the r frame, far from M2 (benchmarks/psf_diagnostic.py's
+# selection), among the 30 brightest those far from the row = column diagonal, where
+# the two orders of the KL coefficients differ most: frame column, row
+BRIGHT_ISOLATED_STARS = [(1507.5, 354.1), (1814.5, 548.7), (1779.3, 125.0),
+                         (1925.9, 692.7), (1502.1, 913.4), (1385.1, 823.1),
+                         (1929.6, 598.4), (1478.2, 341.6), (1536.9, 1283.7),
+                         (977.9, 550.8), (914.5, 500.1), (1917.6, 444.4)]
+
+
+def _psf_fit_chi2(data, variance, psf, x, y):
+    """chi^2 of a weighted fit of flux, position and sky within 8 px."""
+    from scipy.optimize import least_squares
+
+    from starnet.psf import pixel_stamps
+    ix, iy = int(round(x)), int(round(y))
+    box = (slice(iy - 8, iy + 9), slice(ix - 8, ix + 9))
+    stamp, sigma = data[box], np.sqrt(variance[box])
+    inside = np.hypot(*np.mgrid[-8:9, -8:9]) <= 8
+
+    def residual(p):
+        model = p[0] * pixel_stamps(psf, 17, [p[1]], [p[2]])[0] + p[3]
+        return ((stamp - model) / sigma)[inside]
+
+    start = [stamp.sum(), x - ix, y - iy, 0.0]
+    return float(np.sum(least_squares(residual, start, x_scale=[stamp.sum(), 0.1, 0.1, 1.0])
+                        .fun ** 2))
+
+
+def test_kl_psf_coefficient_order_fits_stars():
+    # The KL weights are polynomials in row and column; read with the rows and
+    # columns exchanged (photoop's sdss_psf_recon, pydl), they describe this
+    # frame's stars worse (measured: all 12 stars, total chi^2 2.5 times larger;
+    # on all 136 stars of the diagnostic, 120 fit better with this order).
+    psfield = DATA / "sdss" / "psField-002583-2-0136.fit"
+    frame = load_sdss_frame(2583, 2, 136, ("r",))
+    data = frame.data[0] - frame.meta["background"][0]
+    variance = np.maximum(frame.data[0], 1.0)
+    ours, exchanged = [], []
+    for x, y in BRIGHT_ISOLATED_STARS:
+        ours.append(_psf_fit_chi2(data, variance, kl_psf_from_psfield(
+            psfield, band="r", row=y, col=x), x, y))
+        # the exchanged order at (row, col) is this order at (col, row)
+        exchanged.append(_psf_fit_chi2(data, variance, kl_psf_from_psfield(
+            psfield, band="r", row=x, col=y), x, y))
+    ours, exchanged = np.array(ours), np.array(exchanged)
+    assert np.sum(ours < exchanged) >= 10
+    assert ours.sum() < 0.8 * exchanged.sum()
+
+
+def test_sdss_frame_kl_psf_at_cutout_centre():
+    psfield = DATA / "sdss" / "psField-002583-2-0136.fit"
+    near = load_sdss_frame(2583, 2, 136, ("r",), cutout=((0, 20), (0, 40)),
+                           psf="kl")
+    far = load_sdss_frame(2583, 2, 136, ("r",), cutout=((1469, 1489), (2008, 2048)),
+                          psf="kl")
+    np.testing.assert_array_equal(
+        near.meta["psf"][0].data,
+        kl_psf_from_psfield(psfield, band="r", row=9.5, col=19.5).data)
+    np.testing.assert_array_equal(
+        far.meta["psf"][0].data,
+        kl_psf_from_psfield(psfield, band="r", row=1478.5, col=2027.5).data)
+    assert np.abs(near.meta["psf"][0].data - far.meta["psf"][0].data).sum() > 0.02
+    # the default is unchanged: the power law
+    assert isinstance(load_sdss_frame(2583, 2, 136, ("r",), cutout=((0, 20), (0, 40)))
+                      .meta["psf"][0], PowerLawPSF)
+
+
+@pytest.mark.parametrize("psf", ["image", "KL", None])
+def test_sdss_frame_bad_psf_choice(psf):
+    with pytest.raises(ValueError, match="psf must be 'powerlaw' or 'kl'"):
+        load_sdss_frame(2583, 2, 136, ("r",), cutout=((0, 20), (0, 40)), psf=psf)
+
+
 def test_truth_positions_against_independent_hst_list(m2):
     # The paper's truth (bliss locs convention) and Portillo's list (x =
     # col - 310, y = row - 630) were made by different people; every one of
@@ -171,7 +277,7 @@ def test_bad_border(border):
 
 
 def test_bad_psf_choice():
-    with pytest.raises(ValueError, match="psf must be"):
+    with pytest.raises(ValueError, match="psf must be 'powerlaw', 'image' or 'kl'"):
         load_m2(psf="gaussian")
 
 
@@ -368,3 +474,35 @@ def test_download_into_astropy_cache(monkeypatch):
     assert image.data.shape == (1, 2, 2)
     assert len(calls) == 2
     assert all(cache is True for _, cache in calls)
+
+
+@pytest.mark.parametrize("fx, fy", [(0.42, 0.80), (0.1, 0.5)])
+def test_resampled_psf_is_the_psf_of_a_bilinearly_resampled_image(fx, fy):
+    """Render stars on a frame, resample it bilinearly at pixel fractions (fx, fy) as
+    load_sdss_frame does, and compare with the stars rendered through resampled_psf."""
+    from scipy.ndimage import map_coordinates
+    from starnet import PowerLawPSF
+    from starnet.datasets.sdss import resampled_psf
+    from starnet.simulate import StarFieldRenderer
+
+    psf = PowerLawPSF(sigma1=0.9, sigma2=2.2, sigmap=1.6, beta=2.3, b=0.06, p0=0.01)
+    shape = (40, 40)
+    frame_xy = np.array([[12.3, 14.8], [25.6, 22.1]])       # stars in frame pixels
+    fluxes = torch.tensor([[[1e4], [2e4]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    frame = StarFieldRenderer([psf], stamp_size=31).render(
+        torch.tensor(frame_xy[None], dtype=torch.float32), fluxes, mask, shape)[0, 0]
+    rows, cols = np.mgrid[0:shape[0] - 1, 0:shape[1] - 1]
+    resampled = map_coordinates(frame.double().numpy(), [rows + fy, cols + fx], order=1)
+    # output pixel (r, c) sits at frame (r + fy, c + fx): stars move by -(fx, fy)
+    out_xy = frame_xy - [fx, fy]
+    expected = StarFieldRenderer([resampled_psf(psf, fx, fy, size=31)], stamp_size=31).render(
+        torch.tensor(out_xy[None], dtype=torch.float32), fluxes, mask,
+        resampled.shape)[0, 0].double().numpy()
+    sharp = StarFieldRenderer([psf], stamp_size=31).render(
+        torch.tensor(out_xy[None], dtype=torch.float32), fluxes, mask,
+        resampled.shape)[0, 0].double().numpy()
+    peak = resampled.max()
+    # 1 % of the peak: the interpolation of an image PSF at sub-pixel offsets
+    assert np.abs(resampled - expected).max() < 0.02 * peak
+    assert np.abs(resampled - sharp).max() > 0.05 * peak     # the blur is real

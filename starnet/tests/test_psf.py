@@ -11,8 +11,9 @@ from photutils.datasets import make_model_image
 from photutils.psf import (CircularGaussianPRF, CircularGaussianPSF,
                            GriddedPSFModel, ImagePSF, PSFPhotometry)
 
-from starnet.psf import (PowerLawPSF, as_psf, pixel_stamps, psf_from_dict,
-                         psf_to_dict)
+from starnet.psf import (PowerLawPSF, as_psf, kl_psf_from_psfield,
+                         pixel_stamps, psf_from_dict, psf_to_dict)
+from starnet.simulate import StarFieldRenderer
 
 DATA = files('starnet') / 'datasets' / 'data'
 PSFIELD = DATA / 'sdss' / 'psField-002583-2-0136.fit'
@@ -301,3 +302,153 @@ def test_photutils_psf_photometry():
     np.testing.assert_allclose(result['x_fit'], truth['x_0'], atol=1e-4)
     np.testing.assert_allclose(result['y_fit'], truth['y_0'], atol=1e-4)
     np.testing.assert_allclose(result['flux_fit'], truth['flux'], rtol=1e-4)
+
+
+# --- the SDSS KL PSF (psField HDUs 1-5) -------------------------------------
+
+# The bundled 25 x 25 images were made by other code (IDL, MWRFITS header)
+# from the same psField: its raw KL reconstruction, not normalised, at frame
+# row 600, column 500 (photoop's sdss_psf_recon at its example position
+# x=600, y=500 reads the coefficients transposed, see kl_psf_from_psfield).
+BUNDLED_KL_POSITION = {'row': 600.0, 'col': 500.0}
+
+
+@pytest.mark.parametrize('band', ['r', 'i'])
+def test_kl_psf_reproduces_bundled_psf_image(band):
+    psf = kl_psf_from_psfield(PSFIELD, band=band, **BUNDLED_KL_POSITION)
+    image = psf_image(band)
+    # the bundled images are the unnormalised reconstruction (sum ~1.019)
+    assert image.sum() == pytest.approx(1.0186 if band == 'r' else 1.0140,
+                                        abs=1e-4)
+    expected = image / image.sum()
+    # measured: max |diff| 8.5e-9 (r), 7.2e-9 (i): float32 rounding
+    assert np.max(np.abs(psf.data - expected)) < 1e-7
+    assert np.sum(np.abs(psf.data - expected)) < 1e-6
+
+
+def test_kl_psf_position_of_bundled_r_image():
+    # the r KL PSF varies with position (the i one of this field does not):
+    # the bundled r image is matched at its position only
+    image = psf_image('r')
+    image = image / image.sum()
+    errors = {}
+    for row, col in [(600.0, 500.0), (500.0, 600.0), (680.0, 360.0),
+                     (620.0, 500.0), (600.0, 520.0)]:
+        psf = kl_psf_from_psfield(PSFIELD, band='r', row=row, col=col)
+        errors[row, col] = np.max(np.abs(psf.data - image))
+    assert min(errors, key=errors.get) == (600.0, 500.0)
+    assert errors[600.0, 500.0] < 1e-7
+    assert all(error > 2e-6 for key, error in errors.items()
+               if key != (600.0, 500.0))
+
+
+@pytest.mark.parametrize('band', ['r', 'i'])
+@pytest.mark.parametrize('size', [5, 25, 51])
+def test_kl_psf_unit_sum_and_centre(band, size):
+    psf = kl_psf_from_psfield(PSFIELD, band=band, row=680.0, col=360.0,
+                              size=size)
+    assert isinstance(psf, ImagePSF)
+    assert psf.data.shape == (size, size) and psf.data.dtype == np.float64
+    assert psf.data.sum() == pytest.approx(1.0, rel=1e-12)
+    assert psf.flux.value == 1 and psf.x_0.value == 0 and psf.y_0.value == 0
+    half = size // 2
+    assert np.unravel_index(psf.data.argmax(), psf.data.shape) == (half,
+                                                                   half)
+    # the core is centred (measured: 3 x 3 centroid 0.003-0.005 px, peak
+    # -0.01 px by a quadratic fit); the asymmetric wings move the first
+    # moment of the whole image by up to 0.06 px
+    core = psf.data[half - 1:half + 2, half - 1:half + 2]
+    xc, yc = centroid(core)
+    assert abs(xc - 1) < 0.01 and abs(yc - 1) < 0.01
+    xc, yc = centroid(psf.data)
+    assert abs(xc - half) < 0.1 and abs(yc - half) < 0.1
+
+
+@pytest.mark.parametrize('band', ['r', 'i'])
+def test_kl_psf_recenter(band):
+    psf = kl_psf_from_psfield(PSFIELD, band=band, row=680.0, col=360.0,
+                              recenter=True)
+    raw = kl_psf_from_psfield(PSFIELD, band=band, row=680.0, col=360.0)
+    assert psf.data.sum() == pytest.approx(1.0, rel=1e-12)
+    xc, yc = centroid(psf.data)
+    assert xc == pytest.approx(12, abs=1e-4)
+    assert yc == pytest.approx(12, abs=1e-4)
+    xr, yr = centroid(raw.data)
+    assert abs(xr - 12) > 0.03  # the raw image needed the shift
+    # a shift of a few hundredths of a pixel, not a different PSF
+    assert 0.005 < np.abs(psf.data - raw.data).sum() / 2 < 0.04
+
+
+def test_kl_psf_varies_smoothly_with_position():
+    def kl(row, col):
+        return kl_psf_from_psfield(PSFIELD, band='r', row=row, col=col).data
+
+    corner, far = kl(0.0, 0.0), kl(1488.0, 2047.0)
+    # measured: half the L1 difference 0.045, max |diff| 0.012
+    assert np.abs(corner - far).sum() / 2 > 0.01
+    assert np.max(np.abs(corner - far)) > 1e-3
+    # smooth: a pixel's step changes the image by ~1e-5 of the difference
+    near = kl(1.0, 0.0)
+    assert np.abs(corner - near).sum() < 1e-2 * np.abs(corner - far).sum()
+    # and the weights are polynomials (bilinear here): the midpoint is
+    # close to the mean of the ends along a row
+    mid = kl(744.0, 0.0)
+    ends = 0.5 * (kl(0.0, 0.0) + kl(1488.0, 0.0))
+    assert np.max(np.abs(mid - ends)) < 0.05 * np.max(np.abs(corner - far))
+    # i: nrow_b = ncol_b = 1 in this psField, the same PSF everywhere
+    np.testing.assert_array_equal(
+        kl_psf_from_psfield(PSFIELD, band='i', row=0.0, col=0.0).data,
+        kl_psf_from_psfield(PSFIELD, band='i', row=1400.0, col=2000.0).data)
+
+
+def test_kl_psf_works_as_starnet_psf():
+    psf = kl_psf_from_psfield(PSFIELD, band='r', row=680.0, col=360.0)
+    assert as_psf(psf) is psf
+    # pixel_stamps samples the pixel image, without integrating it again
+    np.testing.assert_allclose(pixel_stamps(psf, 25, 0.0, 0.0)[0], psf.data,
+                               rtol=1e-10, atol=1e-14)
+    stamp = pixel_stamps(psf, 25, [0.3], [-0.2])[0]
+    x0, y0 = centroid(psf.data)
+    xc, yc = centroid(stamp)
+    assert xc - x0 == pytest.approx(0.3, abs=0.01)
+    assert yc - y0 == pytest.approx(-0.2, abs=0.01)
+    # saved in a model file
+    new = psf_from_dict(json.loads(json.dumps(psf_to_dict(psf))))
+    assert isinstance(new, ImagePSF)
+    np.testing.assert_array_equal(new.data, psf.data)
+    # rendered by the simulator
+    renderer = StarFieldRenderer([psf], stamp_size=25)
+    np.testing.assert_allclose(renderer.psfs[0].data, psf.data)
+
+
+def test_kl_psf_close_to_power_law():
+    # the power law of HDU 6 is PHOTO's fit to the KL PSF
+    for band in 'ri':
+        kl = kl_psf_from_psfield(PSFIELD, band=band, row=680.0, col=360.0)
+        law = pixel_stamps(PowerLawPSF.from_psfield(PSFIELD, band=band), 25,
+                           0.0, 0.0)[0]
+        law = law / law.sum()
+        assert np.corrcoef(kl.data.ravel(), law.ravel())[0, 1] > 0.99
+
+
+def test_kl_psf_errors(tmp_path):
+    with pytest.raises(ValueError, match='band must be one of'):
+        kl_psf_from_psfield(PSFIELD, band='y', row=0.0, col=0.0)
+    for size in (4, 3, 53, 25.0, True):
+        with pytest.raises(ValueError, match='odd integer from 5 to 51'):
+            kl_psf_from_psfield(PSFIELD, band='r', row=0.0, col=0.0,
+                                size=size)
+    with pytest.raises(ValueError, match='finite'):
+        kl_psf_from_psfield(PSFIELD, band='r', row=np.nan, col=0.0)
+    with pytest.raises(TypeError, match='must be numbers'):
+        kl_psf_from_psfield(PSFIELD, band='r', row='centre', col=0.0)
+    with pytest.raises(TypeError):
+        kl_psf_from_psfield(PSFIELD, 'r', 0.0, 0.0)  # keyword-only
+    # a FITS file that is not a psField
+    path = tmp_path / 'not-psfield.fits'
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
+        [fits.Column(name='a', format='E', array=np.zeros(2))])]).writeto(path)
+    with pytest.raises(ValueError, match='has no binary table in HDU 3'):
+        kl_psf_from_psfield(path, band='r', row=0.0, col=0.0)
+    with pytest.raises(ValueError, match='not a KL PSF basis'):
+        kl_psf_from_psfield(path, band='u', row=0.0, col=0.0)
