@@ -1,9 +1,10 @@
 """Count bias, coverage and F1 against the error of the PSF that renders the images.
 
 Images (M2 prior and sky, 100 x 100, stars 6 pixels beyond the edges too) are rendered
-through PSFs on the line between the field's SDSS PSF image (``t = 0``; the bundled 25 x
-25 images, `starnet.datasets.load_m2` with ``psf='image'``) and the psField power law
-(``t = 1``), band by band: ``P_t = (1 - t) P_image + t P_powerlaw`` (pixel-integrated,
+through PSFs on the line between the field's SDSS KL PSF (``t = 0``; as
+`starnet.datasets.load_m2` gives it with ``psf='kl'``: at the region's centre, blurred by
+the resampling in i) and the psField power law (``t = 1``), band by band:
+``P_t = (1 - t) P_kl + t P_powerlaw`` (pixel-integrated,
 unit sum; negative pixels of an extrapolation are clipped). Each model catalogs the same
 images; the table gives the relative bias of the posterior mean count, the coverage of
 the 90 % count interval and the detection F1 (one-to-one, 0.5 px, 0.5 mag).
@@ -26,8 +27,8 @@ from starnet.psf import pixel_stamps
 
 
 def psf_between(t, size=25):
-    """PSFs of the r and i bands at ``t`` on the line from the PSF image to the power law."""
-    images = load_m2(psf="image")[0].meta["psf"]
+    """PSFs of the r and i bands at ``t`` on the line from the KL PSF to the power law."""
+    images = load_m2(psf="kl")[0].meta["psf"]
     laws = load_m2(psf="powerlaw")[0].meta["psf"]
     psfs = []
     for image, law in zip(images, laws):
@@ -42,15 +43,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["sdss-m2", "sdss-m2-powerlaw"])
     parser.add_argument("--t", type=float, nargs="+", default=[-0.5, 0.0, 0.5, 1.0],
-                        help="positions on the line from the PSF image (0) to the power "
-                             "law (1)")
+                        help="positions on the line from the KL PSF (0) to the power law (1)")
     parser.add_argument("--n-images", type=int, default=10)
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=2000)
     args = parser.parse_args(argv)
     deblenders = {m: StarNetDeblender.from_name_or_path(m) for m in args.model}
     print(f"{args.n_images} images of {args.size} x {args.size} per row, seeds from "
-          f"{args.seed}; t = 0: the SDSS PSF image, t = 1: the psField power law")
+          f"{args.seed}; t = 0: the SDSS KL PSF, t = 1: the psField power law")
     print(f"{'model':>20} {'t':>6} {'count bias':>11} {'90 % coverage':>14} {'F1':>6}")
     for t in args.t:
         psf = psf_between(t)

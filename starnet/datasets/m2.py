@@ -91,7 +91,7 @@ def _hst_truth(border):
                     locs[:, 0] * 100 - 0.5 + border, flux, meta)
 
 
-def load_m2(*, border=0, psf="powerlaw"):
+def load_m2(*, border=0, psf="kl"):
     """
     Load the StarNet paper's M2 image (r and i bands) and its HST truth.
 
@@ -111,12 +111,15 @@ def load_m2(*, border=0, psf="powerlaw"):
         ``'image'``: the bundled 25 x 25 PSF images of the field, normalised
         to unit sum, as `~photutils.psf.ImagePSF`; they are SDSS's KL PSF
         at frame row 600, column 500 (80 rows and 140 columns from the
-        region's centre). ``'kl'``: SDSS's KL PSF at the centre
+        region's centre). ``'kl'`` (the default, the PSF the bundled
+        ``sdss-m2`` model was trained with): SDSS's KL PSF at the centre
         of the region (frame row 679.5, column 359.5 in r; see
-        `~starnet.psf.kl_psf_from_psfield`), 25 x 25 and of unit sum, as
-        `~photutils.psf.ImagePSF`. In this field the i-band KL PSF does not
-        vary with position, so ``'image'`` and ``'kl'`` differ only in r,
-        by 0.35 % of the light (half the L1 difference).
+        `~starnet.psf.kl_psf_from_psfield`), of unit sum, as
+        `~photutils.psf.ImagePSF`; in i, blurred by the bilinear resampling
+        of the i frame onto the r pixels
+        (`~starnet.datasets.sdss.resampled_psf`). In this field the i-band
+        KL PSF does not vary with position; in r, ``'image'`` and ``'kl'``
+        differ by 0.35 % of the light (half the L1 difference).
 
     Returns
     -------

@@ -81,9 +81,12 @@ def test_m2_meta(m2):
     assert 686.0 < sky[0].min() and sky[0].max() < 686.5
     assert 1122.8 < sky[1].min() and sky[1].max() < 1123.3
     assert not image.mask.any()
-    assert all(isinstance(p, PowerLawPSF) for p in meta["psf"])
-    assert meta["psf"][0].sigma1.value == pytest.approx(0.880, abs=1e-3)
-    assert meta["psf"][1].sigma1.value == pytest.approx(0.886, abs=1e-3)
+    # the default PSF is the KL PSF (test_m2_kl_psf); the power law on request
+    assert all(isinstance(p, ImagePSF) for p in meta["psf"])
+    laws = load_m2(psf="powerlaw")[0].meta["psf"]
+    assert all(isinstance(p, PowerLawPSF) for p in laws)
+    assert laws[0].sigma1.value == pytest.approx(0.880, abs=1e-3)
+    assert laws[1].sigma1.value == pytest.approx(0.886, abs=1e-3)
 
 
 def test_m2_wcs_of_region_corner(m2):
