@@ -40,7 +40,8 @@ IMAGE is either
 * an SDSS frame, recognised by its name frame-<band>-<run>-<camcol>-<field>.fits.bz2:
   the model's bands of that field are read with starnet.datasets.load_sdss_frame
   (from IMAGE's folder, the bundled data or the SDSS archive), converted to
-  electrons, with the SDSS sky as background and the psField PSFs; or
+  electrons, with the SDSS sky as background and the psField PSFs (the KL PSF at
+  the image's centre, or the power law for a model trained on it); or
 * a FITS file whose primary HDU holds the image in electrons, sky included, with
   shape (bands, rows, cols) or (rows, cols) for a one-band model, bands in the
   model's order. --background is then required; the PSFs are the model's and the
@@ -213,8 +214,10 @@ def _read_image(args, deblender):
             raise ValueError("--background and --nelec-per-nmgy are for FITS images; an "
                              "SDSS frame carries its own sky and calibration")
         run, camcol, field = (int(v) for v in frame.groups())
+        # the PSF the model was trained with: the psField power law or the KL PSF
+        psf = "powerlaw" if all(isinstance(p, PowerLawPSF) for p in deblender.psfs) else "kl"
         return load_sdss_frame(run, camcol, field, deblender.bands, cutout=cutout,
-                               cache_dir=path.parent)
+                               cache_dir=path.parent, psf=psf)
 
     if not path.is_file():
         raise FileNotFoundError(f"no image file {path}")

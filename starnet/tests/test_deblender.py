@@ -391,3 +391,17 @@ def test_chunked_inference_equals_one_shot(image, n_colors):
     deblender.chunk_size = 6          # blocks of 3 tiles, with halos
     chunked = deblender(image)
     assert_same_catalog(chunked, whole)
+
+
+def test_warns_when_the_image_psf_is_not_the_models():
+    """The SDSS power law and KL PSFs of M2 differ by 3-5 % of the light, enough to bias
+    the count by 40 %: the power-law model warns on an image with the KL PSF, and the
+    KL model does not."""
+    import warnings
+    from starnet.datasets import load_m2
+    image, _ = load_m2()                      # the KL PSF
+    with pytest.warns(UserWarning, match="differs from the PSF the model"):
+        StarNetDeblender.pretrained("sdss-m2-powerlaw")._check_psfs(image.meta["psf"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StarNetDeblender.pretrained("sdss-m2")._check_psfs(image.meta["psf"])
