@@ -40,7 +40,9 @@ def _job(method, size, model, threads, repeats, queue):
     from starnet.datasets import load_sdss_frame
 
     torch.set_num_threads(threads)
-    image = load_sdss_frame(2583, 2, 136, ("r", "i"), cutout=SIZES[size])
+    # starnet gets the PSF of its model (KL); photutils the power law, which has a FWHM
+    image = load_sdss_frame(2583, 2, 136, ("r", "i"), cutout=SIZES[size],
+                            psf="kl" if method == "starnet" else "powerlaw")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if method == "starnet":
         deblender = StarNetDeblender.from_name_or_path(model)

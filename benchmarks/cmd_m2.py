@@ -39,7 +39,7 @@ def main(argv=None):
     if output.exists() and not args.overwrite:
         raise SystemExit(f"{output} exists; pass --overwrite to replace it")
 
-    image = load_sdss_frame(2583, 2, 136, ("r", "i"))
+    image = load_sdss_frame(2583, 2, 136, ("r", "i"), psf="kl")
     deblender = StarNetDeblender.from_name_or_path(args.model)
     started = time.perf_counter()
     image, _ = fit_background(deblender, image, smoothing=args.smoothing)
