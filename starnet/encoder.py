@@ -279,6 +279,7 @@ def _chunked(function, x, chunk, halo, scale, *, progress=None):
         raise ValueError(f"chunk_tiles must be positive, got {chunk}")
     out_rows, out_cols = x.shape[-2] // scale, x.shape[-1] // scale
     total = -(-out_rows // chunk) * -(-out_cols // chunk)
+    done = 0
     rows = []
     for r0 in range(0, out_rows, chunk):
         r1 = min(r0 + chunk, out_rows)
@@ -289,7 +290,8 @@ def _chunked(function, x, chunk, halo, scale, *, progress=None):
             w0, w1 = max(c0 - halo, 0), min(c1 + halo, out_cols)
             out = function(x[..., h0 * scale:h1 * scale, w0 * scale:w1 * scale])
             row.append(out[..., r0 - h0:r1 - h0, c0 - w0:c1 - w0])
+            done += 1
             if progress is not None:
-                progress(len(rows) * len(range(0, out_cols, chunk)) + len(row), total)
+                progress(done, total)
         rows.append(torch.cat(row, dim=-1))
     return torch.cat(rows, dim=-2)

@@ -162,7 +162,6 @@ def fit_psf(deblender, nddata, *, psf=None, n_samples=8, seed=0, **kwargs):
     >>> fit = fit_psf(StarNetDeblender.pretrained("sdss-m2-powerlaw"), image,
     ...               n_steps=2)   # doctest: +SKIP
     """
-    deblender._prepare(nddata)      # the image checks, before the draws
     start = _starting_psfs(deblender.bands, nddata,
                            deblender.psfs if psf is None and all(
                                isinstance(p, PowerLawPSF) for p in deblender.psfs) else psf)

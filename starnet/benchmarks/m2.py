@@ -70,7 +70,7 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
     Rows, printed as they are computed:
 
     * StarNet (this package), for each model (the bundled ones differ by their PSF: the
-      field's SDSS PSF image, ``sdss-m2``, and the psField power law,
+      field's SDSS KL PSF, ``sdss-m2``, and the psField power law,
       ``sdss-m2-powerlaw``): the modal catalog with the SDSS sky as background and,
       with ``fit_background`` (for a model with a background encoder), with the
       background fitted by ``starnet.background.fit_background``. ``N posterior`` is
@@ -168,9 +168,8 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
              "n_q95": np.quantile(counts, 0.95),
              "wall_time": time.perf_counter() - start}, catalog)
 
-    for index, (deblender, name) in enumerate(zip(deblenders, models)):
-        name = name if isinstance(name, str) and "/" not in name else (
-            Path(str(name)).stem if not isinstance(name, StarNetDeblender) else "")
+    for index, (deblender, model_name) in enumerate(zip(deblenders, models)):
+        name = _label(model_name)
         starnet_row(deblender, name, "SDSS sky", image, time.perf_counter(), index == 0)
         if not fit_background:
             continue
@@ -230,20 +229,24 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
 def _wake_background(deblender, nddata, seed):
     """The image with its background refined by the wake phase, and the factors."""
     from ..datasets import load_m2
-    from ..wake import fit_psf_to_catalogs
+    from ..wake import _image_tensors, fit_psf_to_catalogs
 
     samples = deblender.sample(nddata, n_samples=8, seed=seed)
     start = load_m2(psf="powerlaw")[0].meta["psf"]
     fit = fit_psf_to_catalogs(nddata, samples, psf=start, n_steps=100, stamp_size=19,
                               seed=seed)
-    background = as_background(nddata.meta["background"], len(deblender.bands),
-                               nddata.data.shape[1:])
-    background = background.reshape(len(deblender.bands), *(
-        (1, 1) if background.ndim == 1 else background.shape[1:])) \
-        * fit.background_scale.reshape(-1, 1, 1)
+    _, background = _image_tensors(nddata, len(deblender.bands))
+    background = background.numpy() * fit.background_scale.reshape(-1, 1, 1)
     refined = NDData(nddata.data, unit=nddata.unit, mask=nddata.mask, wcs=nddata.wcs,
                      meta={**nddata.meta, "background": background})
     return refined, fit.background_scale
+
+
+def _label(model):
+    """Row label of a model: a bundled name, a file's stem, or '' for a deblender."""
+    if isinstance(model, StarNetDeblender):
+        return ""
+    return Path(str(model)).stem
 
 
 def _inside_region(x, y, region):
