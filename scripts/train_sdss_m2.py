@@ -6,7 +6,9 @@ pixel, Pareto index 0.5 above 1000 electrons), the PSFs of the field's psField f
 SDSS sky of the frame as the background (the median of the sky map over the M2 region,
 r and i). With ``--psf-variants``, training images are rendered between the PSF and
 those variants (``--variant-range``), so that the model tolerates a PSF error of that
-size. Training images get backgrounds scaled by a random factor in
+size. With ``--density-range``, each training image has its own star density, so that
+the model catalogs sparse fields (a whole frame's outskirts) as well as the core.
+Training images get backgrounds scaled by a random factor in
 ``--background-range`` so the encoder reads the background from its input; then a
 background encoder is fitted on such images (``--background-steps``) and
 `starnet.background.fit_background` estimates the factor of a real image from its pixels.
@@ -54,6 +56,10 @@ def main(argv=None):
                         help="PSFs (load_m2 psf options) that training images are rendered "
                              "towards, by fractions drawn from --variant-range")
     parser.add_argument("--variant-range", type=float, nargs=2, default=(0.0, 0.0))
+    parser.add_argument("--density-range", type=float, nargs=2, default=None,
+                        metavar=("LOW", "HIGH"),
+                        help="draw each training image's stars per pixel log-uniformly "
+                             "from this range (default: the prior's 0.12)")
     parser.add_argument("--init-from", metavar="MODEL",
                         help="start from this model's weights (a name or a file)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -82,7 +88,9 @@ def main(argv=None):
         image_shape=(args.image_size, args.image_size), batch_size=args.batch_size,
         batches_per_epoch=args.batches_per_epoch, n_epochs=args.epochs,
         learning_rate=args.learning_rate, background_range=tuple(args.background_range),
-        psf_variant_range=tuple(args.variant_range), seed=args.seed)
+        psf_variant_range=tuple(args.variant_range),
+        density_range=None if args.density_range is None else tuple(args.density_range),
+        seed=args.seed)
     Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     # train epoch by epoch (resuming from the checkpoint) until the epochs or the time run out

@@ -205,7 +205,8 @@ class StarNetDeblender:
         return SimulatedBatches(self.prior, self._renderer(), self.background, shape,
                                 margin=settings.margin,
                                 background_range=settings.background_range,
-                                variants=variants, variant_range=settings.psf_variant_range)
+                                variants=variants, variant_range=settings.psf_variant_range,
+                                density_range=settings.density_range)
 
     # --------------------------------------------------------------- persistence
     def save(self, path, *, overwrite=False):
@@ -271,8 +272,8 @@ class StarNetDeblender:
         if metadata["training_settings"] is not None:
             settings = dict(metadata["training_settings"])
             settings["image_shape"] = tuple(settings["image_shape"])
-            for name in ("background_range", "psf_variant_range"):
-                if name in settings:
+            for name in ("background_range", "psf_variant_range", "density_range"):
+                if settings.get(name) is not None:
                     settings[name] = tuple(settings[name])
             deblender.training_settings = TrainingSettings(**settings)
         deblender.provenance = metadata.get("provenance", {})
@@ -513,32 +514,80 @@ class StarNetDeblender:
             "tile_size": self.grid.tile_size, "max_sources": self.grid.max_sources})
         return table
 
-    def _tile_count_pmf(self, posterior):
-        """pmf of the total count of independent tiles with the posterior's count
-        probabilities (for a checkerboard model: given the modal choices before them)."""
-        return count_distribution(posterior.count_probs[0].reshape(
-            -1, self.grid.max_sources + 1).double().numpy())
+    def _tile_count_pmf(self, posterior, tiles=None):
+        """pmf of the total count of independent tiles (all, or the ``tiles`` selected by a
+        boolean tile map) with the posterior's count probabilities (for a checkerboard
+        model: given the modal choices before them)."""
+        probs = posterior.count_probs[0]
+        if tiles is not None:
+            probs = probs[torch.from_numpy(tiles)]
+        return count_distribution(probs.reshape(-1, self.grid.max_sources + 1).double().numpy())
 
-    def _count_pmf(self, state, posterior, chunk_tiles):
-        """Posterior pmf of the number of stars in all tiles: exact for independent tiles
+    def _count_pmfs(self, state, posterior, chunk_tiles, tile_maps):
+        """Posterior pmfs of the number of stars in the tiles of each boolean tile map
+        (None: all tiles): exact for independent tiles
         (`~starnet.posterior.count_distribution`), else from ``n_count_samples`` draws."""
         if self.encoder.n_colors == 1:
-            return self._tile_count_pmf(posterior)
+            return [self._tile_count_pmf(posterior, tiles) for tiles in tile_maps]
         generator = torch.Generator().manual_seed(0)
-        draws = self._draw(state, self.n_count_samples, generator, chunk_tiles)
-        totals = draws.counts.reshape(self.n_count_samples, -1).sum(dim=1).numpy()
-        return np.bincount(totals, minlength=int(totals.max()) + 1) / len(totals)
+        counts = self._draw(state, self.n_count_samples, generator, chunk_tiles).counts
+        pmfs = []
+        for tiles in tile_maps:
+            selected = counts if tiles is None else counts[:, torch.from_numpy(tiles)]
+            totals = selected.reshape(self.n_count_samples, -1).sum(dim=1).numpy()
+            pmfs.append(np.bincount(totals, minlength=int(totals.max()) + 1) / len(totals))
+        return pmfs
 
-    def count_posterior(self, nddata, *, progress_bar=False):
-        """Posterior probabilities of the total number of stars in the image.
+    def count_posterior(self, nddata, *, region=None, progress_bar=False):
+        """Posterior probabilities of the number of stars in the image or in regions of it.
 
-        Returns ``pmf`` with ``pmf[k]`` = q(N = k): exact for independent tiles, the
-        frequencies of ``n_count_samples`` posterior draws for a checkerboard model.
-        ``progress_bar`` as for `__call__`.
+        Parameters
+        ----------
+        nddata : `~astropy.nddata.NDData`
+            The image, as for `__call__`.
+        region : array of bool, shape (rows, cols) or (n_regions, rows, cols), optional
+            Pixels of a region, or of several (the image is encoded once for all);
+            default: the whole image. The stars of a tile count when the region holds
+            the tile's central pixel (for an even ``tile_size``, the one above and left
+            of the centre), so a boundary is resolved to a tile and regions that
+            partition the image partition its stars.
+        progress_bar : bool, optional
+            As for `__call__`.
+
+        Returns
+        -------
+        pmf : `numpy.ndarray`, or a list of them (one per region)
+            ``pmf[k]`` = q(N = k): exact for independent tiles, the frequencies of
+            ``n_count_samples`` posterior draws for a checkerboard model.
+
+        Examples
+        --------
+        The count in the left and right halves of an image (``deblender`` and
+        ``image`` as in the class example)::
+
+            left = np.zeros(image.data.shape[1:], bool)
+            left[:, : left.shape[1] // 2] = True
+            pmf_left, pmf_right = deblender.count_posterior(image, region=[left, ~left])
         """
-        state, _, _, chunk_tiles = self._encode(nddata, progress_bar)
+        state, shape, _, chunk_tiles = self._encode(nddata, progress_bar)
         posterior, _ = self._modal(state, chunk_tiles)
-        return self._count_pmf(state, posterior, chunk_tiles)
+        region = None if region is None else np.asarray(region)
+        single = region is None or region.ndim == 2
+        tile_maps = [None] if region is None else [
+            self._region_tiles(r, shape) for r in (region[None] if single else region)]
+        pmfs = self._count_pmfs(state, posterior, chunk_tiles, tile_maps)
+        return pmfs[0] if single else pmfs
+
+    def _region_tiles(self, region, shape):
+        """Boolean map of the tiles whose central pixel a pixel region holds."""
+        if region.dtype != bool or region.shape != tuple(shape):
+            raise ValueError(f"region must be a boolean array of the image's shape "
+                             f"{tuple(shape)} (or a stack of them), got {region.dtype} "
+                             f"{region.shape}")
+        size = self.grid.tile_size
+        rows = np.minimum(np.arange(0, shape[0], size) + (size - 1) // 2, shape[0] - 1)
+        cols = np.minimum(np.arange(0, shape[1], size) + (size - 1) // 2, shape[1] - 1)
+        return region[np.ix_(rows, cols)]
 
     def render(self, catalog, shape):
         """Star light of a catalog through the model's PSFs, (bands, rows, cols) electrons.

@@ -188,6 +188,8 @@ def count_distribution(count_probs):
     """
     pmfs = np.asarray(count_probs, dtype=float).reshape(-1, np.shape(count_probs)[-1])
     length = pmfs.shape[0] * (pmfs.shape[1] - 1) + 1
+    if len(pmfs) == 0:   # no tiles: certainly no stars
+        return np.ones(1)
     offsets = np.zeros(len(pmfs), dtype=np.int64)   # pmfs[i, j] = P(offsets[i] + j)
     while len(pmfs) > 1:
         if len(pmfs) % 2:   # pad with a tile that is certainly empty

@@ -141,7 +141,7 @@ class StarFieldPrior:
         fluxes = torch.cat([flux_ref[:, None], flux_ref[:, None] * 10 ** (colors / 2.5)], dim=1)
         return fluxes.float()
 
-    def sample_batch(self, n_images, shape, *, margin=0.0, generator=None):
+    def sample_batch(self, n_images, shape, *, margin=0.0, mu=None, generator=None):
         """Sample a batch of catalogs as padded tensors (used for training).
 
         Parameters
@@ -154,6 +154,9 @@ class StarFieldPrior:
             Stars are placed over the image extended by ``margin`` pixels on every side
             (with the same density), so that stars just outside the image can shine into
             it, as on a real sky.
+        mu : float or `torch.Tensor` of shape (n_images,), optional
+            Stars per pixel of each catalog in place of the prior's ``mu`` (training
+            over a range of densities draws one per image).
         generator : `torch.Generator`, optional
             Source of randomness.
 
@@ -164,8 +167,11 @@ class StarFieldPrior:
         rows, cols = shape
         low = -0.5 - margin
         extent = torch.tensor([cols + 2 * margin, rows + 2 * margin])
-        rate = self.mu * float(extent.prod())
-        counts = torch.poisson(torch.full((n_images,), rate), generator=generator).long()
+        density = torch.as_tensor(self.mu if mu is None else mu, dtype=torch.float32)
+        if not bool((density > 0).all()):
+            raise ValueError(f"mu (stars per pixel) must be positive, got {mu}")
+        rate = density.expand(n_images) * float(extent.prod())
+        counts = torch.poisson(rate, generator=generator).long()
         max_stars = int(counts.max()) if n_images else 0
         mask = torch.arange(max_stars)[None, :] < counts[:, None]
         locs = low + extent * torch.rand(n_images, max_stars, 2, generator=generator)

@@ -5,7 +5,7 @@ import torch
 from astropy import units as u
 from astropy.nddata import NDData
 
-from .prior import StarFieldPrior, batch_to_table, _seed_int
+from .prior import StarCatalogBatch, StarFieldPrior, batch_to_table, _seed_int
 from .psf import as_psf, pixel_stamps
 
 __all__ = ["StarFieldRenderer", "add_noise", "as_background", "simulate_starfield"]
@@ -216,7 +216,7 @@ def as_background(background, n_bands, shape=None):
 
 
 def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", seed=None,
-                       margin=0.0, stamp_size=25):
+                       margin=0.0, stamp_size=25, density=None):
     """Simulate an image of a star field and its true catalog from the generative model.
 
     Parameters
@@ -240,6 +240,11 @@ def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", 
         it; they are in the catalog too (with ``x`` or ``y`` outside the image).
     stamp_size : int, optional
         Width of the rendered PSF stamp in pixels.
+    density : array, shape (rows, cols), optional
+        Stars per pixel at each pixel, in place of the prior's ``mu`` (e.g. a cluster's
+        radial profile): the count of each pixel is Poisson with this mean, positions
+        uniform within the pixel. Margin pixels take the density of the nearest edge
+        pixel.
 
     Returns
     -------
@@ -267,7 +272,10 @@ def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", 
         raise ValueError(f"got {len(psfs)} PSFs for {prior.n_bands} bands {prior.bands}")
     background = as_background(background, prior.n_bands, shape)
     generator = torch.Generator().manual_seed(_seed_int(seed))
-    batch = prior.sample_batch(1, shape, margin=margin, generator=generator)
+    if density is None:
+        batch = prior.sample_batch(1, shape, margin=margin, generator=generator)
+    else:
+        batch = _sample_density(prior, density, shape, margin, generator)
     renderer = StarFieldRenderer(psfs, stamp_size=stamp_size)
     stars = renderer.render(batch.locs, batch.fluxes, batch.mask, shape)[0].double()
     expected = stars + torch.from_numpy(background.reshape(prior.n_bands, -1, 1)
@@ -276,3 +284,25 @@ def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", 
     meta = {"bands": list(prior.bands), "psf": renderer.psfs, "background": background,
             "prior": prior.to_dict(), "seed": seed}
     return NDData(data, unit=u.electron, meta=meta), batch_to_table(batch, 0, prior.bands)
+
+
+def _sample_density(prior, density, shape, margin, generator):
+    """One catalog whose stars per pixel follow the map ``density`` (see
+    `simulate_starfield`), as a `~starnet.prior.StarCatalogBatch`."""
+    density = np.asarray(density, dtype=float)
+    if density.shape != tuple(shape) or not np.all(np.isfinite(density)) or np.any(density < 0):
+        raise ValueError(f"density must be a map of non-negative stars per pixel of the "
+                         f"image's shape {tuple(shape)}, got shape {density.shape}")
+    pad = int(np.ceil(margin))
+    padded = torch.from_numpy(np.pad(density, pad, mode="edge"))
+    counts = torch.poisson(padded, generator=generator).long().flatten()
+    pixels = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    rows, cols = pixels // padded.shape[1], pixels % padded.shape[1]
+    offsets = torch.rand(len(pixels), 2, generator=generator, dtype=torch.float64) - 0.5
+    locs = torch.stack([cols, rows], dim=1).double() - pad + offsets
+    keep = ((locs >= -0.5 - margin) & (locs < torch.tensor([shape[1], shape[0]]) - 0.5 + margin)
+            ).all(dim=1)
+    locs = locs[keep].float()
+    fluxes = prior.sample_fluxes(len(locs), generator=generator)
+    mask = torch.ones(1, len(locs), dtype=torch.bool)
+    return StarCatalogBatch(locs=locs[None], fluxes=fluxes[None], mask=mask)

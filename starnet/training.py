@@ -57,6 +57,11 @@ class TrainingSettings:
         rendered with the model's PSF, ``R_k`` with variant ``k`` and ``t_k`` is drawn
         uniformly from this range: the encoder learns to read stars through any PSF
         between them, so that a PSF error of that size is not taken for stars.
+    density_range : tuple of float or None
+        ``None``: every training image has the prior's ``mu`` stars per pixel. A range
+        ``(low, high)``: each image's density is drawn log-uniformly from it, so that
+        the encoder reads the local density from the pixels (as it reads the
+        background) and a sparse field is not catalogued as if it were crowded.
     seed : int
         Seed of the training images and of the validation set (the network's initial
         weights are seeded by `~starnet.StarNetDeblender`).
@@ -72,12 +77,14 @@ class TrainingSettings:
     n_validation: int = 8
     background_range: tuple = (1.0, 1.0)
     psf_variant_range: tuple = (0.0, 0.0)
+    density_range: tuple = None
     seed: int = 0
 
     def to_dict(self):
         settings = asdict(self)
-        for name in ("image_shape", "background_range", "psf_variant_range"):
-            settings[name] = list(settings[name])
+        for name in ("image_shape", "background_range", "psf_variant_range", "density_range"):
+            if settings[name] is not None:
+                settings[name] = list(settings[name])
         return settings
 
 
@@ -101,10 +108,14 @@ class SimulatedBatches:
         from) each variant's by a fraction drawn from ``variant_range``, per band.
     variant_range : tuple of float
         Range of those fractions.
+    density_range : tuple of float, optional
+        Range from which each image's stars per pixel are drawn log-uniformly
+        (default: the prior's ``mu``).
     """
 
     def __init__(self, prior, renderer, background, shape, *, margin=0.0,
-                 background_range=(1.0, 1.0), variants=(), variant_range=(0.0, 0.0)):
+                 background_range=(1.0, 1.0), variants=(), variant_range=(0.0, 0.0),
+                 density_range=None):
         self.prior = prior
         self.renderer = renderer
         self.background = torch.as_tensor(np.asarray(background, dtype=np.float32))
@@ -113,10 +124,19 @@ class SimulatedBatches:
         self.background_range = tuple(background_range)
         self.variants = list(variants)
         self.variant_range = tuple(variant_range)
+        self.density_range = None if density_range is None else tuple(density_range)
+        if density_range is not None and not 0 < density_range[0] <= density_range[1]:
+            raise ValueError(f"density_range must be (low, high) stars per pixel with "
+                             f"0 < low <= high, got {density_range}")
 
     def draw(self, n_images, *, generator=None):
         """Return ``(images, backgrounds, catalogs)`` for ``n_images`` new images."""
-        catalogs = self.prior.sample_batch(n_images, self.shape, margin=self.margin,
+        mu = None
+        if self.density_range is not None:
+            low, high = np.log(self.density_range)
+            mu = torch.exp(low + (high - low) * torch.rand(n_images, generator=generator,
+                                                           dtype=torch.float64))
+        catalogs = self.prior.sample_batch(n_images, self.shape, margin=self.margin, mu=mu,
                                            generator=generator)
         stars = self.renderer.render(catalogs.locs, catalogs.fluxes, catalogs.mask, self.shape)
         base = stars

@@ -166,6 +166,31 @@ def test_count_posterior(trained, image):
         assert cdf[catalog.meta['n_stars_q05'] - 1] < 0.05
 
 
+def test_count_posterior_of_regions_partitions_the_image(trained, image):
+    """Regions that partition the image partition its count: the means add up, and the
+    whole image's pmf is the convolution of the parts' (independent tiles)."""
+    rows, cols = SHAPE
+    left = np.zeros(SHAPE, bool)
+    left[:, :cols // 2 + 1] = True  # an odd column boundary cuts tiles in two
+    top = np.zeros(SHAPE, bool)
+    top[:rows // 3] = True
+    parts = [left & top, left & ~top, ~left]
+    pmfs = trained.count_posterior(image, region=parts)
+    whole = trained.count_posterior(image)
+    means = [pmf @ np.arange(len(pmf)) for pmf in pmfs]
+    np.testing.assert_allclose(sum(means), whole @ np.arange(len(whole)), rtol=1e-9)
+    combined = np.convolve(np.convolve(pmfs[0], pmfs[1]), pmfs[2])
+    np.testing.assert_allclose(combined[:len(whole)], whole, atol=1e-10)
+    single = trained.count_posterior(image, region=parts[1])
+    np.testing.assert_allclose(single, pmfs[1])
+    empty = trained.count_posterior(image, region=np.zeros(SHAPE, bool))
+    np.testing.assert_allclose(empty, [1.0])
+    with pytest.raises(ValueError, match="boolean array of the image's shape"):
+        trained.count_posterior(image, region=np.ones((rows, cols + 1), bool))
+    with pytest.raises(ValueError, match="boolean array"):
+        trained.count_posterior(image, region=np.ones(SHAPE))
+
+
 def test_save_load_round_trip(trained, image, tmp_path):
     path = tmp_path / 'model.pt'
     trained.save(path)
@@ -354,6 +379,11 @@ def test_checkerboard_deblender(image, tmp_path):
     catalog = deblender(image)
     pmf = deblender.count_posterior(image)
     assert np.isclose(pmf.sum(), 1)
+    left = np.zeros(SHAPE, bool)
+    left[:, :SHAPE[1] // 2] = True
+    halves = deblender.count_posterior(image, region=[left, ~left])
+    means = [p @ np.arange(len(p)) for p in halves]  # the same draws split in two
+    np.testing.assert_allclose(sum(means), pmf @ np.arange(len(pmf)), rtol=1e-9)
     assert catalog.meta['n_stars_q05'] <= catalog.meta['n_stars_mean'] \
         <= catalog.meta['n_stars_q95']
     samples = deblender.sample(image, n_samples=3, seed=0)

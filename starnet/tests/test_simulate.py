@@ -337,3 +337,31 @@ def test_simulate_starfield_errors(narrow_psf):
     with pytest.raises(ValueError, match="noise must be 'gaussian', 'poisson' or None"):
         simulate_starfield((20, 20), psf=narrow_psf, background=BACKGROUND, noise='normal',
                            stamp_size=9)
+
+
+def test_simulate_starfield_density_map(narrow_psf):
+    """A density map: per-region counts are Poisson with the map's sum as mean, and no
+    star falls where the density is zero."""
+    shape = (60, 80)
+    density = np.zeros(shape)
+    density[:, :30] = 0.2
+    density[:, 50:] = 0.02
+    counts = []
+    for seed in range(20):
+        _, truth = simulate_starfield(shape, psf=narrow_psf, background=[100.0, 100.0],
+                                      density=density, seed=seed, noise=None)
+        x = np.asarray(truth['x'])
+        assert not np.any((x > 29.5) & (x < 49.5))
+        counts.append([np.sum(x < 29.5), np.sum(x > 49.5)])
+    mean = np.mean(counts, axis=0)
+    expected = np.array([0.2 * 60 * 30, 0.02 * 60 * 30])
+    assert np.all(np.abs(mean - expected) < 4 * np.sqrt(expected / 20))
+    _, truth = simulate_starfield(shape, psf=narrow_psf, background=[100.0, 100.0],
+                                  density=density, seed=0, margin=4, noise=None)
+    x, y = np.asarray(truth['x']), np.asarray(truth['y'])
+    assert x.min() < -0.5 and y.min() < -0.5 and x.max() >= 79.5 and y.max() >= 59.5
+    assert x.min() >= -4.5 and y.max() < 63.5
+    with pytest.raises(ValueError, match='density must be a map'):
+        simulate_starfield(shape, psf=narrow_psf, background=100.0, density=density[1:])
+    with pytest.raises(ValueError, match='density must be a map'):
+        simulate_starfield(shape, psf=narrow_psf, background=100.0, density=-density)

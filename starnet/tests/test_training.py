@@ -60,3 +60,39 @@ def test_psf_variants_are_saved(tmp_path):
     assert len(loaded.psf_variants) == 1
     for psf in loaded.psf_variants[0]:
         np.testing.assert_allclose(psf.sigma1.value, WIDE.sigma1.value)
+
+
+def test_density_range_draws_log_uniform_densities():
+    """Each image gets its own density: image counts follow Poisson(mu A) with log mu
+    uniform over the range, so the mean of log(count / A) is the mean of log mu."""
+    shape, margin = (40, 40), 0
+    batches = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, shape, margin=margin,
+                               density_range=(0.01, 0.5))
+    _, _, catalogs = batches.draw(400, generator=torch.Generator().manual_seed(3))
+    density = catalogs.n_stars.double() / (shape[0] * shape[1])
+    assert density.min() < 0.03 and density.max() > 0.3
+    log_density = torch.log(density[density > 0])
+    # mean of log mu for log-uniform on (0.01, 0.5); Poisson noise of log(N/A) is small here
+    expected = (np.log(0.01) + np.log(0.5)) / 2
+    assert abs(float(log_density.mean()) - expected) < 0.15
+    fixed = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, shape)
+    _, _, catalogs = fixed.draw(200, generator=torch.Generator().manual_seed(3))
+    counts = catalogs.n_stars.double()
+    # one density: Poisson counts, variance = mean = 0.05 * 1600
+    assert abs(float(counts.mean()) - 80) < 3 and abs(float(counts.var()) / 80 - 1) < 0.3
+
+
+@pytest.mark.parametrize('bad', [(0.0, 0.1), (0.2, 0.1), (-1.0, 0.1)])
+def test_density_range_errors(bad):
+    with pytest.raises(ValueError, match='density_range'):
+        SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, (10, 10), density_range=bad)
+
+
+def test_density_range_is_saved(tmp_path):
+    deblender = StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
+                                 tile_hidden=16, stamp_size=7)
+    deblender.fit(n_epochs=1, batches_per_epoch=1, batch_size=2, image_shape=(12, 12),
+                  n_validation=2, density_range=(0.001, 0.2), progress=False)
+    deblender.save(tmp_path / 'model.pt')
+    loaded = StarNetDeblender.load(tmp_path / 'model.pt')
+    assert loaded.training_settings.density_range == (0.001, 0.2)
