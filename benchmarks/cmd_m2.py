@@ -1,36 +1,53 @@
-"""Colour-magnitude diagram of the whole SDSS frame of M2 (the paper's Fig. 10).
+"""Colour-magnitude diagram of the whole SDSS frame of M2 (the paper's Fig. 10), and
+star counts by distance from the cluster beside photutils'.
 
 Catalogs the whole frame (run 2583, camcol 2, field 136; r and i, 1489 x 2048 pixels)
-with the bundled model, after estimating a background that varies over the frame
-(`starnet.background.fit_background` with ``--smoothing`` pixels), and plots r against
-r - i for all stars of the modal catalog, and for the confident ones: magnitude
-posterior standard deviation below ``--max-mag-err`` in both bands.
+with each model (``--models``), after estimating a background that varies over the
+frame (`starnet.background.fit_background` with ``--smoothing`` pixels), and plots r
+against r - i for all stars of the first model's modal catalog, and for the confident
+ones: magnitude posterior standard deviation below ``--max-mag-err`` in both bands.
+
+Then counts stars per annulus around M2's centre (RA 323.36258, Dec -0.82325, via the
+frame's WCS): stars brighter than r = ``--bright`` in each model's modal catalog and in
+photutils' (`starnet.baselines.daophot_catalog`: DAOStarFinder and iterative PSF
+photometry, r band, on the same background), where crowding is negligible far from the
+core; and each model's stars with 21.5 < r < 22.5 per 1000 pixels (the faint band that a
+model made of a sparse field's missing faint light when it believed the core's density).
 
 Run::
 
-    python benchmarks/cmd_m2.py --output docs/_static/m2_cmd.png --overwrite
+    python benchmarks/cmd_m2.py --models sdss-m2 sdss-m2-powerlaw \
+        --output docs/_static/m2_cmd.png --overwrite
 """
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+from astropy.coordinates import SkyCoord
 
 from starnet import StarNetDeblender
 from starnet.background import fit_background
+from starnet.baselines import daophot_catalog
 from starnet.datasets import load_sdss_frame
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+M2_CENTRE = SkyCoord(323.362583, -0.823250, unit="deg")
+EDGES = (0, 100, 200, 400, 700, 1000, 1400, 2100)
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sdss-m2")
+    parser.add_argument("--models", nargs="+", default=["sdss-m2"])
     parser.add_argument("--output", default="m2_cmd.png")
     parser.add_argument("--max-mag-err", type=float, default=0.2)
+    parser.add_argument("--bright", type=float, default=20.5,
+                        help="r magnitude limit of the counts compared with photutils")
     parser.add_argument("--smoothing", type=float, default=64.0,
                         help="width (pixels) of the window of the background estimate")
     parser.add_argument("--overwrite", action="store_true")
@@ -39,21 +56,67 @@ def main(argv=None):
     if output.exists() and not args.overwrite:
         raise SystemExit(f"{output} exists; pass --overwrite to replace it")
 
-    image = load_sdss_frame(2583, 2, 136, ("r", "i"), psf="kl")
-    deblender = StarNetDeblender.from_name_or_path(args.model)
+    frame = load_sdss_frame(2583, 2, 136, ("r", "i"), psf="kl")
+    centre = np.array(frame.wcs.world_to_pixel(M2_CENTRE), dtype=float)
+    rows, cols = np.indices(frame.data.shape[1:])
+    radius_map = np.hypot(cols - centre[0], rows - centre[1])
+    area = [int(((radius_map >= low) & (radius_map < high)).sum())
+            for low, high in zip(EDGES[:-1], EDGES[1:])]
+    counts, catalogs = {}, {}
+    for name in args.models:
+        deblender = StarNetDeblender.from_name_or_path(name)
+        started = time.perf_counter()
+        image, _ = fit_background(deblender, frame, smoothing=args.smoothing)
+        catalog = deblender(image)
+        seconds = time.perf_counter() - started
+        scale = image.meta["background"][0] / deblender.background[0]
+        print(f"{name}: background {np.median(scale):.3f} times the model's (SDSS sky) in "
+              f"the median, from {scale.min():.3f} to {scale.max():.3f}; {len(catalog)} "
+              f"stars in {seconds:.1f} s (estimate included)")
+        catalogs[name] = catalog
+        r = catalog["mag_r"].value
+        counts[name] = (annulus_counts(catalog, centre, r < args.bright),
+                        annulus_counts(catalog, centre, (r > 21.5) & (r < 22.5)))
+        if name == args.models[0]:
+            first_image = image
     started = time.perf_counter()
-    image, _ = fit_background(deblender, image, smoothing=args.smoothing)
-    catalog = deblender(image)
-    seconds = time.perf_counter() - started
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        photutils = daophot_catalog(first_image, band="r")
+    print(f"photutils (DAOStarFinder + iterative PSF photometry, r, background of "
+          f"{args.models[0]}): {len(photutils)} stars in {time.perf_counter() - started:.1f} s")
+    bright = annulus_counts(photutils, centre, photutils["mag_r"].value < args.bright)
+
+    print(f"\nstars with r < {args.bright} by distance from M2's centre (x {centre[0]:.0f}, "
+          f"y {centre[1]:.0f}); 'faint': 21.5 < r < 22.5 per 1000 pixels")
+    line = f"{'radius px':>11} {'pixels':>8} {'photutils':>9}"
+    for name in args.models:
+        line += f" | {name[-18:]:>18} {'ratio':>6} {'faint':>6}"
+    print(line)
+    for a, (low, high) in enumerate(zip(EDGES[:-1], EDGES[1:])):
+        if area[a] == 0:
+            continue
+        line = f"{low:>5}-{high:<5} {area[a]:8d} {bright[a]:9d}"
+        for name in args.models:
+            ours, faint = counts[name][0][a], counts[name][1][a]
+            ratio = f"{ours / bright[a]:6.3f}" if bright[a] else f"{'-':>6}"
+            line += f" | {ours:18d} {ratio} {1000 * faint / area[a]:6.2f}"
+        print(line)
+    plot_cmd(catalogs[args.models[0]], args)
+
+
+def annulus_counts(catalog, centre, keep):
+    """Number of ``keep`` stars of ``catalog`` in each annulus around ``centre``."""
+    radius = np.hypot(np.asarray(catalog["x_fit"]) - centre[0],
+                      np.asarray(catalog["y_fit"]) - centre[1])[keep]
+    return np.histogram(radius, bins=EDGES)[0]
+
+
+def plot_cmd(catalog, args):
     confident = (catalog["mag_r_err"].value < args.max_mag_err) & \
         (catalog["mag_i_err"].value < args.max_mag_err)
-    scale = image.meta["background"][0] / deblender.background[0]
-    print(f"whole frame {image.data.shape[1]} x {image.data.shape[2]}: background "
-          f"{np.median(scale):.3f} times the model's (SDSS sky) in the median, from "
-          f"{scale.min():.3f} to {scale.max():.3f}; {len(catalog)} stars in {seconds:.1f} s "
-          f"(estimate included); {int(confident.sum())} with magnitude errors below "
+    print(f"{args.models[0]}: {int(confident.sum())} stars with magnitude errors below "
           f"{args.max_mag_err} in r and i")
-
     r = catalog["mag_r"].value
     color = r - catalog["mag_i"].value
     figure, axes = plt.subplots(1, 2, figsize=(9, 5), sharex=True, sharey=True)
@@ -65,10 +128,10 @@ def main(argv=None):
     axes[0].set_ylabel("r")
     axes[0].set_xlim(-1, 1.5)
     axes[0].set_ylim(23.5, 14)
-    figure.suptitle("M2, SDSS run 2583 camcol 2 field 136, StarNet (starnet)")
+    figure.suptitle(f"M2, SDSS run 2583 camcol 2 field 136, StarNet ({args.models[0]})")
     figure.tight_layout()
-    figure.savefig(output, dpi=120)
-    print(f"wrote {output}")
+    figure.savefig(args.output, dpi=120)
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

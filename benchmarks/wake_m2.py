@@ -4,7 +4,8 @@ Draws catalogs from the bundled model's posterior for the M2 image (``load_m2(bo
 background fitted by `starnet.background.fit_background`), fits the power-law PSF of each
 band and a factor on the background by the expected log-likelihood (`starnet.wake`),
 starting from the psField power law, and scores each candidate PSF (psField power law,
-KL PSF, fitted power law) by the expected log-likelihood per pixel on the same draws.
+KL PSF, fitted power law) by the expected log-likelihood per pixel on the same draws
+(the KL PSF also with the fitted background factor, to compare PSFs on one background).
 
 Run::
 
@@ -50,6 +51,7 @@ def main(argv=None):
     kl = load_m2(psf="kl")[0].meta["psf"]
     print("expected log-likelihood per pixel (same draws, stamps of 25):")
     for label, psf, scale in (("psField power law", start, 1.0), ("KL PSF", kl, 1.0),
+                              ("KL PSF, fitted bg", kl, fit.background_scale),
                               ("fitted power law", fit.psfs, fit.background_scale)):
         value = expected_log_likelihood(image, samples, psf=psf, background_scale=scale)
         print(f"  {label:>18} {value:.4f}")

@@ -56,10 +56,12 @@ def main(argv=None):
                         help="PSFs (load_m2 psf options) that training images are rendered "
                              "towards, by fractions drawn from --variant-range")
     parser.add_argument("--variant-range", type=float, nargs=2, default=(0.0, 0.0))
+    parser.add_argument("--mu", type=float, default=0.12,
+                        help="stars per pixel of the prior (default: the paper's 0.12)")
     parser.add_argument("--density-range", type=float, nargs=2, default=None,
                         metavar=("LOW", "HIGH"),
                         help="draw each training image's stars per pixel log-uniformly "
-                             "from this range (default: the prior's 0.12)")
+                             "from this range (default: the prior's --mu)")
     parser.add_argument("--init-from", metavar="MODEL",
                         help="start from this model's weights (a name or a file)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -75,7 +77,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     image, _ = load_m2(border=3, psf=args.psf)
-    prior = StarFieldPrior(mu=0.12, f_min=1000.0, f_max=1e6, alpha=0.5, bands=("r", "i"))
+    prior = StarFieldPrior(mu=args.mu, f_min=1000.0, f_max=1e6, alpha=0.5, bands=("r", "i"))
     deblender = StarNetDeblender.from_nddata(image, prior=prior, tile_size=args.tile_size,
                                              max_sources=args.max_sources,
                                              n_colors=args.n_colors, seed=args.seed)
