@@ -175,6 +175,14 @@ def read_model(path):
         a pickle that needs code to run, another torch file), or if its weights do not
         match their checksum, are not finite, or do not have the shapes its metadata
         implies. Files written before checksums existed are accepted without one.
+
+    Examples
+    --------
+    >>> from importlib import resources
+    >>> from starnet.model_files import read_model
+    >>> metadata, state = read_model(resources.files("starnet") / "models" / "sdss-m2.pt")
+    >>> metadata["tile_size"], sorted(state)
+    (2, ['background_weights', 'weights'])
     """
     contents = _load(path, "a starnet model file written by StarNetDeblender.save")
     if not isinstance(contents, dict) or not isinstance(contents.get("metadata"), str):
@@ -231,6 +239,14 @@ def read_checkpoint(path, *, settings, model=None):
     ValueError
         If the file is not a checkpoint, if it was written for another model or other
         settings, or if it holds more epochs than ``settings.n_epochs``.
+
+    Examples
+    --------
+    `starnet.StarNetDeblender.fit` writes and reads checkpoints; here, one resumed
+    with a new rate and more epochs (``deblender`` as in the class example)::
+
+        deblender.fit(n_epochs=1, checkpoint="fit.ckpt", learning_rate=1e-3)
+        deblender.fit(n_epochs=2, checkpoint="fit.ckpt", learning_rate=1e-4)
     """
     contents = _load(path, "a starnet training checkpoint")
     needed = ("encoder", "optimizer", "generator", "history")
