@@ -1,7 +1,6 @@
 """StarNetDeblender: catalogs with posterior uncertainties from images of crowded star fields."""
 
 import dataclasses
-import json
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -18,16 +17,16 @@ from . import __version__
 from .background import BackgroundEncoder, train_background_encoder
 from .denormals import flush_denormals, zero_negligible_weights
 from .encoder import StarNetEncoder
+from .model_files import describe_model, read_model, write_model
 from .posterior import TiledPosterior, count_distribution
 from .prior import StarFieldPrior, _seed_int
-from .psf import as_psf, pixel_stamps, psf_from_dict, psf_to_dict
+from .psf import as_psf, pixel_stamps, psf_from_dict
 from .simulate import StarFieldRenderer, as_background
 from .tiles import TileCatalog, TileGrid
 from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
 
 __all__ = ["StarNetDeblender"]
 
-_MODEL_FORMAT = "starnet-deblender-1"
 _GAUSS_HERMITE = np.polynomial.hermite_e.hermegauss(32)
 
 
@@ -149,7 +148,10 @@ class StarNetDeblender:
             All training settings; keyword arguments override single fields
             (e.g. ``n_epochs=20``).
         checkpoint : str or path, optional
-            Written every epoch; training resumes from it when it exists.
+            Written (atomically) every epoch; training resumes from it when it exists.
+            It records the model and the settings, and refuses to resume another
+            model or other settings: only ``learning_rate``, ``weight_decay`` and
+            ``n_epochs`` (not below the epochs it holds) may change.
         progress : bool, optional
             Show a progress bar.
 
@@ -166,7 +168,7 @@ class StarNetDeblender:
         settings = dataclasses.replace(settings, **kwargs)
         batches = self._batches(settings.image_shape, settings)
         history = train_encoder(self.encoder, batches, settings, checkpoint=checkpoint,
-                                progress=progress)
+                                model_description=describe_model(self), progress=progress)
         self.training_settings = settings
         self.training_history = history
         return history
@@ -214,7 +216,14 @@ class StarNetDeblender:
 
         The file loads with ``torch.load(path, weights_only=True)``; no code is
         pickled. Negligible weights are set to zero first, so that the file holds no
-        denormal numbers (`starnet.denormals`).
+        denormal numbers (`starnet.denormals`). The file is written atomically (an
+        interrupted save leaves the previous file intact) with a checksum of the
+        weights (`starnet.model_files`).
+
+        Raises
+        ------
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is false.
         """
         path = Path(path)
         if path.exists() and not overwrite:
@@ -223,19 +232,12 @@ class StarNetDeblender:
             if network is not None:
                 zero_negligible_weights(network)
         metadata = {
-            "format": _MODEL_FORMAT, "starnet_version": __version__,
-            "prior": self.prior.to_dict(), "psf": [psf_to_dict(p) for p in self.psfs],
-            "background": [float(b) for b in self.background],
-            "tile_size": self.grid.tile_size, "max_sources": self.grid.max_sources,
-            "stamp_size": self.stamp_size, "hidden": self.encoder.pixel_layers[0].out_channels,
-            "tile_hidden": self.encoder.head.in_channels, "n_colors": self.encoder.n_colors,
-            "log_flux_offset": self.encoder.log_flux_offset,
+            "starnet_version": __version__, **describe_model(self),
             "training_settings": (self.training_settings.to_dict()
                                   if self.training_settings is not None else None),
             "training_history": (_table_to_lists(self.training_history)
                                  if self.training_history is not None else None),
             "provenance": self.provenance,
-            "psf_variants": [[psf_to_dict(p) for p in psfs] for psfs in self.psf_variants],
         }
         state = {"weights": self.encoder.state_dict()}
         if self.background_encoder is not None:
@@ -244,21 +246,20 @@ class StarNetDeblender:
                 "hidden": self.background_encoder.hidden,
                 "history": _table_to_lists(self.background_history)}
             state["background_weights"] = self.background_encoder.state_dict()
-        torch.save({"metadata": json.dumps(metadata), **state}, path)
+        write_model(path, metadata, state)
 
     @classmethod
     def load(cls, path):
         """Load a model written by `save`.
 
+        The file is verified first (`starnet.model_files.read_model`): a file that is
+        not a starnet model, or whose weights do not match their checksum, are not
+        finite or do not fit the network of its metadata, raises a ValueError.
         Negligible weights (denormal numbers among them, which slow a CPU down 10-20
         times) are set to zero, so that files written before `save` did so run at full
         speed (`starnet.denormals`).
         """
-        state = torch.load(Path(path), weights_only=True)
-        metadata = json.loads(state["metadata"])
-        if metadata.get("format") != _MODEL_FORMAT:
-            raise ValueError(f"{path} is not a starnet model file (format "
-                             f"{metadata.get('format')!r}, expected {_MODEL_FORMAT!r})")
+        metadata, state = read_model(path)
         deblender = cls(prior=StarFieldPrior.from_dict(metadata["prior"]),
                         psf=[psf_from_dict(p) for p in metadata["psf"]],
                         background=metadata["background"], tile_size=metadata["tile_size"],

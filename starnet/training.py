@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .denormals import zero_negligible_weights
 from .encoder import conditioning_map
 from .matching import match_catalogs
+from .model_files import read_checkpoint, write_checkpoint
 from .prior import batch_to_table, catalog_table
 from .simulate import add_noise
 from .tiles import TileGrid
@@ -153,7 +154,8 @@ class SimulatedBatches:
         return images, background, catalogs
 
 
-def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True):
+def train_encoder(encoder, batches, settings, *, checkpoint=None, model_description=None,
+                  progress=True):
     """Fit ``encoder`` by minimising the expected forward KL on simulated batches.
 
     Parameters
@@ -164,8 +166,13 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
         The generative model.
     settings : `TrainingSettings`
     checkpoint : str or `~pathlib.Path`, optional
-        File written at the end of every epoch (network, optimiser, random state,
-        history); when it exists, training resumes from it.
+        File written atomically at the end of every epoch (network, optimiser, random
+        state, history, settings and ``model_description``); when it exists, training
+        resumes from it (see `starnet.model_files.read_checkpoint`: a checkpoint of
+        other settings or another model is refused with a ValueError).
+    model_description : dict, optional
+        The generative model and architecture being fitted
+        (`starnet.model_files.describe_model`), checked on resume when given.
     progress : bool
         Show a progress bar.
 
@@ -185,7 +192,7 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
     history = []
     start_epoch = 0
     if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, weights_only=True)
+        state = read_checkpoint(checkpoint, settings=settings, model=model_description)
         encoder.load_state_dict(state["encoder"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -224,8 +231,11 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, progress=True)
                        f"validation loss {row['val_loss']:.3f}, F1 {row['val_f1']:.3f}, "
                        f"{row['images_per_second']:.1f} images/s")
         if checkpoint is not None:
-            torch.save({"encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "history": history}, checkpoint)
+            write_checkpoint(checkpoint, {"encoder": encoder.state_dict(),
+                                          "optimizer": optimizer.state_dict(),
+                                          "generator": generator.get_state(),
+                                          "history": history},
+                             settings=settings, model=model_description)
     encoder.eval()
     zero_negligible_weights(encoder)
     return QTable(rows=history, names=list(history[0])) if history else QTable()

@@ -1,0 +1,395 @@
+"""Model files and training checkpoints: written atomically, verified when read.
+
+* `write_atomically` writes a file in full or not at all: an interrupted save leaves the
+  previous file as it was, and no partial file behind.
+* A model file (`write_model`, `read_model`) carries a SHA-256 checksum of its weights;
+  it is read only when the checksum matches, the weights are finite and their shapes
+  are those of the network its metadata describes (checked before that network is
+  built, so a corrupted size cannot make it allocate gigabytes).
+* A checkpoint (`write_checkpoint`, `read_checkpoint`) carries the training settings and
+  the description of the model (`describe_model`); resuming with another model or other
+  settings is refused, since the checkpoint's history would then describe a training
+  that did not happen.
+
+Every file is read with ``torch.load(..., weights_only=True)``: no code is unpickled.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import secrets
+import warnings
+from pathlib import Path
+
+import torch
+
+from .background import BackgroundEncoder
+from .encoder import StarNetEncoder
+from .psf import psf_to_dict
+
+__all__ = ["write_atomically", "describe_model", "weights_checksum", "write_model",
+           "read_model", "write_checkpoint", "read_checkpoint"]
+
+_MODEL_FORMAT = "starnet-deblender-1"
+_CHECKPOINT_FORMAT = "starnet-checkpoint-1"
+# training settings that may change when training resumes from a checkpoint
+_RESUMABLE = ("learning_rate", "weight_decay", "n_epochs")
+_SIZES = ("tile_size", "max_sources", "stamp_size", "hidden", "tile_hidden")
+
+
+def write_atomically(path, write):
+    """Write a file in full or not at all.
+
+    ``write(file)`` writes into a temporary file of the same folder, which is flushed
+    to disk and then renamed onto ``path`` (`os.replace`, atomic). If anything fails,
+    the temporary file is removed and ``path`` keeps its previous contents.
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+        The file to write (replaced if it exists).
+    write : callable
+        Called with the open binary file.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from starnet.model_files import write_atomically
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "numbers.pt"
+    ...     write_atomically(path, lambda file: torch.save({"x": torch.arange(3)}, file))
+    ...     print(torch.load(path, weights_only=True)["x"].tolist())
+    [0, 1, 2]
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # os.open, unlike tempfile, gives the file the permissions of an ordinary new file
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder):
+    """Make a rename in ``folder`` durable (POSIX only: Windows cannot open a folder)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def describe_model(deblender):
+    """The generative model and network architecture of a deblender, as JSON values.
+
+    The model file's metadata holds it, and so does a training checkpoint, which is
+    resumed only by a deblender with the same description.
+
+    Examples
+    --------
+    >>> from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
+    >>> from starnet.model_files import describe_model
+    >>> psf = PowerLawPSF(sigma1=1.0, sigma2=2.5, sigmap=3.0, beta=3.0, b=0.1, p0=0.01)
+    >>> deblender = StarNetDeblender(prior=StarFieldPrior(bands=["r"]), psf=psf,
+    ...                              background=[686.0], hidden=8)
+    >>> description = describe_model(deblender)
+    >>> description["background"], description["hidden"]
+    ([686.0], 8)
+    """
+    encoder = deblender.encoder
+    return {
+        "prior": deblender.prior.to_dict(), "psf": [psf_to_dict(p) for p in deblender.psfs],
+        "background": [float(b) for b in deblender.background],
+        "psf_variants": [[psf_to_dict(p) for p in psfs] for psfs in deblender.psf_variants],
+        "tile_size": deblender.grid.tile_size, "max_sources": deblender.grid.max_sources,
+        "stamp_size": deblender.stamp_size, "hidden": encoder.pixel_layers[0].out_channels,
+        "tile_hidden": encoder.head.in_channels, "n_colors": encoder.n_colors,
+        "log_flux_offset": encoder.log_flux_offset,
+    }
+
+
+def weights_checksum(state):
+    """SHA-256 (hex) of the tensors of ``state``, a dict of state dicts.
+
+    The state dicts are taken in the order of their sorted names and their tensors in
+    state-dict order; each contributes its name, dtype, shape and bytes (in logical
+    order, whatever its memory layout).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from starnet.model_files import weights_checksum
+    >>> one = {"weights": {"w": torch.zeros(2)}}
+    >>> weights_checksum(one) == weights_checksum({"weights": {"w": torch.zeros(2)}})
+    True
+    >>> weights_checksum(one) == weights_checksum({"weights": {"w": torch.ones(2)}})
+    False
+    """
+    digest = hashlib.sha256()
+    for group in sorted(state):
+        for name, tensor in state[group].items():
+            digest.update(f"{group}/{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1)
+                          .view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def write_model(path, metadata, state):
+    """Write a model file atomically: ``metadata`` (JSON) with its format and the
+    checksum of the weights, and ``state`` (``{"weights": state_dict, ...}``).
+
+    `starnet.StarNetDeblender.save` builds the metadata and the state.
+    """
+    metadata = {"format": _MODEL_FORMAT, **metadata, "weights_sha256": weights_checksum(state)}
+    contents = {"metadata": json.dumps(metadata), **state}
+    write_atomically(path, lambda file: torch.save(contents, file))
+
+
+def read_model(path):
+    """Read and verify a model file written by `write_model`.
+
+    Returns
+    -------
+    metadata : dict
+    state : dict
+        ``"weights"`` (the encoder's state dict) and, if the model has one,
+        ``"background_weights"``.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a starnet model file (empty, truncated, not a torch file,
+        a pickle that needs code to run, another torch file), or if its weights do not
+        match their checksum, are not finite, or do not have the shapes its metadata
+        implies. Files written before checksums existed are accepted without one.
+
+    Examples
+    --------
+    >>> from importlib import resources
+    >>> from starnet.model_files import read_model
+    >>> metadata, state = read_model(resources.files("starnet") / "models" / "sdss-m2.pt")
+    >>> metadata["tile_size"], sorted(state)
+    (2, ['background_weights', 'weights'])
+    """
+    contents = _load(path, "a starnet model file written by StarNetDeblender.save")
+    if not isinstance(contents, dict) or not isinstance(contents.get("metadata"), str):
+        raise ValueError(f"{path} is not a starnet model file: it holds no metadata "
+                         "(expected a file written by StarNetDeblender.save)")
+    metadata = _parse_metadata(path, contents["metadata"])
+    if metadata.get("format") != _MODEL_FORMAT:
+        raise ValueError(f"{path} is not a starnet model file (format "
+                         f"{metadata.get('format')!r}, expected {_MODEL_FORMAT!r})")
+    state = {key: contents[key] for key in ("weights", "background_weights") if key in contents}
+    _check_tensors(path, state)
+    expected = metadata.get("weights_sha256")
+    if expected is not None and weights_checksum(state) != expected:
+        raise ValueError(f"{path} is corrupted: checksum of the weights does not match the "
+                         "one saved with them")
+    _check_finite(path, state)
+    _check_shapes(path, metadata, state)
+    return metadata, state
+
+
+def write_checkpoint(path, state, *, settings, model=None):
+    """Write a training checkpoint atomically, with the settings and model it is for.
+
+    Parameters
+    ----------
+    path : str or `~pathlib.Path`
+    state : dict
+        ``encoder``, ``optimizer``, ``generator`` and ``history``.
+    settings : `~starnet.training.TrainingSettings`
+    model : dict, optional
+        `describe_model` of the deblender being trained.
+    """
+    metadata = {"format": _CHECKPOINT_FORMAT, "training_settings": settings.to_dict(),
+                "model": model}
+    contents = {"metadata": json.dumps(metadata), **state}
+    write_atomically(path, lambda file: torch.save(contents, file))
+
+
+def read_checkpoint(path, *, settings, model=None):
+    """Read a checkpoint to resume training with ``settings`` for ``model``.
+
+    Only ``learning_rate``, ``weight_decay`` and ``n_epochs`` may differ from the
+    checkpoint's settings (``n_epochs`` not below its number of epochs); its model
+    description must equal ``model`` (when both are known). A checkpoint written before
+    checkpoints carried their settings is resumed with a warning.
+
+    Returns
+    -------
+    state : dict
+        ``encoder``, ``optimizer``, ``generator`` and ``history``.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a checkpoint, if it was written for another model or other
+        settings, or if it holds more epochs than ``settings.n_epochs``.
+
+    Examples
+    --------
+    `starnet.StarNetDeblender.fit` writes and reads checkpoints; here, one resumed
+    with a new rate and more epochs (``deblender`` as in the class example)::
+
+        deblender.fit(n_epochs=1, checkpoint="fit.ckpt", learning_rate=1e-3)
+        deblender.fit(n_epochs=2, checkpoint="fit.ckpt", learning_rate=1e-4)
+    """
+    contents = _load(path, "a starnet training checkpoint")
+    needed = ("encoder", "optimizer", "generator", "history")
+    if not isinstance(contents, dict) or not all(key in contents for key in needed):
+        raise ValueError(f"{path} is not a starnet training checkpoint (expected a file "
+                         f"with {list(needed)}, as written by StarNetDeblender.fit)")
+    if "metadata" in contents:
+        _check_resume(path, _parse_metadata(path, contents["metadata"]), settings, model)
+    else:
+        warnings.warn(f"{path} was written by an older starnet and holds no training "
+                      "settings: it is resumed without checking that it was made for this "
+                      "model and these settings", UserWarning)
+    done = len(contents["history"])
+    if settings.n_epochs < done:
+        raise ValueError(f"checkpoint {path} already holds {done} epochs but n_epochs is "
+                         f"{settings.n_epochs}: ask for at least {done} epochs, or use a new "
+                         "checkpoint path")
+    return contents
+
+
+def _check_resume(path, metadata, settings, model):
+    """Refuse to resume from a checkpoint made for another model or other settings."""
+    stored = metadata.get("training_settings") or {}
+    current = _as_json(settings.to_dict())
+    differ = [f"training setting {key!r} ({stored.get(key)!r} in the checkpoint, "
+              f"{current.get(key)!r} now)"
+              for key in sorted(set(stored) | set(current))
+              if key not in _RESUMABLE and stored.get(key) != current.get(key)]
+    if model is not None and metadata.get("model") is not None:
+        model, stored_model = _as_json(model), metadata["model"]
+        differ += [f"model {key!r}" for key in sorted(set(model) | set(stored_model))
+                   if model.get(key) != stored_model.get(key)]
+    if differ:
+        raise ValueError(f"checkpoint {path} was written for another training: "
+                         f"{'; '.join(differ)} differ. Only {list(_RESUMABLE)} may "
+                         "change on resume: use a new checkpoint path")
+
+
+def _as_json(value):
+    """``value`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _load(path, expected):
+    """``torch.load(path, weights_only=True)``, any failure to parse as a ValueError (a
+    missing or unreadable file raises as `open` does)."""
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            raise ValueError(f"{path} is empty, expected {expected}")
+        try:
+            return torch.load(file, weights_only=True)
+        except pickle.UnpicklingError as error:
+            needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            if needs is None:  # torch's weights-only unpickler wraps every failure
+                raise _unreadable(path, expected, error) from error
+            raise ValueError(f"{path} is not {expected}: it holds Python objects other than "
+                             f"tensors and plain values, which only running code from the "
+                             f"file ({needs[1]}) could build (refused)") from error
+        except Exception as error:  # torch raises many kinds, OSError for a truncated file
+            raise _unreadable(path, expected, error) from error
+
+
+def _unreadable(path, expected, error):
+    """The ValueError for a file that torch cannot parse, with the first line of its
+    reason (after the weights-only unpickler's advice to load unsafely, if any)."""
+    text = str(error).split("WeightsUnpickler error:")[-1]
+    reason = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return ValueError(f"{path} is not {expected} (it may be truncated or corrupted): "
+                      f"torch.load fails with {type(error).__name__} {reason}".rstrip())
+
+
+def _parse_metadata(path, text):
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is corrupted: its metadata is not valid JSON "
+                         f"({error})") from error
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path} is corrupted: its metadata is not a JSON object")
+    return metadata
+
+
+def _check_tensors(path, state):
+    if "weights" not in state:
+        raise ValueError(f"{path} holds no encoder weights (expected a file written by "
+                         "StarNetDeblender.save)")
+    for group, tensors in state.items():
+        if not isinstance(tensors, dict) or not all(
+                isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError(f"{path} is corrupted: {group!r} is not a dict of tensors")
+
+
+def _check_finite(path, state):
+    for group, tensors in state.items():
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{path} is corrupted: {group} {name!r} holds non-finite "
+                                 "values (NaN or infinity)")
+
+
+def _check_shapes(path, metadata, state):
+    """Compare the stored tensors' shapes with those of the networks the metadata
+    describes, built on the meta device (no memory is allocated)."""
+    expected = _expected_shapes(path, metadata)
+    problems = [f"{group} missing" for group in expected if group not in state]
+    problems += [f"unexpected {group}" for group in state if group not in expected]
+    for group in set(expected) & set(state):
+        shapes = {name: tuple(t.shape) for name, t in state[group].items()}
+        for name in expected[group].keys() | shapes.keys():
+            want, have = expected[group].get(name), shapes.get(name)
+            if want != have:
+                problems.append(f"{group} {name!r} has shape {have} in the file, {want} by "
+                                "the metadata")
+    if problems:
+        sizes = ", ".join(f"{key}={metadata[key]}" for key in _SIZES)
+        raise ValueError(f"{path} is corrupted: its weights are not those of the network "
+                         f"its metadata describes ({sizes}): {'; '.join(sorted(problems))}")
+
+
+def _expected_shapes(path, metadata):
+    """Shapes of the state dicts of the networks that ``metadata`` describes."""
+    try:
+        n_bands = len(metadata["prior"]["bands"])
+        sizes = {key: metadata[key] for key in _SIZES}
+        sizes["n_colors"] = metadata.get("n_colors", 1)
+        options = metadata.get("background_encoder")
+        if options is not None:
+            sizes.update(cell_size=options["cell_size"], background_hidden=options["hidden"])
+        wrong = {key: value for key, value in sizes.items()
+                 if isinstance(value, bool) or not isinstance(value, int) or value < 1}
+        if wrong:
+            raise ValueError(f"sizes must be positive integers, got {wrong}")
+        with torch.device("meta"):
+            networks = {"weights": StarNetEncoder(
+                n_bands=n_bands, tile_size=sizes["tile_size"],
+                max_sources=sizes["max_sources"], hidden=sizes["hidden"],
+                tile_hidden=sizes["tile_hidden"], n_colors=sizes["n_colors"])}
+            if options is not None:
+                networks["background_weights"] = BackgroundEncoder(
+                    n_bands=n_bands, cell_size=sizes["cell_size"],
+                    hidden=sizes["background_hidden"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is corrupted: its metadata does not describe a starnet "
+                         f"network ({type(error).__name__}: {error})") from error
+    return {group: {name: tuple(t.shape) for name, t in network.state_dict().items()}
+            for group, network in networks.items()}
