@@ -5,7 +5,8 @@ Catalogs the whole frame (run 2583, camcol 2, field 136; r and i, 1489 x 2048 pi
 with each model (``--models``), after estimating a background that varies over the
 frame (`starnet.background.fit_background` with ``--smoothing`` pixels), and plots r
 against r - i for all stars of the first model's modal catalog, and for the confident
-ones: magnitude posterior standard deviation below ``--max-mag-err`` in both bands.
+ones: magnitude posterior standard deviation below ``--max-mag-err`` in both bands, and
+for the stars beyond ``--outskirts`` pixels from the cluster's centre.
 
 Then counts stars per annulus around M2's centre (RA 323.36258, Dec -0.82325, via the
 frame's WCS): stars brighter than r = ``--bright`` in each model's modal catalog and in
@@ -48,6 +49,9 @@ def main(argv=None):
     parser.add_argument("--max-mag-err", type=float, default=0.2)
     parser.add_argument("--bright", type=float, default=20.5,
                         help="r magnitude limit of the counts compared with photutils")
+    parser.add_argument("--outskirts", type=float, default=700.0,
+                        help="distance (pixels) from M2's centre beyond which the third "
+                             "panel of the diagram shows the stars")
     parser.add_argument("--smoothing", type=float, default=64.0,
                         help="width (pixels) of the window of the background estimate")
     parser.add_argument("--overwrite", action="store_true")
@@ -102,7 +106,7 @@ def main(argv=None):
             ratio = f"{ours / bright[a]:6.3f}" if bright[a] else f"{'-':>6}"
             line += f" | {ours:18d} {ratio} {1000 * faint / area[a]:6.2f}"
         print(line)
-    plot_cmd(catalogs[args.models[0]], args)
+    plot_cmd(catalogs[args.models[0]], centre, args)
 
 
 def annulus_counts(catalog, centre, keep):
@@ -112,16 +116,19 @@ def annulus_counts(catalog, centre, keep):
     return np.histogram(radius, bins=EDGES)[0]
 
 
-def plot_cmd(catalog, args):
+def plot_cmd(catalog, centre, args):
     confident = (catalog["mag_r_err"].value < args.max_mag_err) & \
         (catalog["mag_i_err"].value < args.max_mag_err)
+    outskirts = np.hypot(np.asarray(catalog["x_fit"]) - centre[0],
+                         np.asarray(catalog["y_fit"]) - centre[1]) > args.outskirts
     print(f"{args.models[0]}: {int(confident.sum())} stars with magnitude errors below "
-          f"{args.max_mag_err} in r and i")
+          f"{args.max_mag_err} in r and i; {int(outskirts.sum())} beyond {args.outskirts:g} px")
     r = catalog["mag_r"].value
     color = r - catalog["mag_i"].value
-    figure, axes = plt.subplots(1, 2, figsize=(9, 5), sharex=True, sharey=True)
+    figure, axes = plt.subplots(1, 3, figsize=(13, 5), sharex=True, sharey=True)
     for ax, keep, title in ((axes[0], np.ones(len(r), bool), "all stars of the modal catalog"),
-                            (axes[1], confident, f"mag errors < {args.max_mag_err}")):
+                            (axes[1], confident, f"mag errors < {args.max_mag_err}"),
+                            (axes[2], outskirts, f"beyond {args.outskirts:g} px of the centre")):
         ax.scatter(color[keep], r[keep], s=1, alpha=0.4, color="k")
         ax.set_title(f"{title} ({int(keep.sum())})")
         ax.set_xlabel("r - i")
