@@ -283,12 +283,19 @@ def test_load_refuses_background_weights_without_their_metadata(tmp_path):
         StarNetDeblender.load(path)
 
 
-def test_files_without_checksum_still_load():
+def test_bundled_files_carry_a_checksum_and_files_without_one_still_load(tmp_path):
     for name in StarNetDeblender.available():
-        path = resources.files('starnet') / 'models' / f'{name}.pt'
-        metadata = json.loads(torch.load(path, weights_only=True)['metadata'])
-        assert 'weights_sha256' not in metadata
-        assert StarNetDeblender.pretrained(name).background_encoder is not None
+        bundled = resources.files('starnet') / 'models' / f'{name}.pt'
+        metadata = json.loads(torch.load(bundled, weights_only=True)['metadata'])
+        assert len(metadata['weights_sha256']) == 64
+        path = tmp_path / f'{name}.pt'   # as written before checksums existed
+        path.write_bytes(bundled.read_bytes())
+        rewrite(path, lambda metadata, state: metadata.pop('weights_sha256'))
+        old = StarNetDeblender.load(path)
+        assert old.background_encoder is not None
+        for a, b in zip(old.encoder.parameters(),
+                        StarNetDeblender.pretrained(name).encoder.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 executed = []
