@@ -194,7 +194,7 @@ def fit_background(deblender, nddata, *, smoothing=None):
                          "deblender.fit_background_encoder()")
     if smoothing is not None and not smoothing > 0:
         raise ValueError(f"smoothing must be a positive width in pixels, got {smoothing}")
-    image, _, _ = deblender._prepare(nddata)
+    image, _, _ = deblender._prepare(nddata, check_sky=False)  # it is what we estimate
     nominal = torch.as_tensor(np.asarray(deblender.background, dtype=np.float32))
     cell = encoder.cell_size
     rows, cols = image.shape[-2:]

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from astropy import units as u
-from astropy.nddata import NDData
 from astropy.table import QTable, vstack
 from photutils.utils.exceptions import NoDetectionsWarning
 from tqdm.auto import tqdm
@@ -24,6 +23,8 @@ from .psf import as_psf, pixel_stamps, psf_from_dict
 from .simulate import StarFieldRenderer, as_background
 from .tiles import TileCatalog, TileGrid
 from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
+from .validation import (check_background, check_image_data, check_image_meta, check_mask,
+                         check_positive_int)
 
 __all__ = ["StarNetDeblender"]
 
@@ -323,18 +324,15 @@ class StarNetDeblender:
         return sorted(p.name[:-3] for p in folder.iterdir() if p.name.endswith(".pt"))
 
     # ----------------------------------------------------------------- inference
-    def _prepare(self, nddata):
-        """Validated image and background tensors (1, bands, rows, cols) and the meta."""
+    def _prepare(self, nddata, *, check_sky=True):
+        """Validated image and background tensors (1, bands, rows, cols) and the meta;
+        ``check_sky``: check the pixels against the declared background
+        (`starnet.validation.check_background`)."""
         meta = check_image_meta(nddata)
         if list(meta["bands"]) != self.bands:
             raise ValueError(f"the image has bands {list(meta['bands'])} but the model was "
                              f"trained for bands {self.bands}")
-        data = np.asarray(nddata.data)
-        if data.ndim == 2 and len(self.bands) == 1:
-            data = data[None]
-        if data.ndim != 3 or data.shape[0] != len(self.bands):
-            raise ValueError(f"image data must have shape (bands={len(self.bands)}, rows, cols),"
-                             f" got {data.shape}")
+        data = check_image_data(nddata.data, len(self.bands))
         if nddata.unit is None:
             warnings.warn("the image has no unit; its values are taken as electrons",
                           UserWarning)
@@ -347,7 +345,9 @@ class StarNetDeblender:
             (1, 1) if background.ndim == 1 else background.shape[1:])), data.shape)
         bad = ~np.isfinite(data)
         if nddata.mask is not None:
-            bad |= np.broadcast_to(np.asarray(nddata.mask, dtype=bool), data.shape)
+            bad |= check_mask(nddata.mask, data.shape)
+        if check_sky:
+            check_background(data, background, self.bands, good=~bad)
         if bad.any():
             warnings.warn(f"{int(bad.sum())} masked or non-finite pixels are replaced by the "
                           "background; stars there are not detected", UserWarning)
@@ -624,6 +624,7 @@ class StarNetDeblender:
             Columns ``sample`` (0-based draw index), ``x``, ``y`` and ``flux_<band>``
             (electrons) for every star of every draw.
         """
+        n_samples = check_positive_int(n_samples, "n_samples")
         state, shape, _, chunk_tiles = self._encode(nddata, progress_bar)
         generator = torch.Generator().manual_seed(_seed_int(seed))
         draws = self._draw(state, n_samples, generator, chunk_tiles, progress_bar)
@@ -661,18 +662,6 @@ class _ProgressBar:
         self.bar.close()
 
 
-def check_image_meta(nddata):
-    """The meta of an image, checked to hold 'bands', 'psf' and 'background'."""
-    if not isinstance(nddata, NDData):
-        raise TypeError(f"expected an astropy NDData image, got {type(nddata).__name__}")
-    meta = nddata.meta
-    missing = [key for key in ("bands", "psf", "background") if key not in meta]
-    if missing:
-        raise ValueError(f"the image's meta lacks {missing}: it needs 'bands' (band names), "
-                         "'psf' (one PSF per band) and 'background' (electrons per pixel)")
-    return meta
-
-
 def _table_to_lists(table):
     """A table of numbers as a JSON-ready dict of lists of floats, column by column."""
     return {name: [float(v) for v in table[name]] for name in table.colnames}
@@ -693,7 +682,11 @@ def _zero_points(meta, bands):
     calibration = meta.get("nelec_per_nmgy")
     if calibration is None:
         return np.zeros(len(bands))
-    calibration = np.broadcast_to(np.asarray(calibration, dtype=float), (len(bands),))
+    calibration = np.asarray(calibration, dtype=float)
+    if calibration.size not in (1, len(bands)):
+        raise ValueError(f"meta['nelec_per_nmgy'] needs one value or one per band "
+                         f"({len(bands)}: {bands}), got {calibration.size}")
+    calibration = np.broadcast_to(calibration.reshape(-1), (len(bands),))
     if not np.all(np.isfinite(calibration) & (calibration > 0)):
         raise ValueError(f"meta['nelec_per_nmgy'] must be positive and finite, got "
                          f"{calibration.tolist()}")

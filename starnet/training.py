@@ -17,6 +17,7 @@ from .model_files import read_checkpoint, write_checkpoint
 from .prior import batch_to_table, catalog_table
 from .simulate import add_noise
 from .tiles import TileGrid
+from .validation import check_training_settings
 
 __all__ = ["TrainingSettings", "SimulatedBatches", "train_encoder", "cosine_rate"]
 
@@ -80,6 +81,9 @@ class TrainingSettings:
     psf_variant_range: tuple = (0.0, 0.0)
     density_range: tuple = None
     seed: int = 0
+
+    def __post_init__(self):
+        check_training_settings(self)
 
     def to_dict(self):
         settings = asdict(self)
@@ -183,6 +187,7 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         ``val_tpr``, ``val_ppv``, ``images_per_second``, ``seconds`` and the number of
         training stars dropped because a tile held more than ``max_sources``.
     """
+    check_training_settings(settings)   # fields may have been changed since construction
     grid = TileGrid(tile_size=encoder.tile_size, max_sources=encoder.max_sources)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)

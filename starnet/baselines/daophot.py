@@ -11,7 +11,7 @@ from photutils.detection import DAOStarFinder
 from photutils.psf import ImagePSF, IterativePSFPhotometry
 
 from .. import __version__
-from ..deblender import check_image_meta
+from ..validation import check_image_meta
 from ..psf import _is_pixel_integrated, as_psf, pixel_stamps
 from ..simulate import as_background
 

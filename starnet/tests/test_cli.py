@@ -29,7 +29,8 @@ def model_path(tmp_path_factory):
 
 
 def _image_file(path, *, shape=(16, 16), header=None):
-    data = np.full(shape, SKY, dtype=np.float32)
+    # a sky with its Poisson noise (a noiseless image fails the sky check)
+    data = np.random.default_rng(0).normal(SKY, SKY ** 0.5, shape).astype(np.float32)
     data[..., 4:15, 3:14] += (3e4 * pixel_stamps(PSF, 11, [0.2], [-0.3])[0]).astype(np.float32)
     fits.PrimaryHDU(data, header=header).writeto(path)
     return data

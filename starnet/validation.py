@@ -1,0 +1,198 @@
+"""Checks of user input: images, their metadata and training settings.
+
+Every check raises an error (or, where the input may still be right, issues a
+warning) that says what was wrong and what was expected, before any work starts.
+"""
+
+import numbers
+import warnings
+
+import numpy as np
+from astropy.nddata import NDData
+
+__all__ = ["BackgroundMismatchWarning", "check_image_meta", "check_image_data", "check_mask",
+           "check_background", "check_positive_int", "check_training_settings"]
+
+#: Below this z (pixel minus background, in units of the background's Poisson noise)
+#: lies the 16th percentile of an image whose declared background is too high (a
+#: sparse field whose background is declared 20 % too high reaches it; a sky-subtracted
+#: image is near -25).
+_LEVEL_TOO_LOW = -6.0
+#: Above this z lies the 16th percentile of an image whose declared background is
+#: far too low (crowded fields of 0.2 stars per pixel reach 35).
+_LEVEL_TOO_HIGH = 60.0
+#: Below this the spread (50th minus 16th percentile of z) is too small for
+#: Poisson noise on the declared background: not electrons, or a smoothed image.
+_NOISE_TOO_LOW = 0.3
+_MAX_SAMPLED = 1_000_000
+
+
+class BackgroundMismatchWarning(UserWarning):
+    """The pixels of an image contradict its declared background."""
+
+
+def check_image_meta(nddata):
+    """The meta of an image, checked to hold 'bands', 'psf' and 'background'."""
+    if not isinstance(nddata, NDData):
+        raise TypeError(f"expected an astropy NDData image, got {type(nddata).__name__}")
+    meta = nddata.meta
+    missing = [key for key in ("bands", "psf", "background") if key not in meta]
+    if missing:
+        raise ValueError(f"the image's meta lacks {missing}: it needs 'bands' (band names), "
+                         "'psf' (one PSF per band) and 'background' (electrons per pixel)")
+    return meta
+
+
+def check_image_data(data, n_bands):
+    """``data`` as a float32 array (bands, rows, cols) of a model with ``n_bands`` bands.
+
+    A 2-D image is taken as one band. Byte order is made native.
+
+    >>> check_image_data(np.zeros((3, 4), dtype=">f8"), 1).shape
+    (1, 3, 4)
+    """
+    data = np.asarray(data)
+    if data.dtype == bool or not np.issubdtype(data.dtype, np.number) \
+            or np.issubdtype(data.dtype, np.complexfloating):
+        raise TypeError(f"image data must be real numbers (electrons), got dtype {data.dtype}")
+    if data.ndim == 2 and n_bands == 1:
+        data = data[None]
+    if data.ndim != 3 or data.shape[0] != n_bands:
+        raise ValueError(f"image data must have shape (bands={n_bands}, rows, cols), "
+                         f"got {data.shape}")
+    if min(data.shape[1:]) == 0:
+        raise ValueError(f"the image has no pixels: shape {data.shape}")
+    return np.asarray(data, dtype=np.float32)
+
+
+def check_mask(mask, shape):
+    """An NDData mask as a boolean array broadcast to ``shape`` (bands, rows, cols)."""
+    mask = np.asarray(mask, dtype=bool)
+    try:
+        return np.broadcast_to(mask, shape)
+    except ValueError:
+        raise ValueError(f"the image's mask has shape {mask.shape}; expected the image's "
+                         f"shape {shape} or (rows, cols) = {shape[1:]}") from None
+
+
+def check_background(data, background, bands, *, good=None):
+    """Check that the pixels agree with the declared background, band by band.
+
+    The pixels of an image are its background plus stars (which only add light) plus
+    noise with the variance of the Poisson noise of the light. So the lower part of
+    the distribution of ``z = (pixel - background) / sqrt(background)`` lies near
+    ``N(0, 1)`` in a sparse field and above it in a crowded one. A constant image is
+    an error. Its 16th percentile below -6 (the declared background is too high:
+    say, a sky-subtracted image with the sky declared), far above any crowded field
+    (the declared background is far too low), or a spread (50th minus 16th
+    percentile) below 0.3 (noise too low for electrons on this background: another
+    unit, or a smoothed image) give a `BackgroundMismatchWarning` that says which.
+
+    Parameters
+    ----------
+    data : array, shape (bands, rows, cols)
+        The image, electrons.
+    background : array broadcastable to ``data``
+        The declared background, electrons per pixel.
+    bands : list of str
+        Band names, for the messages.
+    good : array of bool, optional
+        Pixels to use (the others are masked or not finite).
+
+    Examples
+    --------
+    >>> import warnings
+    >>> rng = np.random.default_rng(0)
+    >>> image = rng.normal(700, 700 ** 0.5, size=(1, 50, 50))
+    >>> check_background(image, np.full((1, 1, 1), 700.0), ["r"])   # fine: no warning
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     check_background(image - 700, np.full((1, 1, 1), 700.0), ["r"])
+    >>> "below the declared background" in str(caught[0].message)
+    True
+    """
+    background = np.broadcast_to(background, data.shape)
+    for b, band in enumerate(bands):
+        pixels, sky = data[b], background[b]
+        if good is not None:
+            pixels, sky = pixels[good[b]], sky[good[b]]
+        pixels, sky = pixels.ravel(), sky.ravel()
+        step = max(1, pixels.size // _MAX_SAMPLED)
+        pixels, sky = pixels[::step], sky[::step]
+        if pixels.size and np.ptp(pixels) == 0:
+            raise ValueError(f"band {band} of the image is constant ({pixels[0]:g} in every "
+                             "pixel): there is nothing to catalog")
+        if pixels.size < 100:
+            continue
+        z16, z50 = np.percentile((pixels - sky) / np.sqrt(np.maximum(sky, 1.0)), [16, 50])
+        level = np.median(pixels)
+        declared = np.median(sky)
+        if z16 < _LEVEL_TOO_LOW:
+            _warn(band, f"its pixels lie below the declared background (median {level:.4g} "
+                  f"against {declared:.4g} e-): a sky-subtracted image, or a background "
+                  "too high? Pass the image with its sky in electrons, or estimate the "
+                  "background with starnet.background.fit_background")
+        elif z16 > _LEVEL_TOO_HIGH:
+            _warn(band, f"its pixels lie far above the declared background (median "
+                  f"{level:.4g} against {declared:.4g} e-), more than the stars of any "
+                  "crowded field add: is the background too low? Estimate it with "
+                  "starnet.background.fit_background")
+        elif z50 - z16 < _NOISE_TOO_LOW:
+            _warn(band, f"its noise ({np.percentile(pixels, 50) - np.percentile(pixels, 16):.3g}"
+                  f") is far below the Poisson noise of the declared background "
+                  f"({np.sqrt(max(declared, 1.0)):.3g} e-): is the image in electrons?")
+
+
+def _warn(band, message):
+    warnings.warn(f"band {band}: {message}", BackgroundMismatchWarning, stacklevel=4)
+
+
+def check_positive_int(value, name):
+    """``value`` as an int, checked to be a positive integer (not a bool or a string).
+
+    >>> check_positive_int(3, "batch_size")
+    3
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_training_settings(settings):
+    """Check a `~starnet.training.TrainingSettings`; raise ValueError naming the field.
+
+    >>> from starnet.training import TrainingSettings
+    >>> TrainingSettings(batch_size=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: batch_size must be a positive integer, got 0
+    """
+    for name in ("batch_size", "batches_per_epoch", "n_epochs", "n_validation"):
+        check_positive_int(getattr(settings, name), name)
+    shape = settings.image_shape
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2):
+        raise ValueError(f"image_shape must be (rows, cols), got {shape!r}")
+    for size in shape:
+        check_positive_int(size, "image_shape")
+    for name in ("learning_rate", "weight_decay", "margin"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
+            kind = "positive" if name == "learning_rate" else "non-negative"
+            raise ValueError(f"{name} must be a {kind} number, got {value!r}")
+    _check_range(settings.background_range, "background_range", positive=True)
+    _check_range(settings.psf_variant_range, "psf_variant_range", positive=False)
+    if settings.density_range is not None:
+        _check_range(settings.density_range, "density_range", positive=True)
+    if isinstance(settings.seed, bool) or not isinstance(settings.seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer, got {settings.seed!r}")
+
+
+def _check_range(value, name, *, positive):
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be (low, high), got {value!r}") from None
+    if not (np.isfinite(low) and np.isfinite(high) and low <= high) or (positive and low <= 0):
+        raise ValueError(f"{name} must be (low, high) with {'0 < ' if positive else ''}"
+                         f"low <= high, got {value!r}")
