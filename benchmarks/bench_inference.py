@@ -7,10 +7,12 @@ which takes seconds, is called once), and excludes reading the image. Images are
 from the bundled SDSS frame of M2 (r and i, electrons): the 100 x 100 region of the
 paper, two 1000 x 1000 cut-outs (a sparse one, frame rows 300:1300, cols 500:1500, and
 one through the cluster core, rows 0:1000, cols 0:1000) and the whole 1489 x 2048
-frame. photutils' ``DAOStarFinder`` (on the r band) and ``IterativePSFPhotometry`` (r
-band, SDSS power-law PSF; only up to 1000 x 1000) run on the same images; the last
-column is the time over ``DAOStarFinder``'s on the same image in the same run. A job
-that passes ``--timeout`` seconds is stopped and reported as such.
+frame; with ``--sizes``, also 3000 x 3000 and 6000 x 6000 images made by mirroring
+the whole frame (data, mask and background map; no WCS) at its edges, to measure
+memory on large images. photutils' ``DAOStarFinder`` (on the r band) and
+``IterativePSFPhotometry`` (r band, SDSS power-law PSF; only up to 1000 x 1000) run on
+the same images; the last column is the time over ``DAOStarFinder``'s on the same image
+in the same run. A job that passes ``--timeout`` seconds is stopped and reported as such.
 
 Speed figures in the documentation come from the bundled model; another model is
 refused unless ``--allow-other-model`` is given.
@@ -18,6 +20,7 @@ refused unless ``--allow-other-model`` is given.
 Run::
 
     python benchmarks/bench_inference.py [--threads 2]
+    python benchmarks/bench_inference.py --sizes "1000 x 1000" "3000 x 3000" "6000 x 6000"
 """
 
 import argparse
@@ -30,6 +33,29 @@ SIZES = {"100 x 100": (slice(630, 730), slice(310, 410)),
          "1000 x 1000": (slice(300, 1300), slice(500, 1500)),
          "1000 x 1000 core": (slice(0, 1000), slice(0, 1000)),
          "whole frame": (slice(0, 1489), slice(0, 2048))}
+# images larger than the frame: the whole frame mirrored at its edges to this shape
+MIRRORED = {"3000 x 3000": (3000, 3000), "6000 x 6000": (6000, 6000)}
+DEFAULT_SIZES = list(SIZES)
+SIZES.update({name: (slice(0, 1489), slice(0, 2048)) for name in MIRRORED})
+
+
+def _mirrored(image, shape):
+    """``image`` (bands, rows, cols) mirrored at its bottom and right edges to ``shape``:
+    data, mask and background map (the WCS is dropped)."""
+    import numpy as np
+    from astropy.nddata import NDData
+
+    def grow(array):
+        array = np.asarray(array)
+        pad = [(0, 0)] * (array.ndim - 2) + [(0, n - m) for n, m in zip(shape, array.shape[-2:])]
+        return np.pad(array, pad, mode="symmetric")
+
+    meta = dict(image.meta)
+    meta["background"] = grow(meta["background"])
+    return NDData(grow(image.data), unit=image.unit, meta=meta,
+                  mask=None if image.mask is None else grow(image.mask))
+
+
 BUNDLED = "sdss-m2"
 
 
@@ -43,6 +69,8 @@ def _job(method, size, model, threads, repeats, queue):
     # starnet gets the PSF of its model (KL); photutils the power law, which has a FWHM
     image = load_sdss_frame(2583, 2, 136, ("r", "i"), cutout=SIZES[size],
                             psf="kl" if method == "starnet" else "powerlaw")
+    if size in MIRRORED:
+        image = _mirrored(image, MIRRORED[size])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if method == "starnet":
         deblender = StarNetDeblender.from_name_or_path(model)
@@ -99,8 +127,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3,
                         help="calls per job; the best time is reported")
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES),
-                        metavar="SIZE", help=f"images to run, of {list(SIZES)}")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=DEFAULT_SIZES,
+                        metavar="SIZE",
+                        help=f"images to run, of {list(SIZES)} (default: the first four)")
     parser.add_argument("--timeout", type=float, default=300,
                         help="seconds after which a job is stopped and reported as such")
     args = parser.parse_args(argv)
@@ -112,7 +141,7 @@ def main(argv=None):
           f"{'stars':>7} {'x DAO':>6}")
     for size in args.sizes:
         methods = ["DAOStarFinder", "starnet"]
-        if size != "whole frame":
+        if size != "whole frame" and size not in MIRRORED:
             methods.append("IterativePSFPhotometry")
         finder_seconds = None
         for method in methods:

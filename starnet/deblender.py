@@ -17,7 +17,8 @@ from .background import BackgroundEncoder, train_background_encoder
 from .denormals import flush_denormals, zero_negligible_weights
 from .encoder import StarNetEncoder
 from .model_files import describe_model, read_model, write_model
-from .posterior import TiledPosterior, count_distribution
+from .posterior import (TiledPosterior, _full_pmf, convolve_counts, count_distribution,
+                        support)
 from .prior import StarFieldPrior, _seed_int
 from .psf import as_psf, pixel_stamps, psf_from_dict
 from .simulate import StarFieldRenderer, as_background
@@ -339,10 +340,13 @@ class StarNetDeblender:
         elif u.Unit(nddata.unit) != u.electron:
             raise ValueError(f"image unit is {nddata.unit}; the model works in electrons "
                              "(SDSS frames: see starnet.datasets.load_sdss_frame)")
-        data = data.astype(np.float64)  # also turns big-endian FITS data native
-        background = as_background(meta["background"], len(self.bands), data.shape[1:])
-        background = np.broadcast_to(background.reshape(len(self.bands), *(
-            (1, 1) if background.ndim == 1 else background.shape[1:])), data.shape)
+        # float32 in native byte order (FITS data are big-endian): no copy of float32 data
+        data = np.asarray(data, dtype=np.float32)
+        background = as_background(meta["background"], len(self.bands), data.shape[1:],
+                                   dtype=np.float32)
+        # one value per band stays (bands, 1, 1): it broadcasts, block by block
+        background = background.reshape(len(self.bands), *(
+            (1, 1) if background.ndim == 1 else background.shape[1:]))
         bad = ~np.isfinite(data)
         if nddata.mask is not None:
             bad |= check_mask(nddata.mask, data.shape)
@@ -352,10 +356,12 @@ class StarNetDeblender:
             warnings.warn(f"{int(bad.sum())} masked or non-finite pixels are replaced by the "
                           "background; stars there are not detected", UserWarning)
             data = np.where(bad, background, data)
+        del bad
         self._check_psfs(meta["psf"])
-        image = torch.from_numpy(data).float()[None]
-        # np.array copies: a broadcast view is read-only, which torch.from_numpy warns about
-        return image, torch.from_numpy(np.array(background)).float()[None], meta
+        with warnings.catch_warnings():
+            # the caller's arrays may be read-only; they are only read
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.from_numpy(data)[None], torch.from_numpy(background)[None], meta
 
     def _check_psfs(self, psfs):
         psfs = list(psfs) if isinstance(psfs, (list, tuple)) else [psfs] * len(self.bands)
@@ -381,9 +387,7 @@ class StarNetDeblender:
         (checkerboard, decided later), with its shape, meta and chunking."""
         image, background, meta = self._prepare(nddata)
         self.encoder.eval()
-        chunk_tiles = None
-        if max(image.shape[-2:]) > self.chunk_size:
-            chunk_tiles = max(self.chunk_size // self.grid.tile_size, 1)
+        chunk_tiles = self._chunk_tiles(image.shape[-2:])
         with flush_denormals(), _ProgressBar(progress_bar, "encoding blocks") as progress:
             if self.encoder.n_colors == 1:
                 state = self.encoder(image, background, chunk_tiles=chunk_tiles,
@@ -392,6 +396,22 @@ class StarNetDeblender:
                 state = self.encoder.features(image, background, chunk_tiles=chunk_tiles,
                                               progress=progress)
         return state, image.shape[-2:], meta, chunk_tiles
+
+    def _chunk_tiles(self, shape):
+        """Side of the blocks in tiles for an image of ``shape``, or None (one block)."""
+        if max(shape) > self.chunk_size:
+            return max(self.chunk_size // self.grid.tile_size, 1)
+        return None
+
+    def _blocks(self, image, background, progress_bar):
+        """The posterior of independent tiles, block by block (see
+        `~starnet.encoder.StarNetEncoder.blocks`), with a progress bar."""
+        self.encoder.eval()
+        with torch.no_grad(), flush_denormals(), \
+                _ProgressBar(progress_bar, "encoding blocks") as progress:
+            yield from self.encoder.blocks(image, background,
+                                           self._chunk_tiles(image.shape[-2:]),
+                                           progress=progress)
 
     @torch.no_grad()
     def _modal(self, state, chunk_tiles):
@@ -462,10 +482,47 @@ class StarNetDeblender:
             which is cheap for any image size: `count_posterior` samples the full
             posterior instead), the model settings and the package version.
         """
-        state, shape, meta, chunk_tiles = self._encode(nddata, progress_bar)
-        posterior, mode = self._modal(state, chunk_tiles)
-        locs, fluxes, mask = self.grid.from_tiles(mode)
-        loc_mean, loc_sd, flux_mean, flux_sd = (
+        n_per_tile = self.grid.max_sources
+        if self.encoder.n_colors == 1:
+            # block by block: only the catalog rows and the count pmf of each block are
+            # kept, so memory stays that of a block beside the image
+            image, background, meta = self._prepare(nddata)
+            shape = image.shape[-2:]
+            parts, block_pmfs = [], []
+            for rows, cols, posterior in self._blocks(image, background, progress_bar):
+                parts.append(self._modal_rows(posterior, posterior.mode(),
+                                              (rows.start, cols.start), shape))
+                block_pmfs.append(support(self._tile_count_pmf(posterior)))
+            del image, background
+            offset, pmf = convolve_counts(block_pmfs)
+        else:
+            state, shape, meta, chunk_tiles = self._encode(nddata, progress_bar)
+            posterior, mode = self._modal(state, chunk_tiles)
+            parts = [self._modal_rows(posterior, mode, (0, 0), shape)]
+            offset, pmf = 0, self._tile_count_pmf(posterior)
+            del state, posterior, mode
+        rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+        order = np.argsort(rows.pop("key"), kind="stable")   # by tile, as one-shot
+        table = self._table({key: value[order] for key, value in rows.items()}, meta, nddata)
+        n_tiles = int(np.prod(self.grid.grid_shape(tuple(shape))))
+        pmf = pmf[:max(n_tiles * n_per_tile + 1 - offset, 0)]
+        pmf = pmf / pmf.sum()
+        cdf = np.cumsum(pmf)
+        table.meta.update({
+            "n_stars_mean": float(np.dot(np.arange(offset, offset + len(pmf)), pmf)),
+            "n_stars_q05": offset + int(np.searchsorted(cdf, 0.05)),
+            "n_stars_q95": offset + int(np.searchsorted(cdf, 0.95))})
+        if len(table) == 0:
+            warnings.warn("the modal catalog holds no stars", NoDetectionsWarning)
+        return table
+
+    def _modal_rows(self, posterior, mode, origin, shape):
+        """Catalog rows (numpy arrays) of the modal catalog ``mode`` of the tiles of
+        ``posterior``, a block of the tile grid starting at tile ``origin`` (row, col)
+        of an image of ``shape``: the stars inside the image, with ``key``, their rank
+        in the one-shot catalog's order (by tile, then slot)."""
+        locs, fluxes, mask = self.grid.from_tiles(mode, origin)
+        loc_mean, loc_sd, _, flux_sd = (
             p.reshape(1, -1, p.shape[-1]) for p in posterior.row_parameters(mode.counts))
         # detection probability of the k-th brightest star of a tile: q(count >= k)
         at_least = torch.flip(torch.cumsum(torch.flip(posterior.count_probs, [-1]), -1), [-1])
@@ -474,39 +531,40 @@ class StarNetDeblender:
         rank = torch.argsort(torch.argsort(-brightness, dim=-1), dim=-1)
         detection = at_least[..., 1:].gather(-1, rank).reshape(1, -1)
         keep = mask[0] & inside_image(locs[0], shape)
-        table = self._table(locs[0][keep], fluxes[0][keep], loc_mean[0][keep], loc_sd[0][keep],
-                            flux_sd[0][keep], detection[0, keep], meta, nddata)
-        pmf = self._tile_count_pmf(posterior)
-        cdf = np.cumsum(pmf)
-        table.meta.update({"n_stars_mean": float(np.dot(np.arange(len(pmf)), pmf)),
-                           "n_stars_q05": int(np.searchsorted(cdf, 0.05)),
-                           "n_stars_q95": int(np.searchsorted(cdf, 0.95))})
-        if len(table) == 0:
-            warnings.warn("the modal catalog holds no stars", NoDetectionsWarning)
-        return table
-
-    def _table(self, locs, fluxes, loc_mean, loc_sd, flux_sd, detection, meta, nddata):
-        table = QTable()
-        table["id"] = np.arange(1, len(locs) + 1)
-        table["x_fit"] = locs[:, 0].double().numpy()
-        table["y_fit"] = locs[:, 1].double().numpy()
-        if len(loc_mean):
-            sd = _sigmoid_sd(loc_mean.double().numpy(), loc_sd.double().numpy())
-            sd = sd * self.grid.tile_size
+        tile_rows, tile_cols = mode.counts.shape[-2:]
+        grid_cols = self.grid.grid_shape(tuple(shape))[1]
+        tile = ((torch.arange(origin[0], origin[0] + tile_rows)[:, None] * grid_cols
+                 + torch.arange(origin[1], origin[1] + tile_cols)[None, :]))
+        key = (tile[..., None] * self.grid.max_sources + slot).reshape(-1)[keep]
+        if keep.any():
+            sd = _sigmoid_sd(loc_mean[0][keep].double().numpy(),
+                             loc_sd[0][keep].double().numpy()) * self.grid.tile_size
         else:
             sd = np.zeros((0, 2))
+        return {"key": key.numpy(), "locs": locs[0][keep].double().numpy(),
+                "fluxes": fluxes[0][keep].double().numpy(), "sd": sd,
+                "flux_sd": flux_sd[0][keep].double().numpy(),
+                "detection": detection[0, keep].double().numpy()}
+
+    def _table(self, rows, meta, nddata):
+        """The catalog table of the rows from `_modal_rows`."""
+        locs, sd = rows["locs"], rows["sd"]
+        table = QTable()
+        table["id"] = np.arange(1, len(locs) + 1)
+        table["x_fit"] = locs[:, 0]
+        table["y_fit"] = locs[:, 1]
         table["x_err"] = sd[:, 0]
         table["y_err"] = sd[:, 1]
         zero_points = _zero_points(meta, self.bands)
         for b, band in enumerate(self.bands):
-            flux = fluxes[:, b].double().numpy()
-            s = flux_sd[:, b].double().numpy()
+            flux = rows["fluxes"][:, b]
+            s = rows["flux_sd"][:, b]
             table[f"flux_{band}"] = flux * u.electron
             table[f"flux_{band}_err"] = (flux * np.exp(s**2 / 2) * np.sqrt(np.expm1(s**2))
                                          * u.electron)
             table[f"mag_{band}"] = (zero_points[b] - 2.5 * np.log10(flux)) * u.mag
             table[f"mag_{band}_err"] = 2.5 / np.log(10) * s * u.mag
-        table["detection_prob"] = detection.double().numpy()
+        table["detection_prob"] = rows["detection"]
         if getattr(nddata, "wcs", None) is not None:
             table["sky_centroid"] = nddata.wcs.pixel_to_world(table["x_fit"], table["y_fit"])
         table.meta.update({
@@ -570,13 +628,32 @@ class StarNetDeblender:
             left[:, : left.shape[1] // 2] = True
             pmf_left, pmf_right = deblender.count_posterior(image, region=[left, ~left])
         """
-        state, shape, _, chunk_tiles = self._encode(nddata, progress_bar)
-        posterior, _ = self._modal(state, chunk_tiles)
+        if self.encoder.n_colors == 1:
+            image, background, _ = self._prepare(nddata)
+            shape = image.shape[-2:]
+        else:
+            state, shape, _, chunk_tiles = self._encode(nddata, progress_bar)
         region = None if region is None else np.asarray(region)
         single = region is None or region.ndim == 2
         tile_maps = [None] if region is None else [
             self._region_tiles(r, shape) for r in (region[None] if single else region)]
-        pmfs = self._count_pmfs(state, posterior, chunk_tiles, tile_maps)
+        if self.encoder.n_colors == 1:
+            # block by block, as in __call__: the pmf of a region is the convolution of
+            # those of its parts in the blocks
+            parts = [[] for _ in tile_maps]
+            for rows, cols, posterior in self._blocks(image, background, progress_bar):
+                for part, tiles in zip(parts, tile_maps):
+                    part.append(support(self._tile_count_pmf(
+                        posterior, None if tiles is None else tiles[rows, cols])))
+            n_tiles = int(np.prod(self.grid.grid_shape(tuple(shape))))
+            pmfs = []
+            for part, tiles in zip(parts, tile_maps):
+                n_selected = n_tiles if tiles is None else int(tiles.sum())
+                pmfs.append(_full_pmf(*convolve_counts(part),
+                                      n_selected * self.grid.max_sources + 1))
+        else:
+            posterior, _ = self._modal(state, chunk_tiles)
+            pmfs = self._count_pmfs(state, posterior, chunk_tiles, tile_maps)
         return pmfs[0] if single else pmfs
 
     def _region_tiles(self, region, shape):

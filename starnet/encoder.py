@@ -1,5 +1,6 @@
 """The convolutional encoder: image -> parameters of the tiled variational posterior."""
 
+import itertools
 import math
 
 import torch
@@ -163,26 +164,74 @@ class StarNetEncoder(nn.Module):
         `~starnet.posterior.TiledPosterior`
         """
         if self.n_colors == 1 and chunk_tiles is not None:
-            # the whole network block by block: the tile features of a large image are
-            # never held at once
-            def network(x):
-                return self.head(self.tile_layers(self.pixel_layers(x)))
-
-            halo = self._pixel_halo() + 3
-            out = _chunked(network, self._input(image, background), chunk_tiles, halo,
-                           self.tile_size, progress=progress)
-            return self._to_posterior(out)
+            # the whole network block by block: neither the network's input nor the tile
+            # features of a large image are held at once
+            blocks = self.blocks(image, background, chunk_tiles, progress=progress)
+            rows = [TiledPosterior.concatenate([q for _, _, q in row], dim=2)
+                    for _, row in itertools.groupby(blocks, key=lambda block: block[0].start)]
+            return TiledPosterior.concatenate(rows, dim=1)
         features = self.features(image, background, chunk_tiles=chunk_tiles, progress=progress)
         return self.tile_posterior(features, conditioning, chunk_tiles=chunk_tiles)
 
     def _input(self, image, background):
+        return self._input_window(image, background, None, None)
+
+    def _input_window(self, image, background, rows, cols):
+        """The network's input on pixel rows ``rows`` and columns ``cols`` (``(start,
+        stop)``, or None for all) of the image padded to whole tiles: a per-pixel
+        function, so a window of it is computed from the same window of the image."""
         if image.ndim != 4 or image.shape[1] != self.n_bands:
             raise ValueError(f"expected images of shape (n_images, {self.n_bands}, rows, cols),"
                              f" got {tuple(image.shape)}")
-        x = normalize_image(image, background)
-        rows, cols = x.shape[-2:]
-        x = F.pad(x, (0, -cols % self.tile_size, 0, -rows % self.tile_size))
+        size = self.tile_size
+        rows = (0, image.shape[-2] + -image.shape[-2] % size) if rows is None else rows
+        cols = (0, image.shape[-1] + -image.shape[-1] % size) if cols is None else cols
+        window = (..., slice(*rows), slice(*cols))
+        if torch.is_tensor(background):   # the same window of a map; other axes broadcast
+            index = [slice(None)] * background.ndim
+            for axis, bounds in ((-2, rows), (-1, cols)):
+                if background.ndim >= -axis and background.shape[axis] != 1:
+                    index[axis] = slice(*bounds)
+            background = background[tuple(index)]
+        x = normalize_image(image[window], background)
+        x = F.pad(x, (0, cols[1] - cols[0] - x.shape[-1], 0, rows[1] - rows[0] - x.shape[-2]))
         return x.contiguous(memory_format=torch.channels_last)
+
+    def blocks(self, image, background, chunk_tiles=None, *, progress=None):
+        """The posterior of independent tiles (``n_colors`` = 1) block by block.
+
+        Yields ``(rows, cols, posterior)`` for square blocks of ``chunk_tiles`` tiles
+        (the whole grid when None), row of blocks by row of blocks: the tile rows and
+        columns of the block (slices) and their `~starnet.posterior.TiledPosterior`.
+        Each block's network input is made from the block's pixels and a halo wider than
+        the receptive field, so the result equals the one-shot computation while memory
+        stays that of a block. ``progress(done, total)`` is called after each block.
+        """
+        if self.n_colors != 1:
+            raise ValueError("a checkerboard encoder decides its tiles colour by colour over "
+                             "the whole image; use features and decide")
+        size = self.tile_size
+        n_rows, n_cols = -(-image.shape[-2] // size), -(-image.shape[-1] // size)
+        chunk = max(n_rows, n_cols, 1) if chunk_tiles is None else int(chunk_tiles)
+        if chunk < 1:
+            raise ValueError(f"chunk_tiles must be positive, got {chunk}")
+        halo = 0 if chunk_tiles is None else self._pixel_halo() + 3
+        total = -(-n_rows // chunk) * -(-n_cols // chunk)
+        done = 0
+        for r0 in range(0, n_rows, chunk):
+            r1 = min(r0 + chunk, n_rows)
+            h0, h1 = max(r0 - halo, 0), min(r1 + halo, n_rows)
+            for c0 in range(0, n_cols, chunk):
+                c1 = min(c0 + chunk, n_cols)
+                w0, w1 = max(c0 - halo, 0), min(c1 + halo, n_cols)
+                x = self._input_window(image, background, (h0 * size, h1 * size),
+                                       (w0 * size, w1 * size))
+                out = self.head(self.tile_layers(self.pixel_layers(x)))
+                out = out[..., r0 - h0:r1 - h0, c0 - w0:c1 - w0]
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+                yield slice(r0, r1), slice(c0, c1), self._to_posterior(out)
 
     def _pixel_halo(self):
         # three pixel convolutions reach 3 pixels beyond a block: a halo of that many

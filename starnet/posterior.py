@@ -66,6 +66,13 @@ class TiledPosterior:
                         getattr(self, name), getattr(other, name))
             for name in self._FIELDS))
 
+    @staticmethod
+    def concatenate(posteriors, dim):
+        """The tiles of several posteriors side by side along ``dim`` (1: tile rows,
+        2: tile columns)."""
+        return TiledPosterior(*(torch.cat([getattr(q, name) for q in posteriors], dim=dim)
+                                for name in TiledPosterior._FIELDS))
+
     def expand(self, n_images):
         """The posterior of a single image repeated ``n_images`` times (no copy)."""
         return TiledPosterior(*(getattr(self, name).expand(n_images, *getattr(self, name).shape[1:])
@@ -190,7 +197,21 @@ def count_distribution(count_probs):
     length = pmfs.shape[0] * (pmfs.shape[1] - 1) + 1
     if len(pmfs) == 0:   # no tiles: certainly no stars
         return np.ones(1)
-    offsets = np.zeros(len(pmfs), dtype=np.int64)   # pmfs[i, j] = P(offsets[i] + j)
+    offset, pmf = _convolve_all(pmfs, np.zeros(len(pmfs), dtype=np.int64))
+    return _full_pmf(offset, pmf, length)
+
+
+def _full_pmf(offset, pmf, length):
+    """The normalised pmf on ``0 .. length - 1`` of ``pmf`` placed at ``offset``."""
+    full = np.zeros(length)
+    end = min(offset + len(pmf), length)
+    full[offset:end] = pmf[:end - offset]
+    return full / full.sum()
+
+
+def _convolve_all(pmfs, offsets):
+    """``(offset, pmf)`` of the sum of independent counts with ``pmfs[i, j] = P(offsets[i]
+    + j)``, convolved in pairs, level by level (see `count_distribution`)."""
     while len(pmfs) > 1:
         if len(pmfs) % 2:   # pad with a tile that is certainly empty
             pmfs = np.vstack([pmfs, np.eye(1, pmfs.shape[1])])
@@ -199,10 +220,46 @@ def count_distribution(count_probs):
         offsets = offsets[0::2] + offsets[1::2]
         if pmfs.shape[1] > 32:      # short ones have no tails worth the trimming
             pmfs, offsets = _trim(pmfs, offsets)
-    pmf = np.zeros(length)
-    end = min(offsets[0] + pmfs.shape[1], length)
-    pmf[offsets[0]:end] = pmfs[0, :end - offsets[0]]
-    return pmf / pmf.sum()
+    return int(offsets[0]), pmfs[0]
+
+
+def support(pmf):
+    """``(offset, values)``: the part of a pmf between its first and last non-zero
+    probabilities (`count_distribution` sets the negligible tails to zero), so that
+    ``pmf[offset + j] = values[j]``."""
+    pmf = np.asarray(pmf, dtype=float)
+    nonzero = np.flatnonzero(pmf)
+    if len(nonzero) == 0:
+        return 0, np.ones(1)
+    return int(nonzero[0]), pmf[nonzero[0]:nonzero[-1] + 1].copy()
+
+
+def convolve_counts(parts):
+    """Distribution of the sum of independent counts, such as the star counts of the
+    blocks of an image (each from `count_distribution`).
+
+    Parameters
+    ----------
+    parts : list of ``(offset, values)``
+        Each count's pmf as from `support`: ``P(offset + j) = values[j]``.
+
+    Returns
+    -------
+    offset, values
+        The pmf of the sum in the same form, convolved in pairs as in
+        `count_distribution` (and trimmed alike), unnormalised only by rounding.
+    """
+    if not parts:
+        return 0, np.ones(1)
+    width = max(len(values) for _, values in parts)
+    pmfs = np.zeros((len(parts), width))
+    for row, (_, values) in zip(pmfs, parts):
+        row[:len(values)] = values
+    offset, pmf = _convolve_all(pmfs, np.array([o for o, _ in parts], dtype=np.int64))
+    nonzero = np.flatnonzero(pmf)
+    if len(nonzero):
+        offset, pmf = offset + int(nonzero[0]), pmf[nonzero[0]:nonzero[-1] + 1]
+    return offset, pmf
 
 
 def _convolve_pairs(first, second):

@@ -189,14 +189,15 @@ def add_noise(expected, *, noise="gaussian", generator=None):
     raise ValueError(f"noise must be 'gaussian', 'poisson' or None, got {noise!r}")
 
 
-def as_background(background, n_bands, shape=None):
+def as_background(background, n_bands, shape=None, dtype=float):
     """Validate a background: scalar, one value per band, or a (n_bands, rows, cols) map.
 
-    Returns a float64 array of shape (n_bands,) or (n_bands, rows, cols), in electrons.
+    Returns an array of ``dtype`` (float64 by default; a map already of that type is not
+    copied) of shape (n_bands,) or (n_bands, rows, cols), in electrons.
     """
     if isinstance(background, u.Quantity):
         background = background.to_value(u.electron)
-    background = np.asarray(background, dtype=float)
+    background = np.asarray(background, dtype=dtype)
     if background.ndim == 0:
         background = np.full(n_bands, float(background))
     if background.ndim == 1 and background.size != n_bands:

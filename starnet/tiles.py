@@ -147,17 +147,19 @@ class TileGrid:
             fluxes=tile_fluxes.reshape(*grid, self.max_sources, n_bands),
             n_dropped=int((valid & ~keep).sum()))
 
-    def to_pixels(self, tile_locs):
-        """Pixel ``(x, y)`` of within-tile positions ``tile_locs`` (..., rows, cols, k, 2)."""
+    def to_pixels(self, tile_locs, origin=(0, 0)):
+        """Pixel ``(x, y)`` of within-tile positions ``tile_locs`` (..., rows, cols, k, 2)
+        of the tiles from tile ``origin`` (row, col) on."""
         tile_rows, tile_cols = tile_locs.shape[-4:-2]
-        col = torch.arange(tile_cols, dtype=tile_locs.dtype)[None, :, None]
-        row = torch.arange(tile_rows, dtype=tile_locs.dtype)[:, None, None]
+        col = torch.arange(origin[1], origin[1] + tile_cols, dtype=tile_locs.dtype)[None, :, None]
+        row = torch.arange(origin[0], origin[0] + tile_rows, dtype=tile_locs.dtype)[:, None, None]
         x = (col + tile_locs[..., 0]) * self.tile_size - 0.5
         y = (row + tile_locs[..., 1]) * self.tile_size - 0.5
         return torch.stack([x, y], dim=-1)
 
-    def from_tiles(self, tiles):
-        """Flatten tile variables into padded per-image catalogs.
+    def from_tiles(self, tiles, origin=(0, 0)):
+        """Flatten tile variables into padded per-image catalogs (of the tiles from tile
+        ``origin`` (row, col) of the grid on, for a block of the grid).
 
         Returns
         -------
@@ -170,6 +172,6 @@ class TileGrid:
         n_images = tiles.counts.shape[0]
         slot = torch.arange(self.max_sources)
         mask = (slot < tiles.counts[..., None]).reshape(n_images, -1)
-        locs = self.to_pixels(tiles.locs).reshape(n_images, -1, 2)
+        locs = self.to_pixels(tiles.locs, origin).reshape(n_images, -1, 2)
         fluxes = tiles.fluxes.reshape(n_images, -1, tiles.fluxes.shape[-1])
         return locs, fluxes, mask
