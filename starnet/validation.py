@@ -112,13 +112,14 @@ def check_background(data, background, bands, *, good=None):
     True
     """
     background = np.broadcast_to(background, data.shape)
+    # a regular subsample of at most about _MAX_SAMPLED pixels per band, without copies
+    step = max(1, int(np.ceil(np.sqrt(data[0].size / _MAX_SAMPLED))))
     for b, band in enumerate(bands):
-        pixels, sky = data[b], background[b]
+        pixels, sky = data[b, ::step, ::step], background[b, ::step, ::step]
         if good is not None:
-            pixels, sky = pixels[good[b]], sky[good[b]]
-        pixels, sky = pixels.ravel(), sky.ravel()
-        step = max(1, pixels.size // _MAX_SAMPLED)
-        pixels, sky = pixels[::step], sky[::step]
+            use = good[b, ::step, ::step]
+            pixels, sky = pixels[use], sky[use]
+        pixels, sky = np.ravel(pixels), np.ravel(sky)
         if pixels.size and np.ptp(pixels) == 0:
             raise ValueError(f"band {band} of the image is constant ({pixels[0]:g} in every "
                              "pixel): there is nothing to catalog")
@@ -177,9 +178,8 @@ def check_training_settings(settings):
     for name in ("learning_rate", "weight_decay", "margin"):
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-                or not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
-            kind = "positive" if name == "learning_rate" else "non-negative"
-            raise ValueError(f"{name} must be a {kind} number, got {value!r}")
+                or not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     _check_range(settings.background_range, "background_range", positive=True)
     _check_range(settings.psf_variant_range, "psf_variant_range", positive=False)
     if settings.density_range is not None:

@@ -104,7 +104,7 @@ def test_deblender_checks_its_input(deblender):
     (dict(batch_size='2'), "batch_size must be a positive integer, got '2'"),
     (dict(batch_size=True), 'batch_size must be a positive integer'),
     (dict(image_shape=(64,)), r'image_shape must be \(rows, cols\)'),
-    (dict(learning_rate=0.0), 'learning_rate must be a positive number'),
+    (dict(learning_rate=-1e-3), 'learning_rate must be a non-negative number'),
     (dict(weight_decay=float('nan')), 'weight_decay must be a non-negative number'),
     (dict(background_range=(1.6, 0.9)), 'background_range must be'),
     (dict(background_range=(0.0, 1.0)), 'background_range must be'),
