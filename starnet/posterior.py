@@ -153,6 +153,25 @@ class TiledPosterior:
                                                                 generator=generator)
         return self._counts_to_catalog(counts, z, w)
 
+    def rsample(self, counts, *, generator=None):
+        """Draw positions and fluxes given the tile ``counts`` by reparameterisation.
+
+        The draw is a differentiable function of the parameters (positions
+        ``sigmoid(loc_mean + loc_sd * e)``, fluxes ``exp(log_flux_mean + log_flux_sd * e)``
+        with standard normal ``e``), as the reparameterised gradient of an expectation
+        under ``q`` needs (see `starnet.elbo`).
+
+        Parameters
+        ----------
+        counts : `torch.Tensor` of int64, shape (n_images, tile_rows, tile_cols)
+        generator : `torch.Generator`, optional
+        """
+        z = self.loc_mean + self.loc_sd * torch.randn(self.loc_mean.shape, generator=generator,
+                                                      dtype=self.loc_mean.dtype)
+        w = self.log_flux_mean + self.log_flux_sd * torch.randn(
+            self.log_flux_mean.shape, generator=generator, dtype=self.log_flux_mean.dtype)
+        return self._counts_to_catalog(counts, z, w)
+
     def row_parameters(self, counts):
         """Parameters of each tile's sources when the tile has ``counts`` stars.
 
