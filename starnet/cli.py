@@ -10,8 +10,11 @@
 
 import argparse
 import json
+import os
+import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -136,15 +139,13 @@ def _catalog(parser, args):
     suffix = ".fits.gz" if output.name.endswith(".fits.gz") else output.suffix.lower()
     if suffix not in _FORMATS:
         parser.error(f"the output must end in {', '.join(_FORMATS)}; got {output.name}")
-    if output.exists() and not args.overwrite:
-        parser.exit(1, f"{parser.prog}: error: {output} exists; pass --overwrite to "
-                       "replace it\n")
+    _check_output(parser, output, args.overwrite)
     try:
         deblender = StarNetDeblender.from_name_or_path(args.model)
         image = _read_image(args, deblender)
-    except (OSError, ValueError) as err:
+        table = deblender(image, progress_bar=not args.no_progress)
+    except _USER_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
-    table = deblender(image, progress_bar=not args.no_progress)
     meta = dict(table.meta)
     if _FORMATS[suffix] == "fits":
         # FITS knows no 'electron' unit and its headers hold no lists: fluxes become
@@ -164,29 +165,55 @@ def _catalog(parser, args):
 
 def _train(parser, args):
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        parser.exit(1, f"{parser.prog}: error: {output} exists; pass --overwrite to "
-                       "replace it\n")
+    _check_output(parser, output, args.overwrite)
     try:
         deblender, settings = _deblender_from_config(Path(args.config))
-    except (OSError, ValueError, TypeError, KeyError) as err:
+    except _USER_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: bad configuration {args.config}: {err}\n")
-    deblender.fit(settings=settings, checkpoint=args.checkpoint)
     deblender.provenance["command"] = " ".join(["starnet train", args.config, "-o",
                                                 args.output])
-    deblender.save(output, overwrite=args.overwrite)
+    try:
+        deblender.fit(settings=settings, checkpoint=args.checkpoint)
+        deblender.save(output, overwrite=args.overwrite)
+    except _USER_ERRORS as err:   # a checkpoint of another model, a full disk, ...
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     last = deblender.training_history[-1]
     print(f"trained {last['epoch']} epochs (validation F1 {last['val_f1']:.3f}); "
           f"wrote {output}")
     return 0
 
 
+def _check_output(parser, output, overwrite):
+    """Exit (status 1) before any work when ``output`` cannot be written."""
+    problem = None
+    if output.exists() and not overwrite:
+        problem = f"{output} exists; pass --overwrite to replace it"
+    elif output.is_dir():
+        problem = f"{output} is a folder; give a file name"
+    elif not output.parent.is_dir():
+        problem = f"the folder {output.parent} of {output.name} does not exist"
+    elif not os.access(output.parent, os.W_OK):
+        problem = f"the folder {output.parent} is not writable"
+    if problem:
+        parser.exit(1, f"{parser.prog}: error: {problem}\n")
+
+
 def _deblender_from_config(path):
     """A deblender and its training settings from a JSON configuration file."""
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError("the configuration must be a JSON object")
     unknown = set(config) - {"prior", "psf", "background", "model", "training"}
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}")
+    missing = [key for key in ("psf", "background") if key not in config]
+    if missing:
+        raise ValueError(f"missing {missing}: 'psf' (one PSF per band) and 'background' "
+                         "(electrons per pixel, one per band) are required; 'prior', "
+                         "'model' and 'training' are optional")
     prior = StarFieldPrior(**config.get("prior", {}))
     psfs = []
     for entry in config["psf"]:
@@ -202,6 +229,11 @@ def _deblender_from_config(path):
         if key in training:
             training[key] = tuple(training[key])
     return deblender, TrainingSettings(**training)
+
+
+#: Errors that a user's input can cause: reported in one line, exit status 1.
+_USER_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError,
+                pickle.UnpicklingError)
 
 
 def _read_image(args, deblender):
@@ -221,9 +253,16 @@ def _read_image(args, deblender):
 
     if not path.is_file():
         raise FileNotFoundError(f"no image file {path}")
-    with fits.open(path) as hdul:
-        header = hdul[0].header
-        data = hdul[0].data
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with fits.open(path) as hdul:
+            truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
+            if truncated:
+                raise ValueError(f"{path} is not a whole FITS file: {truncated[0]}")
+            header = hdul[0].header
+            data = hdul[0].data
+    for warning in caught:   # the others are the user's to see
+        warnings.warn(warning.message, warning.category, stacklevel=2)
     if data is None:
         raise ValueError(f"{path} has no image in its primary HDU")
     unit = header.get("BUNIT")
@@ -260,6 +299,8 @@ def _read_image(args, deblender):
 
 def _per_band(values, n_bands, option):
     values = np.asarray(values, dtype=float)
+    if not np.all(np.isfinite(values) & (values > 0)):
+        raise ValueError(f"{option} must be positive numbers, got {values.tolist()}")
     if values.size == 1:
         return np.full(n_bands, values[0])
     if values.size != n_bands:

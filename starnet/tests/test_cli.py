@@ -90,6 +90,10 @@ def test_catalog_fits_output_with_wcs_and_cutout(model_path, tmp_path):
     (["--background", "1", "2", "3"], "one value per band"),
     (["--background", str(SKY), "--cutout", "0:40,0:5"], "not inside the image"),
     (["--background", str(SKY), "--cutout", "a:b"], "R0:R1,C0:C1"),
+    (["--background", "-686"], "--background must be positive numbers"),
+    (["--background", "nan"], "--background must be positive numbers"),
+    (["--background", str(SKY), "--nelec-per-nmgy", "0"],
+     "--nelec-per-nmgy must be positive numbers"),
 ])
 def test_catalog_bad_requests(model_path, tmp_path, capsys, extra, message):
     _image_file(tmp_path / "image.fits")
@@ -178,3 +182,56 @@ def test_train_from_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", str(path), "-o", str(tmp_path / "other.pt")])
     assert "unknown keys ['typo']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model\n", b"PK\x03\x04truncated"])
+def test_catalog_with_a_bad_model_file_fails_in_one_line(tmp_path, capsys, content):
+    _image_file(tmp_path / "image.fits")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["catalog", str(tmp_path / "image.fits"), "--model", str(bad),
+              "--background", str(SKY), "-o", str(tmp_path / "out.ecsv")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err and str(bad) in err
+
+
+def test_catalog_with_a_truncated_fits_file_fails_in_one_line(model_path, tmp_path, capsys):
+    _image_file(tmp_path / "image.fits")
+    truncated = tmp_path / "truncated.fits"
+    truncated.write_bytes((tmp_path / "image.fits").read_bytes()[:3000])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["catalog", str(truncated), "--model", str(model_path),
+              "--background", str(SKY), "-o", str(tmp_path / "out.ecsv")])
+    assert exit_info.value.code == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_outputs_are_checked_before_any_work(model_path, tmp_path, capsys, monkeypatch):
+    """A missing folder fails at once: neither inference nor training runs."""
+    def fail(*args, **kwargs):
+        raise AssertionError("work started")
+    monkeypatch.setattr(StarNetDeblender, "__call__", fail)
+    monkeypatch.setattr(StarNetDeblender, "fit", fail)
+    _image_file(tmp_path / "image.fits")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+              "--background", str(SKY), "-o", str(tmp_path / "missing" / "out.ecsv")])
+    assert exit_info.value.code == 1
+    assert "does not exist" in capsys.readouterr().err
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"psf": [], "background": []}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(config), "-o", str(tmp_path / "missing" / "model.pt")])
+    assert exit_info.value.code == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_config_missing_a_required_key(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"background": [686.0]}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(config), "-o", str(tmp_path / "model.pt")])
+    assert exit_info.value.code == 1
+    assert "missing ['psf']" in capsys.readouterr().err
