@@ -354,8 +354,14 @@ def _positions(table, name):
     """(n, 2) array of x, y from ``x_fit``/``y_fit`` or ``x``/``y``."""
     for xcol, ycol in (("x_fit", "y_fit"), ("x", "y")):
         if xcol in table.colnames and ycol in table.colnames:
-            xy = np.column_stack([_values(table[xcol]),
-                                  _values(table[ycol])])
+            for col in (xcol, ycol):
+                unit = getattr(table[col], "unit", None)
+                if unit is not None and u.Unit(unit) not in (u.pix, u.dimensionless_unscaled):
+                    raise ValueError(f"{name} column {col!r} is in {unit}; positions "
+                                     "must be pixels (convert sky positions with the "
+                                     "image's WCS, e.g. wcs.world_to_pixel)")
+            xy = np.column_stack([_values(table[xcol], f"{name} {xcol!r}"),
+                                  _values(table[ycol], f"{name} {ycol!r}")])
             if not np.all(np.isfinite(xy)):
                 raise ValueError(f"{name} has non-finite positions in "
                                  f"columns {xcol!r}, {ycol!r}")
@@ -384,9 +390,21 @@ def _inside(xy, border, image_shape):
 def _comparable_magnitudes(catalog, reference, band):
     """Magnitudes of both tables, up to a common zero point."""
     mag_col, flux_col = _brightness_columns(band)
-    for col, to_mag in ((mag_col, _values), (flux_col, _flux_to_mag)):
-        if col in catalog.colnames and col in reference.colnames:
-            return to_mag(catalog[col]), to_mag(reference[col])
+    if mag_col in catalog.colnames and mag_col in reference.colnames:
+        return (_values(catalog[mag_col], f"catalog {mag_col!r}"),
+                _values(reference[mag_col], f"reference {mag_col!r}"))
+    if flux_col in catalog.colnames and flux_col in reference.colnames:
+        ours = _values(catalog[flux_col], f"catalog {flux_col!r}")
+        theirs = _values(reference[flux_col], f"reference {flux_col!r}")
+        unit = getattr(catalog[flux_col], "unit", None)
+        other = getattr(reference[flux_col], "unit", None)
+        if unit is not None and other is not None:
+            try:   # the same star in electrons and in 1000 electrons is the same star
+                theirs = (theirs * u.Unit(other)).to_value(u.Unit(unit))
+            except u.UnitConversionError:
+                raise ValueError(f"{flux_col!r} is in {unit} in the catalog and in {other} "
+                                 "in the reference, which do not convert") from None
+        return _flux_to_mag(ours), _flux_to_mag(theirs)
     missing = []
     for name, table in (("catalog", catalog), ("reference", reference)):
         lacks = [c for c in (mag_col, flux_col) if c not in table.colnames]
@@ -433,17 +451,22 @@ def _brightness_columns(band):
     return f"mag_{band}", f"flux_{band}"
 
 
-def _flux_to_mag(flux):
+def _flux_to_mag(flux, name="flux"):
     """-2.5 log10(flux); NaN for a non-positive flux."""
-    flux = _values(flux)
+    flux = _values(flux, name)
     mag = np.full(flux.shape, np.nan)
     positive = flux > 0
     mag[positive] = -2.5 * np.log10(flux[positive])
     return mag
 
 
-def _values(column):
-    """Column as a float array (the value of a Quantity)."""
+def _values(column, name="column"):
+    """Column as a float array (the value of a Quantity); masked values are refused."""
+    mask = np.ma.getmaskarray(column) if np.ma.isMaskedArray(column) else getattr(
+        column, "mask", None)
+    if mask is not None and np.any(mask):
+        raise ValueError(f"{name} has {int(np.sum(mask))} masked values: drop those rows "
+                         "(e.g. table[~table[column].mask]) before matching")
     if isinstance(column, u.Quantity):
         column = column.value
-    return np.asarray(column, dtype=float)
+    return np.asarray(getattr(column, "unmasked", column), dtype=float)

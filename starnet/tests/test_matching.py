@@ -425,3 +425,33 @@ def test_metrics_by_magnitude_errors():
         metrics_by_magnitude(est, true, bins=[20, 15], band="r", zero_point=30.0)
     with pytest.raises(ValueError, match="'mag_g' or 'flux_g'"):
         metrics_by_magnitude(est, true, bins=[15, 20], band="g", zero_point=30.0)
+
+
+def test_flux_units_are_converted_not_stripped():
+    """The same three stars, fluxes in electrons and in thousands of electrons."""
+    from astropy import units as u
+    from astropy.table import QTable
+    from starnet import match_catalogs
+    ours = QTable({"x": [1.0, 5.0, 9.0], "y": [2.0, 6.0, 3.0],
+                   "flux_r": [2000.0, 5000.0, 9000.0] * u.electron})
+    theirs = QTable({"x": [1.0, 5.0, 9.0], "y": [2.0, 6.0, 3.0],
+                     "flux_r": [2.0, 5.0, 9.0] * (1000 * u.electron)})
+    assert match_catalogs(ours, theirs, band="r").n_matched_true == 3
+    theirs["flux_r"] = [2.0, 5.0, 9.0] * u.mJy
+    with pytest.raises(ValueError, match="do not convert"):
+        match_catalogs(ours, theirs, band="r")
+
+
+def test_positions_must_be_pixels_and_masked_values_are_refused():
+    from astropy import units as u
+    from astropy.table import QTable, Table, MaskedColumn
+    from starnet import match_catalogs
+    ours = QTable({"x": [1.0, 5.0] * u.deg, "y": [2.0, 6.0] * u.deg})
+    theirs = QTable({"x": [1.0, 5.0], "y": [2.0, 6.0]})
+    with pytest.raises(ValueError, match="positions must be pixels"):
+        match_catalogs(ours, theirs, max_mag_difference=None)
+    ours = QTable({"x": [1.0, 5.0] * u.pix, "y": [2.0, 6.0] * u.pix})
+    assert match_catalogs(ours, theirs, max_mag_difference=None).n_matched_true == 2
+    masked = Table({"x": MaskedColumn([1.0, 5.0], mask=[False, True]), "y": [2.0, 6.0]})
+    with pytest.raises(ValueError, match="1 masked values"):
+        match_catalogs(masked, theirs, max_mag_difference=None)
