@@ -3,7 +3,7 @@
 ``starnet catalog IMAGE -o OUT [--model NAME_OR_PATH] ...``
     Catalog an image with a StarNet model and write the modal catalog.
 ``starnet benchmark m2 [--model NAME_OR_PATH] [--output-dir DIR] ...``
-    Reproduce the StarNet paper's M2 results (`starnet.benchmarks.m2`).
+    Reproduce the StarNet paper's M2 results (`starnet.m2_benchmark`).
 
 ``starnet <command> --help`` describes the options.
 """
@@ -23,7 +23,7 @@ from astropy.io import fits
 from astropy.nddata import NDData
 from astropy.wcs import WCS
 
-from .benchmarks import m2 as m2_benchmark
+from . import m2_benchmark
 from .datasets import load_sdss_frame
 from .deblender import StarNetDeblender
 from .prior import StarFieldPrior

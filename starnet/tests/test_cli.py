@@ -10,7 +10,7 @@ from astropy.table import QTable
 from astropy.wcs import WCS
 
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
-from starnet.benchmarks.m2 import FIGURES, RESULTS_FILE, _in_region
+from starnet.m2_benchmark import FIGURES, RESULTS_FILE, _in_region
 from starnet.cli import SDSS_FRAME, main
 from starnet.psf import pixel_stamps
 

@@ -1,6 +1,6 @@
 """The StarNet paper's M2 benchmark: Table 1 and Figures 7 to 9, live.
 
-Run it with ``python -m starnet.benchmarks.m2`` or ``starnet benchmark m2``
+Run it with ``python -m starnet.m2_benchmark`` or ``starnet benchmark m2``
 (``--help`` lists the options).
 """
 
@@ -14,13 +14,13 @@ from astropy.nddata import NDData
 from astropy.table import QTable
 from matplotlib.figure import Figure
 
-from .. import __version__
-from ..background import fit_background as fit_image_background
-from ..baselines import daophot_catalog
-from ..datasets import load_m2, load_m2_daophot
-from ..deblender import StarNetDeblender
-from ..matching import match_catalogs, metrics_by_magnitude
-from ..simulate import as_background
+from . import __version__
+from .background import fit_background as fit_image_background
+from .baselines import daophot_catalog
+from .datasets import load_m2, load_m2_daophot
+from .deblender import StarNetDeblender
+from .matching import match_catalogs, metrics_by_magnitude
+from .simulate import as_background
 
 __all__ = ["run_m2_benchmark", "main"]
 
@@ -228,8 +228,8 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
 
 def _wake_background(deblender, nddata, seed):
     """The image with its background refined by the wake phase, and the factors."""
-    from ..datasets import load_m2
-    from ..wake import _image_tensors, fit_psf_to_catalogs
+    from .datasets import load_m2
+    from .wake import _image_tensors, fit_psf_to_catalogs
 
     samples = deblender.sample(nddata, n_samples=8, seed=seed)
     start = load_m2(psf="powerlaw")[0].meta["psf"]
@@ -411,9 +411,9 @@ def run_from_arguments(parser, args):
 
 
 def main(argv=None):
-    """Entry point of ``python -m starnet.benchmarks.m2``."""
+    """Entry point of ``python -m starnet.m2_benchmark``."""
     parser = argparse.ArgumentParser(
-        prog="python -m starnet.benchmarks.m2",
+        prog="python -m starnet.m2_benchmark",
         description="Reproduce the StarNet paper's M2 results (Table 1, Figures 7-9).")
     add_arguments(parser)
     return run_from_arguments(parser, parser.parse_args(argv))
