@@ -20,7 +20,7 @@ from .model_files import describe_model, read_model, write_model
 from .posterior import (TiledPosterior, _full_pmf, convolve_counts, count_distribution,
                         support)
 from .prior import StarFieldPrior, _seed_int
-from .psf import as_psf, pixel_stamps, psf_from_dict
+from .psf import as_psf, pixel_stamps, psf_from_dict, psf_to_dict
 from .simulate import StarFieldRenderer, as_background
 from .tiles import TileCatalog, TileGrid
 from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
@@ -86,6 +86,8 @@ class StarNetDeblender:
         if len(psfs) != prior.n_bands:
             raise ValueError(f"got {len(psfs)} PSFs for the {prior.n_bands} bands {prior.bands}")
         self.psfs = [as_psf(p) for p in psfs]
+        for p in self.psfs:   # a model that cannot be saved is refused before training
+            psf_to_dict(p)
         background = as_background(background, prior.n_bands)
         if background.ndim != 1:
             raise ValueError("the training background must be one value per band; "

@@ -590,12 +590,14 @@ def psf_to_dict(psf):
 
     Parameters
     ----------
-    psf : `PowerLawPSF`, `~photutils.psf.ImagePSF` or 2-D ndarray
+    psf : `PowerLawPSF`, `~photutils.psf.ImagePSF`, a photutils PSF model or 2-D ndarray
 
     Returns
     -------
     d : dict
-        ``{'type': 'PowerLawPSF', <parameter>: float, ...}`` or
+        ``{'type': 'PowerLawPSF', <parameter>: float, ...}``,
+        ``{'type': 'photutils', 'class': 'CircularGaussianPRF', <parameter>:
+        float, ...}`` for an analytic model of `photutils.psf`, or
         ``{'type': 'ImagePSF', 'data': nested lists, 'oversampling':
         [int, int], 'origin': [float, float], 'fill_value': float,
         'flux', 'x_0', 'y_0': float}``.
@@ -626,9 +628,23 @@ def psf_to_dict(psf):
                 'origin': [float(v) for v in psf.origin],
                 'fill_value': (None if psf.fill_value is None
                                else float(psf.fill_value))}
-    msg = ('only PowerLawPSF, ImagePSF and numpy arrays can be saved; '
-           f'got {type(psf).__name__}')
+    if type(psf).__name__ in _photutils_models():
+        return {'type': 'photutils', 'class': type(psf).__name__, **params}
+    msg = ('only PowerLawPSF, ImagePSF, photutils PSF models '
+           f'({", ".join(sorted(_photutils_models()))}) and numpy arrays can be '
+           f'saved; got {type(psf).__name__}: render it as an array or an '
+           'ImagePSF first')
     raise TypeError(msg)
+
+
+def _photutils_models():
+    """The analytic PSF models of `photutils.psf`, by class name."""
+    import photutils.psf
+    from astropy.modeling import Fittable2DModel
+    # the models defined by their parameters alone (not ImagePSF, GriddedPSFModel)
+    return {name: model for name, model in vars(photutils.psf).items()
+            if isinstance(model, type) and issubclass(model, Fittable2DModel)
+            and model.__module__.endswith("functional_models")}
 
 
 def psf_from_dict(d):
@@ -656,5 +672,12 @@ def psf_from_dict(d):
     if kind == 'ImagePSF':
         data = np.asarray(d.pop('data'), dtype=float)
         return ImagePSF(data, **d)
-    msg = f"d['type'] must be 'PowerLawPSF' or 'ImagePSF'; got {kind!r}"
+    if kind == 'photutils':
+        name = d.pop('class', None)
+        models = _photutils_models()
+        if name not in models:
+            raise ValueError(f"unknown photutils PSF model {name!r}; expected one of "
+                             f"{sorted(models)}")
+        return models[name](**d)
+    msg = f"d['type'] must be 'PowerLawPSF', 'ImagePSF' or 'photutils'; got {kind!r}"
     raise ValueError(msg)

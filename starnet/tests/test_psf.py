@@ -274,8 +274,10 @@ def test_dict_round_trip_image():
 
 
 def test_dict_errors():
+    class MyPSF(CircularGaussianPSF):
+        pass
     with pytest.raises(TypeError, match='only PowerLawPSF, ImagePSF'):
-        psf_to_dict(CircularGaussianPSF())
+        psf_to_dict(MyPSF())
     with pytest.raises(ValueError, match="d\\['type'\\] must be"):
         psf_from_dict({'type': 'MoffatPSF'})
 
@@ -452,3 +454,33 @@ def test_kl_psf_errors(tmp_path):
         kl_psf_from_psfield(path, band='r', row=0.0, col=0.0)
     with pytest.raises(ValueError, match='not a KL PSF basis'):
         kl_psf_from_psfield(path, band='u', row=0.0, col=0.0)
+
+
+def test_photutils_models_are_saved_and_loaded(tmp_path):
+    """A model trained for a photutils PSF saves and loads it (it once failed at save)."""
+    from photutils.psf import CircularGaussianPRF, MoffatPSF
+    from starnet import StarFieldPrior, StarNetDeblender
+    from starnet.psf import psf_from_dict, psf_to_dict
+    for psf in (CircularGaussianPRF(fwhm=3.0), MoffatPSF(alpha=2.0, beta=3.5)):
+        again = psf_from_dict(json.loads(json.dumps(psf_to_dict(psf))))
+        assert type(again) is type(psf)
+        np.testing.assert_allclose(again.parameters, psf.parameters)
+    deblender = StarNetDeblender(prior=StarFieldPrior(bands=['r']),
+                                 psf=CircularGaussianPRF(fwhm=3.0), background=[500.0],
+                                 hidden=4, tile_hidden=8, stamp_size=9)
+    deblender.save(tmp_path / 'model.pt')
+    loaded = StarNetDeblender.load(tmp_path / 'model.pt')
+    assert loaded.psfs[0].fwhm.value == 3.0
+    with pytest.raises(ValueError, match='unknown photutils PSF model'):
+        psf_from_dict({'type': 'photutils', 'class': 'os.system'})
+
+
+def test_unsavable_psf_is_refused_before_training():
+    """A PSF model of the user's own class: refused when the model is made, not at save."""
+    from starnet import StarFieldPrior, StarNetDeblender
+
+    class MyPSF(CircularGaussianPRF):
+        pass
+    with pytest.raises(TypeError, match='got MyPSF: render it as an array'):
+        StarNetDeblender(prior=StarFieldPrior(bands=['r']), psf=MyPSF(fwhm=3.0),
+                         background=[500.0])
