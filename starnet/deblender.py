@@ -353,7 +353,7 @@ class StarNetDeblender:
         if nddata.mask is not None:
             bad |= check_mask(nddata.mask, data.shape)
         if check_sky:
-            check_background(data, background, self.bands, good=~bad)
+            check_background(data, background, self.bands, bad=bad)
         if bad.any():
             warnings.warn(f"{int(bad.sum())} masked or non-finite pixels are replaced by the "
                           "background; stars there are not detected", UserWarning)

@@ -75,7 +75,7 @@ def check_mask(mask, shape):
                          f"shape {shape} or (rows, cols) = {shape[1:]}") from None
 
 
-def check_background(data, background, bands, *, good=None):
+def check_background(data, background, bands, *, bad=None):
     """Check that the pixels agree with the declared background, band by band.
 
     The pixels of an image are its background plus stars (which only add light) plus
@@ -96,8 +96,8 @@ def check_background(data, background, bands, *, good=None):
         The declared background, electrons per pixel.
     bands : list of str
         Band names, for the messages.
-    good : array of bool, optional
-        Pixels to use (the others are masked or not finite).
+    bad : array of bool, optional
+        Pixels to leave out (masked or not finite).
 
     Examples
     --------
@@ -116,8 +116,8 @@ def check_background(data, background, bands, *, good=None):
     step = max(1, int(np.ceil(np.sqrt(data[0].size / _MAX_SAMPLED))))
     for b, band in enumerate(bands):
         pixels, sky = data[b, ::step, ::step], background[b, ::step, ::step]
-        if good is not None:
-            use = good[b, ::step, ::step]
+        if bad is not None:
+            use = ~bad[b, ::step, ::step]
             pixels, sky = pixels[use], sky[use]
         pixels, sky = np.ravel(pixels), np.ravel(sky)
         if pixels.size and np.ptp(pixels) == 0:
