@@ -24,6 +24,7 @@ from astropy.nddata import NDData
 from astropy.wcs import WCS
 
 from . import m2_benchmark
+from .background import fit_background
 from .datasets import load_sdss_frame
 from .deblender import StarNetDeblender
 from .prior import StarFieldPrior
@@ -49,6 +50,12 @@ IMAGE is either
   shape (bands, rows, cols) or (rows, cols) for a one-band model, bands in the
   model's order. --background is then required; the PSFs are the model's and the
   WCS is read from the header when it has one.
+
+When the model has a background encoder (the bundled ones do), the background is
+estimated from the pixels (starnet.background.fit_background: a factor on the
+background the model was trained with; on images larger than 256 pixels a factor
+that varies over 64 pixels), which on M2 lifts F1 from 0.47 to 0.57;
+--no-background-fit keeps the given background.
 
 The catalog (columns as StarNetDeblender's: x_fit, y_fit, flux_<band>, mag_<band>,
 ...) is written as ECSV (.ecsv) or FITS (.fits, .fit, .fits.gz); the posterior of
@@ -105,6 +112,9 @@ def main(argv=None):
                               "instrumental magnitudes)")
     catalog.add_argument("--cutout", metavar="R0:R1,C0:C1",
                          help="catalog only these rows and columns of the image")
+    catalog.add_argument("--no-background-fit", action="store_true",
+                         help="use the given background as it is (default: estimate "
+                              "it from the pixels when the model can; see below)")
     catalog.add_argument("--no-progress", action="store_true",
                          help="no progress bar (it shows the blocks of a large image)")
     catalog.set_defaults(run=_catalog)
@@ -143,6 +153,8 @@ def _catalog(parser, args):
     try:
         deblender = StarNetDeblender.from_name_or_path(args.model)
         image = _read_image(args, deblender)
+        if deblender.background_encoder is not None and not args.no_background_fit:
+            image = _fit_background(deblender, image)
         table = deblender(image, progress_bar=not args.no_progress)
     except _USER_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
@@ -181,6 +193,18 @@ def _train(parser, args):
     print(f"trained {last['epoch']} epochs (validation F1 {last['val_f1']:.3f}); "
           f"wrote {output}")
     return 0
+
+
+def _fit_background(deblender, image):
+    """The image with its background estimated from the pixels (see the help)."""
+    smoothing = 64.0 if max(image.data.shape[-2:]) > 256 else None
+    fitted, _ = fit_background(deblender, image, smoothing=smoothing)
+    scale = fitted.meta["background_fit"]["scale"]
+    print(f"background estimated from the pixels: {scale:.3f} times the model's "
+          f"({', '.join(f'{b:.0f}' for b in deblender.background)} e-)"
+          + (", the median of a map" if smoothing else "")
+          + " (--no-background-fit keeps the given one)")
+    return fitted
 
 
 def _check_output(parser, output, overwrite):

@@ -235,3 +235,29 @@ def test_train_config_missing_a_required_key(tmp_path, capsys):
         main(["train", str(config), "-o", str(tmp_path / "model.pt")])
     assert exit_info.value.code == 1
     assert "missing ['psf']" in capsys.readouterr().err
+
+
+def test_catalog_fits_the_background_when_the_model_can(tmp_path, capsys):
+    from starnet.background import fit_background
+    deblender = StarNetDeblender(prior=StarFieldPrior(bands=["r"]), psf=PSF, background=[SKY],
+                                 hidden=4, tile_hidden=8, stamp_size=11)
+    deblender.fit(n_epochs=1, batches_per_epoch=1, batch_size=2, image_shape=(16, 16),
+                  n_validation=1, background_range=(0.9, 1.6), progress=False)
+    deblender.fit_background_encoder(n_steps=2, batch_size=2, image_shape=(16, 16),
+                                     progress=False)
+    path = tmp_path / "model.pt"
+    deblender.save(path)
+    data = _image_file(tmp_path / "image.fits", shape=(24, 24))
+    image = NDData(data[None], unit=u.electron,
+                   meta={"bands": ["r"], "psf": [PSF], "background": [SKY]})
+    fitted, _ = fit_background(StarNetDeblender.load(path), image)
+    args = ["catalog", str(tmp_path / "image.fits"), "--model", str(path),
+            "--background", str(SKY), "--no-progress"]
+    assert main([*args, "-o", str(tmp_path / "fit.ecsv")]) == 0
+    scale = fitted.meta["background_fit"]["scale"]
+    assert f"background estimated from the pixels: {scale:.3f}" in capsys.readouterr().out
+    written = QTable.read(tmp_path / "fit.ecsv")
+    assert written.meta["n_stars_mean"] == pytest.approx(
+        StarNetDeblender.load(path)(fitted).meta["n_stars_mean"])
+    assert main([*args, "--no-background-fit", "-o", str(tmp_path / "given.ecsv")]) == 0
+    assert "background estimated" not in capsys.readouterr().out
