@@ -185,8 +185,8 @@ def fit_background(deblender, nddata, *, smoothing=None):
     >>> deblender = StarNetDeblender.pretrained("sdss-m2")
     >>> image, truth = load_m2()
     >>> fitted, cells = fit_background(deblender, image)
-    >>> 1.0 < fitted.meta["background_fit"]["scale"] < 1.6
-    True
+    >>> print(f"{fitted.meta['background_fit']['scale']:.2f}")   # times the SDSS sky
+    1.29
     """
     encoder = deblender.background_encoder
     if encoder is None:
