@@ -470,6 +470,9 @@ class StarNetDeblender:
             * ``x_err``, ``y_err``: posterior standard deviations of the position;
             * ``flux_<band>``, ``flux_<band>_err``: flux (the median of its log-normal
               posterior) and its posterior standard deviation, electrons;
+            * ``flux_<band>_q05``, ``flux_<band>_q95``: the 5 and 95 % posterior
+              quantiles of the flux, electrons (a 90 % interval, where the standard
+              deviation of a faint star's log-normal flux is of no use as an error bar);
             * ``mag_<band>``, ``mag_<band>_err``: magnitude and its posterior standard
               deviation; ``22.5 - 2.5 log10(flux / nelec_per_nmgy)`` when
               ``meta['nelec_per_nmgy']`` gives the calibration, otherwise the
@@ -564,6 +567,10 @@ class StarNetDeblender:
             table[f"flux_{band}"] = flux * u.electron
             table[f"flux_{band}_err"] = (flux * np.exp(s**2 / 2) * np.sqrt(np.expm1(s**2))
                                          * u.electron)
+            # the 5 and 95 % quantiles of the log-normal: a usable error bar where the
+            # standard deviation of a faint star's flux is far larger than the flux
+            table[f"flux_{band}_q05"] = flux * np.exp(-_Z95 * s) * u.electron
+            table[f"flux_{band}_q95"] = flux * np.exp(_Z95 * s) * u.electron
             table[f"mag_{band}"] = (zero_points[b] - 2.5 * np.log10(flux)) * u.mag
             table[f"mag_{band}_err"] = 2.5 / np.log(10) * s * u.mag
         table["detection_prob"] = rows["detection"]
@@ -739,6 +746,10 @@ class _ProgressBar:
 
     def __exit__(self, *exc):
         self.bar.close()
+
+
+#: The 95 % quantile of the standard normal.
+_Z95 = 1.6448536269514722
 
 
 def _table_to_lists(table):

@@ -82,7 +82,7 @@ def test_catalog_fits_output_with_wcs_and_cutout(model_path, tmp_path):
     np.testing.assert_allclose(x, written["x_fit"] + 1, atol=1e-6)
     np.testing.assert_allclose(y, written["y_fit"] + 2, atol=1e-6)
     assert any(c.startswith("n_stars_mean = ") for c in written.meta["comments"])
-    assert "flux_r, flux_r_err in electrons" in written.meta["comments"]
+    assert "flux_r, flux_r_err, flux_r_q05, flux_r_q95 in electrons" in written.meta["comments"]
 
 
 @pytest.mark.parametrize("extra, message", [

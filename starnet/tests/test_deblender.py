@@ -19,8 +19,9 @@ PSF = PowerLawPSF(sigma1=1.0, sigma2=2.5, sigmap=3.0, beta=3.0, b=0.1, p0=0.01)
 PRIOR = StarFieldPrior(mu=0.05, bands=BANDS)
 SMALL = dict(hidden=8, tile_hidden=16, stamp_size=7)
 BASE_COLUMNS = ['id', 'x_fit', 'y_fit', 'x_err', 'y_err',
-                'flux_r', 'flux_r_err', 'mag_r', 'mag_r_err',
-                'flux_i', 'flux_i_err', 'mag_i', 'mag_i_err', 'detection_prob']
+                'flux_r', 'flux_r_err', 'flux_r_q05', 'flux_r_q95', 'mag_r', 'mag_r_err',
+                'flux_i', 'flux_i_err', 'flux_i_q05', 'flux_i_q95', 'mag_i', 'mag_i_err',
+                'detection_prob']
 
 
 def tiny_deblender(**kwargs):
@@ -484,3 +485,17 @@ def test_warns_when_the_image_psf_is_not_the_models():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         StarNetDeblender.pretrained("sdss-m2")._check_psfs(image.meta["psf"])
+
+
+def test_flux_quantiles_are_those_of_the_log_normal(trained, image):
+    """flux_q05 / q95 are the 5 and 95 % quantiles of the log-normal whose median is
+    ``flux`` and whose standard deviation is ``flux_err`` (scipy's lognorm)."""
+    catalog = trained(image)
+    flux = catalog['flux_r'].value
+    # recover the log-normal's sigma from the standard deviation: sd^2 = m^2 e^{s^2}(e^{s^2}-1)
+    ratio = (catalog['flux_r_err'].value / flux) ** 2
+    sigma = np.sqrt(np.log((1 + np.sqrt(1 + 4 * ratio)) / 2))
+    np.testing.assert_allclose(catalog['flux_r_q05'].value,
+                               stats.lognorm.ppf(0.05, sigma, scale=flux), rtol=1e-4)
+    np.testing.assert_allclose(catalog['flux_r_q95'].value,
+                               stats.lognorm.ppf(0.95, sigma, scale=flux), rtol=1e-4)
