@@ -335,6 +335,7 @@ class StarNetDeblender:
         if list(meta["bands"]) != self.bands:
             raise ValueError(f"the image has bands {list(meta['bands'])} but the model was "
                              f"trained for bands {self.bands}")
+        # float32 in native byte order (FITS data are big-endian): no copy of float32 data
         data = check_image_data(nddata.data, len(self.bands))
         if nddata.unit is None:
             warnings.warn("the image has no unit; its values are taken as electrons",
@@ -342,8 +343,6 @@ class StarNetDeblender:
         elif u.Unit(nddata.unit) != u.electron:
             raise ValueError(f"image unit is {nddata.unit}; the model works in electrons "
                              "(SDSS frames: see starnet.datasets.load_sdss_frame)")
-        # float32 in native byte order (FITS data are big-endian): no copy of float32 data
-        data = np.asarray(data, dtype=np.float32)
         background = as_background(meta["background"], len(self.bands), data.shape[1:],
                                    dtype=np.float32)
         # one value per band stays (bands, 1, 1): it broadcasts, block by block
@@ -591,12 +590,9 @@ class StarNetDeblender:
             probs = probs[torch.from_numpy(tiles)]
         return count_distribution(probs.reshape(-1, self.grid.max_sources + 1).double().numpy())
 
-    def _count_pmfs(self, state, posterior, chunk_tiles, tile_maps):
-        """Posterior pmfs of the number of stars in the tiles of each boolean tile map
-        (None: all tiles): exact for independent tiles
-        (`~starnet.posterior.count_distribution`), else from ``n_count_samples`` draws."""
-        if self.encoder.n_colors == 1:
-            return [self._tile_count_pmf(posterior, tiles) for tiles in tile_maps]
+    def _sampled_count_pmfs(self, state, chunk_tiles, tile_maps):
+        """Posterior pmfs of a checkerboard model's number of stars in the tiles of each
+        boolean tile map (None: all tiles), from ``n_count_samples`` draws."""
         generator = torch.Generator().manual_seed(0)
         counts = self._draw(state, self.n_count_samples, generator, chunk_tiles).counts
         pmfs = []
@@ -661,8 +657,7 @@ class StarNetDeblender:
                 pmfs.append(_full_pmf(*convolve_counts(part),
                                       n_selected * self.grid.max_sources + 1))
         else:
-            posterior, _ = self._modal(state, chunk_tiles)
-            pmfs = self._count_pmfs(state, posterior, chunk_tiles, tile_maps)
+            pmfs = self._sampled_count_pmfs(state, chunk_tiles, tile_maps)
         return pmfs[0] if single else pmfs
 
     def _region_tiles(self, region, shape):

@@ -17,7 +17,7 @@ from .model_files import read_checkpoint, write_checkpoint
 from .prior import batch_to_table, catalog_table
 from .simulate import add_noise
 from .tiles import TileGrid
-from .validation import check_training_settings
+from .validation import check_range, check_training_settings
 
 __all__ = ["TrainingSettings", "SimulatedBatches", "train_encoder", "cosine_rate"]
 
@@ -129,10 +129,8 @@ class SimulatedBatches:
         self.background_range = tuple(background_range)
         self.variants = list(variants)
         self.variant_range = tuple(variant_range)
-        self.density_range = None if density_range is None else tuple(density_range)
-        if density_range is not None and not 0 < density_range[0] <= density_range[1]:
-            raise ValueError(f"density_range must be (low, high) stars per pixel with "
-                             f"0 < low <= high, got {density_range}")
+        self.density_range = (None if density_range is None
+                              else check_range(density_range, "density_range", positive=True))
 
     def draw(self, n_images, *, generator=None):
         """Return ``(images, backgrounds, catalogs)`` for ``n_images`` new images."""

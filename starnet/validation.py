@@ -11,7 +11,8 @@ import numpy as np
 from astropy.nddata import NDData
 
 __all__ = ["BackgroundMismatchWarning", "check_image_meta", "check_image_data", "check_mask",
-           "check_background", "check_positive_int", "check_training_settings"]
+           "check_background", "check_positive_int", "check_training_settings",
+           "check_range"]
 
 #: Below this z (pixel minus background, in units of the background's Poisson noise)
 #: lies the 16th percentile of an image whose declared background is too high (a
@@ -180,15 +181,21 @@ def check_training_settings(settings):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) \
                 or not np.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    _check_range(settings.background_range, "background_range", positive=True)
-    _check_range(settings.psf_variant_range, "psf_variant_range", positive=False)
+    check_range(settings.background_range, "background_range", positive=True)
+    check_range(settings.psf_variant_range, "psf_variant_range", positive=False)
     if settings.density_range is not None:
-        _check_range(settings.density_range, "density_range", positive=True)
+        check_range(settings.density_range, "density_range", positive=True)
     if isinstance(settings.seed, bool) or not isinstance(settings.seed, numbers.Integral):
         raise ValueError(f"seed must be an integer, got {settings.seed!r}")
 
 
-def _check_range(value, name, *, positive):
+def check_range(value, name, *, positive):
+    """``(low, high)`` as floats, checked to be finite with ``low <= high`` (and
+    ``0 < low`` when ``positive``); ValueError naming ``name`` otherwise.
+
+    >>> check_range([0.001, 0.2], "density_range", positive=True)
+    (0.001, 0.2)
+    """
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
@@ -196,3 +203,4 @@ def _check_range(value, name, *, positive):
     if not (np.isfinite(low) and np.isfinite(high) and low <= high) or (positive and low <= 0):
         raise ValueError(f"{name} must be (low, high) with {'0 < ' if positive else ''}"
                          f"low <= high, got {value!r}")
+    return low, high
