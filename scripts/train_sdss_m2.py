@@ -89,7 +89,8 @@ def main(argv=None):
     settings = TrainingSettings(
         image_shape=(args.image_size, args.image_size), batch_size=args.batch_size,
         batches_per_epoch=args.batches_per_epoch, n_epochs=args.epochs,
-        learning_rate=args.learning_rate, background_range=tuple(args.background_range),
+        learning_rate=args.learning_rate, final_learning_rate=None,  # set per epoch below
+        background_range=tuple(args.background_range),
         psf_variant_range=tuple(args.variant_range),
         density_range=None if args.density_range is None else tuple(args.density_range),
         seed=args.seed)

@@ -146,24 +146,38 @@ class StarNetDeblender:
     def fit(self, *, settings=None, checkpoint=None, progress=True, **kwargs):
         """Fit the encoder by the expected forward KL on images simulated from the model.
 
+        The learning rate decays by a cosine from ``learning_rate`` to
+        ``final_learning_rate`` over the fit's budget: ``n_epochs`` (of
+        ``batches_per_epoch`` steps), ``n_steps`` or ``max_time`` seconds, whichever
+        runs out first (see `~starnet.training.TrainingSettings`).
+
         Parameters
         ----------
         settings : `~starnet.training.TrainingSettings`, optional
             All training settings; keyword arguments override single fields
-            (e.g. ``n_epochs=20``).
+            (e.g. ``max_time=600`` for ten minutes, ``n_steps=2000``).
         checkpoint : str or path, optional
             Written (atomically) every epoch; training resumes from it when it exists.
             It records the model and the settings, and refuses to resume another
-            model or other settings: only ``learning_rate``, ``weight_decay`` and
-            ``n_epochs`` (not below the epochs it holds) may change.
+            model or other settings: only the budget (``n_epochs``, ``n_steps``,
+            ``max_time``) and the rates (``learning_rate``, ``final_learning_rate``,
+            ``weight_decay``) may change.
         progress : bool, optional
             Show a progress bar.
 
         Returns
         -------
         history : `~astropy.table.QTable`
-            Loss, validation F1 and throughput per epoch (also kept as
+            Loss, validation F1, throughput, steps and rate per epoch (also kept as
             ``training_history``).
+
+        Examples
+        --------
+        Two minutes of training, in epochs of 50 steps (``deblender`` as in the class
+        example)::
+
+            history = deblender.fit(max_time=120, n_epochs=1000, checkpoint="fit.ckpt")
+            print(history["seconds"].sum(), history["val_f1"][-1])
         """
         settings = settings or TrainingSettings()
         unknown = [key for key in kwargs if not hasattr(settings, key)]

@@ -35,7 +35,8 @@ __all__ = ["write_atomically", "describe_model", "weights_checksum", "write_mode
 _MODEL_FORMAT = "starnet-deblender-1"
 _CHECKPOINT_FORMAT = "starnet-checkpoint-1"
 # training settings that may change when training resumes from a checkpoint
-_RESUMABLE = ("learning_rate", "weight_decay", "n_epochs")
+_RESUMABLE = ("learning_rate", "weight_decay", "n_epochs", "n_steps", "max_time",
+              "final_learning_rate")
 _SIZES = ("tile_size", "max_sources", "stamp_size", "hidden", "tile_hidden")
 
 
@@ -224,8 +225,9 @@ def write_checkpoint(path, state, *, settings, model=None):
 def read_checkpoint(path, *, settings, model=None):
     """Read a checkpoint to resume training with ``settings`` for ``model``.
 
-    Only ``learning_rate``, ``weight_decay`` and ``n_epochs`` may differ from the
-    checkpoint's settings (``n_epochs`` not below its number of epochs); its model
+    Only the budget (``n_epochs``, not below its number of epochs, ``n_steps``,
+    ``max_time``) and the rates (``learning_rate``, ``final_learning_rate``,
+    ``weight_decay``) may differ from the checkpoint's settings; its model
     description must equal ``model`` (when both are known). A checkpoint written before
     checkpoints carried their settings is resumed with a warning.
 
@@ -260,7 +262,7 @@ def read_checkpoint(path, *, settings, model=None):
                       "settings: it is resumed without checking that it was made for this "
                       "model and these settings", UserWarning)
     done = len(contents["history"])
-    if settings.n_epochs < done:
+    if settings.n_steps is None and settings.n_epochs < done:
         raise ValueError(f"checkpoint {path} already holds {done} epochs but n_epochs is "
                          f"{settings.n_epochs}: ask for at least {done} epochs, or use a new "
                          "checkpoint path")

@@ -176,11 +176,17 @@ def check_training_settings(settings):
         raise ValueError(f"image_shape must be (rows, cols), got {shape!r}")
     for size in shape:
         check_positive_int(size, "image_shape")
-    for name in ("learning_rate", "weight_decay", "margin"):
+    if settings.n_steps is not None:
+        check_positive_int(settings.n_steps, "n_steps")
+    for name in ("learning_rate", "weight_decay", "margin", "final_learning_rate",
+                 "max_time"):
         value = getattr(settings, name)
+        if value is None and name in ("final_learning_rate", "max_time"):
+            continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-                or not np.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+                or not np.isfinite(value) or value < 0 or (name == "max_time" and value == 0):
+            kind = "positive" if name == "max_time" else "non-negative"
+            raise ValueError(f"{name} must be a {kind} number, got {value!r}")
     check_range(settings.background_range, "background_range", positive=True)
     check_range(settings.psf_variant_range, "psf_variant_range", positive=False)
     if settings.density_range is not None:

@@ -225,7 +225,9 @@ def _fwhm(prf):
     size = 2 * _PRF_SIZE + 1
     step = 1.0 / _PRF_OVERSAMPLING
     grid = (np.arange(size) - size // 2) * step
-    values = prf.evaluate(grid[None, :], grid[:, None], 1.0, 0.0, 0.0)
+    centred = prf.copy()    # its own shape parameters (e.g. a Gaussian's fwhm) stay
+    centred.flux, centred.x_0, centred.y_0 = 1.0, 0.0, 0.0
+    values = centred(grid[None, :], grid[:, None])
     area = np.count_nonzero(values >= 0.5 * values.max()) * step**2
     return float(2 * np.sqrt(area / np.pi))
 

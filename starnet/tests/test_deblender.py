@@ -366,7 +366,8 @@ def test_resumed_fit_uses_the_new_learning_rate(tmp_path):
     first = tiny_deblender(seed=2)
     first.fit(n_epochs=1, checkpoint=checkpoint, learning_rate=1e-2, **settings)
     resumed = tiny_deblender(seed=2)
-    resumed.fit(n_epochs=2, checkpoint=checkpoint, learning_rate=0.0, **settings)
+    resumed.fit(n_epochs=2, checkpoint=checkpoint, learning_rate=0.0,
+                final_learning_rate=None, **settings)
     assert len(resumed.training_history) == 2
     for a, b in zip(first.encoder.parameters(), resumed.encoder.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -111,7 +111,8 @@ def test_training_decays_weights_without_gradient_geometrically():
     before = first.weight[0].detach().clone()
     rate, decay, steps = 1e-2, 0.5, 3
     deblender.fit(n_epochs=1, batches_per_epoch=steps, batch_size=2, image_shape=(12, 12),
-                  n_validation=2, learning_rate=rate, weight_decay=decay, progress=False)
+                  n_validation=2, learning_rate=rate, final_learning_rate=None,
+                  weight_decay=decay, progress=False)
     torch.testing.assert_close(first.weight[0], before * (1 - rate * decay) ** steps)
 
 

@@ -5,7 +5,7 @@ import torch
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
 from starnet import training
 from starnet.simulate import StarFieldRenderer
-from starnet.training import SimulatedBatches
+from starnet.training import SimulatedBatches, TrainingSettings, cosine_rate
 
 NARROW = PowerLawPSF(sigma1=0.8, sigma2=2.0, sigmap=3.0, beta=3.0, b=0.05, p0=0.001)
 WIDE = PowerLawPSF(sigma1=1.4, sigma2=3.0, sigmap=4.0, beta=3.0, b=0.2, p0=0.01)
@@ -96,3 +96,51 @@ def test_density_range_is_saved(tmp_path):
     deblender.save(tmp_path / 'model.pt')
     loaded = StarNetDeblender.load(tmp_path / 'model.pt')
     assert loaded.training_settings.density_range == (0.001, 0.2)
+
+
+def _budget_deblender():
+    return StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
+                            tile_hidden=16, stamp_size=7)
+
+
+SMALL_FIT = dict(batch_size=2, image_shape=(12, 12), n_validation=2, progress=False)
+
+
+def test_n_steps_sets_the_budget_and_the_rate_decays_by_a_cosine():
+    """Five steps in epochs of two: epochs of 2, 2 and 1 steps; the rate of step k
+    (0-based) is the cosine at k / 5, so the last one is cosine_rate(0.8)."""
+    deblender = _budget_deblender()
+    history = deblender.fit(n_steps=5, batches_per_epoch=2, learning_rate=1e-2,
+                            final_learning_rate=1e-4, **SMALL_FIT)
+    assert list(history["steps"]) == [2, 2, 1]
+    expected = [cosine_rate(k / 5, 1e-2, 1e-4) for k in (1, 3, 4)]
+    np.testing.assert_allclose(history["learning_rate"], expected, rtol=1e-12)
+
+
+def test_max_time_ends_the_fit_after_the_step_that_passes_it():
+    deblender = _budget_deblender()
+    history = deblender.fit(max_time=1.0, n_epochs=10_000, batches_per_epoch=5, **SMALL_FIT)
+    seconds = np.asarray(history["seconds"])
+    assert seconds.sum() >= 1.0 and seconds[:-1].sum() < 1.0
+    assert len(history) < 10_000
+    # the time budget drove the decay: the last rate is well below the first
+    assert history["learning_rate"][-1] < 0.5 * history["learning_rate"][0]
+
+
+def test_resumed_fit_continues_the_step_budget(tmp_path):
+    checkpoint = tmp_path / "fit.ckpt"
+    _budget_deblender().fit(n_steps=3, batches_per_epoch=2, checkpoint=checkpoint,
+                            **SMALL_FIT)
+    resumed = _budget_deblender()
+    history = resumed.fit(n_steps=7, batches_per_epoch=2, checkpoint=checkpoint, **SMALL_FIT)
+    assert list(history["steps"]) == [2, 1, 2, 2]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(n_steps=0), "n_steps must be a positive integer"),
+    (dict(max_time=0), "max_time must be a positive number"),
+    (dict(final_learning_rate=-1.0), "final_learning_rate must be a non-negative number"),
+])
+def test_bad_budgets_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingSettings(**bad)
