@@ -45,7 +45,7 @@ def main(argv=None):
             estimates.append(fitted.meta["background_fit"]["scale"])
             reported.append(fitted.meta["background_fit"]["scale_sd"])
             for key, nddata in (("fit", fitted), ("true", image)):
-                catalog = deblender(nddata)
+                catalog = deblender(nddata, background="given")
                 f1[key].append(match_catalogs(catalog, truth, band=band).f1)
                 bias[key].append(catalog.meta["n_stars_mean"] / len(truth) - 1)
         print(f"{scale:4.2f}   {np.mean(estimates):.3f} +- {np.std(estimates):.3f}"

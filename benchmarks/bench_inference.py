@@ -76,7 +76,7 @@ def _job(method, size, model, threads, repeats, queue):
         deblender = StarNetDeblender.from_name_or_path(model)
 
         def run():
-            return len(deblender(image))
+            return len(deblender(image, background="given", progress_bar=False))
     else:
         from photutils.detection import DAOStarFinder
         data = image.data[0] - image.meta["background"][0]

@@ -29,8 +29,8 @@ def _shifted(nddata):
 
 def agreement(deblender, nddata, *, edge, bright_mag):
     """F1 between the catalogs of an image and of the image shifted by one pixel."""
-    first = deblender(nddata)
-    second = deblender(_shifted(nddata))
+    first = deblender(nddata, background="given")
+    second = deblender(_shifted(nddata), background="given")
     second["x_fit"] += 1
     second["y_fit"] += 1
     rows, cols = nddata.data.shape[1:]

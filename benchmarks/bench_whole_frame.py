@@ -76,10 +76,10 @@ def score(deblender, image, truth, annuli, sectors):
     truth = truth[inside]
     row, col = tile_of(truth, deblender.grid.tile_size, shape)
     started = time.perf_counter()
-    catalog = deblender(image)
+    catalog = deblender(image, background="given")
     seconds = time.perf_counter() - started
     regions = [region for annulus in sectors for region in annulus if region.any()]
-    pmfs = iter(deblender.count_posterior(image, region=regions))
+    pmfs = iter(deblender.count_posterior(image, region=regions, background="given"))
     x_fit = np.clip(np.round(np.asarray(catalog["x_fit"])).astype(int), 0, shape[1] - 1)
     y_fit = np.clip(np.round(np.asarray(catalog["y_fit"])).astype(int), 0, shape[0] - 1)
     x_true = np.clip(np.round(np.asarray(truth["x"])).astype(int), 0, shape[1] - 1)

@@ -71,7 +71,7 @@ def main(argv=None):
         deblender = StarNetDeblender.from_name_or_path(name)
         started = time.perf_counter()
         image, _ = fit_background(deblender, frame, smoothing=args.smoothing)
-        catalog = deblender(image)
+        catalog = deblender(image, background="given")
         seconds = time.perf_counter() - started
         scale = image.meta["background"][0] / deblender.background[0]
         print(f"{name}: background {np.median(scale):.3f} times the model's (SDSS sky) in "

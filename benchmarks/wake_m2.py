@@ -35,7 +35,7 @@ def main(argv=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image, _ = fit_background(deblender, image)
-    samples = deblender.sample(image, n_samples=args.samples, seed=0)
+    samples = deblender.sample(image, n_samples=args.samples, seed=0, background="given")
     start = load_m2(psf="powerlaw")[0].meta["psf"]
     fit = fit_psf_to_catalogs(image, samples, psf=start, n_steps=args.steps,
                               stamp_size=args.stamp_size)

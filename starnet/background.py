@@ -15,7 +15,6 @@ import warnings
 
 import numpy as np
 import torch
-from astropy.nddata import NDData
 from astropy.table import QTable
 from scipy.ndimage import gaussian_filter, map_coordinates
 from torch import nn
@@ -23,6 +22,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .encoder import normalize_image
+from .images import electrons_per_unit, read_image, with_changes
 
 __all__ = ["BackgroundEncoder", "train_background_encoder", "fit_background",
            "combine_cells"]
@@ -169,8 +169,9 @@ def fit_background(deblender, nddata, *, smoothing=None):
     Returns
     -------
     image : `~astropy.nddata.NDData`
-        A copy of ``nddata`` with the fitted background map (bands, rows, cols) in
-        ``meta['background']`` and the fit in ``meta['background_fit']``: ``scale``
+        A copy of ``nddata`` with the fitted background map (bands, rows, cols; in the
+        image's unit) in ``meta['background']`` and the fit in
+        ``meta['background_fit']``: ``scale``
         (the factor; with ``smoothing``, its median over the image), ``scale_sd`` (a
         lower bound on the standard deviation of the single factor; None with
         ``smoothing``) and ``smoothing``.
@@ -228,8 +229,14 @@ def fit_background(deblender, nddata, *, smoothing=None):
     background = scale[None] * np.asarray(deblender.background, dtype=float)[:, None, None]
     fit = {"scale": float(np.median(scale)), "smoothing": smoothing,
            "scale_sd": None if smoothing is not None else float(scale[0, 0] * log_scale_sd)}
-    fitted = NDData(nddata.data, mask=nddata.mask, wcs=nddata.wcs, unit=nddata.unit,
-                    meta=dict(nddata.meta, background=background, background_fit=fit))
+    # in the image's unit, less the noise pedestal that reading the image adds back
+    # (starnet.images.read_image), as meta['background'] is read
+    pedestal = read_image(nddata, deblender.bands).pedestal.astype(float)
+    per_unit = np.broadcast_to(np.asarray(electrons_per_unit(nddata.unit, nddata.meta),
+                                          dtype=float).reshape(-1), (len(pedestal),))
+    background = (background - pedestal[:, None, None]) / per_unit[:, None, None]
+    fitted = with_changes(nddata, meta=dict(nddata.meta, background=background,
+                                            background_fit=fit))
     y, x = np.mgrid[0:mean.shape[0], 0:mean.shape[1]]
     cells = QTable({"x": (x.ravel() + 0.5) * cell - 0.5, "y": (y.ravel() + 0.5) * cell - 0.5,
                     "scale": np.exp(mean.ravel()), "log_scale_sd": sd.ravel()})

@@ -24,7 +24,6 @@ from astropy.nddata import NDData
 from astropy.wcs import WCS
 
 from . import m2_benchmark
-from .background import fit_background
 from .datasets import load_sdss_frame
 from .deblender import StarNetDeblender
 from .prior import StarFieldPrior
@@ -153,12 +152,17 @@ def _catalog(parser, args):
     try:
         deblender = StarNetDeblender.from_name_or_path(args.model)
         image = _read_image(args, deblender)
-        if deblender.background_encoder is not None and not args.no_background_fit:
-            image = _fit_background(deblender, image)
-        table = deblender(image, progress_bar=not args.no_progress)
+        table = deblender(image, background="given" if args.no_background_fit else None,
+                          progress_bar=not args.no_progress)
     except _USER_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     meta = dict(table.meta)
+    if meta.get("background_fit"):
+        scale = meta["background_fit"]["scale"]
+        print(f"background estimated from the pixels: {scale:.3f} times the model's "
+              f"({', '.join(f'{b:.0f}' for b in deblender.background)} e-)"
+              + (", the median of a map" if meta["background_fit"]["smoothing"] else "")
+              + " (--no-background-fit keeps the given one)")
     if _FORMATS[suffix] == "fits":
         # FITS knows no 'electron' unit and its headers hold no lists: fluxes become
         # plain numbers, and the metadata JSON in COMMENT cards.
@@ -193,18 +197,6 @@ def _train(parser, args):
     print(f"trained {last['epoch']} epochs (validation F1 {last['val_f1']:.3f}); "
           f"wrote {output}")
     return 0
-
-
-def _fit_background(deblender, image):
-    """The image with its background estimated from the pixels (see the help)."""
-    smoothing = 64.0 if max(image.data.shape[-2:]) > 256 else None
-    fitted, _ = fit_background(deblender, image, smoothing=smoothing)
-    scale = fitted.meta["background_fit"]["scale"]
-    print(f"background estimated from the pixels: {scale:.3f} times the model's "
-          f"({', '.join(f'{b:.0f}' for b in deblender.background)} e-)"
-          + (", the median of a map" if smoothing else "")
-          + " (--no-background-fit keeps the given one)")
-    return fitted
 
 
 def _check_output(parser, output, overwrite):

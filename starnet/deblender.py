@@ -13,7 +13,7 @@ from photutils.utils.exceptions import NoDetectionsWarning
 from tqdm.auto import tqdm
 
 from . import __version__
-from .background import BackgroundEncoder, train_background_encoder
+from .background import BackgroundEncoder, fit_background, train_background_encoder
 from .denormals import flush_denormals, zero_negligible_weights
 from .encoder import StarNetEncoder
 from .model_files import describe_model, read_model, write_model
@@ -24,8 +24,8 @@ from .psf import as_psf, pixel_stamps, psf_from_dict, psf_to_dict
 from .simulate import StarFieldRenderer, as_background
 from .tiles import TileCatalog, TileGrid
 from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
-from .validation import (check_background, check_image_data, check_image_meta, check_mask,
-                         check_positive_int)
+from .images import image_psfs, read_image, with_changes
+from .validation import check_background, check_image_meta, check_positive_int
 
 __all__ = ["StarNetDeblender"]
 
@@ -123,19 +123,29 @@ class StarNetDeblender:
 
     @classmethod
     def from_nddata(cls, nddata, *, prior=None, **kwargs):
-        """A deblender for images like ``nddata``: bands, PSFs and background from its meta.
+        """A deblender for images like ``nddata``: bands, PSFs and background from it.
 
-        A background map is reduced to its median per band for training.
+        Parameters
+        ----------
+        nddata : `~astropy.nddata.NDData`
+            An image as `__call__` takes it; a background map is reduced to its median
+            per band for training (in electrons, as `starnet.images.read_image` reads
+            it).
+        prior : `~starnet.StarFieldPrior`, optional
+            Default: ``StarFieldPrior(bands=meta['bands'])`` (the paper's M2 prior); see
+            `starnet.prior_estimate.estimate_prior` to fit one to the image.
+        **kwargs
+            Other arguments of `StarNetDeblender` (``tile_size``, ...).
         """
         meta = check_image_meta(nddata)
         prior = StarFieldPrior(bands=meta["bands"]) if prior is None else prior
         if list(prior.bands) != list(meta["bands"]):
             raise ValueError(f"the prior's bands {prior.bands} differ from the image's "
                              f"bands {meta['bands']}")
-        background = as_background(meta["background"], prior.n_bands)
-        if background.ndim == 3:
-            background = np.median(background, axis=(1, 2))
-        return cls(prior=prior, psf=meta["psf"], background=background, **kwargs)
+        background = read_image(nddata, prior.bands).background
+        background = np.median(background.reshape(prior.n_bands, -1), axis=1)
+        return cls(prior=prior, psf=image_psfs(nddata, prior.n_bands),
+                   background=background.astype(float), **kwargs)
 
     @property
     def bands(self):
@@ -341,30 +351,29 @@ class StarNetDeblender:
         return sorted(p.name[:-3] for p in folder.iterdir() if p.name.endswith(".pt"))
 
     # ----------------------------------------------------------------- inference
+    def _chosen_background(self, nddata, background):
+        """``nddata`` with the background that ``background`` asks for (see `__call__`)."""
+        if background is None:
+            background = "fit" if self.background_encoder is not None else "given"
+        if background == "given":
+            return nddata
+        if background != "fit":
+            raise ValueError(f"background must be 'fit', 'given' or None (fit when the "
+                             f"model can), got {background!r}")
+        if self.background_encoder is None:
+            raise ValueError("background='fit' needs a model with a background encoder "
+                             "(see fit_background_encoder); this one has none: use "
+                             "background='given'")
+        smoothing = _FIT_SMOOTHING if max(np.shape(nddata.data)[-2:]) > 256 else None
+        fitted, _ = fit_background(self, nddata, smoothing=smoothing)
+        return with_changes(fitted, meta=dict(fitted.meta, background_used="fitted"))
+
     def _prepare(self, nddata, *, check_sky=True):
-        """Validated image and background tensors (1, bands, rows, cols) and the meta;
-        ``check_sky``: check the pixels against the declared background
-        (`starnet.validation.check_background`)."""
-        meta = check_image_meta(nddata)
-        if list(meta["bands"]) != self.bands:
-            raise ValueError(f"the image has bands {list(meta['bands'])} but the model was "
-                             f"trained for bands {self.bands}")
-        # float32 in native byte order (FITS data are big-endian): no copy of float32 data
-        data = check_image_data(nddata.data, len(self.bands))
-        if nddata.unit is None:
-            warnings.warn("the image has no unit; its values are taken as electrons",
-                          UserWarning)
-        elif u.Unit(nddata.unit) != u.electron:
-            raise ValueError(f"image unit is {nddata.unit}; the model works in electrons "
-                             "(SDSS frames: see starnet.datasets.load_sdss_frame)")
-        background = as_background(meta["background"], len(self.bands), data.shape[1:],
-                                   dtype=np.float32)
-        # one value per band stays (bands, 1, 1): it broadcasts, block by block
-        background = background.reshape(len(self.bands), *(
-            (1, 1) if background.ndim == 1 else background.shape[1:]))
-        bad = ~np.isfinite(data)
-        if nddata.mask is not None:
-            bad |= check_mask(nddata.mask, data.shape)
+        """Validated image and background tensors (1, bands, rows, cols) in electrons
+        (`starnet.images.read_image`) and the meta; ``check_sky``: check the pixels
+        against the declared background (`starnet.validation.check_background`)."""
+        image = read_image(nddata, self.bands)
+        data, background, bad = image.data, image.background, image.bad
         if check_sky:
             check_background(data, background, self.bands, bad=bad)
         if bad.any():
@@ -372,11 +381,12 @@ class StarNetDeblender:
                           "background; stars there are not detected", UserWarning)
             data = np.where(bad, background, data)
         del bad
-        self._check_psfs(meta["psf"])
+        self._check_psfs(image_psfs(nddata, len(self.bands)))
         with warnings.catch_warnings():
             # the caller's arrays may be read-only; they are only read
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            return torch.from_numpy(data)[None], torch.from_numpy(background)[None], meta
+            return (torch.from_numpy(data)[None], torch.from_numpy(background)[None],
+                    image.meta)
 
     def _check_psfs(self, psfs):
         psfs = list(psfs) if isinstance(psfs, (list, tuple)) else [psfs] * len(self.bands)
@@ -458,19 +468,29 @@ class StarNetDeblender:
                 progress(start + size, n_samples)
         return TileCatalog.concatenate(draws)
 
-    def __call__(self, nddata, *, progress_bar=False):
+    def __call__(self, nddata, *, background=None, progress_bar=True):
         """Modal catalog of an image.
 
         Parameters
         ----------
         nddata : `~astropy.nddata.NDData`
-            ``data`` (bands, rows, cols) in electrons including the background;
-            ``meta['bands']``, ``meta['psf']`` and ``meta['background']`` as produced by
-            `~starnet.simulate_starfield` or `starnet.datasets.load_sdss_frame`. Masked or
-            non-finite pixels are replaced by the background (with a warning).
+            ``data`` (bands, rows, cols) including the background, in electrons or a unit
+            that converts to them (`starnet.images`); ``meta['bands']``,
+            ``meta['psf']`` (or the NDData's ``psf``) and ``meta['background']`` as
+            produced by `~starnet.simulate_starfield` or
+            `starnet.datasets.load_sdss_frame`; an ``uncertainty`` is taken as the total
+            noise (`starnet.images.read_image`). Masked or non-finite pixels are
+            replaced by the background (with a warning).
+        background : {None, 'fit', 'given'}, optional
+            'fit': estimate the background from the pixels
+            (`starnet.background.fit_background`, one factor for the image, or a map
+            smoothed over 64 pixels on images larger than 256 pixels), 'given': use
+            ``meta['background']`` as it is. Default: 'fit' when the model has a
+            background encoder (the bundled ones do), else 'given'. On M2 the fit gives
+            F1 0.57 against 0.47 with the SDSS sky (docs/m2.rst).
         progress_bar : bool, optional
             Show a progress bar (tqdm) over the blocks of an image larger than
-            ``chunk_size`` pixels on a side.
+            ``chunk_size`` pixels on a side, when the work lasts more than 2 seconds.
 
         Returns
         -------
@@ -498,8 +518,11 @@ class StarNetDeblender:
             (``n_stars_mean``, ``n_stars_q05``, ``n_stars_q95``; for a checkerboard
             model, given the modal catalogs of the tiles decided before each tile,
             which is cheap for any image size: `count_posterior` samples the full
-            posterior instead), the model settings and the package version.
+            posterior instead), the background used (``background``: 'fitted' or
+            'given'; ``background_fit``: the fitted factor), the model settings and the
+            package version.
         """
+        nddata = self._chosen_background(nddata, background)
         n_per_tile = self.grid.max_sources
         if self.encoder.n_colors == 1:
             # block by block: only the catalog rows and the count pmf of each block are
@@ -522,6 +545,9 @@ class StarNetDeblender:
         rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         order = np.argsort(rows.pop("key"), kind="stable")   # by tile, as one-shot
         table = self._table({key: value[order] for key, value in rows.items()}, meta, nddata)
+        table.meta["background"] = meta.get("background_used", "given")  # or "fitted"
+        if "background_fit" in meta:
+            table.meta["background_fit"] = meta["background_fit"]
         n_tiles = int(np.prod(self.grid.grid_shape(tuple(shape))))
         pmf = pmf[:max(n_tiles * n_per_tile + 1 - offset, 0)]
         pmf = pmf / pmf.sum()
@@ -616,7 +642,7 @@ class StarNetDeblender:
             pmfs.append(np.bincount(totals, minlength=int(totals.max()) + 1) / len(totals))
         return pmfs
 
-    def count_posterior(self, nddata, *, region=None, progress_bar=False):
+    def count_posterior(self, nddata, *, region=None, background=None, progress_bar=True):
         """Posterior probabilities of the number of stars in the image or in regions of it.
 
         Parameters
@@ -629,6 +655,8 @@ class StarNetDeblender:
             the tile's central pixel (for an even ``tile_size``, the one above and left
             of the centre), so a boundary is resolved to a tile and regions that
             partition the image partition its stars.
+        background : {None, 'fit', 'given'}, optional
+            As for `__call__`.
         progress_bar : bool, optional
             As for `__call__`.
 
@@ -647,6 +675,7 @@ class StarNetDeblender:
             left[:, : left.shape[1] // 2] = True
             pmf_left, pmf_right = deblender.count_posterior(image, region=[left, ~left])
         """
+        nddata = self._chosen_background(nddata, background)
         if self.encoder.n_colors == 1:
             image, background, _ = self._prepare(nddata)
             shape = image.shape[-2:]
@@ -707,11 +736,11 @@ class StarNetDeblender:
             self._cached_renderer = StarFieldRenderer(self.psfs, stamp_size=self.stamp_size)
         return self._cached_renderer
 
-    def sample(self, nddata, *, n_samples=100, seed=None, progress_bar=False):
+    def sample(self, nddata, *, n_samples=100, seed=None, background=None, progress_bar=True):
         """Whole catalogs drawn from the posterior.
 
-        ``progress_bar`` shows the progress of the encoding (as for `__call__`) and of
-        the draws.
+        ``background`` is as for `__call__`; ``progress_bar`` shows the progress of the
+        encoding (as for `__call__`) and of the draws.
 
         Returns
         -------
@@ -720,6 +749,7 @@ class StarNetDeblender:
             (electrons) for every star of every draw.
         """
         n_samples = check_positive_int(n_samples, "n_samples")
+        nddata = self._chosen_background(nddata, background)
         state, shape, _, chunk_tiles = self._encode(nddata, progress_bar)
         generator = torch.Generator().manual_seed(_seed_int(seed))
         draws = self._draw(state, n_samples, generator, chunk_tiles, progress_bar)
@@ -744,7 +774,7 @@ class _ProgressBar:
     bar, or does nothing when ``enabled`` is false."""
 
     def __init__(self, enabled, description):
-        self.bar = tqdm(desc=description, disable=not enabled, leave=False)
+        self.bar = tqdm(desc=description, disable=not enabled, leave=False, delay=2.0)
 
     def __enter__(self):
         return self.update
@@ -756,6 +786,10 @@ class _ProgressBar:
     def __exit__(self, *exc):
         self.bar.close()
 
+
+#: Width (pixels) of the window over which the background factor of an image larger
+#: than 256 pixels is smoothed when it is fitted (`_chosen_background`).
+_FIT_SMOOTHING = 64.0
 
 #: The 95 % quantile of the standard normal.
 _Z95 = 1.6448536269514722

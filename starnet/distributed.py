@@ -13,10 +13,10 @@ import math
 import os
 
 import numpy as np
-from astropy.nddata import NDData
 from astropy.table import vstack
 
 from .deblender import StarNetDeblender
+from .images import StarFieldImage, with_changes
 
 __all__ = ["catalog_images", "catalog_mosaic", "mosaic_blocks"]
 
@@ -66,7 +66,7 @@ def mosaic_blocks(shape, *, block_size, halo, tile_size):
     return blocks
 
 
-def catalog_mosaic(nddata, model, *, block_size=1024, client=None):
+def catalog_mosaic(nddata, model, *, block_size=1024, background=None, client=None):
     """Modal catalog of one large image, cataloged block by block on a Dask cluster.
 
     Each block is cataloged with a halo wider than the encoder's reach (for a
@@ -82,6 +82,9 @@ def catalog_mosaic(nddata, model, *, block_size=1024, client=None):
     model : `~starnet.StarNetDeblender` or str
     block_size : int, optional
         Side of a block's core in pixels (a multiple of twice the tile size).
+    background : {None, 'fit', 'given'}, optional
+        As for `~starnet.StarNetDeblender.__call__`; a fit is made once, on the whole
+        image, before it is cut into blocks.
     client : `distributed.Client`, optional
 
     Returns
@@ -89,6 +92,7 @@ def catalog_mosaic(nddata, model, *, block_size=1024, client=None):
     catalog : `~astropy.table.QTable`
     """
     deblender = StarNetDeblender.from_name_or_path(model)
+    nddata = deblender._chosen_background(nddata, background)
     encoder = deblender.encoder
     tile = deblender.grid.tile_size
     # an even number of tiles keeps every block on the image's checkerboard colours
@@ -122,19 +126,15 @@ def catalog_mosaic(nddata, model, *, block_size=1024, client=None):
 
 
 def _catalog(nddata, deblender):
-    return deblender(nddata)
+    return deblender(nddata, background="given", progress_bar=False)
 
 
 def _cut(nddata, bounds):
-    """The part ``(row0, row1, col0, col1)`` of an image, its background map and mask."""
+    """The part ``(row0, row1, col0, col1)`` of an image, with its background map and mask."""
     r0, r1, c0, c1 = bounds
-    meta = dict(nddata.meta)
-    background = np.asarray(meta["background"])
-    if background.ndim == 3:
-        meta["background"] = background[:, r0:r1, c0:c1]
-    mask = None if nddata.mask is None else np.asarray(nddata.mask)[..., r0:r1, c0:c1]
-    return NDData(np.asarray(nddata.data)[..., r0:r1, c0:c1], mask=mask, unit=nddata.unit,
-                  meta=meta)
+    image = (nddata if isinstance(nddata, StarFieldImage)
+             else with_changes(nddata, cls=StarFieldImage))
+    return image[..., r0:r1, c0:c1]
 
 
 @contextlib.contextmanager

@@ -159,7 +159,7 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
     add({"method": "HST truth", "kind": "truth", "n_estimated": len(truth)})
 
     def starnet_row(deblender, name, label, nddata, start, primary):
-        catalog = _in_region(deblender(nddata), region, nelec)
+        catalog = _in_region(deblender(nddata, background="given"), region, nelec)
         counts = _posterior_counts(deblender, nddata, region, n_samples, seed)
         if primary:
             catalogs[f"StarNet ({label})"] = catalog
@@ -231,7 +231,7 @@ def _wake_background(deblender, nddata, seed):
     from .datasets import load_m2
     from .wake import _image_tensors, fit_psf_to_catalogs
 
-    samples = deblender.sample(nddata, n_samples=8, seed=seed)
+    samples = deblender.sample(nddata, n_samples=8, seed=seed, background="given")
     start = load_m2(psf="powerlaw")[0].meta["psf"]
     fit = fit_psf_to_catalogs(nddata, samples, psf=start, n_steps=100, stamp_size=19,
                               seed=seed)
@@ -278,7 +278,7 @@ def _in_region(catalog, region, nelec_per_nmgy):
 
 def _posterior_counts(deblender, nddata, region, n_samples, seed):
     """Number of stars strictly inside the region in each posterior draw."""
-    samples = deblender.sample(nddata, n_samples=n_samples, seed=seed)
+    samples = deblender.sample(nddata, n_samples=n_samples, seed=seed, background="given")
     _, _, inside = _inside_region(samples["x"], samples["y"], region)
     return np.bincount(np.asarray(samples["sample"])[inside], minlength=n_samples)
 

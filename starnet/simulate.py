@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 from astropy import units as u
-from astropy.nddata import NDData
 
+from .images import StarFieldImage
 from .prior import StarCatalogBatch, StarFieldPrior, batch_to_table, _seed_int
 from .psf import as_psf, pixel_stamps
 
@@ -207,7 +207,10 @@ def as_background(background, n_bands, shape=None, dtype=float):
         wrong_size = shape is not None and background.shape[1:] != tuple(shape)
         if background.shape[0] != n_bands or wrong_size:
             raise ValueError(f"background map has shape {background.shape}, expected "
-                             f"({n_bands}, rows, cols) matching the image {tuple(shape or ())}")
+                             f"({n_bands}, rows, cols) matching the image {tuple(shape or ())}"
+                             " (a part of an image needs the same part of its background "
+                             "map: slice a starnet.images.StarFieldImage, or use "
+                             "starnet.images.cutout)")
     elif background.ndim != 1:
         raise ValueError("background must be a scalar, one value per band or a "
                          f"(bands, rows, cols) map, got an array of shape {background.shape}")
@@ -284,7 +287,8 @@ def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", 
     data = add_noise(expected.clamp(min=0), noise=noise, generator=generator).numpy()
     meta = {"bands": list(prior.bands), "psf": renderer.psfs, "background": background,
             "prior": prior.to_dict(), "seed": seed}
-    return NDData(data, unit=u.electron, meta=meta), batch_to_table(batch, 0, prior.bands)
+    return (StarFieldImage(data, unit=u.electron, meta=meta),
+            batch_to_table(batch, 0, prior.bands))
 
 
 def _sample_density(prior, density, shape, margin, generator):

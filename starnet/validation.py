@@ -33,14 +33,17 @@ class BackgroundMismatchWarning(UserWarning):
 
 
 def check_image_meta(nddata):
-    """The meta of an image, checked to hold 'bands', 'psf' and 'background'."""
+    """The meta of an image, checked to hold 'bands', 'background' and a PSF ('psf', or
+    the NDData's own ``psf``)."""
     if not isinstance(nddata, NDData):
         raise TypeError(f"expected an astropy NDData image, got {type(nddata).__name__}")
     meta = nddata.meta
-    missing = [key for key in ("bands", "psf", "background") if key not in meta]
+    missing = [key for key in ("bands", "psf", "background") if key not in meta
+               and not (key == "psf" and getattr(nddata, "psf", None) is not None)]
     if missing:
         raise ValueError(f"the image's meta lacks {missing}: it needs 'bands' (band names), "
-                         "'psf' (one PSF per band) and 'background' (electrons per pixel)")
+                         "'psf' (one PSF per band, or NDData(psf=...)) and 'background' "
+                         "(per band, in the image's unit)")
     return meta
 
 

@@ -165,7 +165,7 @@ def fit_psf(deblender, nddata, *, psf=None, n_samples=8, seed=0, **kwargs):
     start = _starting_psfs(deblender.bands, nddata,
                            deblender.psfs if psf is None and all(
                                isinstance(p, PowerLawPSF) for p in deblender.psfs) else psf)
-    samples = deblender.sample(nddata, n_samples=n_samples, seed=seed)
+    samples = deblender.sample(nddata, n_samples=n_samples, seed=seed, background="given")
     return fit_psf_to_catalogs(nddata, samples, psf=start, seed=seed, **kwargs)
 
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
-from astropy.nddata import NDData
 from astropy.utils.data import download_file
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy.ndimage import map_coordinates
 from photutils.psf import ImagePSF
 
+from ..images import StarFieldImage
 from ..psf import PowerLawPSF, as_psf, kl_psf_from_psfield, pixel_stamps
 
 __all__ = ["SDSS_BANDS", "SAS_URL", "load_sdss_frame"]
@@ -440,5 +440,5 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
             "nelec_per_nmgy": np.array(nelec),
             "run": run, "camcol": camcol, "field": field,
             "cutout": (rows, cols)}
-    return NDData(data, unit=u.electron, wcs=first.wcs[rows, cols],
-                  mask=np.stack(masks), meta=meta)
+    return StarFieldImage(data, unit=u.electron, wcs=first.wcs[rows, cols],
+                          mask=np.stack(masks), meta=meta)
