@@ -10,7 +10,12 @@ Run::
 
     python benchmarks/bench_calibration.py --model sdss-m2 --n-images 200 --output calibration.png
 
-Several ``--model`` values (names or files) are compared on the same images.
+Several ``--model`` values (names or files) are compared on the same images; ``--labels``
+names them in the figure's legend (by default a bundled model's name, or a model file's
+variational family and training epochs)::
+
+    python benchmarks/bench_calibration.py --model runs/a.pt runs/b.pt \
+        --labels "constant rate, 64 min" "decaying rate, 80 min" --output calibration.png
 ``--render-psf`` renders the images through other PSFs than the model's (the ``psf``
 options of `starnet.datasets.load_m2`: the field's power law, KL PSF or PSF images), to
 show what a PSF error does to the count::
@@ -20,7 +25,6 @@ show what a PSF error does to the count::
 
 import argparse
 import warnings
-from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -46,8 +50,13 @@ def main(argv=None):
     parser.add_argument("--render-psf", nargs="+", default=["model"], metavar="PSF",
                         help="PSFs that render the images: 'model' (the model's own) or a "
                              "psf option of starnet.datasets.load_m2")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="legend label of each --model (default: a bundled model's name, "
+                             "or a model file's family and training epochs)")
     parser.add_argument("--output", default=None, help="PNG of coverage against level")
     args = parser.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.model):
+        parser.error(f"--labels needs one label per --model ({len(args.model)})")
     figure, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", lw=1)
     runs = [(model, psf) for model in args.model for psf in args.render_psf]
@@ -77,15 +86,26 @@ def main(argv=None):
             sources = "   ".join(f"{values[i]:13.3f}"
                                  for values in results.meta["source_coverage"].values())
             print(f"  {level:5.2f}   {coverage['coverage'][i]:14.3f}   {sources}")
+        label = (args.labels[args.model.index(model)] if args.labels
+                 else model_label(model, deblender))
         ax.plot(LEVELS, coverage["coverage"], "o-",
-                label=f"{Path(model).stem}, {deblender.encoder.n_colors} colour(s), "
-                      f"{psf_name} PSF")
+                label=label if len(args.render_psf) == 1 else f"{label}, {psf_name} PSF")
     ax.set_xlabel("nominal level of the star-count interval")
     ax.set_ylabel("fraction of images covered")
     ax.legend()
     if args.output:
         figure.savefig(args.output, dpi=120)
         print(f"wrote {args.output}")
+
+
+def model_label(model, deblender):
+    """A bundled model's name, or a model file's variational family and training epochs."""
+    if str(model) in StarNetDeblender.available():
+        return str(model)
+    n_colors = deblender.encoder.n_colors
+    family = "independent tiles" if n_colors == 1 else f"checkerboard, {n_colors} colours"
+    settings = deblender.training_settings
+    return family if settings is None else f"{family}, {settings.n_epochs} epochs"
 
 
 if __name__ == "__main__":

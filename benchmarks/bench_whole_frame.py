@@ -20,6 +20,9 @@ whose density is closest to theirs)::
 
     python benchmarks/bench_whole_frame.py --models sdss-m2-powerlaw sdss-m2 \\
         --seeds 0 1 --output docs/_static/whole_frame.png
+
+``--labels`` names the models in the figure's legend (by default a bundled model's name,
+or the densities a model file was trained at).
 """
 
 import argparse
@@ -112,8 +115,13 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sectors", type=int, default=8)
     parser.add_argument("--output", default=None, help="figure of bias and F1 by radius")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="legend label of each of --models (default: a bundled model's "
+                             "name, or the densities a model file was trained at)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.models):
+        parser.error(f"--labels needs one label per model of --models ({len(args.models)})")
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise SystemExit(f"{args.output} exists; pass --overwrite to replace it")
 
@@ -158,21 +166,22 @@ def main(argv=None):
               f"{EDGES[a + 1]}: bias {(n_mean - n_true) / n_true:+.1%}, cover "
               f"{covered / n_sectors:.2f}, F1 {f1 / n_frames:.3f}")
     if args.output:
-        plot(args, results, n_frames)
+        plot(args, results, n_frames, models)
 
 
-def plot(args, results, n_frames):
+def plot(args, results, n_frames, models):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     middle = [(low + high) / 2 for low, high in zip(EDGES[:-1], EDGES[1:])]
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.8), sharex=True)
-    for name in args.models:
+    for i, name in enumerate(args.models):
+        label = args.labels[i] if args.labels else density_label(name, models[name])
         n_true, n_mean, covered, n_sectors, f1 = results[name][:, :5].T
-        axes[0].plot(middle, 100 * (n_mean - n_true) / n_true, "o-", label=name)
-        axes[1].plot(middle, covered / n_sectors, "o-", label=name)
-        axes[2].plot(middle, f1 / n_frames, "o-", label=name)
+        axes[0].plot(middle, 100 * (n_mean - n_true) / n_true, "o-", label=label)
+        axes[1].plot(middle, covered / n_sectors, "o-", label=label)
+        axes[2].plot(middle, f1 / n_frames, "o-", label=label)
     axes[0].axhline(0, color="grey", lw=0.8)
     axes[1].axhline(0.9, color="grey", lw=0.8)
     for ax, label in zip(axes, ("count bias (%)", "90 % interval coverage", "F1")):
@@ -183,6 +192,16 @@ def plot(args, results, n_frames):
     figure.tight_layout()
     figure.savefig(args.output, dpi=110)
     print(f"wrote {args.output}")
+
+
+def density_label(model, deblender):
+    """A bundled model's name, or the star densities a model file was trained at."""
+    if str(model) in StarNetDeblender.available():
+        return str(model)
+    settings = deblender.training_settings
+    if settings is None or settings.density_range is None:
+        return f"trained at {deblender.prior.mu:g} stars / px"
+    return "trained at {:g} to {:g} stars / px".format(*settings.density_range)
 
 
 if __name__ == "__main__":

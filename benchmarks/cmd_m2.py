@@ -131,8 +131,8 @@ def plot_cmd(catalog, centre, args):
                             (axes[2], outskirts, f"beyond {args.outskirts:g} px of the centre")):
         ax.scatter(color[keep], r[keep], s=1, alpha=0.4, color="k")
         ax.set_title(f"{title} ({int(keep.sum())})")
-        ax.set_xlabel("r - i")
-    axes[0].set_ylabel("r")
+        ax.set_xlabel("r - i (mag)")
+    axes[0].set_ylabel("r (mag)")
     axes[0].set_xlim(-1, 1.5)
     axes[0].set_ylim(23.5, 14)
     figure.suptitle(f"M2, SDSS run 2583 camcol 2 field 136, StarNet ({args.models[0]})")

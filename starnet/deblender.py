@@ -125,17 +125,35 @@ class StarNetDeblender:
     def from_nddata(cls, nddata, *, prior=None, **kwargs):
         """A deblender for images like ``nddata``: bands, PSFs and background from it.
 
+        The new deblender is untrained: `fit` trains it on images simulated from the
+        prior, the image's PSFs and its background.
+
         Parameters
         ----------
         nddata : `~astropy.nddata.NDData`
-            An image as `__call__` takes it; a background map is reduced to its median
-            per band for training (in electrons, as `starnet.images.read_image` reads
-            it).
+            An image of the kind to catalog, as `__call__` takes it; a background map is
+            reduced to its median per band for training (in electrons, as
+            `starnet.images.read_image` reads it).
         prior : `~starnet.StarFieldPrior`, optional
-            Default: ``StarFieldPrior(bands=meta['bands'])`` (the paper's M2 prior); see
-            `starnet.prior_estimate.estimate_prior` to fit one to the image.
+            Prior over catalogs, in the image's bands; by default the paper's M2 prior
+            (`starnet.prior_estimate.estimate_prior` fits one to the image).
         **kwargs
-            Other arguments of `StarNetDeblender` (``tile_size``, ...).
+            Further arguments of `StarNetDeblender` (``tile_size``, ``max_sources``,
+            ``seed`` ...).
+
+        Returns
+        -------
+        deblender : `StarNetDeblender`
+
+        Examples
+        --------
+        >>> from starnet import PowerLawPSF, StarNetDeblender, simulate_starfield
+        >>> psf = PowerLawPSF(sigma1=1.0, sigma2=2.5, sigmap=3.0, beta=3.0, b=0.1, p0=0.01)
+        >>> image, _ = simulate_starfield((32, 32), psf=psf, background=[686.0, 1123.0],
+        ...                               seed=0)
+        >>> deblender = StarNetDeblender.from_nddata(image, max_sources=2)
+        >>> print(deblender.bands, deblender.background, deblender.grid.max_sources)
+        ['r', 'i'] [ 686. 1123.] 2
         """
         meta = check_image_meta(nddata)
         prior = StarFieldPrior(bands=meta["bands"]) if prior is None else prior
@@ -207,7 +225,20 @@ class StarNetDeblender:
 
         Images are simulated as for `fit`, with backgrounds scaled by factors drawn from
         the ``background_range`` of the training settings (so `fit` comes first, with a
-        range). Keyword arguments go to `~starnet.background.train_background_encoder`.
+        range).
+
+        Parameters
+        ----------
+        n_steps, batch_size : int, optional
+            Gradient steps, and simulated images per step.
+        image_shape : tuple of int, optional
+            ``(rows, cols)`` of the simulated images.
+        seed : int, optional
+            Seed of the network's initial weights and of the images.
+        progress : bool, optional
+            Show a progress bar.
+        **kwargs
+            Further arguments of `~starnet.background.train_background_encoder`.
 
         Returns
         -------
@@ -248,6 +279,13 @@ class StarNetDeblender:
         interrupted save leaves the previous file intact) with a checksum of the
         weights (`starnet.model_files`).
 
+        Parameters
+        ----------
+        path : str or path-like
+            The file to write (by convention ``.pt``); `load` reads it back.
+        overwrite : bool, optional
+            Replace an existing file.
+
         Raises
         ------
         FileExistsError
@@ -280,12 +318,38 @@ class StarNetDeblender:
     def load(cls, path):
         """Load a model written by `save`.
 
-        The file is verified first (`starnet.model_files.read_model`): a file that is
-        not a starnet model, or whose weights do not match their checksum, are not
-        finite or do not fit the network of its metadata, raises a ValueError.
+        The file is verified first (`starnet.model_files.read_model`).
         Negligible weights (denormal numbers among them, which slow a CPU down 10-20
         times) are set to zero, so that files written before `save` did so run at full
         speed (`starnet.denormals`).
+
+        Parameters
+        ----------
+        path : str or path-like
+            The model file.
+
+        Returns
+        -------
+        deblender : `StarNetDeblender`
+            The model with its training settings, history and ``provenance``.
+
+        Raises
+        ------
+        ValueError
+            If the file is not a starnet model, or its weights do not match their
+            checksum, are not finite or do not fit the network of its metadata.
+
+        Examples
+        --------
+        >>> import os, tempfile
+        >>> from starnet import StarNetDeblender
+        >>> deblender = StarNetDeblender.pretrained("sdss-m2")
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "model.pt")
+        ...     deblender.save(path)
+        ...     copy = StarNetDeblender.load(path)
+        >>> print(copy.bands, copy.training_settings.n_epochs)
+        ['r', 'i'] 100
         """
         metadata, state = read_model(path)
         deblender = cls(prior=StarFieldPrior.from_dict(metadata["prior"]),
@@ -323,7 +387,34 @@ class StarNetDeblender:
 
     @classmethod
     def pretrained(cls, name="sdss-m2"):
-        """Load a model shipped with the package (``starnet.StarNetDeblender.available()``)."""
+        """Load a model shipped with the package.
+
+        Parameters
+        ----------
+        name : str, optional
+            One of `available`: ``'sdss-m2'`` (the M2 field of SDSS run 2583, camcol 2,
+            field 136, bands r and i, KL PSF, trained over star densities from 0.001 to
+            0.2 per pixel) or ``'sdss-m2-powerlaw'`` (the same field with the psField
+            power-law PSF, at 0.12 stars per pixel).
+
+        Returns
+        -------
+        deblender : `StarNetDeblender`
+
+        Raises
+        ------
+        ValueError
+            If no model of that name is shipped.
+
+        Examples
+        --------
+        >>> from starnet import StarNetDeblender
+        >>> print(StarNetDeblender.available())
+        ['sdss-m2', 'sdss-m2-powerlaw']
+        >>> deblender = StarNetDeblender.pretrained("sdss-m2")
+        >>> print(deblender.bands, deblender.prior.mu, deblender.training_settings.density_range)
+        ['r', 'i'] 0.12 (0.001, 0.2)
+        """
         available = cls.available()
         if name not in available:
             raise ValueError(f"no pretrained model {name!r}; available: {available}")
@@ -331,7 +422,23 @@ class StarNetDeblender:
 
     @classmethod
     def from_name_or_path(cls, model):
-        """A deblender from a pretrained model's name, a saved model file, or a deblender."""
+        """A deblender from a pretrained model's name, a saved model file, or a deblender.
+
+        Parameters
+        ----------
+        model : str, path-like or `StarNetDeblender`
+            A file written by `save`, the name of a model of `available`, or a deblender
+            (returned as it is).
+
+        Returns
+        -------
+        deblender : `StarNetDeblender`
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``model`` is neither a file nor the name of a pretrained model.
+        """
         if isinstance(model, cls):
             return model
         if Path(str(model)).is_file():
@@ -344,7 +451,13 @@ class StarNetDeblender:
 
     @staticmethod
     def available():
-        """Names of the pretrained models shipped with the package."""
+        """Names of the pretrained models shipped with the package.
+
+        Returns
+        -------
+        names : list of str
+            The names `pretrained` takes, sorted.
+        """
         folder = resources.files("starnet") / "models"
         if not folder.is_dir():
             return []
@@ -674,6 +787,19 @@ class StarNetDeblender:
             left = np.zeros(image.data.shape[1:], bool)
             left[:, : left.shape[1] // 2] = True
             pmf_left, pmf_right = deblender.count_posterior(image, region=[left, ~left])
+
+        The mean and 90 % interval of the number of stars in a simulated M2-like image:
+
+        >>> import numpy as np
+        >>> from starnet import StarNetDeblender, simulate_starfield
+        >>> deblender = StarNetDeblender.pretrained("sdss-m2")
+        >>> image, truth = simulate_starfield((40, 40), psf=deblender.psfs,
+        ...                                   background=deblender.background, seed=1)
+        >>> pmf = deblender.count_posterior(image)
+        >>> cdf = np.cumsum(pmf)
+        >>> print(f"{np.dot(np.arange(len(pmf)), pmf):.1f} ({np.searchsorted(cdf, 0.05)}, "
+        ...       f"{np.searchsorted(cdf, 0.95)}); true {len(truth)}")
+        152.0 (141, 163); true 164
         """
         nddata = self._chosen_background(nddata, background)
         if self.encoder.n_colors == 1:
@@ -715,11 +841,37 @@ class StarNetDeblender:
         return region[np.ix_(rows, cols)]
 
     def render(self, catalog, shape):
-        """Star light of a catalog through the model's PSFs, (bands, rows, cols) electrons.
+        """Star light of a catalog through the model's PSFs.
 
-        ``catalog`` has ``x_fit``, ``y_fit`` (or ``x``, ``y``) and ``flux_<band>`` for
-        the model's bands; ``image.data - deblender.render(catalog, shape)`` minus the
-        background is the residual image.
+        Parameters
+        ----------
+        catalog : `~astropy.table.QTable`
+            ``x_fit``, ``y_fit`` (or ``x``, ``y``) in pixels and ``flux_<band>`` in
+            electrons for the model's bands: a catalog of `__call__` or of `sample`, or a
+            true catalog.
+        shape : tuple of int
+            ``(rows, cols)`` of the image.
+
+        Returns
+        -------
+        light : `numpy.ndarray`, shape (bands, rows, cols)
+            Expected star light in electrons, without the background:
+            ``image.data - deblender.render(catalog, shape)`` minus the background is the
+            residual image.
+
+        Examples
+        --------
+        A noise-free simulated image is the background plus the light of its true
+        catalog:
+
+        >>> import numpy as np
+        >>> from starnet import StarNetDeblender, simulate_starfield
+        >>> deblender = StarNetDeblender.pretrained("sdss-m2")
+        >>> image, truth = simulate_starfield((20, 20), psf=deblender.psfs, noise=None,
+        ...                                   background=deblender.background, seed=0)
+        >>> light = deblender.render(truth, (20, 20))
+        >>> print(light.shape, np.allclose(image.data, light + deblender.background[:, None, None]))
+        (2, 20, 20) True
         """
         x = catalog["x_fit"] if "x_fit" in catalog.colnames else catalog["x"]
         y = catalog["y_fit"] if "y_fit" in catalog.colnames else catalog["y"]
@@ -739,14 +891,38 @@ class StarNetDeblender:
     def sample(self, nddata, *, n_samples=100, seed=None, background=None, progress_bar=True):
         """Whole catalogs drawn from the posterior.
 
-        ``background`` is as for `__call__`; ``progress_bar`` shows the progress of the
-        encoding (as for `__call__`) and of the draws.
+        Parameters
+        ----------
+        nddata : `~astropy.nddata.NDData`
+            The image, as for `__call__`.
+        n_samples : int, optional
+            Number of catalogs to draw.
+        seed : int, optional
+            Seed of the draws; the same seed gives the same catalogs.
+        background : {None, 'fit', 'given'}, optional
+            As for `__call__`.
+        progress_bar : bool, optional
+            Show the progress of the encoding (as for `__call__`) and of the draws.
 
         Returns
         -------
         samples : `~astropy.table.QTable`
             Columns ``sample`` (0-based draw index), ``x``, ``y`` and ``flux_<band>``
             (electrons) for every star of every draw.
+
+        Examples
+        --------
+        The number of stars in each of 50 catalogs drawn for a simulated image:
+
+        >>> import numpy as np
+        >>> from starnet import StarNetDeblender, simulate_starfield
+        >>> deblender = StarNetDeblender.pretrained("sdss-m2")
+        >>> image, truth = simulate_starfield((40, 40), psf=deblender.psfs,
+        ...                                   background=deblender.background, seed=1)
+        >>> samples = deblender.sample(image, n_samples=50, seed=0)
+        >>> counts = np.bincount(samples["sample"], minlength=50)
+        >>> print(f"{counts.mean():.1f} {counts.min()} {counts.max()}; true {len(truth)}")
+        151.2 137 167; true 164
         """
         n_samples = check_positive_int(n_samples, "n_samples")
         nddata = self._chosen_background(nddata, background)

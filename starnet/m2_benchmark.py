@@ -351,7 +351,7 @@ def _figure8(truth, catalogs, path):
         for ax, column in zip(axes, ("tpr", "ppv")):
             ax.plot(centres, table[column], marker="o", label=name)
     for ax, label in zip(axes, ("TPR (by true magnitude)", "PPV (by estimated magnitude)")):
-        ax.set_xlabel("r magnitude")
+        ax.set_xlabel("r (mag)")
         ax.set_ylabel(label)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
@@ -369,7 +369,7 @@ def _figure9(truth, catalogs, path):
     for name, catalog in catalogs.items():
         ax.hist(catalog["mag_r"].value, bins=bins, histtype="step", linewidth=1.5,
                 label=f"{name} ({len(catalog)})")
-    ax.set_xlabel("r magnitude")
+    ax.set_xlabel("r (mag)")
     ax.set_ylabel("stars per 0.25 mag in the region")
     ax.legend(fontsize="small", loc="upper left")
     figure.suptitle("M2: magnitudes of the true and estimated stars")

@@ -110,19 +110,54 @@ class StarFieldPrior:
         return len(self.bands)
 
     def expected_count(self, shape):
-        """Mean number of stars in an image of ``shape = (rows, cols)``."""
+        """Mean number of stars in an image.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            ``(rows, cols)`` of the image.
+
+        Returns
+        -------
+        count : float
+            ``mu * rows * cols``.
+        """
         rows, cols = shape
         return self.mu * rows * cols
 
     def to_dict(self):
-        """The prior's settings as a JSON-serialisable dictionary."""
+        """The prior's settings as a JSON-serialisable dictionary.
+
+        Returns
+        -------
+        settings : dict
+            The arguments of `StarFieldPrior`; `from_dict` rebuilds the prior.
+        """
         return {"mu": self.mu, "f_min": self.f_min, "f_max": self.f_max, "alpha": self.alpha,
                 "color_mean": self.color_mean, "color_sd": self.color_sd,
                 "bands": list(self.bands)}
 
     @classmethod
     def from_dict(cls, settings):
-        """Build a prior from `to_dict` output."""
+        """Build a prior from `to_dict` output.
+
+        Parameters
+        ----------
+        settings : dict
+            The arguments of `StarFieldPrior` by name, as `to_dict` gives them.
+
+        Returns
+        -------
+        prior : `StarFieldPrior`
+
+        Examples
+        --------
+        >>> from starnet import StarFieldPrior
+        >>> prior = StarFieldPrior(mu=0.05, bands=["g", "r", "i"])
+        >>> copy = StarFieldPrior.from_dict(prior.to_dict())
+        >>> print(copy.bands, copy.mu, copy.color_sd)
+        ['g', 'r', 'i'] 0.05 [1.0, 1.0]
+        """
         return cls(**settings)
 
     def __repr__(self):
@@ -131,7 +166,21 @@ class StarFieldPrior:
                 f"color_sd={self.color_sd}, bands={self.bands})")
 
     def sample_fluxes(self, n, *, generator=None):
-        """Sample ``n`` stars' fluxes, shape (n, n_bands), as a float32 tensor."""
+        """Sample stars' fluxes in every band.
+
+        Parameters
+        ----------
+        n : int
+            Number of stars.
+        generator : `torch.Generator`, optional
+            Source of randomness.
+
+        Returns
+        -------
+        fluxes : `torch.Tensor`, shape (n, n_bands)
+            Fluxes in electrons (float32): Pareto in the reference band, scaled by
+            ``10 ** (colour / 2.5)`` in the others.
+        """
         uniform = torch.rand(n, generator=generator, dtype=torch.float64)
         tail = 1.0 - (self.f_min / self.f_max) ** self.alpha
         flux_ref = self.f_min * (1.0 - uniform * tail) ** (-1.0 / self.alpha)
@@ -180,7 +229,15 @@ class StarFieldPrior:
         return StarCatalogBatch(locs=locs * mask[..., None], fluxes=fluxes, mask=mask)
 
     def sample(self, shape, *, seed=None):
-        """Sample one catalog over an image of ``shape = (rows, cols)``.
+        """Sample one catalog over an image.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            ``(rows, cols)`` of the image; stars fall uniformly over it (``x`` from -0.5
+            to ``cols - 0.5``, ``y`` from -0.5 to ``rows - 0.5``).
+        seed : int, optional
+            Seed of the draws; the same seed gives the same catalog.
 
         Returns
         -------
