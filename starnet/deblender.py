@@ -14,13 +14,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .background import BackgroundEncoder, train_background_encoder
+from .catalogs import bad_pixel_map, catalog_flags
 from .denormals import flush_denormals, zero_negligible_weights
 from .encoder import StarNetEncoder
 from .model_files import describe_model, read_model, write_model
 from .posterior import (TiledPosterior, _full_pmf, convolve_counts, count_distribution,
                         support)
 from .prior import StarFieldPrior, _seed_int
-from .psf import as_psf, pixel_stamps, psf_from_dict, psf_to_dict
+from .psf import as_psf, pixel_stamps, psf_from_dict, psf_fwhm, psf_to_dict
 from .simulate import StarFieldRenderer, as_background
 from .tiles import TileCatalog, TileGrid
 from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
@@ -478,6 +479,13 @@ class StarNetDeblender:
               instrumental magnitude ``-2.5 log10(flux / electron)``;
             * ``detection_prob``: posterior probability that the tile holds at least as
               many stars as this star's rank by flux in the tile;
+            * ``flags``: integer bit flags (`starnet.catalogs.CATALOG_FLAGS`; 0 = none):
+              1 (``edge``) the window of pixels the network sees for the star's tile
+              (``receptive_field``, 16 pixels for tiles of 2) reaches beyond the image;
+              2 (``bad_pixels``) a masked or non-finite pixel within one PSF FWHM (the
+              largest of the model's bands); 4 (``low_detection``) ``detection_prob``
+              below 0.5; 8 (``blend``) another star of the catalog within one PSF
+              FWHM. `starnet.catalogs.decode_flags` names them;
             * ``sky_centroid`` when the image has a WCS.
 
             ``meta`` holds the posterior of the total number of stars in the image
@@ -573,6 +581,11 @@ class StarNetDeblender:
             table[f"mag_{band}"] = (zero_points[b] - 2.5 * np.log10(flux)) * u.mag
             table[f"mag_{band}_err"] = 2.5 / np.log(10) * s * u.mag
         table["detection_prob"] = rows["detection"]
+        table["flags"] = catalog_flags(
+            locs[:, 0], locs[:, 1], rows["detection"], shape=nddata.data.shape[-2:],
+            tile_size=self.grid.tile_size, bad=bad_pixel_map(nddata),
+            padding=(self.encoder.receptive_field - self.grid.tile_size) // 2,
+            fwhm=max(psf_fwhm(psf) for psf in self.psfs))
         if getattr(nddata, "wcs", None) is not None:
             table["sky_centroid"] = nddata.wcs.pixel_to_world(table["x_fit"], table["y_fit"])
         table.meta.update({
@@ -702,8 +715,9 @@ class StarNetDeblender:
         Returns
         -------
         samples : `~astropy.table.QTable`
-            Columns ``sample`` (0-based draw index), ``x``, ``y`` and ``flux_<band>``
-            (electrons) for every star of every draw.
+            Columns ``sample`` (0-based draw index), ``x_fit``, ``y_fit`` (pixels, as
+            in the catalog) and ``flux_<band>`` (electrons) for every star of every
+            draw.
         """
         n_samples = check_positive_int(n_samples, "n_samples")
         state, shape, _, chunk_tiles = self._encode(nddata, progress_bar)
@@ -715,8 +729,8 @@ class StarNetDeblender:
             keep = mask & inside_image(locs, shape)
             table = QTable()
             table["sample"] = np.full(int(keep.sum()), index)
-            table["x"] = locs[keep, 0].double().numpy()
-            table["y"] = locs[keep, 1].double().numpy()
+            table["x_fit"] = locs[keep, 0].double().numpy()
+            table["y_fit"] = locs[keep, 1].double().numpy()
             for b, band in enumerate(self.bands):
                 table[f"flux_{band}"] = fluxes[keep, b].double().numpy() * u.electron
             tables.append(table)

@@ -40,8 +40,8 @@ from scipy.spatial import cKDTree
 
 from . import __version__
 
-__all__ = ["CatalogMatch", "match_catalogs", "metrics_by_magnitude", "POSITION_COLUMNS",
-           "SKY_COLUMNS"]
+__all__ = ["CatalogMatch", "match_catalogs", "metrics_by_magnitude", "position_columns",
+           "POSITION_COLUMNS", "SKY_COLUMNS"]
 
 RULES = ("one-to-one", "any")
 
@@ -454,6 +454,32 @@ def _position_columns(table):
     return None
 
 
+def position_columns(table, name="table"):
+    """Names ``(x, y)`` of the pixel position columns of a table: the first pair of
+    `POSITION_COLUMNS` that it has.
+
+    Raises
+    ------
+    ValueError
+        If it has none; the message lists its columns.
+
+    Examples
+    --------
+    >>> from astropy.table import QTable
+    >>> position_columns(QTable({'x_init': [1.0], 'y_init': [2.0], 'x_fit': [1.1],
+    ...                          'y_fit': [2.1]}))
+    ('x_fit', 'y_fit')
+    """
+    columns = _position_columns(table)
+    if columns is None:
+        raise ValueError(f"{name} needs pixel position columns (the first of "
+                         f"{_POSITION_NAMES}); it has {table.colnames}")
+    return columns
+
+
+_POSITION_NAMES = "; ".join(f"{x!r}, {y!r}" for x, y in POSITION_COLUMNS)
+
+
 def _pixel_positions(table, name, wcs=None):
     """(n, 2) array of x, y: from the first pair of `POSITION_COLUMNS` present, else
     from the sky positions through ``wcs``."""
@@ -462,9 +488,9 @@ def _pixel_positions(table, name, wcs=None):
         if wcs is not None and _sky_column(table) is not None:
             x, y = wcs.world_to_pixel(_sky_positions(table, name))
             return _finite(np.column_stack([x, y]).reshape(-1, 2), name, "sky positions")
-        pairs = "; ".join(f"{x!r}, {y!r}" for x, y in POSITION_COLUMNS)
-        raise ValueError(f"{name} needs pixel position columns (the first of {pairs}), "
-                         "or sky positions and wcs=; it has " f"{table.colnames}")
+        raise ValueError(f"{name} needs pixel position columns (the first of "
+                         f"{_POSITION_NAMES}), or sky positions and wcs=; it has "
+                         f"{table.colnames}")
     for col in columns:
         unit = getattr(table[col], "unit", None)
         if unit is not None and u.Unit(unit) not in (u.pix, u.dimensionless_unscaled):
