@@ -14,6 +14,7 @@ from .psf import PowerLawPSF  # noqa: F401
 from .simulate import simulate_starfield  # noqa: F401
 from .matching import match_catalogs  # noqa: F401
 from .deblender import StarNetDeblender  # noqa: F401
+from .catalogs import to_photutils  # noqa: F401
 
 __all__ = ["StarFieldPrior", "PowerLawPSF", "simulate_starfield", "StarNetDeblender",
-           "match_catalogs"]
+           "match_catalogs", "to_photutils"]

@@ -9,21 +9,25 @@
 """
 
 import argparse
+import io
 import json
 import os
 import pickle
 import re
 import sys
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
 from astropy.nddata import NDData
+from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS
 
-from . import m2_benchmark
+from . import __version__, m2_benchmark
 from .datasets import load_sdss_frame
 from .deblender import StarNetDeblender
 from .prior import StarFieldPrior
@@ -57,9 +61,13 @@ that varies over 64 pixels), which on M2 lifts F1 from 0.47 to 0.57;
 --no-background-fit keeps the given background.
 
 The catalog (columns as StarNetDeblender's: x_fit, y_fit, flux_<band>, mag_<band>,
-...) is written as ECSV (.ecsv) or FITS (.fits, .fit, .fits.gz); the posterior of
-the number of stars is in its metadata (FITS: COMMENT cards, which also say that
-the fluxes are in electrons, a unit FITS does not know).
+flags, ...) is written as ECSV (.ecsv) or FITS (.fits, .fit, .fits.gz). Its metadata
+hold the posterior of the number of stars, the date (UTC), the starnet version, the
+model, the input file and the background used per band (with the fitted factor).
+FITS: the metadata are header keywords (NSTARS, DATE, STARNETV, MODEL, INPUT, BAND1,
+BKG1, BKGFIT, ...; see the card comments), units are TUNIT cards where FITS knows
+them (mag, deg); fluxes stay in electrons, which astropy's QTable.read restores
+(FITS has no electron unit: the TTYPE card comments say it for other readers).
 """
 
 
@@ -156,27 +164,111 @@ def _catalog(parser, args):
                           progress_bar=not args.no_progress)
     except _USER_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
+    table.meta.update(_provenance(args))
     meta = dict(table.meta)
-    if meta.get("background_fit"):
-        scale = meta["background_fit"]["scale"]
-        print(f"background estimated from the pixels: {scale:.3f} times the model's "
-              f"({', '.join(f'{b:.0f}' for b in deblender.background)} e-)"
-              + (", the median of a map" if meta["background_fit"]["smoothing"] else "")
+    if meta["background_fit"] is not None:
+        print(f"background estimated from the pixels: {meta['background_fit']:.3f} times the "
+              f"model's ({', '.join(f'{b:.0f}' for b in deblender.background)} e-)"
+              + (", the median of a map" if max(image.data.shape[-2:]) > 256 else "")
               + " (--no-background-fit keeps the given one)")
     if _FORMATS[suffix] == "fits":
-        # FITS knows no 'electron' unit and its headers hold no lists: fluxes become
-        # plain numbers, and the metadata JSON in COMMENT cards.
-        fluxes = [name for name in table.colnames
-                  if getattr(table[name], "unit", None) == u.electron]
-        for name in fluxes:
-            table[name] = table[name].value
-        table.meta = {"comments": [f"{', '.join(fluxes)} in electrons"] + [
-            f"{key} = {json.dumps(value)}" for key, value in meta.items()]}
-    table.write(output, format=_FORMATS[suffix], overwrite=args.overwrite)
+        _write_fits(table, output, overwrite=args.overwrite)
+    else:
+        table.write(output, format=_FORMATS[suffix], overwrite=args.overwrite)
     print(f"{len(table)} stars in the modal catalog written to {output}; posterior "
           f"number of stars {meta['n_stars_mean']:.0f} (5 %: {meta['n_stars_q05']}, "
           f"95 %: {meta['n_stars_q95']})")
     return 0
+
+
+def _provenance(args):
+    """Catalog metadata saying how it was made: date, version, model and input file
+    (the background used is in the catalog's meta already)."""
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+            "version": __version__, "model": str(args.model), "input": str(args.image),
+            "cutout": args.cutout}
+
+
+#: FITS keywords of the catalog metadata: meta key -> (keyword, comment). Lists (one
+#: value per band) become KEY1, KEY2, ...
+_FITS_KEYWORDS = {
+    "version": ("STARNETV", "starnet version"),
+    "date": ("DATE", "UTC date and time the catalog was made"),
+    "model": ("MODEL", "StarNet model: bundled name or file"),
+    "input": ("INPUT", "image file"),
+    "cutout": ("CUTOUT", "rows and columns of the image catalogued"),
+    "n_stars_mean": ("NSTARS", "posterior mean of the number of stars"),
+    "n_stars_q05": ("NSTARS05", "5 % posterior quantile of the number of stars"),
+    "n_stars_q95": ("NSTARS95", "95 % posterior quantile of the number of stars"),
+    "bands": ("BAND", "name of band {k}"),
+    "background": ("BKG", "background used in band {band}, electron / pixel"),
+    "background_fit": ("BKGFIT", "fitted factor on the model's background"),
+    "background_source": ("BKGSRC", "background 'fitted' from the pixels or 'given'"),
+    "mag_zero_points": ("MAGZP", "magnitude zero point of band {band}"),
+    "tile_size": ("TILESIZE", "side of a tile, pixels"),
+    "max_sources": ("MAXSRC", "largest number of stars per tile"),
+}
+
+
+def _fits_cards(meta):
+    """Header cards ``(keyword, value, comment)`` of catalog metadata: the keywords of
+    `_FITS_KEYWORDS`, others upper-cased (HIERARCH when longer than 8 characters or
+    not a plain FITS keyword); lists numbered from 1, dicts flattened; None skipped."""
+    bands = list(meta.get("bands", []))
+    cards = [("NBANDS", len(bands), "number of bands")] if bands else []
+
+    def add(key, value, keyword, comment):
+        if value is None:
+            return
+        if isinstance(value, dict):
+            for name, item in value.items():
+                add(f"{key}_{name}", item, f"{keyword}_{name}".upper(), f"{key}: {name}")
+            return
+        if isinstance(value, (list, tuple, np.ndarray)):
+            for k, item in enumerate(value, 1):
+                band = bands[k - 1] if len(value) == len(bands) else k
+                add(key, item, f"{keyword}{k}", comment.format(k=k, band=band))
+            return
+        if isinstance(value, np.generic):
+            value = value.item()
+        if not re.fullmatch(r"[A-Z0-9_-]{1,8}", keyword):
+            keyword = f"HIERARCH {keyword}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", VerifyWarning)
+            try:
+                fits.Card(keyword, value, comment).image
+            except VerifyWarning:   # no room for the comment beside a long value
+                comment = ""
+        cards.append((keyword, value, comment))
+
+    for key, value in meta.items():
+        keyword, comment = _FITS_KEYWORDS.get(key, (key.upper(), key))
+        add(key, value, keyword, comment)
+    return cards
+
+
+def _write_fits(table, output, *, overwrite):
+    """Write a catalog as FITS: metadata as header keywords (`_fits_cards`), units as
+    TUNIT cards where FITS knows them, the others (electron) restored by astropy's
+    QTable.read and named in the TTYPE card comments."""
+    plain = table.copy(copy_data=False)
+    plain.meta = {}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():   # astropy keeps it in its own column metadata
+        warnings.filterwarnings("ignore", "The unit 'electron' could not be saved",
+                                AstropyUserWarning)
+        plain.write(buffer, format="fits")
+    buffer.seek(0)
+    with fits.open(buffer) as hdul:
+        header = hdul[1].header
+        for n in range(1, header["TFIELDS"] + 1):
+            name = header[f"TTYPE{n}"]
+            unit = getattr(table[name], "unit", None) if name in table.colnames else None
+            if unit is not None and f"TUNIT{n}" not in header:
+                header.comments[f"TTYPE{n}"] = f"[{unit}]"
+        for keyword, value, comment in _fits_cards(table.meta):
+            header.append((keyword, value, comment), end=True)
+        hdul.writeto(output, overwrite=overwrite)
 
 
 def _train(parser, args):

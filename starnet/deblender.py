@@ -14,13 +14,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .background import BackgroundEncoder, fit_background, train_background_encoder
+from .catalogs import bad_pixel_map, catalog_flags
 from .denormals import flush_denormals, zero_negligible_weights
 from .encoder import StarNetEncoder
 from .model_files import describe_model, read_model, write_model
 from .posterior import (TiledPosterior, _full_pmf, convolve_counts, count_distribution,
                         support)
 from .prior import StarFieldPrior, _seed_int
-from .psf import as_psf, pixel_stamps, psf_from_dict, psf_to_dict
+from .psf import as_psf, pixel_stamps, psf_from_dict, psf_fwhm, psf_to_dict
 from .simulate import StarFieldRenderer, as_background
 from .tiles import TileCatalog, TileGrid
 from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
@@ -502,8 +503,9 @@ class StarNetDeblender:
         with warnings.catch_warnings():
             # the caller's arrays may be read-only; they are only read
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            return (torch.from_numpy(data)[None], torch.from_numpy(background)[None],
-                    image.meta)
+            medians = np.median(background.reshape(len(self.bands), -1), axis=1)
+            meta = dict(image.meta, background_median=[float(m) for m in medians])
+            return torch.from_numpy(data)[None], torch.from_numpy(background)[None], meta
 
     def _check_psfs(self, psfs):
         psfs = list(psfs) if isinstance(psfs, (list, tuple)) else [psfs] * len(self.bands)
@@ -629,14 +631,22 @@ class StarNetDeblender:
               instrumental magnitude ``-2.5 log10(flux / electron)``;
             * ``detection_prob``: posterior probability that the tile holds at least as
               many stars as this star's rank by flux in the tile;
+            * ``flags``: integer bit flags (`starnet.catalogs.CATALOG_FLAGS`; 0 = none):
+              1 (``edge``) the window of pixels the network sees for the star's tile
+              (``receptive_field``, 16 pixels for tiles of 2) reaches beyond the image;
+              2 (``bad_pixels``) a masked or non-finite pixel within one PSF FWHM (the
+              largest of the model's bands); 4 (``low_detection``) ``detection_prob``
+              below 0.5; 8 (``blend``) another star of the catalog within one PSF
+              FWHM. `starnet.catalogs.decode_flags` names them;
             * ``sky_centroid`` when the image has a WCS.
 
             ``meta`` holds the posterior of the total number of stars in the image
             (``n_stars_mean``, ``n_stars_q05``, ``n_stars_q95``; for a checkerboard
             model, given the modal catalogs of the tiles decided before each tile,
             which is cheap for any image size: `count_posterior` samples the full
-            posterior instead), the background used (``background``: 'fitted' or
-            'given'; ``background_fit``: the fitted factor), the model settings and the
+            posterior instead), the background used (``background``: its median per
+            band, electrons; ``background_source``: 'fitted' or 'given';
+            ``background_fit``: the fitted factor, or None), the model settings and the
             package version.
         """
         nddata = self._chosen_background(nddata, background)
@@ -662,9 +672,10 @@ class StarNetDeblender:
         rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         order = np.argsort(rows.pop("key"), kind="stable")   # by tile, as one-shot
         table = self._table({key: value[order] for key, value in rows.items()}, meta, nddata)
-        table.meta["background"] = meta.get("background_used", "given")  # or "fitted"
-        if "background_fit" in meta:
-            table.meta["background_fit"] = meta["background_fit"]
+        fit = meta.get("background_fit")
+        table.meta.update({"background_source": meta.get("background_used", "given"),
+                           "background": meta["background_median"],
+                           "background_fit": None if fit is None else fit["scale"]})
         n_tiles = int(np.prod(self.grid.grid_shape(tuple(shape))))
         pmf = pmf[:max(n_tiles * n_per_tile + 1 - offset, 0)]
         pmf = pmf / pmf.sum()
@@ -730,6 +741,11 @@ class StarNetDeblender:
             table[f"mag_{band}"] = (zero_points[b] - 2.5 * np.log10(flux)) * u.mag
             table[f"mag_{band}_err"] = 2.5 / np.log(10) * s * u.mag
         table["detection_prob"] = rows["detection"]
+        table["flags"] = catalog_flags(
+            locs[:, 0], locs[:, 1], rows["detection"], shape=nddata.data.shape[-2:],
+            tile_size=self.grid.tile_size, bad=bad_pixel_map(nddata),
+            padding=(self.encoder.receptive_field - self.grid.tile_size) // 2,
+            fwhm=max(psf_fwhm(psf) for psf in self.psfs))
         if getattr(nddata, "wcs", None) is not None:
             table["sky_centroid"] = nddata.wcs.pixel_to_world(table["x_fit"], table["y_fit"])
         table.meta.update({
@@ -911,8 +927,9 @@ class StarNetDeblender:
         Returns
         -------
         samples : `~astropy.table.QTable`
-            Columns ``sample`` (0-based draw index), ``x``, ``y`` and ``flux_<band>``
-            (electrons) for every star of every draw.
+            Columns ``sample`` (0-based draw index), ``x_fit``, ``y_fit`` (pixels, as
+            in the catalog) and ``flux_<band>`` (electrons) for every star of every
+            draw.
 
         Examples
         --------
@@ -939,8 +956,8 @@ class StarNetDeblender:
             keep = mask & inside_image(locs, shape)
             table = QTable()
             table["sample"] = np.full(int(keep.sum()), index)
-            table["x"] = locs[keep, 0].double().numpy()
-            table["y"] = locs[keep, 1].double().numpy()
+            table["x_fit"] = locs[keep, 0].double().numpy()
+            table["y_fit"] = locs[keep, 1].double().numpy()
             for b, band in enumerate(self.bands):
                 table[f"flux_{band}"] = fluxes[keep, b].double().numpy() * u.electron
             tables.append(table)

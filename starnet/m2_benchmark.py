@@ -19,7 +19,7 @@ from .background import fit_background as fit_image_background
 from .baselines import daophot_catalog
 from .datasets import load_m2, load_m2_daophot
 from .deblender import StarNetDeblender
-from .matching import match_catalogs, metrics_by_magnitude
+from .matching import match_catalogs, metrics_by_magnitude, position_columns
 from .simulate import as_background
 
 __all__ = ["run_m2_benchmark", "main"]
@@ -265,7 +265,7 @@ def _inside_region(x, y, region):
 
 def _in_region(catalog, region, nelec_per_nmgy):
     """Stars strictly inside the region, in region pixels, with the paper's magnitudes."""
-    xcol, ycol = ("x_fit", "y_fit") if "x_fit" in catalog.colnames else ("x", "y")
+    xcol, ycol = position_columns(catalog, "catalog")
     x, y, inside = _inside_region(catalog[xcol], catalog[ycol], region)
     table = QTable(meta=catalog.meta)
     table[xcol] = x[inside]
@@ -279,7 +279,7 @@ def _in_region(catalog, region, nelec_per_nmgy):
 def _posterior_counts(deblender, nddata, region, n_samples, seed):
     """Number of stars strictly inside the region in each posterior draw."""
     samples = deblender.sample(nddata, n_samples=n_samples, seed=seed, background="given")
-    _, _, inside = _inside_region(samples["x"], samples["y"], region)
+    _, _, inside = _inside_region(samples["x_fit"], samples["y_fit"], region)
     return np.bincount(np.asarray(samples["sample"])[inside], minlength=n_samples)
 
 
@@ -329,9 +329,8 @@ def _figure7(image, region, truth, catalogs, path):
     for ax, (lo, hi) in zip(figure.subplots(1, 2), [(-0.5, 99.5), (34.5, 64.5)]):
         ax.imshow(data, origin="lower", cmap="gray", norm=norm, interpolation="nearest")
         for label, catalog, style in markers:
-            x, y = (catalog["x_fit"], catalog["y_fit"]) if "x_fit" in catalog.colnames \
-                else (catalog["x"], catalog["y"])
-            ax.scatter(x, y, label=label, **style)
+            xcol, ycol = position_columns(catalog)
+            ax.scatter(catalog[xcol], catalog[ycol], label=label, **style)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_xlabel("x (column in the region, pixels)")

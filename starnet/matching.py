@@ -20,12 +20,18 @@ Two matching rules are provided (see `match_catalogs`):
 Both limits are strict, as in the paper's code: a pair matches when its
 separation is ``< max_separation`` and its magnitude difference is
 ``< max_mag_difference``.
+
+Tables from photutils (`~photutils.psf.PSFPhotometry`, `~photutils.detection.DAOStarFinder`,
+...) are read as they are: see `POSITION_COLUMNS`, `SKY_COLUMNS` and `match_catalogs`
+for the names looked up. With ``max_separation`` an angle (e.g. ``0.2 * u.arcsec``),
+the catalogs are matched on the sky instead of in pixels.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 from astropy import units as u
+from astropy.coordinates import SkyCoord, search_around_sky
 from astropy.table import QTable
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
@@ -34,9 +40,22 @@ from scipy.spatial import cKDTree
 
 from . import __version__
 
-__all__ = ["CatalogMatch", "match_catalogs", "metrics_by_magnitude"]
+__all__ = ["CatalogMatch", "match_catalogs", "metrics_by_magnitude", "position_columns",
+           "POSITION_COLUMNS", "SKY_COLUMNS"]
 
 RULES = ("one-to-one", "any")
+
+#: Pixel position columns, in the order they are looked up: the first pair that a
+#: table has is used (StarNet and photutils PSF photometry write ``x_fit``, ``y_fit``;
+#: simulated truths ``x``, ``y``; photutils finders ``x_centroid``, ``y_centroid``,
+#: ``xcentroid``, ``ycentroid`` before photutils 3.0).
+POSITION_COLUMNS = (("x_fit", "y_fit"), ("x", "y"), ("x_init", "y_init"),
+                    ("x_centroid", "y_centroid"), ("xcentroid", "ycentroid"))
+
+#: Sky position columns, in the order they are looked up: a
+#: `~astropy.coordinates.SkyCoord` column named ``skycoord`` or ``sky_centroid`` (as
+#: StarNet and photutils write it), else ``ra`` and ``dec`` angle columns.
+SKY_COLUMNS = ("skycoord", "sky_centroid", ("ra", "dec"))
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -87,29 +106,43 @@ class CatalogMatch:
 
 def match_catalogs(catalog, reference, *, max_separation=0.5,
                    max_mag_difference=0.5, band=None, rule="one-to-one",
-                   border=None, image_shape=None):
+                   border=None, image_shape=None, wcs=None):
     """Match an estimated catalog to a true (reference) catalog.
+
+    Tables are read as StarNet, photutils and simulations write them, with no
+    renaming: a `~photutils.psf.PSFPhotometry` result can be scored as it is.
 
     Parameters
     ----------
     catalog : `~astropy.table.Table`
-        Estimated sources. Positions are read from ``x_fit``, ``y_fit`` if
-        present, else from ``x``, ``y`` (pixels, photutils convention).
+        Estimated sources. Pixel positions (x = column, y = row, 0-based,
+        photutils convention) come from the first pair of columns of
+        `POSITION_COLUMNS` that the table has: ``x_fit``, ``y_fit``; ``x``,
+        ``y``; ``x_init``, ``y_init``; ``x_centroid``, ``y_centroid``;
+        ``xcentroid``, ``ycentroid``. Sky positions (for matching on the sky)
+        come from the first of `SKY_COLUMNS`: a `~astropy.coordinates.SkyCoord`
+        column ``skycoord`` or ``sky_centroid``, else ``ra``, ``dec`` angle
+        columns; else from the pixel positions through ``wcs``.
     reference : `~astropy.table.Table`
         True sources, with positions in the same way.
-    max_separation : float, optional
-        Separation limit in pixels (strict: a pair matches when its distance
-        is ``< max_separation``). Euclidean distance for
-        ``rule='one-to-one'``, L-infinity distance (largest of ``|dx|``,
-        ``|dy|``) for ``rule='any'``.
+    max_separation : float or `~astropy.units.Quantity`, optional
+        Separation limit (strict: a pair matches when its distance is
+        ``< max_separation``). A number (or a Quantity in pixels) is in
+        pixels: Euclidean distance for ``rule='one-to-one'``, L-infinity
+        distance (largest of ``|dx|``, ``|dy|``) for ``rule='any'``. An
+        angle (e.g. ``0.2 * u.arcsec``) matches on the sky by angular
+        separation (candidates from `~astropy.coordinates.search_around_sky`,
+        then the same one-to-one assignment); ``rule='any'``, defined in
+        pixels, is then refused.
     max_mag_difference : float or None, optional
-        Magnitude difference limit (strict). The brightness is taken from
-        ``mag_<band>`` when both tables have it, else from ``flux_<band>``
-        (electrons) when both have it, the magnitude difference then being
-        ``2.5 |log10(f1 / f2)|`` (the zero point cancels). With
-        ``band=None`` the columns ``mag`` and ``flux`` are used instead. A
-        non-positive flux never matches. `None` disables this criterion (no
-        brightness column is then needed).
+        Magnitude difference limit (strict). The magnitudes ``mag_<band>`` are
+        compared when both tables have them (``mag`` with ``band=None``);
+        otherwise fluxes, each table's from the first column it has among
+        ``flux_<band>`` (only with a ``band``), ``flux_fit`` (photutils PSF
+        photometry) and ``flux``, the magnitude difference then being
+        ``2.5 |log10(f1 / f2)|`` (the zero point cancels; fluxes with units
+        are converted to a common unit). A non-positive flux never matches.
+        `None` disables this criterion (no brightness column is then needed).
     band : str or None, optional
         Band name selecting the brightness columns, e.g. ``'r'``.
     rule : {'one-to-one', 'any'}, optional
@@ -121,7 +154,8 @@ def match_catalogs(catalog, reference, *, max_separation=0.5,
     border : float or None, optional
         Width in pixels of a border to drop from both catalogs before
         matching (the paper used 5 with a 100 x 100 image). Needs
-        ``image_shape``. A source is kept when, on each axis,
+        ``image_shape``, and pixel positions (or sky positions and ``wcs``).
+        A source is kept when, on each axis,
         ``border < x + 0.5 < n_cols - border`` and
         ``border < y + 0.5 < n_rows - border``. Here ``x + 0.5`` is the
         position measured from the outer edge of the first pixel, the
@@ -129,6 +163,12 @@ def match_catalogs(catalog, reference, *, max_separation=0.5,
         5 and 95. ``border=0`` keeps the sources inside the image.
     image_shape : tuple of int or None, optional
         ``(n_rows, n_cols)`` of the image, used only with ``border``.
+    wcs : `~astropy.wcs.WCS` or None, optional
+        Celestial WCS of the image (0-based pixels, as
+        ``wcs.pixel_to_world(x, y)``). It converts the pixel positions of a
+        table without sky positions to the sky when matching on the sky, and
+        the sky positions of a table without pixel positions to pixels
+        otherwise (or for ``border``).
 
     Returns
     -------
@@ -139,8 +179,8 @@ def match_catalogs(catalog, reference, *, max_separation=0.5,
     Raises
     ------
     ValueError
-        If a needed column is missing, a position is not finite, or an
-        argument is out of range.
+        If a needed column is missing (the message lists the table's
+        columns), a position is not finite, or an argument is out of range.
 
     Examples
     --------
@@ -155,11 +195,32 @@ def match_catalogs(catalog, reference, *, max_separation=0.5,
     TPR 0.333, PPV 0.333
     >>> result.pairs.tolist()
     [[0, 0]]
+
+    A photutils PSF photometry table (``x_fit``, ``y_fit``, ``flux_fit``) is
+    read as it is:
+
+    >>> photometry = QTable({'x_fit': [10.2, 29.9], 'y_fit': [10.1, 30.2],
+    ...                      'flux_fit': [1100.0, 2900.0]})
+    >>> match_catalogs(photometry, truth, band='r').pairs.tolist()
+    [[0, 0], [1, 2]]
+
+    On the sky, through the image's WCS (0.4 arcsec pixels):
+
+    >>> from astropy import units as u
+    >>> from astropy.wcs import WCS
+    >>> wcs = WCS(naxis=2)
+    >>> wcs.wcs.ctype = ['RA---TAN', 'DEC--TAN']
+    >>> wcs.wcs.crval = [150.0, 2.0]
+    >>> wcs.wcs.cdelt = [-0.4 / 3600, 0.4 / 3600]
+    >>> result = match_catalogs(photometry, truth, band='r', wcs=wcs,
+    ...                         max_separation=0.2 * u.arcsec)
+    >>> result.pairs.tolist()   # 0.22 and 0.36 pixels: 0.09 and 0.14 arcsec
+    [[0, 0], [1, 2]]
     """
     match, _, _ = _match(catalog, reference,
                          max_separation=max_separation,
                          max_mag_difference=max_mag_difference, band=band,
-                         rule=rule, border=border, image_shape=image_shape)
+                         rule=rule, border=border, image_shape=image_shape, wcs=wcs)
     return match
 
 
@@ -184,8 +245,9 @@ def metrics_by_magnitude(catalog, reference, *, bins, band,
         (but still take part in the matching).
     band : str or None
         Band of the magnitudes: the ``mag_<band>`` column is used when a
-        table has it, otherwise it is computed from ``flux_<band>``
-        (electrons). With `None`, the columns ``mag`` and ``flux``.
+        table has it, otherwise it is computed from the first of
+        ``flux_<band>``, ``flux_fit`` and ``flux`` (electrons) that the table
+        has. With `None`, the columns ``mag``, else ``flux_fit`` or ``flux``.
     zero_point : float or None, optional
         Computes magnitudes from fluxes in electrons as
         ``zero_point - 2.5 log10(flux)``.
@@ -249,40 +311,55 @@ def metrics_by_magnitude(catalog, reference, *, bins, band,
                                    true_matched[keep_true], edges)
     n_est, ppv = _binned_fraction(est_mag[keep_est],
                                   est_matched[keep_est], edges)
+    settings = {key: (str(value) if isinstance(value, u.Quantity) else value)
+                for key, value in match_kwargs.items() if key != "wcs"}
+    if match_kwargs.get("wcs") is not None:
+        settings["wcs"] = match_kwargs["wcs"].to_header_string()
     meta = {"version": __version__, "band": band, "zero_point": zero_point,
-            **match_kwargs, "rule": match.rule}
+            **settings, "rule": match.rule}
     return QTable({"mag_min": edges[:-1], "mag_max": edges[1:],
                    "n_true": n_true, "n_estimated": n_est,
                    "tpr": tpr, "ppv": ppv}, meta=meta)
 
 
 def _match(catalog, reference, *, max_separation=0.5, max_mag_difference=0.5,
-           band=None, rule="one-to-one", border=None, image_shape=None):
+           band=None, rule="one-to-one", border=None, image_shape=None, wcs=None):
     """`match_catalogs`, also returning the border masks of both tables."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if not (np.isscalar(max_separation) and max_separation > 0
-            and np.isfinite(max_separation)):
-        raise ValueError("max_separation must be a positive number of "
-                         f"pixels, got {max_separation!r}")
+    limit, on_sky = _separation_limit(max_separation)
+    if on_sky and rule != "one-to-one":
+        raise ValueError(f"rule={rule!r} uses the L-infinity distance in pixels; give "
+                         "max_separation in pixels, or use rule='one-to-one' on the sky")
     if max_mag_difference is not None and not (
             np.isscalar(max_mag_difference) and max_mag_difference > 0):
         raise ValueError("max_mag_difference must be a positive number or "
                          f"None, got {max_mag_difference!r}")
+    if wcs is not None and not getattr(wcs, "has_celestial", False):
+        raise ValueError(f"wcs must be a celestial astropy WCS, got {wcs!r}")
 
-    est_xy = _positions(catalog, "catalog")
-    true_xy = _positions(reference, "reference")
-    keep_est, keep_true = (_inside(xy, border, image_shape)
-                           for xy in (est_xy, true_xy))
+    keep_est, keep_true = (_inside(table, name, border, image_shape, wcs)
+                           for table, name in ((catalog, "catalog"), (reference, "reference")))
     est_rows = np.flatnonzero(keep_est)
     true_rows = np.flatnonzero(keep_true)
 
-    p = 2 if rule == "one-to-one" else np.inf
-    candidates = cKDTree(est_xy[est_rows]).sparse_distance_matrix(
-        cKDTree(true_xy[true_rows]), max_separation, p=p,
-        output_type="ndarray")
-    i, j, dist = candidates["i"], candidates["j"], candidates["v"]
-    valid = dist < max_separation
+    if on_sky:
+        est_sky = _sky_positions(catalog, "catalog", wcs)[est_rows]
+        true_sky = _sky_positions(reference, "reference", wcs)[true_rows]
+        if len(est_sky) and len(true_sky):
+            i, j, sep, _ = search_around_sky(est_sky, true_sky, max_separation)
+            dist = sep.to_value(max_separation.unit)
+        else:
+            i = j = np.zeros(0, dtype=np.intp)
+            dist = np.zeros(0)
+    else:
+        est_xy = _pixel_positions(catalog, "catalog", wcs)[est_rows]
+        true_xy = _pixel_positions(reference, "reference", wcs)[true_rows]
+        p = 2 if rule == "one-to-one" else np.inf
+        candidates = cKDTree(est_xy).sparse_distance_matrix(
+            cKDTree(true_xy), limit, p=p, output_type="ndarray")
+        i, j, dist = candidates["i"], candidates["j"], candidates["v"]
+    valid = dist < limit
     if max_mag_difference is not None:
         est_mag, true_mag = _comparable_magnitudes(catalog, reference, band)
         mag_diff = np.abs(est_mag[est_rows[i]] - true_mag[true_rows[j]])
@@ -290,7 +367,7 @@ def _match(catalog, reference, *, max_separation=0.5, max_mag_difference=0.5,
     i, j, dist = i[valid], j[valid], dist[valid]
 
     if rule == "one-to-one":
-        i, j = _max_matching(i, j, dist / max_separation)
+        i, j = _max_matching(i, j, dist / limit)
     pairs = np.column_stack([est_rows[i], true_rows[j]]).astype(np.intp)
     pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
 
@@ -305,6 +382,24 @@ def _match(catalog, reference, *, max_separation=0.5, max_mag_difference=0.5,
                          n_matched_estimated=n_matched_est, pairs=pairs,
                          rule=rule)
     return match, keep_est, keep_true
+
+
+def _separation_limit(max_separation):
+    """The limit as a number (pixels, or in the angle's own unit) and whether it is an
+    angle (matching on the sky)."""
+    on_sky = False
+    value = max_separation
+    if isinstance(max_separation, u.Quantity):
+        if max_separation.unit.physical_type == "angle":
+            on_sky, value = True, max_separation.value
+        elif max_separation.unit == u.pix:
+            value = max_separation.value
+        else:
+            value = None
+    if not (value is not None and np.isscalar(value) and np.isfinite(value) and value > 0):
+        raise ValueError("max_separation must be a positive number of pixels or a "
+                         f"positive angle (e.g. 0.2 * u.arcsec), got {max_separation!r}")
+    return float(value), on_sky
 
 
 def _max_matching(i, j, cost):
@@ -350,37 +445,124 @@ def _max_matching(i, j, cost):
     return np.concatenate(matched_i), np.concatenate(matched_j)
 
 
-def _positions(table, name):
-    """(n, 2) array of x, y from ``x_fit``/``y_fit`` or ``x``/``y``."""
-    for xcol, ycol in (("x_fit", "y_fit"), ("x", "y")):
+def _position_columns(table):
+    """Names of the pixel position columns of a table (see `POSITION_COLUMNS`), or
+    None."""
+    for xcol, ycol in POSITION_COLUMNS:
         if xcol in table.colnames and ycol in table.colnames:
-            for col in (xcol, ycol):
-                unit = getattr(table[col], "unit", None)
-                if unit is not None and u.Unit(unit) not in (u.pix, u.dimensionless_unscaled):
-                    raise ValueError(f"{name} column {col!r} is in {unit}; positions "
-                                     "must be pixels (convert sky positions with the "
-                                     "image's WCS, e.g. wcs.world_to_pixel)")
-            xy = np.column_stack([_values(table[xcol], f"{name} {xcol!r}"),
-                                  _values(table[ycol], f"{name} {ycol!r}")])
-            if not np.all(np.isfinite(xy)):
-                raise ValueError(f"{name} has non-finite positions in "
-                                 f"columns {xcol!r}, {ycol!r}")
-            return xy.reshape(-1, 2)
-    raise ValueError(f"{name} needs position columns 'x_fit', 'y_fit' or "
-                     f"'x', 'y'; it has {table.colnames}")
+            return xcol, ycol
+    return None
 
 
-def _inside(xy, border, image_shape):
+def position_columns(table, name="table"):
+    """Names ``(x, y)`` of the pixel position columns of a table: the first pair of
+    `POSITION_COLUMNS` that it has.
+
+    Raises
+    ------
+    ValueError
+        If it has none; the message lists its columns.
+
+    Examples
+    --------
+    >>> from astropy.table import QTable
+    >>> position_columns(QTable({'x_init': [1.0], 'y_init': [2.0], 'x_fit': [1.1],
+    ...                          'y_fit': [2.1]}))
+    ('x_fit', 'y_fit')
+    """
+    columns = _position_columns(table)
+    if columns is None:
+        raise ValueError(f"{name} needs pixel position columns (the first of "
+                         f"{_POSITION_NAMES}); it has {table.colnames}")
+    return columns
+
+
+_POSITION_NAMES = "; ".join(f"{x!r}, {y!r}" for x, y in POSITION_COLUMNS)
+
+
+def _pixel_positions(table, name, wcs=None):
+    """(n, 2) array of x, y: from the first pair of `POSITION_COLUMNS` present, else
+    from the sky positions through ``wcs``."""
+    columns = _position_columns(table)
+    if columns is None:
+        if wcs is not None and _sky_column(table) is not None:
+            x, y = wcs.world_to_pixel(_sky_positions(table, name))
+            return _finite(np.column_stack([x, y]).reshape(-1, 2), name, "sky positions")
+        raise ValueError(f"{name} needs pixel position columns (the first of "
+                         f"{_POSITION_NAMES}), or sky positions and wcs=; it has "
+                         f"{table.colnames}")
+    for col in columns:
+        unit = getattr(table[col], "unit", None)
+        if unit is not None and u.Unit(unit) not in (u.pix, u.dimensionless_unscaled):
+            raise ValueError(f"{name} column {col!r} is in {unit}; positions "
+                             "must be pixels (match on the sky with an angle "
+                             "max_separation, or convert with wcs.world_to_pixel)")
+    xcol, ycol = columns
+    xy = np.column_stack([_values(table[xcol], f"{name} {xcol!r}"),
+                          _values(table[ycol], f"{name} {ycol!r}")])
+    return _finite(xy.reshape(-1, 2), name, f"columns {xcol!r}, {ycol!r}")
+
+
+def _sky_column(table):
+    """The sky position column(s) of a table (see `SKY_COLUMNS`), or None."""
+    for entry in SKY_COLUMNS:
+        if isinstance(entry, tuple):
+            if all(col in table.colnames for col in entry):
+                return entry
+        elif entry in table.colnames and isinstance(table[entry], SkyCoord):
+            return entry
+    return None
+
+
+def _sky_positions(table, name, wcs=None):
+    """The sky positions of a table as a `SkyCoord`: from `SKY_COLUMNS`, else from
+    the pixel positions through ``wcs``."""
+    column = _sky_column(table)
+    if column is None:
+        if wcs is None:
+            raise ValueError(
+                f"{name} has no sky positions (a SkyCoord column 'skycoord' or "
+                "'sky_centroid', or 'ra', 'dec' angle columns): pass wcs= to convert "
+                f"its pixel positions; it has {table.colnames}")
+        xy = _pixel_positions(table, name)
+        sky = wcs.pixel_to_world(xy[:, 0], xy[:, 1])
+    elif isinstance(column, tuple):
+        ra, dec = (table[col] for col in column)
+        for col, values in zip(column, (ra, dec)):
+            if getattr(values, "unit", None) is None or \
+                    values.unit.physical_type != "angle":
+                raise ValueError(f"{name} column {col!r} needs an angle unit (e.g. deg), "
+                                 f"got {getattr(values, 'unit', None)}")
+        sky = SkyCoord(ra, dec)
+    else:
+        sky = table[column]
+    if not isinstance(sky, SkyCoord) or sky.isscalar:
+        raise ValueError(f"the sky positions of {name} are not a SkyCoord array "
+                         f"({type(sky).__name__}); is the WCS celestial?")
+    spherical = sky.spherical
+    _finite(np.column_stack([spherical.lon.deg, spherical.lat.deg]), name,
+            "sky positions")
+    return sky
+
+
+def _finite(xy, name, what):
+    if not np.all(np.isfinite(xy)):
+        raise ValueError(f"{name} has non-finite positions ({what})")
+    return xy
+
+
+def _inside(table, name, border, image_shape, wcs):
     """Mask of sources kept by the border cut (see `match_catalogs`)."""
     if border is None:
         if image_shape is not None:
             raise ValueError("image_shape is only used together with border")
-        return np.ones(len(xy), dtype=bool)
+        return np.ones(len(table), dtype=bool)
     if image_shape is None or len(image_shape) != 2:
         raise ValueError("border needs image_shape=(n_rows, n_cols), got "
                          f"{image_shape!r}")
     if not border >= 0:
         raise ValueError(f"border must be >= 0 pixels, got {border!r}")
+    xy = _pixel_positions(table, name, wcs)
     n_rows, n_cols = image_shape
     edge_xy = xy + 0.5  # position from the outer edge of the first pixel
     return ((edge_xy[:, 0] > border) & (edge_xy[:, 0] < n_cols - border)
@@ -389,41 +571,46 @@ def _inside(xy, border, image_shape):
 
 def _comparable_magnitudes(catalog, reference, band):
     """Magnitudes of both tables, up to a common zero point."""
-    mag_col, flux_col = _brightness_columns(band)
+    mag_col = _mag_column(band)
     if mag_col in catalog.colnames and mag_col in reference.colnames:
         return (_values(catalog[mag_col], f"catalog {mag_col!r}"),
                 _values(reference[mag_col], f"reference {mag_col!r}"))
-    if flux_col in catalog.colnames and flux_col in reference.colnames:
-        ours = _values(catalog[flux_col], f"catalog {flux_col!r}")
-        theirs = _values(reference[flux_col], f"reference {flux_col!r}")
-        unit = getattr(catalog[flux_col], "unit", None)
-        other = getattr(reference[flux_col], "unit", None)
-        if unit is not None and other is not None:
+    ours, theirs = (_flux_column(table, band) for table in (catalog, reference))
+    if ours is not None and theirs is not None:
+        mine = _values(catalog[ours], f"catalog {ours!r}")
+        other = _values(reference[theirs], f"reference {theirs!r}")
+        unit = getattr(catalog[ours], "unit", None)
+        other_unit = getattr(reference[theirs], "unit", None)
+        if unit is not None and other_unit is not None:
             try:   # the same star in electrons and in 1000 electrons is the same star
-                theirs = (theirs * u.Unit(other)).to_value(u.Unit(unit))
+                other = (other * u.Unit(other_unit)).to_value(u.Unit(unit))
             except u.UnitConversionError:
-                raise ValueError(f"{flux_col!r} is in {unit} in the catalog and in {other} "
-                                 "in the reference, which do not convert") from None
-        return _flux_to_mag(ours), _flux_to_mag(theirs)
+                raise ValueError(f"the catalog's {ours!r} is in {unit} and the reference's "
+                                 f"{theirs!r} in {other_unit}, which do not convert") from None
+        return _flux_to_mag(mine), _flux_to_mag(other)
+    flux_cols = _flux_columns(band)
     missing = []
     for name, table in (("catalog", catalog), ("reference", reference)):
-        lacks = [c for c in (mag_col, flux_col) if c not in table.colnames]
+        lacks = [c for c in (mag_col, *flux_cols) if c not in table.colnames]
         missing.append(f"{name} lacks {lacks}")
     hint = (" (pass band=... to use e.g. 'flux_r')" if band is None else "")
-    raise ValueError(f"the magnitude criterion needs {mag_col!r} in both "
-                     f"tables or {flux_col!r} in both tables; "
-                     f"{'; '.join(missing)}{hint}. Use "
-                     "max_mag_difference=None to match on position only")
+    raise ValueError(f"the magnitude criterion needs {mag_col!r} in both tables, or a "
+                     f"flux column in both (the first of {list(flux_cols)}); "
+                     f"{'; '.join(missing)}{hint}. Columns: catalog {catalog.colnames}, "
+                     f"reference {reference.colnames}. Use max_mag_difference=None to "
+                     "match on position only")
 
 
 def _magnitudes(table, band, zero_point, name):
     """Magnitudes of one table for binning (see `metrics_by_magnitude`)."""
-    mag_col, flux_col = _brightness_columns(band)
+    mag_col = _mag_column(band)
     if mag_col in table.colnames:
         return _values(table[mag_col])
-    if flux_col not in table.colnames:
-        raise ValueError(f"{name} needs a {mag_col!r} or {flux_col!r} "
-                         f"column for magnitudes; it has {table.colnames}")
+    flux_col = _flux_column(table, band)
+    if flux_col is None:
+        raise ValueError(f"{name} needs a {mag_col!r} column or a flux column (the first "
+                         f"of {list(_flux_columns(band))}) for magnitudes; it has "
+                         f"{table.colnames}")
     if zero_point is None:
         raise ValueError(f"{name} has no {mag_col!r} column: pass "
                          "nelec_per_nmgy= or zero_point= to compute "
@@ -445,10 +632,18 @@ def _binned_fraction(mags, flags, edges):
     return counts, fraction
 
 
-def _brightness_columns(band):
-    if band is None:
-        return "mag", "flux"
-    return f"mag_{band}", f"flux_{band}"
+def _mag_column(band):
+    return "mag" if band is None else f"mag_{band}"
+
+
+def _flux_columns(band):
+    """Flux columns looked up, in order: ``flux_<band>``, ``flux_fit``, ``flux``."""
+    return (() if band is None else (f"flux_{band}",)) + ("flux_fit", "flux")
+
+
+def _flux_column(table, band):
+    """The first of `_flux_columns` that ``table`` has, or None."""
+    return next((col for col in _flux_columns(band) if col in table.colnames), None)
 
 
 def _flux_to_mag(flux, name="flux"):

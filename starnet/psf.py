@@ -29,7 +29,7 @@ from photutils.psf import GriddedPSFModel, ImagePSF
 from scipy.optimize import brentq
 
 __all__ = ['PowerLawPSF', 'kl_psf_from_psfield', 'pixel_stamps', 'as_psf',
-           'psf_to_dict', 'psf_from_dict']
+           'psf_fwhm', 'psf_to_dict', 'psf_from_dict']
 
 SDSS_BANDS = 'ugriz'
 _SHAPE_NAMES = ('sigma1', 'sigma2', 'sigmap', 'beta', 'b', 'p0')
@@ -504,6 +504,46 @@ def as_psf(psf):
            'model with flux, x_0 and y_0 parameters, or a 2-D numpy array; '
            f'got {type(psf).__name__}')
     raise TypeError(msg)
+
+
+def psf_fwhm(psf, *, step=0.05):
+    """
+    Full width at half maximum of a PSF, in pixels.
+
+    The exact FWHM of a `PowerLawPSF`; for any other PSF the diameter of
+    the circle whose area is that of the region above half the peak,
+    measured on a grid of ``step`` pixels (exact for a circular profile).
+    A pixel-integrated PSF (an `~photutils.psf.ImagePSF`, a PSF image) is
+    measured as it is, so slightly wider than its point profile.
+
+    Parameters
+    ----------
+    psf : `PowerLawPSF`, `~photutils.psf.ImagePSF`, 2-D model or ndarray
+        Anything `as_psf` accepts.
+    step : float, optional
+        Grid step in pixels.
+
+    Examples
+    --------
+    >>> from photutils.psf import CircularGaussianPRF, CircularGaussianPSF
+    >>> from starnet.psf import psf_fwhm
+    >>> print(f'{psf_fwhm(CircularGaussianPSF(fwhm=2.5)):.1f}')
+    2.5
+    >>> print(f'{psf_fwhm(CircularGaussianPRF(fwhm=2.5)):.1f}')  # pixel-integrated
+    2.6
+    """
+    model = as_psf(psf)
+    if isinstance(model, PowerLawPSF):
+        return model.fwhm
+    model = model.copy()
+    model.x_0, model.y_0, model.flux = 0.0, 0.0, 1.0
+    half = 12.0
+    if isinstance(model, ImagePSF):
+        half = max(model.data.shape) / 2 / np.max(model.oversampling)
+    grid = np.arange(-half, half + step / 2, step)
+    values = model(grid[None, :], grid[:, None])
+    area = np.count_nonzero(values >= values.max() / 2) * step**2
+    return 2 * np.sqrt(area / np.pi)
 
 
 def _is_pixel_integrated(model):

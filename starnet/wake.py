@@ -20,6 +20,7 @@ from astropy import units as u
 from astropy.table import QTable
 from tqdm.auto import tqdm
 
+from .matching import position_columns
 from .prior import _seed_int
 from .psf import PowerLawPSF
 from .simulate import StarFieldRenderer, as_background
@@ -63,7 +64,8 @@ class WakeFit:
 def _draws(samples, bands):
     """Per posterior draw: positions (n, 2) and fluxes (n, bands) as float64 tensors."""
     index = np.asarray(samples["sample"])
-    x, y = np.asarray(samples["x"]), np.asarray(samples["y"])
+    xcol, ycol = position_columns(samples, "samples")
+    x, y = np.asarray(samples[xcol], dtype=float), np.asarray(samples[ycol], dtype=float)
     flux = np.stack([u.Quantity(samples[f"flux_{b}"], u.electron).value for b in bands],
                     axis=-1)
     draws = []
@@ -186,7 +188,8 @@ def fit_psf_to_catalogs(nddata, samples, *, psf=None, n_steps=200, learning_rate
         ``data`` (bands, rows, cols) in electrons with ``meta['bands']`` and
         ``meta['background']``.
     samples : `~astropy.table.QTable`
-        Catalogs with columns ``sample`` (which catalog), ``x``, ``y`` and
+        Catalogs with columns ``sample`` (which catalog), ``x_fit``, ``y_fit`` (or
+        other position columns, see `~starnet.matching.POSITION_COLUMNS`) and
         ``flux_<band>`` (electrons), as from `~starnet.StarNetDeblender.sample`.
     psf : list of `~starnet.psf.PowerLawPSF`, optional
         Starting PSFs, one per band (default: the image's ``meta['psf']``).

@@ -81,8 +81,62 @@ def test_catalog_fits_output_with_wcs_and_cutout(model_path, tmp_path):
     x, y = WCS(header).world_to_pixel(written["sky_centroid"])
     np.testing.assert_allclose(x, written["x_fit"] + 1, atol=1e-6)
     np.testing.assert_allclose(y, written["y_fit"] + 2, atol=1e-6)
-    assert any(c.startswith("n_stars_mean = ") for c in written.meta["comments"])
-    assert "flux_r, flux_r_err, flux_r_q05, flux_r_q95 in electrons" in written.meta["comments"]
+    assert written.meta["CUTOUT"] == "2:18,1:17"
+
+
+def test_catalog_fits_keeps_units_and_writes_header_keywords(model_path, tmp_path):
+    """The FITS catalog read back: the same columns with their units (warnings are
+    errors here), and the metadata as header keywords, not JSON comments."""
+    import starnet
+    from datetime import datetime, timezone
+    _image_file(tmp_path / "image.fits")
+    args = ["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+            "--background", str(SKY), "--nelec-per-nmgy", "856", "--no-progress"]
+    assert main([*args, "-o", str(tmp_path / "catalog.fits")]) == 0
+    assert main([*args, "-o", str(tmp_path / "catalog.ecsv")]) == 0
+    written = QTable.read(tmp_path / "catalog.fits")
+    expected = QTable.read(tmp_path / "catalog.ecsv")
+    assert written.colnames == expected.colnames and len(written) > 0
+    for name in expected.colnames:
+        assert getattr(written[name], "unit", None) == getattr(expected[name], "unit", None)
+        np.testing.assert_array_equal(np.asarray(written[name]), np.asarray(expected[name]))
+    assert written["flux_r"].unit == u.electron and written["mag_r"].unit == u.mag
+    header = fits.getheader(tmp_path / "catalog.fits", 1)
+    assert header["TUNIT" + str(written.colnames.index("mag_r") + 1)] == "mag"
+    assert "electron" in header.comments["TTYPE" + str(written.colnames.index("flux_r") + 1)]
+    assert not any("=" in str(c) for c in header.get("COMMENT", []) if "{" in str(c))
+    meta = written.meta
+    assert meta["STARNETV"] == starnet.__version__ == expected.meta["version"]
+    assert meta["NSTARS"] == pytest.approx(expected.meta["n_stars_mean"])
+    assert (meta["NSTARS05"], meta["NSTARS95"]) == (expected.meta["n_stars_q05"],
+                                                    expected.meta["n_stars_q95"])
+    assert meta["MODEL"] == str(model_path) == expected.meta["model"]
+    assert meta["INPUT"] == str(tmp_path / "image.fits") == expected.meta["input"]
+    assert (meta["NBANDS"], meta["BAND1"], meta["BKG1"]) == (1, "r", SKY)
+    assert expected.meta["background"] == [SKY] and expected.meta["background_fit"] is None
+    assert "BKGFIT" not in meta
+    assert meta["MAGZP1"] == pytest.approx(22.5 + 2.5 * np.log10(856))
+    made = datetime.fromisoformat(meta["DATE"]).replace(tzinfo=timezone.utc)
+    assert abs((datetime.now(timezone.utc) - made).total_seconds()) < 600
+    assert meta["DATE"] <= expected.meta["date"]   # written first
+
+
+def test_fits_cards_of_any_metadata():
+    from starnet.cli import _fits_cards
+    cards = _fits_cards({"bands": ["r", "i"], "background": [686.0, 1123.0],
+                         "background_fit": 1.29, "a_long_setting": np.float32(2.5),
+                         "flag": True, "nested": {"x": 1}, "skipped": None})
+    by_key = {key: (value, comment) for key, value, comment in cards}
+    assert by_key["NBANDS"][0] == 2
+    assert by_key["BAND2"] == ("i", "name of band 2")
+    assert by_key["BKG2"] == (1123.0, "background used in band i, electron / pixel")
+    assert by_key["BKGFIT"][0] == 1.29
+    assert by_key["HIERARCH A_LONG_SETTING"] == (2.5, "a_long_setting")
+    assert type(by_key["HIERARCH A_LONG_SETTING"][0]) is float
+    assert by_key["FLAG"][0] is True and by_key["NESTED_X"][0] == 1
+    assert not any("SKIPPED" in key for key in by_key)
+    header = fits.Header(cards)   # all are valid cards
+    assert header["A_LONG_SETTING"] == 2.5
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -259,5 +313,7 @@ def test_catalog_fits_the_background_when_the_model_can(tmp_path, capsys):
     written = QTable.read(tmp_path / "fit.ecsv")
     assert written.meta["n_stars_mean"] == pytest.approx(
         StarNetDeblender.load(path)(fitted).meta["n_stars_mean"])
+    assert written.meta["background_fit"] == pytest.approx(scale)
+    assert written.meta["background"] == [pytest.approx(np.median(fitted.meta["background"]))]
     assert main([*args, "--no-background-fit", "-o", str(tmp_path / "given.ecsv")]) == 0
     assert "background estimated" not in capsys.readouterr().out

@@ -21,7 +21,7 @@ SMALL = dict(hidden=8, tile_hidden=16, stamp_size=7)
 BASE_COLUMNS = ['id', 'x_fit', 'y_fit', 'x_err', 'y_err',
                 'flux_r', 'flux_r_err', 'flux_r_q05', 'flux_r_q95', 'mag_r', 'mag_r_err',
                 'flux_i', 'flux_i_err', 'flux_i_q05', 'flux_i_q95', 'mag_i', 'mag_i_err',
-                'detection_prob']
+                'detection_prob', 'flags']
 
 
 def tiny_deblender(**kwargs):
@@ -85,6 +85,30 @@ def test_catalog_columns_units_and_meta(trained, image):
     assert meta['n_stars_q05'] <= meta['n_stars_mean'] <= meta['n_stars_q95']
 
 
+def test_catalog_flags(trained):
+    """Each bit of 'flags' against its documented definition, on a 32 x 32 image."""
+    shape = (32, 32)
+    data, _ = simulate_starfield(shape, prior=StarFieldPrior(mu=0.08, bands=BANDS), psf=PSF,
+                                 background=BACKGROUND, seed=5, stamp_size=7)
+    catalog = trained(data)
+    flags = np.asarray(catalog['flags'])
+    x, y = np.asarray(catalog['x_fit']), np.asarray(catalog['y_fit'])
+    assert flags.dtype.kind == 'i' and len(catalog) > 10
+    # edge (1): a tile of 2 pixels sees 7 pixels around it, so only the tiles of
+    # pixels 8 to 23 see no pixel beyond a 32-pixel edge: x + 0.5 in [8, 24)
+    interior = (x + 0.5 >= 8) & (x + 0.5 < 24) & (y + 0.5 >= 8) & (y + 0.5 < 24)
+    np.testing.assert_array_equal(flags & 1 > 0, ~interior)
+    assert interior.any() and not interior.all()
+    # no bad pixels (2)
+    assert not np.any(flags & 2)
+    # low detection probability (4)
+    np.testing.assert_array_equal(flags & 4 > 0, catalog['detection_prob'] < 0.5)
+    # blend (8): another star closer than the PSF's FWHM
+    distance = np.hypot(x[:, None] - x, y[:, None] - y) + np.diag(np.full(len(x), np.inf))
+    np.testing.assert_array_equal(flags & 8 > 0, distance.min(axis=1) < PSF.fwhm)
+    assert (flags & 8).any()
+
+
 def test_magnitudes_and_errors(trained, image):
     catalog = trained(image)
     calibrated = trained(like(image, meta={'nelec_per_nmgy': [800.0, 600.0]}))
@@ -135,20 +159,21 @@ def test_empty_result_keeps_columns(image):
     assert catalog.meta['n_stars_q05'] == catalog.meta['n_stars_q95'] == 0
     samples = deblender.sample(image, n_samples=3, seed=0)
     assert len(samples) == 0
-    assert samples.colnames == ['sample', 'x', 'y', 'flux_r', 'flux_i']
+    assert samples.colnames == ['sample', 'x_fit', 'y_fit', 'flux_r', 'flux_i']
 
 
 def test_sample(trained, image):
     samples = trained.sample(image, n_samples=4, seed=1)
     assert isinstance(samples, QTable)
-    assert samples.colnames == ['sample', 'x', 'y', 'flux_r', 'flux_i']
+    assert samples.colnames == ['sample', 'x_fit', 'y_fit', 'flux_r', 'flux_i']
     assert sorted(set(samples['sample'].tolist())) == [0, 1, 2, 3]
     assert samples['flux_r'].unit == u.electron
-    assert np.all((samples['x'] >= -0.5) & (samples['x'] < SHAPE[1] - 0.5))
-    assert np.all((samples['y'] >= -0.5) & (samples['y'] < SHAPE[0] - 0.5))
+    assert np.all((samples['x_fit'] >= -0.5) & (samples['x_fit'] < SHAPE[1] - 0.5))
+    assert np.all((samples['y_fit'] >= -0.5) & (samples['y_fit'] < SHAPE[0] - 0.5))
     assert_same_catalog(samples, trained.sample(image, n_samples=4, seed=1))
     other = trained.sample(image, n_samples=4, seed=2)
-    assert len(other) != len(samples) or not np.array_equal(other['x'], samples['x'])
+    assert len(other) != len(samples) or not np.array_equal(other['x_fit'],
+                                                            samples['x_fit'])
 
 
 def test_count_posterior(trained, image):
@@ -273,14 +298,22 @@ def test_bad_pixels_are_replaced_by_background(trained, image):
     bad[0, 3, 4] = bad[1, 10, 2] = bad[:, 7, 7] = True
     filled = np.where(bad, np.reshape(BACKGROUND, (2, 1, 1)), image.data)
     expected = trained(like(image, data=filled))
+    # the same catalog, but stars within one FWHM of a bad pixel centre are flagged
+    rows, cols = np.nonzero(bad.any(axis=0))
+    distance = np.hypot(np.asarray(expected['x_fit'])[:, None] - cols,
+                        np.asarray(expected['y_fit'])[:, None] - rows).min(axis=1)
+    near = distance <= PSF.fwhm
+    assert 0 < near.sum() < len(expected)
     with_nan = np.where(bad, np.nan, image.data)
     with pytest.warns(UserWarning, match='4 masked or non-finite pixels'):
         result = trained(like(image, data=with_nan))
-    assert_same_catalog(result, expected)
     hot = np.where(bad, 1e7, image.data)
     with pytest.warns(UserWarning, match='4 masked or non-finite pixels'):
-        result = trained(like(image, data=hot, mask=bad))
-    assert_same_catalog(result, expected)
+        masked = trained(like(image, data=hot, mask=bad))
+    for catalog in (result, masked):
+        np.testing.assert_array_equal(catalog['flags'] ^ expected['flags'], np.where(near, 2, 0))
+        catalog.remove_column('flags')
+        assert_same_catalog(catalog, expected[[c for c in expected.colnames if c != 'flags']])
 
 
 def test_big_endian_data(trained, image):

@@ -245,7 +245,8 @@ def test_repr_is_readable():
 def test_errors_name_the_problem():
     true = truth_table([10.0], [10.0], [1e3])
     est = estimate_table([10.0], [10.0], [1e3])
-    with pytest.raises(ValueError, match="'x_fit', 'y_fit' or 'x', 'y'"):
+    with pytest.raises(ValueError, match=r"pixel position columns \(the first of 'x_fit', "
+                       r"'y_fit'; 'x', 'y'; 'x_init'.*it has \['ra', 'dec'\]"):
         match_catalogs(QTable({"ra": [1.0], "dec": [1.0]}), true, band="r")
     with pytest.raises(ValueError, match=r"'mag_i'.*'flux_i'.*catalog lacks"):
         match_catalogs(est, true, band="i")
@@ -423,7 +424,8 @@ def test_metrics_by_magnitude_errors():
                              zero_point=30.0, nelec_per_nmgy=850.0)
     with pytest.raises(ValueError, match="increasing"):
         metrics_by_magnitude(est, true, bins=[20, 15], band="r", zero_point=30.0)
-    with pytest.raises(ValueError, match="'mag_g' or 'flux_g'"):
+    with pytest.raises(ValueError,
+                       match=r"'mag_g' column or a flux column \(the first of \['flux_g'"):
         metrics_by_magnitude(est, true, bins=[15, 20], band="g", zero_point=30.0)
 
 
@@ -455,3 +457,149 @@ def test_positions_must_be_pixels_and_masked_values_are_refused():
     masked = Table({"x": MaskedColumn([1.0, 5.0], mask=[False, True]), "y": [2.0, 6.0]})
     with pytest.raises(ValueError, match="1 masked values"):
         match_catalogs(masked, theirs, max_mag_difference=None)
+
+
+# --- photutils tables and matching on the sky --------------------------------
+
+def photutils_photometry(seed=4):
+    """A photutils PSFPhotometry table of a simulated image, and the image's truth."""
+    import warnings
+    from photutils.detection import DAOStarFinder
+    from photutils.psf import PSFPhotometry
+    from starnet import PowerLawPSF, StarFieldPrior, simulate_starfield
+    psf = PowerLawPSF(sigma1=1.0, sigma2=2.5, sigmap=3.0, beta=3.0, b=0.1, p0=0.0)
+    prior = StarFieldPrior(mu=0.01, f_min=2000.0, bands=["r"])
+    image, truth = simulate_starfield((48, 48), prior=prior, psf=psf, background=300.0,
+                                      seed=seed, stamp_size=15)
+    data = image.data[0] - 300.0
+    finder = DAOStarFinder(threshold=5 * np.sqrt(300.0), fwhm=psf.fwhm)
+    photometry = PSFPhotometry(psf, (7, 7), finder=finder, aperture_radius=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = photometry(data, error=np.sqrt(image.data[0]))
+    return QTable(result), truth
+
+
+def test_photutils_psf_photometry_is_scored_without_renaming():
+    result, truth = photutils_photometry()
+    assert {"x_init", "x_fit", "flux_init", "flux_fit", "flags"} <= set(result.colnames)
+    direct = match_catalogs(result, truth, band="r")
+    renamed = result[["x_fit", "y_fit", "flux_fit"]]
+    renamed.rename_columns(["x_fit", "y_fit", "flux_fit"], ["x", "y", "flux_r"])
+    manual = match_catalogs(renamed, truth, band="r")
+    assert_array_equal(direct.pairs, manual.pairs)
+    assert (direct.tpr, direct.ppv, direct.n_estimated) == (manual.tpr, manual.ppv,
+                                                            manual.n_estimated)
+    # a real test: most detections are true stars, many faint stars are missed
+    assert len(direct.pairs) >= 5 and direct.ppv > 0.6 and direct.tpr < 0.8
+
+
+@pytest.mark.parametrize(("columns", "expected"), [
+    (["x_fit", "y_fit", "x", "y"], ("x_fit", "y_fit")),
+    (["x", "y", "x_init", "y_init"], ("x", "y")),
+    (["x_init", "y_init", "x_centroid", "y_centroid"], ("x_init", "y_init")),
+    (["x_centroid", "y_centroid", "xcentroid", "ycentroid"], ("x_centroid", "y_centroid")),
+    (["xcentroid", "ycentroid"], ("xcentroid", "ycentroid")),
+])
+def test_position_columns_are_looked_up_in_order(columns, expected):
+    """Only the expected pair holds the true positions; the others are far off."""
+    true = truth_table([5.0, 9.0], [5.0, 9.0])
+    table = QTable({name: ([5.0, 9.0] if name in expected else [50.0, 90.0])
+                    for name in columns})
+    assert match_catalogs(table, true, max_mag_difference=None).n_matched_true == 2
+
+
+def test_flux_columns_are_looked_up_in_order():
+    true = truth_table([5.0], [5.0], [1e3])
+    both = QTable({"x": [5.0], "y": [5.0], "flux_r": [1e3], "flux_fit": [1e5],
+                   "flux": [1e5]})
+    assert match_catalogs(both, true, band="r").n_matched_true == 1   # flux_r first
+    del both["flux_r"]
+    both["flux_fit"] = [1e3]
+    assert match_catalogs(both, true, band="r").n_matched_true == 1   # then flux_fit
+    del both["flux_fit"]
+    assert match_catalogs(both, true, band="r").n_matched_true == 0   # then flux (1e5)
+    plain = QTable({"x": [5.0], "y": [5.0], "flux": [1e3]})
+    assert match_catalogs(both, plain).n_matched_true == 0
+    assert match_catalogs(QTable({"x": [5.0], "y": [5.0], "flux_fit": [1e3]}),
+                          plain).n_matched_true == 1
+
+
+def tan_wcs(scale_arcsec=0.4, crval=(150.0, 2.0)):
+    from astropy.wcs import WCS
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = list(crval)
+    wcs.wcs.crpix = [40.0, 30.0]
+    wcs.wcs.cdelt = [-scale_arcsec / 3600, scale_arcsec / 3600]
+    return wcs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sky_matching_through_a_wcs_equals_pixel_matching(seed):
+    """Pixel catalogs converted through a TAN WCS of 0.4 arcsec pixels: matching within
+    0.2 arcsec on the sky pairs the same stars as matching within 0.5 pixels."""
+    rng = np.random.default_rng(seed)
+    _, true = random_catalogs(rng, 0, 400, 80)
+    # estimates near most true stars (some near two), and spurious ones
+    near = rng.choice(len(true), 300)
+    est = estimate_table(np.append(true["x"][near] + rng.normal(0, 0.3, 300),
+                                   rng.uniform(0, 80, 60)),
+                         np.append(true["y"][near] + rng.normal(0, 0.3, 300),
+                                   rng.uniform(0, 80, 60)),
+                         np.append(true["flux_r"][near] * rng.uniform(0.7, 1.3, 300),
+                                   10 ** rng.uniform(3, 3.6, 60)))
+    wcs = tan_wcs()
+    by_pixels = match_catalogs(est, true, band="r")
+    through_wcs = match_catalogs(est, true, band="r", wcs=wcs,
+                                 max_separation=0.2 * u.arcsec)
+    assert 100 < len(by_pixels.pairs) < 300
+    assert_array_equal(through_wcs.pairs, by_pixels.pairs)
+    assert (through_wcs.tpr, through_wcs.ppv) == (by_pixels.tpr, by_pixels.ppv)
+    # the same in other angle units, and with SkyCoord or ra/dec columns
+    with_sky = QTable(est)
+    with_sky["sky_centroid"] = wcs.pixel_to_world(est["x_fit"], est["y_fit"])
+    sky = wcs.pixel_to_world(true["x"], true["y"])
+    radec = QTable({"ra": sky.ra, "dec": sky.dec, "flux_r": true["flux_r"]})
+    result = match_catalogs(with_sky, radec, band="r", max_separation=0.2 / 3600 * u.deg)
+    assert_array_equal(result.pairs, by_pixels.pairs)
+    # border: pixel positions of a sky-only table come through the WCS
+    cut = match_catalogs(est, true, band="r", border=5, image_shape=(80, 80))
+    sky_cut = match_catalogs(with_sky, radec, band="r", border=5, image_shape=(80, 80),
+                             wcs=wcs, max_separation=0.2 * u.arcsec)
+    assert_array_equal(sky_cut.pairs, cut.pairs)
+    assert sky_cut.n_true == cut.n_true < len(true)
+
+
+def test_sky_matching_uses_angular_separation():
+    """At declination 60 a step of 2 arcsec in RA is 1 arcsec on the sky."""
+    from astropy.coordinates import SkyCoord
+    true = QTable({"skycoord": SkyCoord([10.0, 20.0] * u.deg, [60.0, 60.0] * u.deg)})
+    est = QTable({"skycoord": SkyCoord([10.0 + 1.9 / 3600, 20.0 + 2.1 / 3600] * u.deg,
+                                       [60.0, 60.0] * u.deg)})
+    result = match_catalogs(est, true, max_mag_difference=None,
+                            max_separation=1.0 * u.arcsec)
+    assert result.pairs.tolist() == [[0, 0]]
+
+
+def test_sky_matching_errors_name_the_problem():
+    true = truth_table([10.0], [10.0], [1e3])
+    est = estimate_table([10.0], [10.0], [1e3])
+    arcsec = 0.2 * u.arcsec
+    with pytest.raises(ValueError, match="no sky positions.*pass wcs="):
+        match_catalogs(est, true, band="r", max_separation=arcsec)
+    with pytest.raises(ValueError, match="rule='any' uses the L-infinity distance"):
+        match_catalogs(est, true, band="r", rule="any", wcs=tan_wcs(),
+                       max_separation=arcsec)
+    with pytest.raises(ValueError, match="positive angle"):
+        match_catalogs(est, true, band="r", max_separation=0.2 * u.m)
+    with pytest.raises(ValueError, match="positive angle"):
+        match_catalogs(est, true, band="r", max_separation=-arcsec)
+    radec = QTable({"ra": [150.0], "dec": [2.0], "flux_r": [1e3]})
+    with pytest.raises(ValueError, match="'ra' needs an angle unit"):
+        match_catalogs(est, radec, band="r", wcs=tan_wcs(), max_separation=arcsec)
+    from astropy.wcs import WCS
+    with pytest.raises(ValueError, match="celestial"):
+        match_catalogs(est, true, band="r", wcs=WCS(naxis=2), max_separation=arcsec)
+    # a pixel separation given as a Quantity in pixels is a pixel separation
+    assert match_catalogs(est, true, band="r", max_separation=0.5 * u.pix).tpr == 1.0
