@@ -147,15 +147,19 @@ def test_background_fit_by_default_when_the_model_can():
         warnings.simplefilter("ignore")
         fitted = deblender(image)
         given = deblender(image, background="given")
-    assert fitted.meta["background"] == "fitted"
-    assert fitted.meta["background_fit"]["scale"] == pytest.approx(1.296, abs=0.01)
-    assert given.meta["background"] == "given" and "background_fit" not in given.meta
+    assert fitted.meta["background_source"] == "fitted"
+    assert fitted.meta["background_fit"] == pytest.approx(1.296, abs=0.01)
+    # the medians of the background used: the fitted factor times the SDSS sky
+    sky = np.median(np.asarray(image.meta["background"]).reshape(2, -1), axis=1)
+    np.testing.assert_allclose(fitted.meta["background"], 1.296 * sky, rtol=0.01)
+    np.testing.assert_allclose(given.meta["background"], sky, rtol=1e-6)
+    assert given.meta["background_source"] == "given" and given.meta["background_fit"] is None
     assert len(fitted) < len(given)     # the SDSS sky is too low for M2 (docs/m2.rst)
     with pytest.raises(ValueError, match="'fit', 'given' or None"):
         deblender(image, background="auto")
 
 
 def test_background_fit_needs_a_background_encoder(deblender, image):
-    assert deblender(image).meta["background"] == "given"
+    assert deblender(image).meta["background_source"] == "given"
     with pytest.raises(ValueError, match="no background encoder|has none"):
         deblender(image, background="fit")
