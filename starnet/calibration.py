@@ -1,23 +1,41 @@
-"""Checking a deblender on images simulated from its own generative model."""
+"""Checking a deblender on images simulated from its own generative model.
+
+The star count is checked by the exact posterior mass of its intervals and by the
+randomised probability-integral transform (PIT) of the true count; positions and
+fluxes by the PIT of the true values under q's own marginals (`source_pit`), with no
+matching window that would keep only the well-measured stars.
+"""
+
+import itertools
 
 import numpy as np
-from astropy.table import QTable
+import torch
+from astropy.table import QTable, vstack
+from scipy.special import log_softmax
 from scipy.stats import norm
 
 from .matching import match_catalogs
-from .simulate import simulate_starfield
+from .posterior import triangle_slots
+from .prior import _seed_int
+from .simulate import StarFieldRenderer, simulate_starfield
+from .tiles import TileGrid
 
-__all__ = ["evaluate_on_simulations", "count_coverage"]
+__all__ = ["evaluate_on_simulations", "count_coverage", "count_interval", "count_pit",
+           "source_pit", "pit_coverage", "dropped_fraction"]
+
+_EPS = 1e-6
 
 
 def evaluate_on_simulations(deblender, *, n_images=20, shape=(100, 100), seed=0, margin=6.0,
-                            levels=(0.5, 0.8, 0.9, 0.95), psf=None):
-    """Detection accuracy and calibration of the star count on simulated images.
+                            levels=(0.5, 0.8, 0.9, 0.95), psf=None, background_factor=1.0,
+                            pairing="sample"):
+    """Detection accuracy and calibration of the count, positions and fluxes on
+    simulated images.
 
-    Images are drawn from the deblender's own prior and background, through its own
-    PSFs or through others (``psf``), to see what a PSF error does; stars are drawn
-    ``margin`` pixels beyond the edges too, as on a real sky, and only stars inside
-    the image count as truth.
+    Images are drawn from the deblender's own prior, through its own PSFs or through
+    others (``psf``), on its background times ``background_factor`` (the deblender is
+    told that background); stars are drawn ``margin`` pixels beyond the edges too, as
+    on a real sky, and only stars inside the image count as truth.
 
     Parameters
     ----------
@@ -26,80 +44,315 @@ def evaluate_on_simulations(deblender, *, n_images=20, shape=(100, 100), seed=0,
     shape : tuple of int, optional
         ``(rows, cols)`` of the images.
     seed : int, optional
-        Image ``k`` is simulated with seed ``seed + k``.
+        Image ``k`` is simulated with seed ``seed + k`` (the same catalogs for every
+        ``background_factor``).
     margin : float, optional
     levels : sequence of float, optional
-        Credible levels of the central intervals of the star count to check.
+        Nominal levels of the central intervals of the star count.
     psf : list, optional
-        One PSF per band that renders the images (default: the deblender's). The
-        images' ``meta['psf']`` is this PSF, so a large mismatch is warned about.
+        One PSF per band that renders the images (default: the deblender's).
+    background_factor : float, optional
+        The images' background over the deblender's training background.
+    pairing : {'sample', 'mode'}, optional
+        How `source_pit` pairs true stars with q's sources.
 
     Returns
     -------
     results : `~astropy.table.QTable`
-        One row per image: ``n_true``, ``n_estimated`` (modal catalog),
-        ``n_stars_mean``, ``tpr``, ``ppv``, ``f1`` (one-to-one matching in the first
-        band), and for each level ``L`` the interval ``n_low_L``, ``n_high_L`` and
-        whether it ``covered_L`` the true count. ``meta['source_coverage']`` gives,
-        for the matched stars of all images and each level, the fraction whose true
-        ``x``, ``y`` and log flux in the first band lie within the normal interval
-        ``estimate +- z * posterior sd`` (matched stars are the well-measured ones, so
-        this reads high when the errors are right).
+        One row per image: ``n_true``, ``n_dropped`` (true stars beyond ``max_sources``
+        in their tile), ``n_estimated`` (modal catalog), ``n_stars_mean``, ``tpr``,
+        ``ppv``, ``f1`` (one-to-one matching in the first band), ``count_pit`` (the
+        randomised PIT of the true count, ``F(n - 1) + V p(n)`` with ``V ~ U(0, 1)``),
+        and for each level ``L`` the interval ``n_low_L``, ``n_high_L`` (the ``(1 -
+        L) / 2`` and ``(1 + L) / 2`` quantiles), its exact posterior mass ``mass_L``
+        and whether it ``covered_L`` the true count. ``meta['source_pit']`` is the
+        `source_pit` table of all images (with an ``image`` column) and
+        ``meta['source_fraction']`` the fraction of true stars in the tiles it covers
+        (those whose modal count equals their true count).
     """
-    rows = []
     band = deblender.bands[0]
-    z_scores = {"x": [], "y": [], f"flux_{band}": []}
+    if psf is None:
+        renderer = deblender._renderer()
+    else:
+        psfs = list(psf) if isinstance(psf, (list, tuple)) else [psf] * len(deblender.bands)
+        renderer = StarFieldRenderer(psfs, stamp_size=deblender.stamp_size)
+    rng = np.random.default_rng(_seed_int(seed))
+    rows, pits, n_included = [], [], 0
     for k in range(n_images):
-        image, truth = simulate_starfield(shape, prior=deblender.prior,
-                                          psf=deblender.psfs if psf is None else psf,
-                                          background=deblender.background, seed=seed + k,
-                                          margin=margin, stamp_size=deblender.stamp_size)
+        image, truth = simulate_starfield(
+            shape, prior=deblender.prior, psf=renderer.psfs, renderer=renderer,
+            background=deblender.background * background_factor, seed=seed + k,
+            margin=margin, stamp_size=deblender.stamp_size)
         inside = ((truth["x"] >= -0.5) & (truth["x"] < shape[1] - 0.5)
                   & (truth["y"] >= -0.5) & (truth["y"] < shape[0] - 0.5))
         truth = truth[inside]
         catalog = deblender(image, background="given")
         match = match_catalogs(catalog, truth, band=band)
-        est, ref = match.pairs[:, 0], match.pairs[:, 1]
-        for axis in ("x", "y"):
-            z_scores[axis].append((np.asarray(catalog[f"{axis}_fit"])[est]
-                                   - np.asarray(truth[axis])[ref])
-                                  / np.asarray(catalog[f"{axis}_err"])[est])
-        log_sd = catalog[f"mag_{band}_err"].value[est] * np.log(10) / 2.5
-        z_scores[f"flux_{band}"].append(
-            np.log(catalog[f"flux_{band}"].value[est] / truth[f"flux_{band}"].value[ref])
-            / log_sd)
+        tiles, true_counts = _truth_tiles(deblender, truth, shape)
+        state, _, _, chunk_tiles = deblender._encode(image)
+        posterior, _ = deblender._modal(state, chunk_tiles)
+        pit = source_pit(posterior, tiles, true_counts=true_counts, pairing=pairing,
+                         seed=rng, bands=deblender.bands)
+        pit["image"] = np.full(len(pit), k)
+        pits.append(pit)
+        n_included += len(pit)
         pmf = deblender.count_posterior(image, background="given")
-        row = {"image": k, "n_true": len(truth), "n_estimated": len(catalog),
+        n_true = len(truth)
+        row = {"image": k, "n_true": n_true, "n_dropped": tiles.n_dropped,
+               "n_estimated": len(catalog),
                "n_stars_mean": float(np.dot(np.arange(len(pmf)), pmf)),
-               "tpr": match.tpr, "ppv": match.ppv, "f1": match.f1}
-        cdf = np.cumsum(pmf)
+               "tpr": match.tpr, "ppv": match.ppv, "f1": match.f1,
+               "count_pit": count_pit(pmf, n_true, seed=rng)}
         for level in levels:
-            low = int(np.searchsorted(cdf, (1 - level) / 2))
-            high = int(np.searchsorted(cdf, 1 - (1 - level) / 2))
+            low, high, mass = count_interval(pmf, level)
             row[f"n_low_{level:g}"] = low
             row[f"n_high_{level:g}"] = high
-            row[f"covered_{level:g}"] = low <= len(truth) <= high
+            row[f"mass_{level:g}"] = mass
+            row[f"covered_{level:g}"] = low <= n_true <= high
         rows.append(row)
     results = QTable(rows=rows, names=list(rows[0]))
-    results.meta["levels"] = list(levels)
-    results.meta["source_coverage"] = {
-        name: [float(np.mean(np.abs(np.concatenate(z)) <= norm.ppf(0.5 + level / 2)))
-               for level in levels]
-        for name, z in z_scores.items()}
+    results.meta.update({"levels": list(levels), "background_factor": background_factor,
+                         "shape": tuple(shape), "pairing": pairing,
+                         "source_pit": vstack(pits) if pits else QTable(),
+                         "source_fraction": n_included / max(int(np.sum(results["n_true"])), 1)})
     return results
+
+
+def _truth_tiles(deblender, truth, shape):
+    """Tile variables of a true catalog and the untruncated number of stars per tile."""
+    locs = torch.tensor(np.stack([truth["x"], truth["y"]], axis=-1)[None], dtype=torch.float64)
+    fluxes = torch.tensor(np.stack([truth[f"flux_{b}"].value for b in deblender.bands],
+                                   axis=-1)[None])
+    mask = torch.ones(locs.shape[:2], dtype=torch.bool)
+    grid = deblender.grid
+    tiles = grid.to_tiles(locs, fluxes, mask, tuple(shape))
+    tile_rows, tile_cols = grid.grid_shape(tuple(shape))
+    index = np.floor((locs[0].numpy() + 0.5) / grid.tile_size).astype(int)
+    flat = np.bincount(index[:, 1] * tile_cols + index[:, 0], minlength=tile_rows * tile_cols)
+    return tiles, torch.from_numpy(flat.reshape(1, tile_rows, tile_cols))
+
+
+def count_interval(pmf, level):
+    """Central interval of a count pmf and its exact posterior mass.
+
+    The interval is ``[F^-1((1 - level) / 2), F^-1((1 + level) / 2)]`` with ``F^-1(p)``
+    the smallest count whose CDF reaches ``p``; being closed and discrete, it holds
+    ``mass >= level`` of the pmf.
+
+    Examples
+    --------
+    >>> from scipy.stats import poisson
+    >>> low, high, mass = count_interval(poisson.pmf(range(60), 20.0), 0.9)
+    >>> print(low, high, f"{mass:.3f}")
+    13 28 0.927
+    """
+    cdf = np.cumsum(pmf)
+    low = int(np.searchsorted(cdf, (1 - level) / 2))
+    high = int(min(np.searchsorted(cdf, (1 + level) / 2), len(cdf) - 1))
+    return low, high, float(cdf[high] - (cdf[low - 1] if low > 0 else 0.0))
+
+
+def count_pit(pmf, n, *, seed=None):
+    """Randomised probability-integral transform of a count ``n`` under a pmf.
+
+    ``F(n - 1) + V p(n)`` with ``V ~ Uniform(0, 1)``: uniform on (0, 1) when ``n`` is
+    drawn from ``pmf``, as the continuous PIT is for a continuous variable.
+
+    Examples
+    --------
+    >>> print(count_pit([0.2, 0.5, 0.3], 1, seed=0) > 0.2)
+    True
+    """
+    pmf = np.asarray(pmf, dtype=float)
+    below = float(pmf[:min(n, len(pmf))].sum())
+    at = float(pmf[n]) if 0 <= n < len(pmf) else 0.0
+    return below + np.random.default_rng(seed).uniform() * at
 
 
 def count_coverage(results):
     """Coverage of the star-count intervals in `evaluate_on_simulations` results.
 
-    Returns a QTable with ``level`` (nominal) and ``coverage`` (fraction of images whose
-    interval holds the true count); ``meta['relative_bias']`` is the mean of
-    ``(n_stars_mean - n_true) / n_true``.
+    Returns
+    -------
+    table : `~astropy.table.QTable`
+        Per ``level`` (nominal): ``mass``, the mean exact posterior mass of the
+        intervals (what their coverage should be), ``coverage``, the fraction of images
+        whose interval holds the true count, and ``coverage_err``, its binomial
+        standard error. ``meta['relative_bias']`` is the mean of ``(n_stars_mean -
+        n_true) / n_true`` and ``meta['relative_bias_err']`` its standard error;
+        ``meta['dropped_fraction']`` the fraction of true stars beyond ``max_sources``
+        in their tile (a model fitted to truncated tiles is that much low).
     """
     levels = results.meta["levels"]
+    k = len(results)
     table = QTable()
     table["level"] = levels
+    table["mass"] = [float(np.mean(results[f"mass_{level:g}"])) for level in levels]
     table["coverage"] = [float(np.mean(results[f"covered_{level:g}"])) for level in levels]
-    table.meta["relative_bias"] = float(np.mean(
-        (results["n_stars_mean"] - results["n_true"]) / results["n_true"]))
+    table["coverage_err"] = np.sqrt(table["coverage"] * (1 - table["coverage"]) / k)
+    relative = (results["n_stars_mean"] - results["n_true"]) / np.maximum(results["n_true"], 1)
+    table.meta["relative_bias"] = float(np.mean(relative))
+    table.meta["relative_bias_err"] = float(np.std(relative, ddof=1) / np.sqrt(k)) if k > 1 \
+        else float("nan")
+    table.meta["dropped_fraction"] = float(np.sum(results["n_dropped"])
+                                           / max(np.sum(results["n_true"]), 1))
     return table
+
+
+def source_pit(posterior, truth, *, true_counts=None, pairing="sample", seed=None, bands=None):
+    """Probability-integral transform of true positions and fluxes under q.
+
+    Only tiles whose modal count equals their true count (``1 .. max_sources``) are
+    used. In such a tile with ``n`` stars, q's ``n`` sources (row ``n`` of the
+    triangular array) are paired with the true stars by q's own posterior over the
+    ``n!`` permutations: each permutation is weighted by q's joint density of all true
+    positions and fluxes under it, and one permutation is drawn with these weights
+    (``pairing='sample'``: if the truth were a draw from q, the PITs would then be
+    exactly uniform) or the most probable one is taken (``'mode'``). Each true value's
+    PIT is its CDF under the paired source's exact marginal: logit-normal within the
+    tile for ``x`` and ``y`` (the same as the normal CDF of the logit, since the map to
+    pixels is increasing) and log-normal for the fluxes.
+
+    Parameters
+    ----------
+    posterior : `~starnet.posterior.TiledPosterior`
+    truth : `~starnet.tiles.TileCatalog`
+        The true catalogs as tile variables.
+    true_counts : `torch.Tensor` of int, optional
+        The true number of stars per tile before truncation to ``max_sources``
+        (default: ``truth.counts``), so that overfull tiles are left out.
+    pairing : {'sample', 'mode'}, optional
+    seed : int or `numpy.random.Generator`, optional
+        For ``pairing='sample'``.
+    bands : sequence of str, optional
+        Band names (default ``'0'``, ``'1'``, ...).
+
+    Returns
+    -------
+    pits : `~astropy.table.QTable`
+        One row per true star of the tiles used: ``image``, ``tile_row``, ``tile_col``,
+        ``n`` (stars in the tile), ``pit_x``, ``pit_y``, ``pit_flux_<band>``, the true
+        ``flux_<band>`` (electrons) and ``pairing_prob`` (posterior probability of the
+        permutation used).
+
+    Examples
+    --------
+    One tile whose q has one source at the tile centre; the true star is there:
+
+    >>> import math, torch
+    >>> from starnet.calibration import source_pit
+    >>> from starnet.posterior import TiledPosterior
+    >>> from starnet.tiles import TileCatalog
+    >>> q = TiledPosterior(torch.tensor([[[[0.0, 5.0, 0.0, 0.0]]]]),
+    ...                    torch.zeros(1, 1, 1, 6, 2), torch.ones(1, 1, 1, 6, 2),
+    ...                    torch.full((1, 1, 1, 6, 1), 8.0), torch.ones(1, 1, 1, 6, 1))
+    >>> truth = TileCatalog(torch.tensor([[[1]]]), torch.full((1, 1, 1, 3, 2), 0.5),
+    ...                     torch.full((1, 1, 1, 3, 1), math.exp(8.0)), 0)
+    >>> pits = source_pit(q, truth, bands=["r"])
+    >>> print(f"{pits['pit_x'][0]:.2f} {pits['pit_flux_r'][0]:.2f}")
+    0.50 0.50
+    """
+    if pairing not in ("sample", "mode"):
+        raise ValueError(f"pairing must be 'sample' or 'mode', got {pairing!r}")
+    rng = np.random.default_rng(seed)
+    n_bands = posterior.log_flux_mean.shape[-1]
+    bands = [str(b) for b in range(n_bands)] if bands is None else list(bands)
+    counts = (truth.counts if true_counts is None else true_counts).numpy()
+    modal = posterior.count_logits.argmax(dim=-1).numpy()
+    u = truth.locs.double().clamp(_EPS, 1 - _EPS).numpy()
+    z = np.log(u) - np.log1p(-u)
+    w = np.log(truth.fluxes.double().numpy())
+    params = [p.detach().double().numpy() for p in (
+        posterior.loc_mean, posterior.loc_sd, posterior.log_flux_mean, posterior.log_flux_sd)]
+    parts = []
+    for n, slots in enumerate(triangle_slots(posterior.max_sources), start=1):
+        where = np.nonzero((modal == n) & (counts == n))
+        if len(where[0]) == 0:
+            continue
+        loc_mean, loc_sd, flux_mean, flux_sd = (p[where][:, slots] for p in params)
+        # residual[t, a, k, d]: true star a of tile t standardised by source k
+        residual = np.concatenate([
+            (z[where][:, :n, None] - loc_mean[:, None]) / loc_sd[:, None],
+            (w[where][:, :n, None] - flux_mean[:, None]) / flux_sd[:, None]], axis=-1)
+        log_sd = np.log(np.concatenate([loc_sd, flux_sd], axis=-1)).sum(-1)[:, None]
+        pair = -0.5 * (residual ** 2).sum(-1) - log_sd
+        perms = np.array(list(itertools.permutations(range(n))))
+        log_weight = log_softmax(pair[:, np.arange(n), perms].sum(-1), axis=-1)
+        if pairing == "mode":
+            chosen = log_weight.argmax(axis=1)
+        else:
+            cumulative = np.cumsum(np.exp(log_weight), axis=1)
+            chosen = np.minimum((cumulative < rng.uniform(size=(len(cumulative), 1)) *
+                                 cumulative[:, -1:]).sum(axis=1), len(perms) - 1)
+        source = perms[chosen]                                   # (tiles, n)
+        tile = np.arange(len(source))[:, None]
+        pit = norm.cdf(residual[tile, np.arange(n), source])     # (tiles, n, 2 + bands)
+        part = {"image": where[0], "tile_row": where[1], "tile_col": where[2],
+                "n": np.full(len(source), n)}
+        part = {name: np.repeat(value, n) for name, value in part.items()}
+        part["pit_x"], part["pit_y"] = pit[..., 0].ravel(), pit[..., 1].ravel()
+        for b, band in enumerate(bands):
+            part[f"pit_flux_{band}"] = pit[..., 2 + b].ravel()
+        for b, band in enumerate(bands):
+            part[f"flux_{band}"] = np.exp(w[where][:, :n, b]).ravel()
+        part["pairing_prob"] = np.repeat(np.exp(log_weight[tile[:, 0], chosen]), n)
+        parts.append(part)
+    names = (["image", "tile_row", "tile_col", "n", "pit_x", "pit_y"]
+             + [f"pit_flux_{b}" for b in bands] + [f"flux_{b}" for b in bands]
+             + ["pairing_prob"])
+    if not parts:
+        return QTable(names=names, dtype=[int] * 4 + [float] * (len(names) - 4))
+    table = QTable({name: np.concatenate([p[name] for p in parts]) for name in names})
+    table.sort(["image", "tile_row", "tile_col"])
+    return table
+
+
+def pit_coverage(pits, levels=(0.5, 0.8, 0.9, 0.95)):
+    """Coverage of the central intervals implied by PIT values.
+
+    The central ``L`` interval of a marginal holds the truth when ``|PIT - 1/2| <= L /
+    2``. Returns a QTable with ``level`` and, for each ``pit_*`` column of ``pits``
+    (e.g. from `source_pit`), the fraction of rows covered; ``meta['n']`` is the
+    number of rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astropy.table import QTable
+    >>> from starnet.calibration import pit_coverage
+    >>> pits = QTable({"pit_x": np.linspace(0.005, 0.995, 100)})
+    >>> print(pit_coverage(pits, levels=[0.5])["pit_x"][0])
+    0.5
+    """
+    table = QTable()
+    table["level"] = list(levels)
+    for name in pits.colnames:
+        if name.startswith("pit_"):
+            distance = np.abs(np.asarray(pits[name], dtype=float) - 0.5)
+            table[name] = [float(np.mean(distance <= level / 2)) if len(pits) else np.nan
+                           for level in levels]
+    table.meta["n"] = len(pits)
+    return table
+
+
+def dropped_fraction(prior, *, tile_size=2, max_sources=3, shape=(100, 100), n_images=200,
+                     seed=0):
+    """Fraction of the prior's stars beyond ``max_sources`` in their tile, by simulation.
+
+    A model fitted to tile catalogs truncated at ``max_sources`` learns the truncated
+    count, so its count is expected to be this fraction low.
+
+    Examples
+    --------
+    The M2 prior puts Poisson(0.48) stars in a tile of 2 x 2 pixels, of which 0.347 %
+    are beyond the third:
+
+    >>> from starnet import StarFieldPrior
+    >>> print(f"{dropped_fraction(StarFieldPrior(mu=0.12), n_images=200):.2%}")
+    0.35%
+    """
+    generator = torch.Generator().manual_seed(_seed_int(seed))
+    batch = prior.sample_batch(n_images, shape, margin=0.0, generator=generator)
+    tiles = TileGrid(tile_size=tile_size, max_sources=max_sources).to_tiles(
+        batch.locs, batch.fluxes, batch.mask, tuple(shape))
+    return tiles.n_dropped / max(int(batch.mask.sum()), 1)

@@ -220,7 +220,7 @@ def as_background(background, n_bands, shape=None, dtype=float):
 
 
 def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", seed=None,
-                       margin=0.0, stamp_size=25, density=None):
+                       margin=0.0, stamp_size=25, density=None, renderer=None):
     """Simulate an image of a star field and its true catalog from the generative model.
 
     Parameters
@@ -249,6 +249,9 @@ def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", 
         radial profile): the count of each pixel is Poisson with this mean, positions
         uniform within the pixel. Margin pixels take the density of the nearest edge
         pixel.
+    renderer : `StarFieldRenderer`, optional
+        A renderer of ``psf`` to reuse (building one takes most of the time of a small
+        image); by default one is built from ``psf`` and ``stamp_size``.
 
     Returns
     -------
@@ -280,7 +283,8 @@ def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", 
         batch = prior.sample_batch(1, shape, margin=margin, generator=generator)
     else:
         batch = _sample_density(prior, density, shape, margin, generator)
-    renderer = StarFieldRenderer(psfs, stamp_size=stamp_size)
+    if renderer is None:
+        renderer = StarFieldRenderer(psfs, stamp_size=stamp_size)
     stars = renderer.render(batch.locs, batch.fluxes, batch.mask, shape)[0].double()
     expected = stars + torch.from_numpy(background.reshape(prior.n_bands, -1, 1)
                                         if background.ndim == 1 else background)

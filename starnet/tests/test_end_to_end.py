@@ -1,5 +1,7 @@
 """A short fit on simulated fields beats photutils' DAOStarFinder on held-out images."""
 
+import math
+
 import numpy as np
 import pytest
 from photutils.detection import DAOStarFinder
@@ -56,11 +58,23 @@ def test_fit_beats_daostarfinder(fitted):
     assert np.mean(f1_starnet) > np.mean(f1_dao)
 
 
-def test_count_interval_is_sane(fitted):
-    results = evaluate_on_simulations(fitted, n_images=12, shape=SHAPE, seed=200, margin=4.0)
+# The fixture's model on 300 other images (seeds 9000..9299, evaluate_on_simulations as
+# below): 90 % intervals of exact mass 0.923 cover the true count in 0.873 of images, and
+# the posterior mean of the count is 8.97 % (s.e. 0.45 %) high: a short fit over-counts.
+REFERENCE_IMAGES, REFERENCE_COVERAGE = 300, 0.873
+REFERENCE_BIAS, REFERENCE_BIAS_ERR = 0.0897, 0.0045
+
+
+def test_count_calibration_no_worse_than_measured(fitted):
+    """Coverage of the 90 % count interval and bias of the count within three standard
+    errors (binomial, and of the mean; of both measurements) of the reference."""
+    k = 100
+    results = evaluate_on_simulations(fitted, n_images=k, shape=SHAPE, seed=200, margin=4.0)
     coverage = count_coverage(results)
-    # the 90 % interval should hold the true count in most images (not calibrated exactly:
-    # the paper's tiles over-count near boundaries), and the mean be within 25 %
-    assert coverage["coverage"][coverage["level"] == 0.9][0] >= 0.5
-    assert abs(coverage.meta["relative_bias"]) < 0.25
+    row = coverage[coverage["level"] == 0.9][0]
+    p = REFERENCE_COVERAGE
+    assert row["coverage"] > p - 3 * math.sqrt(p * (1 - p) * (1 / k + 1 / REFERENCE_IMAGES))
+    assert row["mass"] >= 0.9     # a closed discrete interval holds at least its level
+    error = math.hypot(coverage.meta["relative_bias_err"], REFERENCE_BIAS_ERR)
+    assert abs(coverage.meta["relative_bias"]) < REFERENCE_BIAS + 3 * error
     assert np.all(results["n_low_0.9"] <= results["n_high_0.9"])

@@ -1,0 +1,161 @@
+"""Calibration checks: PITs against independent expectations, and the count coverage of
+the bundled model against the figures docs/calibration.rst states."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from astropy.table import QTable
+from scipy import integrate, stats
+
+from starnet import StarFieldPrior, StarNetDeblender
+from starnet.calibration import (count_coverage, count_interval, count_pit, dropped_fraction,
+                                 evaluate_on_simulations, pit_coverage, source_pit)
+from starnet.posterior import TiledPosterior
+from starnet.tiles import TileCatalog, TileGrid
+
+
+def _random_posterior(generator, shape=(1, 40, 40), max_sources=3, n_bands=2, spread=1.0):
+    """A posterior with random parameters; the sources of a tile overlap (``spread``
+    small against their widths), so that pairing stars with sources is ambiguous."""
+    n_slots = max_sources * (max_sources + 1) // 2
+
+    def normal(*size):
+        return torch.randn(*shape, *size, generator=generator, dtype=torch.float64)
+
+    return TiledPosterior(
+        count_logits=3 * normal(max_sources + 1),
+        loc_mean=spread * normal(n_slots, 2), loc_sd=0.3 + torch.rand(
+            *shape, n_slots, 2, generator=generator, dtype=torch.float64),
+        log_flux_mean=8 + spread * normal(n_slots, n_bands),
+        log_flux_sd=0.3 + torch.rand(*shape, n_slots, n_bands, generator=generator,
+                                     dtype=torch.float64))
+
+
+def _shuffled(tiles, generator):
+    """The tile catalog with the stars of each tile in random order (a set has none)."""
+    n = tiles.counts[..., None]
+    key = torch.rand(tiles.counts.shape + (tiles.locs.shape[-2],), generator=generator)
+    key = torch.where(torch.arange(tiles.locs.shape[-2]) < n, key, 2.0)
+    order = key.argsort(dim=-1)[..., None]
+    return TileCatalog(tiles.counts, tiles.locs.gather(-2, order.expand_as(tiles.locs)),
+                       tiles.fluxes.gather(-2, order.expand_as(tiles.fluxes)), 0)
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0])
+def test_pit_is_uniform_when_the_truth_is_drawn_from_q(spread):
+    """Stars drawn from q (in random order within their tiles) and paired by a draw from
+    q's permutation posterior: every PIT is Uniform(0, 1), both when the sources of a tile
+    overlap (ambiguous pairing) and when they are apart."""
+    generator = torch.Generator().manual_seed(0)
+    posterior = _random_posterior(generator, spread=spread)
+    truth = _shuffled(posterior.sample(generator=generator), generator)
+    # counts drawn from q, so q's mode is the true count only in some tiles: the PIT is
+    # conditional on the count, which selecting on it leaves uniform
+    pits = source_pit(posterior, truth, seed=1, bands=["r", "i"])
+    assert len(pits) > 800 and set(pits["n"]) == {1, 2, 3}
+    if spread < 1:
+        assert np.mean(pits["pairing_prob"][pits["n"] > 1]) < 0.9
+    for name in ("pit_x", "pit_y", "pit_flux_r", "pit_flux_i"):
+        assert stats.kstest(pits[name], "uniform").pvalue > 0.01, name
+
+
+def test_pit_of_one_source_against_direct_integration():
+    """PIT of x: the logit-normal density of the pixel position integrated numerically;
+    of the flux: scipy's log-normal CDF; one tile of 2 pixels at tile (3, 5)."""
+    mean, sd, flux_mean, flux_sd = 0.7, 0.8, 8.0, 0.5
+    shape = (1, 6, 8)
+    posterior = TiledPosterior(
+        torch.zeros(*shape, 4).index_fill_(-1, torch.tensor([1]), 5.0),
+        torch.full((*shape, 6, 2), mean, dtype=torch.float64),
+        torch.full((*shape, 6, 2), sd, dtype=torch.float64),
+        torch.full((*shape, 6, 1), flux_mean, dtype=torch.float64),
+        torch.full((*shape, 6, 1), flux_sd, dtype=torch.float64))
+    grid = TileGrid(tile_size=2, max_sources=3)
+    x, y, flux = 10.9, 6.1, 2500.0
+    truth = grid.to_tiles(torch.tensor([[[x, y]]], dtype=torch.float64),
+                          torch.tensor([[[flux]]], dtype=torch.float64),
+                          torch.ones(1, 1, dtype=torch.bool), (12, 16))
+    pits = source_pit(posterior, truth, pairing="mode", bands=["r"])
+    assert len(pits) == 1 and (pits["tile_row"][0], pits["tile_col"][0]) == (3, 5)
+
+    def density(pixel, low):     # q's density of the pixel position in a tile from low
+        u = (pixel - low) / 2
+        return stats.norm.pdf(math.log(u / (1 - u)), mean, sd) / (u * (1 - u) * 2)
+
+    for value, low, name in ((x, 5 * 2 - 0.5, "pit_x"), (y, 3 * 2 - 0.5, "pit_y")):
+        expected = integrate.quad(density, low, value, args=(low,))[0]
+        assert pits[name][0] == pytest.approx(expected, abs=1e-6)
+    assert pits["pit_flux_r"][0] == pytest.approx(
+        stats.lognorm.cdf(flux, s=flux_sd, scale=math.exp(flux_mean)), abs=1e-9)
+
+
+def test_tiles_whose_mode_is_not_the_true_count_are_left_out():
+    generator = torch.Generator().manual_seed(3)
+    posterior = _random_posterior(generator, shape=(1, 5, 5))
+    truth = posterior.sample(generator=generator)
+    modal = posterior.count_logits.argmax(-1)
+    pits = source_pit(posterior, truth)
+    kept = (modal == truth.counts) & (truth.counts > 0)
+    assert len(pits) == int(truth.counts[kept].sum())
+    # tiles with 3 stars held a 4th, dropped by the truncation: they are left out
+    true_counts = truth.counts + (truth.counts == 3).long()
+    assert len(source_pit(posterior, truth, true_counts=true_counts)) == int(
+        truth.counts[kept & (truth.counts < 3)].sum())
+    with pytest.raises(ValueError, match="pairing"):
+        source_pit(posterior, truth, pairing="nearest")
+
+
+def test_count_interval_mass_and_randomised_pit():
+    pmf = stats.poisson.pmf(np.arange(80), 30.0)
+    for level in (0.5, 0.8, 0.9, 0.95):
+        low, high, mass = count_interval(pmf, level)
+        assert mass == pytest.approx(stats.poisson.cdf(high, 30) - stats.poisson.cdf(low - 1, 30))
+        assert mass >= level and stats.poisson.cdf(high - 1, 30) < (1 + level) / 2
+    rng = np.random.default_rng(0)
+    draws = rng.poisson(30.0, size=2000)
+    pits = [count_pit(pmf, n, seed=rng) for n in draws]
+    assert stats.kstest(pits, "uniform").pvalue > 0.01
+
+
+def test_pit_coverage_counts_central_intervals():
+    pits = np.random.default_rng(1).uniform(size=4000)
+    table = pit_coverage(QTable({"pit_a": pits, "other": pits}), levels=(0.5, 0.9))
+    assert table.colnames == ["level", "pit_a"] and table.meta["n"] == 4000
+    np.testing.assert_allclose(table["pit_a"], [np.mean(np.abs(pits - 0.5) <= 0.25),
+                                                np.mean(np.abs(pits - 0.5) <= 0.45)])
+
+
+def test_dropped_fraction_matches_the_poisson_tail():
+    """Each 2 x 2 tile holds Poisson(4 mu) stars; those beyond 3 are dropped."""
+    prior = StarFieldPrior(mu=0.12)
+    measured = dropped_fraction(prior, n_images=100, shape=(100, 100), seed=0)
+    rate = 0.12 * 4
+    k = np.arange(4, 40)
+    expected = np.sum((k - 3) * stats.poisson.pmf(k, rate)) / rate
+    # the number dropped is about Poisson: its relative standard error is 1 / sqrt(count)
+    n_dropped = expected * 0.12 * 100 * 100 * 100
+    assert measured == pytest.approx(expected, rel=4 / math.sqrt(n_dropped))
+
+
+# docs/calibration.rst, 200 images of 50 x 50 (seeds 1000..1199), background factor 1:
+# count bias -2.74 % (s.e. 0.22 %), 90 % interval coverage 0.830, 50 % coverage 0.440
+DOCS_IMAGES, DOCS_BIAS, DOCS_BIAS_ERR = 200, -0.0274, 0.0022
+DOCS_COVERAGE = {0.5: 0.440, 0.9: 0.830}
+
+
+def test_bundled_model_count_calibration_as_documented():
+    """New images (other seeds): the coverage may differ from the documented one by the
+    binomial error of both estimates, the bias by the standard error of both means."""
+    deblender = StarNetDeblender.pretrained("sdss-m2")
+    k = 200
+    results = evaluate_on_simulations(deblender, n_images=k, shape=(50, 50), seed=7000,
+                                      levels=tuple(DOCS_COVERAGE))
+    coverage = count_coverage(results)
+    for level, documented in DOCS_COVERAGE.items():
+        measured = coverage["coverage"][coverage["level"] == level][0]
+        error = math.sqrt(documented * (1 - documented) * (1 / k + 1 / DOCS_IMAGES))
+        assert abs(measured - documented) < 3 * error, level
+    error = math.hypot(coverage.meta["relative_bias_err"], DOCS_BIAS_ERR)
+    assert abs(coverage.meta["relative_bias"] - DOCS_BIAS) < 3 * error
