@@ -23,7 +23,7 @@ import numpy as np
 from astropy import units as u
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyWarning
-from astropy.nddata import NDData
+from astropy.nddata import InverseVariance
 from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS
 
@@ -31,6 +31,7 @@ from . import __version__, m2_benchmark
 from .datasets import load_sdss_frame
 from .deblender import StarNetDeblender
 from .prior import StarFieldPrior
+from .images import StarFieldImage, electrons_per_unit
 from .psf import PowerLawPSF, psf_from_dict
 from .training import TrainingSettings
 
@@ -49,10 +50,14 @@ IMAGE is either
   (from IMAGE's folder, the bundled data or the SDSS archive), converted to
   electrons, with the SDSS sky as background and the psField PSFs (the KL PSF at
   the image's centre, or the power law for a model trained on it); or
-* a FITS file whose primary HDU holds the image in electrons, sky included, with
+* a FITS file whose first image HDU (or --hdu) holds the image, sky included, with
   shape (bands, rows, cols) or (rows, cols) for a one-band model, bands in the
-  model's order. --background is then required; the PSFs are the model's and the
-  WCS is read from the header when it has one.
+  model's order, in electrons or a unit (BUNIT) that converts to them: ADU with
+  the gain (--gain or GAIN), counts per second with the exposure time (--exptime
+  or EXPTIME). --background is then required (numbers or a FITS map, in the
+  image's unit); --mask and --weight (inverse variance) give bad pixels and the
+  noise; the PSFs are the model's unless --psf gives PSF images; the WCS is read
+  from the header when it has one.
 
 When the model has a background encoder (the bundled ones do), the background is
 estimated from the pixels (starnet.background.fit_background: a factor on the
@@ -110,9 +115,25 @@ def main(argv=None):
     catalog.add_argument("--model", default="sdss-m2",
                          help="bundled model name or model file (default: sdss-m2)")
     catalog.add_argument("--overwrite", action="store_true", help="replace the output")
-    catalog.add_argument("--background", type=float, nargs="+", metavar="E",
-                         help="FITS image: background per band in electrons per pixel "
-                              "(one value per band, or one for all)")
+    catalog.add_argument("--background", nargs="+", metavar="B",
+                         help="FITS image: background per band in the image's unit per "
+                              "pixel (one value per band, or one for all), or a FITS file "
+                              "of a background map")
+    catalog.add_argument("--hdu", default=None,
+                         help="FITS image: the HDU (number or name) that holds the image "
+                              "(default: the first HDU with an image)")
+    catalog.add_argument("--mask", metavar="FITS",
+                         help="FITS image: mask (non-zero: bad pixel), (rows, cols) or "
+                              "(bands, rows, cols)")
+    catalog.add_argument("--weight", metavar="FITS",
+                         help="FITS image: inverse-variance map (zero: bad pixel); the "
+                              "noise of each pixel, read as starnet.images.read_image says")
+    catalog.add_argument("--psf", nargs="+", metavar="FITS",
+                         help="FITS image: a PSF image per band (default: the model's)")
+    catalog.add_argument("--gain", type=float,
+                         help="electrons per ADU of an image in ADU (default: GAIN)")
+    catalog.add_argument("--exptime", type=float,
+                         help="seconds of an image in counts per second (default: EXPTIME)")
     catalog.add_argument("--nelec-per-nmgy", type=float, nargs="+", metavar="C",
                          help="FITS image: electrons per nanomaggy per band, for "
                               "magnitudes 22.5 - 2.5 log10(flux / C) (default: "
@@ -350,59 +371,120 @@ def _read_image(args, deblender):
     path = Path(args.image)
     frame = SDSS_FRAME.search(path.name)
     if frame:
-        if args.background or args.nelec_per_nmgy:
-            raise ValueError("--background and --nelec-per-nmgy are for FITS images; an "
-                             "SDSS frame carries its own sky and calibration")
+        given = [option for option, value in (
+            ("--background", args.background), ("--nelec-per-nmgy", args.nelec_per_nmgy),
+            ("--hdu", args.hdu), ("--mask", args.mask), ("--weight", args.weight),
+            ("--psf", args.psf), ("--gain", args.gain), ("--exptime", args.exptime))
+            if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} are for FITS images; an SDSS frame carries "
+                             "its own sky, calibration, mask and PSF")
         run, camcol, field = (int(v) for v in frame.groups())
         # the PSF the model was trained with: the psField power law or the KL PSF
         psf = "powerlaw" if all(isinstance(p, PowerLawPSF) for p in deblender.psfs) else "kl"
         return load_sdss_frame(run, camcol, field, deblender.bands, cutout=cutout,
                                cache_dir=path.parent, psf=psf)
 
+    data, header = _read_fits(path, args.hdu, "image")
+    n_bands = len(deblender.bands)
+    data = _bands_first(data, n_bands, deblender.bands, path)
+    if args.background is None:
+        raise ValueError("a FITS image needs --background (per band in the image's unit, "
+                         f"one value per band {deblender.bands} or one for all, or a FITS "
+                         "map of the image's shape)")
+    meta = {"bands": deblender.bands, "psf": deblender.psfs,
+            "background": _background(args.background, data.shape, deblender.bands)}
+    if args.psf:
+        meta["psf"] = [_read_fits(Path(name), None, "PSF")[0] for name in args.psf]
+    for key, option in (("gain", args.gain), ("exptime", args.exptime)):
+        value = option if option is not None else header.get(key.upper())
+        if value is not None:
+            meta[key] = float(value)
+    if args.nelec_per_nmgy:
+        meta["nelec_per_nmgy"] = _per_band(args.nelec_per_nmgy, n_bands, "--nelec-per-nmgy")
+    unit = header.get("BUNIT")
+    unit = u.electron if unit is None else u.Unit(unit, parse_strict="silent")
+    electrons_per_unit(unit, meta)    # a unit that cannot become electrons fails here
+    mask = uncertainty = None
+    if args.mask:
+        mask = _bands_first(_read_fits(Path(args.mask), None, "mask")[0], n_bands,
+                            deblender.bands, args.mask, allow_2d=True) != 0
+    if args.weight:
+        weight = _bands_first(_read_fits(Path(args.weight), None, "weight map")[0], n_bands,
+                              deblender.bands, args.weight, allow_2d=True)
+        bad = ~(np.isfinite(weight) & (weight > 0))
+        mask = bad if mask is None else (mask | bad)
+        uncertainty = InverseVariance(np.where(bad, 1.0, weight), unit=unit ** -2)
+    wcs = WCS(header)
+    wcs = wcs.celestial if wcs.has_celestial else None
+    image = StarFieldImage(data, unit=unit, wcs=wcs, mask=mask, uncertainty=uncertainty,
+                           meta=meta)
+    if cutout is not None:
+        (r0, r1), (c0, c1) = cutout
+        if not (0 <= r0 < r1 <= data.shape[1] and 0 <= c0 < c1 <= data.shape[2]):
+            raise ValueError(f"--cutout {args.cutout} is not inside the image of "
+                             f"{data.shape[1]} x {data.shape[2]} pixels")
+        image = image[:, r0:r1, c0:c1]
+    return image
+
+
+def _read_fits(path, hdu, what):
+    """The data and header of a FITS file's HDU ``hdu`` (default: the first with data)."""
     if not path.is_file():
-        raise FileNotFoundError(f"no image file {path}")
+        raise FileNotFoundError(f"no {what} file {path}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with fits.open(path) as hdul:
             truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
             if truncated:
                 raise ValueError(f"{path} is not a whole FITS file: {truncated[0]}")
-            header = hdul[0].header
-            data = hdul[0].data
+            if hdu is None:
+                found = [h for h in hdul if getattr(h, "data", None) is not None
+                         and getattr(h, "is_image", False)]
+                if not found:
+                    raise ValueError(f"{path} holds no image in any HDU")
+                chosen = found[0]
+            else:
+                try:
+                    chosen = hdul[int(hdu) if str(hdu).isdigit() else hdu]
+                except (KeyError, IndexError):
+                    raise ValueError(f"{path} has no HDU {hdu!r}; it has "
+                                     f"{[h.name for h in hdul]}") from None
+                if chosen.data is None or not chosen.is_image:
+                    raise ValueError(f"HDU {hdu!r} of {path} holds no image")
+            header, data = chosen.header, np.asarray(chosen.data, dtype=np.float32)
     for warning in caught:   # the others are the user's to see
         warnings.warn(warning.message, warning.category, stacklevel=2)
-    if data is None:
-        raise ValueError(f"{path} has no image in its primary HDU")
-    unit = header.get("BUNIT")
-    if unit is not None and u.Unit(unit, parse_strict="silent") != u.electron:
-        raise ValueError(f"{path} is in {unit!r} (BUNIT), the model needs electrons; SDSS "
-                         "frames are read under their SDSS name "
-                         "frame-<band>-<run>-<camcol>-<field>.fits.bz2")
-    n_bands = len(deblender.bands)
-    data = np.asarray(data, dtype=np.float32)
-    if data.ndim == 2:
-        data = data[None]
+    return data, header
+
+
+def _bands_first(data, n_bands, bands, path, *, allow_2d=False):
+    """``data`` as (bands, rows, cols); a (rows, cols) array for a one-band model (or for
+    any model when ``allow_2d``: a mask or weight map shared by the bands)."""
+    if data.ndim == 2 and (n_bands == 1 or allow_2d):
+        data = np.broadcast_to(data, (n_bands, *data.shape))
     if data.ndim != 3 or data.shape[0] != n_bands:
         raise ValueError(f"{path} holds an image of shape {data.shape}; the model needs "
-                         f"(bands={n_bands}, rows, cols) for bands {deblender.bands}"
-                         + (" or (rows, cols)" if n_bands == 1 else ""))
-    if args.background is None:
-        raise ValueError("a FITS image needs --background (electrons per pixel, one value "
-                         f"per band {deblender.bands} or one for all)")
-    meta = {"bands": deblender.bands, "psf": deblender.psfs,
-            "background": _per_band(args.background, n_bands, "--background")}
-    if args.nelec_per_nmgy:
-        meta["nelec_per_nmgy"] = _per_band(args.nelec_per_nmgy, n_bands, "--nelec-per-nmgy")
-    wcs = WCS(header)
-    wcs = wcs.celestial if wcs.has_celestial else None
-    if cutout is not None:
-        (r0, r1), (c0, c1) = cutout
-        if not (0 <= r0 < r1 <= data.shape[1] and 0 <= c0 < c1 <= data.shape[2]):
-            raise ValueError(f"--cutout {args.cutout} is not inside the image of "
-                             f"{data.shape[1]} x {data.shape[2]} pixels")
-        data = data[:, r0:r1, c0:c1]
-        wcs = None if wcs is None else wcs[r0:r1, c0:c1]
-    return NDData(data, unit=u.electron, wcs=wcs, meta=meta)
+                         f"(bands={n_bands}, rows, cols) for bands {bands}"
+                         + (" or (rows, cols)" if n_bands == 1 or allow_2d else ""))
+    return data
+
+
+def _background(values, shape, bands):
+    """``--background``: numbers (one per band or one for all) or a FITS map."""
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        if len(values) != 1:
+            raise ValueError("--background takes numbers or one FITS file of a map, got "
+                             f"{values}") from None
+        data, _ = _read_fits(Path(values[0]), None, "background map")
+        data = _bands_first(data, len(bands), bands, values[0], allow_2d=True)
+        if data.shape != tuple(shape):
+            raise ValueError(f"the background map {values[0]} has shape {data.shape}; the "
+                             f"image's is {tuple(shape)}") from None
+        return np.array(data)
+    return _per_band(numbers, len(bands), "--background")
 
 
 def _per_band(values, n_bands, option):

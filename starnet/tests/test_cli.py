@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from astropy import units as u
 from astropy.io import fits
-from astropy.nddata import NDData
+from astropy.nddata import InverseVariance, NDData
 from astropy.table import QTable
 from astropy.wcs import WCS
 
@@ -317,3 +317,61 @@ def test_catalog_fits_the_background_when_the_model_can(tmp_path, capsys):
     assert written.meta["background"] == [pytest.approx(np.median(fitted.meta["background"]))]
     assert main([*args, "--no-background-fit", "-o", str(tmp_path / "given.ecsv")]) == 0
     assert "background estimated" not in capsys.readouterr().out
+
+
+def _catalog_of(model_path, tmp_path, *options):
+    out = tmp_path / "out.ecsv"
+    assert main(["catalog", *options, "--model", str(model_path), "-o", str(out),
+                 "--no-progress", "--overwrite"]) == 0
+    return QTable.read(out)
+
+
+def _api_catalog(model_path, data, **nddata):
+    meta = {"bands": ["r"], "psf": [PSF], "background": [SKY]}
+    meta.update(nddata.pop("meta", {}))
+    return StarNetDeblender.load(model_path)(NDData(data[None], meta=meta, **nddata))
+
+
+def test_catalog_of_an_adu_image_in_an_extension(model_path, tmp_path):
+    """ADU with the gain in the header, the image in a named extension: the same catalog as
+    the image in electrons given to the API."""
+    data = _image_file(tmp_path / "electrons.fits")
+    header = fits.Header({"BUNIT": "adu", "GAIN": 4.0})
+    hdus = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data / 4.0, name="SCI",
+                                                          header=header)])
+    hdus.writeto(tmp_path / "adu.fits")
+    expected = _api_catalog(model_path, data, unit=u.electron)
+    for options in ([], ["--hdu", "SCI"], ["--hdu", "1"]):
+        written = _catalog_of(model_path, tmp_path, str(tmp_path / "adu.fits"),
+                              "--background", str(SKY / 4.0), *options)
+        np.testing.assert_allclose(written["x_fit"], expected["x_fit"], atol=1e-4)
+        np.testing.assert_allclose(written["flux_r"].value, expected["flux_r"].value,
+                                   rtol=1e-4)
+    with pytest.raises(SystemExit):
+        main(["catalog", str(tmp_path / "adu.fits"), "--hdu", "WHT", "--background", "1",
+              "--model", str(model_path), "-o", str(tmp_path / "x.ecsv")])
+
+
+def test_catalog_with_mask_weight_background_map_and_psf_files(model_path, tmp_path):
+    data = _image_file(tmp_path / "image.fits")
+    mask = np.zeros(data.shape, np.uint8)
+    mask[:3, :5] = 1
+    weight = 1.0 / (np.maximum(data, 1.0) + 100.0)     # Poisson plus a read noise of 10 e-
+    background = np.full(data.shape, SKY, np.float32) + np.arange(16)[None, :]
+    stamp = pixel_stamps(PSF, 15, [0.0], [0.0])[0]
+    for name, array in (("mask", mask), ("weight", weight), ("background", background),
+                        ("psf", stamp)):
+        fits.PrimaryHDU(array).writeto(tmp_path / f"{name}.fits")
+    with pytest.warns(UserWarning, match="15 masked"):
+        written = _catalog_of(model_path, tmp_path, str(tmp_path / "image.fits"),
+                              "--mask", str(tmp_path / "mask.fits"),
+                              "--weight", str(tmp_path / "weight.fits"),
+                              "--background", str(tmp_path / "background.fits"),
+                              "--psf", str(tmp_path / "psf.fits"))
+    with pytest.warns(UserWarning, match="15 masked"):
+        expected = _api_catalog(model_path, data, unit=u.electron, mask=mask[None] != 0,
+                                uncertainty=InverseVariance(weight[None]),
+                                meta={"background": background[None], "psf": [stamp]})
+    assert len(written) == len(expected)
+    np.testing.assert_allclose(written["x_fit"], expected["x_fit"], atol=1e-4)
+    assert written.meta["background"] == pytest.approx(expected.meta["background"])
