@@ -20,14 +20,16 @@ electrons per pixel.
    interval of its star count against their true number. photutils' DAOPHOT-like
    pipeline (`starnet.baselines.daophot_catalog`) is scored on the same fields.
 
-Prints a table and writes a figure. Run (about 30 minutes on 2 cores)::
+Each model is also scored on fields of a sky cut at ``f_min`` (no stars fainter than
+the model's prior knows), and a fourth model's prior reaches 2.5 times the flux noise
+(its count and F1 are of the stars above the catalog's limit, 5 times the flux
+noise, from its posterior catalogs). Prints a table and writes a figure. Run (about
+45 minutes on 2 cores)::
 
-    python benchmarks/learning_curve.py --steps 500 1500 4500 \\
-        --output docs/_static/learning_curve.png
+    python benchmarks/learning_curve.py --output docs/_static/learning_curve.png
 """
 
 import argparse
-import time
 import warnings
 from pathlib import Path
 
@@ -53,10 +55,10 @@ MARGIN = 8
 BORDER = 4
 
 
-def render_field(shape, seed):
+def render_field(shape, seed, sky_stars=SKY_STARS):
     """A photutils-rendered field of the sky (NDData in electrons) and its true stars."""
     rows, cols = shape
-    stars = SKY_STARS.sample((rows + 2 * MARGIN, cols + 2 * MARGIN), seed=seed)
+    stars = sky_stars.sample((rows + 2 * MARGIN, cols + 2 * MARGIN), seed=seed)
     stars["x"] -= MARGIN
     stars["y"] -= MARGIN
     params = QTable({"x_0": np.asarray(stars["x"]), "y_0": np.asarray(stars["y"]),
@@ -71,6 +73,13 @@ def render_field(shape, seed):
     return image, stars[inside]
 
 
+def cut_sky(f_min):
+    """The sky's stars above ``f_min`` only (the same density of those)."""
+    return StarFieldPrior(mu=SKY_STARS.mu * (f_min / SKY_STARS.f_min) ** -SKY_STARS.alpha,
+                          f_min=f_min, f_max=SKY_STARS.f_max, alpha=SKY_STARS.alpha,
+                          bands=["r"])
+
+
 def trained_model(path, prior, n_steps, seed=0):
     """The model trained for ``n_steps`` (loaded from ``path`` when it exists)."""
     if Path(path).exists():
@@ -81,98 +90,129 @@ def trained_model(path, prior, n_steps, seed=0):
                   image_shape=(64, 64), margin=MARGIN, seed=seed,
                   checkpoint=Path(path).with_suffix(".ckpt"), progress=False)
     deblender.provenance["command"] = ("python benchmarks/learning_curve.py "
-                                       f"--steps {n_steps}")
+                                       f"(prior f_min {prior.f_min:g}, {n_steps} steps)")
     deblender.save(path)
     return deblender
 
 
-def score(catalog, truth, f_min, shape):
-    """One-to-one F1 against the true stars brighter than ``f_min``."""
-    truth = truth[np.asarray(truth["flux_r"]) >= f_min]
+def score(catalog, truth, limit, shape):
+    """One-to-one F1 of the stars brighter than ``limit`` against the true ones."""
+    truth = truth[np.asarray(truth["flux_r"]) >= limit]
+    catalog = catalog[u.Quantity(catalog["flux_r"], u.electron).value >= limit]
     return match_catalogs(catalog, truth, band="r", border=BORDER, image_shape=shape)
+
+
+def evaluate(deblender, fields, limit, shape, n_samples):
+    """Mean F1, count bias and 90 % coverage of the number of stars above ``limit``
+    (from ``n_samples`` posterior catalogs), over the fields."""
+    f1s, covered, bias = [], 0, []
+    for k, (image, truth) in enumerate(fields):
+        f1s.append(score(deblender(image, progress_bar=False), truth, limit, shape).f1)
+        samples = deblender.sample(image, n_samples=n_samples, seed=k, progress_bar=False)
+        bright = np.asarray(samples["flux_r"]) >= limit
+        counts = np.bincount(samples["sample"][bright], minlength=n_samples)
+        low, high = np.quantile(counts, [0.05, 0.95])
+        n_true = int(np.sum(np.asarray(truth["flux_r"]) >= limit))
+        covered += int(low <= n_true <= high)
+        bias.append(counts.mean() / n_true - 1)
+    return {"f1": float(np.mean(f1s)), "count_bias": float(np.mean(bias)),
+            "coverage_90": covered / len(fields)}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[500, 1500, 4500])
+    parser.add_argument("--low-f-min-steps", type=int, default=4500,
+                        help="steps of the model whose prior reaches 2.5 times the flux "
+                             "noise (0: none)")
     parser.add_argument("--n-test", type=int, default=20)
+    parser.add_argument("--n-samples", type=int, default=100,
+                        help="posterior catalogs per field behind the count interval")
     parser.add_argument("--folder", default="runs/learning-curve")
     parser.add_argument("--output", default=None, help="figure file (png)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module="photutils")
 
     observed, _ = render_field((300, 300), seed=0)
-    f_min = float(np.round(5 * flux_noise(PSF, SKY), -2))
-    estimate = estimate_prior(observed, f_min=f_min)
-    prior = estimate.prior
-    true_mu = SKY_STARS.mu * (f_min / SKY_STARS.f_min) ** -SKY_STARS.alpha
-    print(f"prior from the observed field: f_min {f_min:.0f}, mu {prior.mu:.4f} +- "
-          f"{estimate.mu_err:.4f} (sky: {true_mu:.4f} above f_min), alpha "
-          f"{prior.alpha:.2f} +- {estimate.alpha_err:.2f} (sky: {SKY_STARS.alpha}), from "
-          f"{estimate.n_bright} stars above {estimate.complete_above:.0f} electrons")
+    noise = flux_noise(PSF, SKY)
+    limit = float(np.round(5 * noise, -2))     # the catalog's limit: 5 x the flux noise
+    models = [(limit, n_steps) for n_steps in args.steps]
+    if args.low_f_min_steps:
+        models.append((float(np.round(2.5 * noise, -1)), args.low_f_min_steps))
+    priors = {}
+    for f_min in sorted({f_min for f_min, _ in models}):
+        estimate = estimate_prior(observed, f_min=f_min)
+        priors[f_min] = estimate.prior
+        print(f"prior from the observed field for f_min {f_min:.0f}: mu "
+              f"{estimate.prior.mu:.4f} +- {estimate.mu_err:.4f} (sky: "
+              f"{cut_sky(f_min).mu:.4f} above f_min), alpha {estimate.prior.alpha:.2f} +- "
+              f"{estimate.alpha_err:.2f} (sky: {SKY_STARS.alpha}), from {estimate.n_bright} "
+              f"stars above {estimate.complete_above:.0f} electrons")
 
-    fields = [render_field((100, 100), seed=1 + k) for k in range(args.n_test)]
     shape = (100, 100)
+    skies = {"faint": SKY_STARS, "cut": cut_sky(limit)}
+    fields = {name: [render_field(shape, 1 + k, sky) for k in range(args.n_test)]
+              for name, sky in skies.items()}
     rows = []
     Path(args.folder).mkdir(parents=True, exist_ok=True)
-    for n_steps in args.steps:
-        deblender = trained_model(Path(args.folder) / f"steps-{n_steps}.pt", prior, n_steps)
+    for f_min, n_steps in models:
+        name = f"steps-{n_steps}" + ("" if f_min == limit else f"-fmin-{f_min:g}")
+        deblender = trained_model(Path(args.folder) / f"{name}.pt", priors[f_min], n_steps)
         history = deblender.training_history
-        f1s, covered, bias, seconds = [], 0, [], 0.0
-        for image, truth in fields:
-            started = time.perf_counter()
-            catalog = deblender(image)
-            seconds += time.perf_counter() - started
-            f1s.append(score(catalog, truth, f_min, shape).f1)
-            n_true = int(np.sum(np.asarray(truth["flux_r"]) >= f_min))
-            low, high = catalog.meta["n_stars_q05"], catalog.meta["n_stars_q95"]
-            covered += int(low <= n_true <= high)
-            bias.append(catalog.meta["n_stars_mean"] / n_true - 1)
-        rows.append({"method": f"StarNet {n_steps} steps",
-                     "train_minutes": float(np.sum(history["seconds"])) / 60,
-                     "images_per_second": float(np.median(history["images_per_second"])),
-                     "val_f1": float(history["val_f1"][-1]),
-                     "f1": float(np.mean(f1s)), "f1_sd": float(np.std(f1s)),
-                     "count_bias": float(np.mean(bias)),
-                     "coverage_90": covered / len(fields),
-                     "seconds_per_field": seconds / len(fields)})
-    f1s, seconds = [], 0.0
-    for image, truth in fields:
-        started = time.perf_counter()
-        catalog = daophot_catalog(image, band="r", fwhm=4.0)
-        seconds += time.perf_counter() - started
-        catalog = catalog[np.asarray(catalog["flux_r"].value) >= f_min]
-        f1s.append(score(catalog, truth, f_min, shape).f1)
-    rows.append({"method": "photutils (DAOPHOT-like)", "train_minutes": 0.0,
-                 "images_per_second": np.nan, "val_f1": np.nan, "f1": float(np.mean(f1s)),
-                 "f1_sd": float(np.std(f1s)), "count_bias": np.nan,
-                 "coverage_90": np.nan, "seconds_per_field": seconds / len(fields)})
+        row = {"method": f"StarNet, f_min {f_min:g}, {n_steps} steps", "prior_f_min": f_min,
+               "train_minutes": float(np.sum(history["seconds"])) / 60,
+               "images_per_second": float(np.median(history["images_per_second"]))}
+        for sky, sky_fields in fields.items():
+            scores = evaluate(deblender, sky_fields, limit, shape, args.n_samples)
+            row.update({f"{key}_{sky}": value for key, value in scores.items()})
+        rows.append(row)
+    row = {"method": "photutils (DAOPHOT-like)", "prior_f_min": np.nan, "train_minutes": 0.0,
+           "images_per_second": np.nan}
+    for sky, sky_fields in fields.items():
+        f1s = [score(daophot_catalog(image, band="r", fwhm=4.0), truth, limit, shape).f1
+               for image, truth in sky_fields]
+        row.update({f"f1_{sky}": float(np.mean(f1s)), f"count_bias_{sky}": np.nan,
+                    f"coverage_90_{sky}": np.nan})
+    rows.append(row)
     table = QTable(rows=rows)
     for name in table.colnames[1:]:
         table[name].info.format = ".3f"
-    print(f"{len(fields)} test fields of 100 x 100 pixels; truth: stars above {f_min:.0f} "
-          "electrons")
+    print(f"{args.n_test} test fields of 100 x 100 pixels; scored: stars above {limit:.0f} "
+          f"electrons. Sky 'faint': stars down to {SKY_STARS.f_min:.0f} electrons; sky "
+          f"'cut': only those above {limit:.0f}")
     table.pprint_all()
     if args.output:
-        plot(table[:-1], float(table["f1"][-1]), args.output)
+        plot(table, limit, args.output)
         print(f"wrote {args.output}")
 
 
-def plot(table, daophot_f1, path):
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+def plot(table, limit, path):
+    """F1 and count coverage against training time, on both skies."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    f_min = np.asarray(table["prior_f_min"])
+    curve = np.flatnonzero(f_min == limit)
+    others = np.flatnonzero(np.isfinite(f_min) & (f_min != limit))
     minutes = np.asarray(table["train_minutes"])
-    left.errorbar(minutes, table["f1"], yerr=np.asarray(table["f1_sd"]), marker="o",
-                  label="StarNet")
-    left.axhline(daophot_f1, color="grey", ls="--", label="photutils (DAOPHOT-like)")
+    for sky, style in (("faint", "o-"), ("cut", "s--")):
+        label = {"faint": "sky with fainter stars", "cut": "sky cut at the limit"}[sky]
+        left.plot(minutes[curve], np.asarray(table[f"f1_{sky}"])[curve], style, label=label)
+        right.plot(minutes[curve], np.asarray(table[f"coverage_90_{sky}"])[curve], style,
+                   label=label)
+        for i in others:
+            left.plot(minutes[i], table[f"f1_{sky}"][i], "*", ms=12, color="C3",
+                      label="prior to 2.5 x flux noise" if sky == "faint" else None)
+            right.plot(minutes[i], table[f"coverage_90_{sky}"][i], "*", ms=12, color="C3",
+                       label="prior to 2.5 x flux noise" if sky == "faint" else None)
+        left.axhline(table[f"f1_{sky}"][-1], color="grey", ls=style[1:] or "-", lw=1,
+                     label=f"photutils, {label}")
     left.set_xlabel("training time on 2 cores (min)")
     left.set_ylabel("F1 (0.5 px, 0.5 mag)")
-    left.legend()
-    right.plot(minutes, table["coverage_90"], marker="o", label="90 % interval of N")
+    left.legend(fontsize=7)
     right.axhline(0.9, color="grey", ls=":", label="nominal 0.9")
     right.set_xlabel("training time on 2 cores (min)")
-    right.set_ylabel("fraction of fields covered")
+    right.set_ylabel("fields whose 90 % interval of N holds the truth")
     right.set_ylim(-0.05, 1.05)
-    right.legend()
+    right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
