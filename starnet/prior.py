@@ -190,6 +190,50 @@ class StarFieldPrior:
         fluxes = torch.cat([flux_ref[:, None], flux_ref[:, None] * 10 ** (colors / 2.5)], dim=1)
         return fluxes.float()
 
+    def flux_log_density(self, fluxes):
+        r"""Log density of stars' fluxes under the prior.
+
+        The density is over the fluxes in every band: the truncated Pareto density of
+        the reference flux :math:`f_1` times, for each other band, the normal density
+        of the colour :math:`c_b = 2.5 \log_{10}(f_b / f_1)` times
+        :math:`|dc_b / df_b| = 2.5 / (f_b \ln 10)`.
+
+        Parameters
+        ----------
+        fluxes : `torch.Tensor`, shape (..., n_bands)
+            Fluxes in electrons.
+
+        Returns
+        -------
+        log_density : `torch.Tensor`, shape (...)
+            ``-inf`` where the reference flux is outside ``[f_min, f_max]`` or a flux
+            is not positive.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from starnet import StarFieldPrior
+        >>> prior = StarFieldPrior(f_min=1000.0, f_max=1e6, alpha=0.5, bands=["r"])
+        >>> density = prior.flux_log_density(torch.tensor([[500.0], [4000.0]])).exp()
+        >>> print([f"{float(d):.3g}" for d in density])
+        ['0', '6.45e-05']
+        """
+        fluxes = torch.as_tensor(fluxes, dtype=torch.float64)
+        ref = fluxes[..., 0]
+        log_norm = (np.log(self.alpha) + self.alpha * np.log(self.f_min)
+                    - np.log1p(-(self.f_min / self.f_max) ** self.alpha))
+        inside = (ref >= self.f_min) & (ref <= self.f_max) & (fluxes > 0).all(dim=-1)
+        positive = torch.where(fluxes > 0, fluxes, torch.ones_like(fluxes))
+        log_density = log_norm - (self.alpha + 1) * positive[..., 0].log()
+        if self.n_bands > 1:
+            mean = torch.tensor(self.color_mean, dtype=torch.float64)
+            sd = torch.tensor(self.color_sd, dtype=torch.float64)
+            colors = 2.5 * torch.log10(positive[..., 1:] / positive[..., :1])
+            log_density = log_density + (
+                -0.5 * ((colors - mean) / sd) ** 2 - sd.log() - 0.5 * np.log(2 * np.pi)
+                + np.log(2.5 / np.log(10.0)) - positive[..., 1:].log()).sum(dim=-1)
+        return torch.where(inside, log_density, torch.tensor(-np.inf, dtype=torch.float64))
+
     def sample_batch(self, n_images, shape, *, margin=0.0, mu=None, generator=None):
         """Sample a batch of catalogs as padded tensors (used for training).
 

@@ -134,18 +134,11 @@ class StarFieldRenderer:
         inside = mask & (col >= 0) & (col < canvas[1]) & (row >= 0) & (row < canvas[0])
         flat_index = torch.where(inside, row * canvas[1] + col, 0)
 
-        position = (offset + 0.5).clamp(0, 1) * self.phase_steps
-        lower = position.floor().clamp(max=self.phase_steps - 1)
-        weight = position - lower
-        ix, iy = lower[..., 0].long(), lower[..., 1].long()
-        wx, wy = weight[..., 0:1], weight[..., 1:2]
-
         fft_shape = self._fft_shape(shape)
         images = []
         for band in range(self.n_bands):
             table = self._coefficients[band]
-            coeffs = ((1 - wy) * (1 - wx) * table[iy, ix] + (1 - wy) * wx * table[iy, ix + 1]
-                      + wy * (1 - wx) * table[iy + 1, ix] + wy * wx * table[iy + 1, ix + 1])
+            coeffs = self._interpolate(table, offset)
             values = coeffs * (fluxes[..., band] * inside)[..., None]
             rank = table.shape[-1]
             maps = torch.zeros(n_images, rank, canvas[0] * canvas[1])
@@ -157,6 +150,43 @@ class StarFieldRenderer:
             full = torch.fft.irfft2(spectrum, s=fft_shape)
             images.append(full[:, 2 * half:2 * half + rows, 2 * half:2 * half + cols])
         return torch.stack(images, dim=1)
+
+    def _interpolate(self, table, offset):
+        """Basis coefficients (..., rank) at sub-pixel offsets (..., 2) in [-0.5, 0.5],
+        bilinear between the tabulated offsets of ``table``."""
+        position = (offset + 0.5).clamp(0, 1) * self.phase_steps
+        lower = position.floor().clamp(max=self.phase_steps - 1)
+        weight = position - lower
+        ix, iy = lower[..., 0].long(), lower[..., 1].long()
+        wx, wy = weight[..., 0:1].to(table.dtype), weight[..., 1:2].to(table.dtype)
+        return ((1 - wy) * (1 - wx) * table[iy, ix] + (1 - wy) * wx * table[iy, ix + 1]
+                + wy * (1 - wx) * table[iy + 1, ix] + wy * wx * table[iy + 1, ix + 1])
+
+    def stamps(self, locs, band, *, dtype=torch.float32):
+        """The unit-flux stamps that `render` adds for stars at ``locs``.
+
+        Parameters
+        ----------
+        locs : `torch.Tensor`, shape (n, 2)
+            ``(x, y)`` pixel positions.
+        band : int
+            Index of the band.
+        dtype : `torch.dtype`, optional
+            Type of the stamps (the tables are float32; float64 sums more exactly).
+
+        Returns
+        -------
+        nearest : `torch.Tensor` of long, shape (n, 2)
+            The pixel ``(col, row)`` nearest each star: the centre of its stamp.
+        stamps : `torch.Tensor`, shape (n, stamp_size, stamp_size)
+            ``stamps[k, i, j]`` is the light of star ``k`` in pixel
+            ``(row, col) = nearest[k, ::-1] + (i, j) - stamp_size // 2``; each sums to one.
+        """
+        nearest = torch.floor(locs + 0.5)
+        coeffs = self._interpolate(self._coefficients[band].to(dtype), (locs - nearest).to(dtype))
+        basis = self._bases[band].to(dtype)
+        stamps = coeffs @ basis.reshape(basis.shape[0], -1)
+        return nearest.long(), stamps.reshape(-1, self.stamp_size, self.stamp_size)
 
 
 def _fast_length(n):
