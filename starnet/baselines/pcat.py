@@ -72,7 +72,10 @@ class CatalogSampler:
     psf : PSF or list of PSF, optional
         One per band (or one for all); by default the image's ``meta['psf']``.
     stamp_size : int, optional
-        Odd width of the PSF stamps, pixels.
+        Odd width of the PSF stamps, pixels; by default that of the images
+        `~starnet.simulate_starfield` renders and `~starnet.StarNetDeblender` is
+        trained on (a smaller stamp drops wing light that the sampler then explains
+        with extra faint stars).
     region_size : int, optional
         Side of the checkerboard's squares, pixels; at least ``stamp_size - 1`` (the
         default).
@@ -99,13 +102,13 @@ class CatalogSampler:
     >>> prior = StarFieldPrior(mu=0.002, bands=["r"])
     >>> image, truth = simulate_starfield((20, 20), prior=prior, psf=psf,
     ...                                   background=686.0, seed=3)
-    >>> sampler = CatalogSampler(prior=prior, psf=psf)
+    >>> sampler = CatalogSampler(prior=prior, psf=psf, stamp_size=11)
     >>> samples = sampler.sample(image, n_samples=20, n_sweeps=100, seed=0)
     >>> samples.colnames
     ['sample', 'x_fit', 'y_fit', 'flux_r']
     """
 
-    def __init__(self, *, prior, psf=None, stamp_size=11, region_size=None,
+    def __init__(self, *, prior, psf=None, stamp_size=25, region_size=None,
                  move_probabilities=(0.6, 0.1, 0.1, 0.1, 0.1), position_step=1.0,
                  flux_step=1.0, split_scale=1.0, likelihood=True):
         if stamp_size % 2 != 1 or stamp_size < 3:

@@ -127,7 +127,7 @@ def test_bright_isolated_star_found():
     shape, sky = (20, 20), 686.0
     expected = _render(renderer, [[9.3, 10.6, 3e4]], shape) + sky
     data = torch.poisson(expected, generator=torch.Generator().manual_seed(0))
-    sampler = CatalogSampler(prior=prior, psf=PSF)
+    sampler = CatalogSampler(prior=prior, psf=PSF, stamp_size=11)
     samples = sampler.sample(_image(data, ["r"], [sky], PSF), n_samples=10, n_sweeps=1000,
                              seed=4)
     bright = samples[samples["flux_r"].value > 1e4]
