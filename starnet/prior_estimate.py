@@ -69,10 +69,11 @@ def estimate_prior(nddata, *, f_min, f_max=1e6, complete_above=None, threshold=3
     that bright, ``P(f > complete_above | f_min <= f <= f_max)``. Colours keep the
     defaults of `~starnet.StarFieldPrior`.
 
-    ``f_min`` is the faintest star the model will catalogue; stars fainter than it
-    count as background. A few times `flux_noise` (5-10) is a sensible choice: the
-    paper's M2 prior has ``f_min`` = 1000 electrons, about 9 times the flux noise of
-    its r band.
+    ``f_min`` is the faintest star the model knows. It should reach below the
+    faintest star to be catalogued, or the sky's fainter stars are taken for
+    brighter ones: in ``benchmarks/learning_curve.py`` (docs/training.rst) a prior
+    from 5 times `flux_noise` counted the stars above that limit 14 % too high, one
+    from 2.5 times was unbiased.
 
     Parameters
     ----------
