@@ -18,7 +18,10 @@ Run (the command that made the bundled model is recorded in its metadata)::
     python scripts/train_sdss_m2.py --minutes 35 --seed 0 --overwrite
 
 Training resumes from ``--checkpoint`` when it exists; ``--init-from`` starts from the
-weights of another model (fine-tuning) instead of random ones.
+weights of another model (fine-tuning) instead of random ones, and with
+``--keep-background-encoder`` (and ``--background-steps 0``) keeps that model's
+background encoder, so that only the catalog encoder changes. ``--mu`` and ``--alpha``
+change the prior (``benchmarks/prior_sensitivity.py`` fine-tunes the bundled model so).
 """
 
 import argparse
@@ -58,6 +61,8 @@ def main(argv=None):
     parser.add_argument("--variant-range", type=float, nargs=2, default=(0.0, 0.0))
     parser.add_argument("--mu", type=float, default=0.12,
                         help="stars per pixel of the prior (default: the paper's 0.12)")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="Pareto index of the prior's r fluxes (default: the paper's 0.5)")
     parser.add_argument("--density-range", type=float, nargs=2, default=None,
                         metavar=("LOW", "HIGH"),
                         help="draw each training image's stars per pixel log-uniformly "
@@ -72,20 +77,31 @@ def main(argv=None):
     parser.add_argument("--background-steps", type=int, default=3000,
                         help="steps of the background encoder's fit, after the catalog "
                              "encoder's (0: none)")
+    parser.add_argument("--keep-background-encoder", action="store_true",
+                        help="copy the background encoder of --init-from (with "
+                             "--background-steps 0: fine-tune the catalog encoder only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
     image, _ = load_m2(border=3, psf=args.psf)
-    prior = StarFieldPrior(mu=args.mu, f_min=1000.0, f_max=1e6, alpha=0.5, bands=("r", "i"))
+    prior = StarFieldPrior(mu=args.mu, f_min=1000.0, f_max=1e6, alpha=args.alpha,
+                           bands=("r", "i"))
     deblender = StarNetDeblender.from_nddata(image, prior=prior, tile_size=args.tile_size,
                                              max_sources=args.max_sources,
                                              n_colors=args.n_colors, seed=args.seed)
     deblender.psf_variants = [load_m2(border=3, psf=name)[0].meta["psf"]
                               for name in args.psf_variants]
+    if args.keep_background_encoder and not args.init_from:
+        parser.error("--keep-background-encoder needs --init-from")
     if args.init_from:
         start = StarNetDeblender.from_name_or_path(args.init_from)
         deblender.encoder.load_state_dict(start.encoder.state_dict())
+        if args.keep_background_encoder:
+            if start.background_encoder is None:
+                parser.error(f"{args.init_from} has no background encoder to keep")
+            deblender.background_encoder = start.background_encoder
+            deblender.background_history = start.background_history
     settings = TrainingSettings(
         image_shape=(args.image_size, args.image_size), batch_size=args.batch_size,
         batches_per_epoch=args.batches_per_epoch, n_epochs=args.epochs,
