@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .encoder import normalize_image
-from .images import electrons_per_unit, read_image, with_changes
+from .images import with_changes
 
 __all__ = ["BackgroundEncoder", "train_background_encoder", "fit_background",
            "combine_cells"]
@@ -195,7 +195,7 @@ def fit_background(deblender, nddata, *, smoothing=None):
                          "deblender.fit_background_encoder()")
     if smoothing is not None and not smoothing > 0:
         raise ValueError(f"smoothing must be a positive width in pixels, got {smoothing}")
-    image, _, _ = deblender._prepare(nddata, check_sky=False)  # it is what we estimate
+    image, _, read = deblender._prepare(nddata, check_sky=False)  # it is what we estimate
     nominal = torch.as_tensor(np.asarray(deblender.background, dtype=np.float32))
     cell = encoder.cell_size
     rows, cols = image.shape[-2:]
@@ -231,10 +231,8 @@ def fit_background(deblender, nddata, *, smoothing=None):
            "scale_sd": None if smoothing is not None else float(scale[0, 0] * log_scale_sd)}
     # in the image's unit, less the noise pedestal that reading the image adds back
     # (starnet.images.read_image), as meta['background'] is read
-    pedestal = read_image(nddata, deblender.bands).pedestal.astype(float)
-    per_unit = np.broadcast_to(np.asarray(electrons_per_unit(nddata.unit, nddata.meta),
-                                          dtype=float).reshape(-1), (len(pedestal),))
-    background = (background - pedestal[:, None, None]) / per_unit[:, None, None]
+    pedestal = read["pedestal"].astype(float)[:, None, None]
+    background = (background - pedestal) / read["electrons_per_unit"][:, None, None]
     fitted = with_changes(nddata, meta=dict(nddata.meta, background=background,
                                             background_fit=fit))
     y, x = np.mgrid[0:mean.shape[0], 0:mean.shape[1]]

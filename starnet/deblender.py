@@ -504,7 +504,8 @@ class StarNetDeblender:
             # the caller's arrays may be read-only; they are only read
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             medians = np.median(background.reshape(len(self.bands), -1), axis=1)
-            meta = dict(image.meta, background_median=[float(m) for m in medians])
+            meta = dict(image.meta, background_median=[float(m) for m in medians],
+                        pedestal=image.pedestal, electrons_per_unit=image.electrons_per_unit)
             return torch.from_numpy(data)[None], torch.from_numpy(background)[None], meta
 
     def _check_psfs(self, psfs):

@@ -55,10 +55,7 @@ class StarFieldImage(NDDataRef):
         data = np.asarray(self.data)
         meta = dict(self.meta)
         background = meta.get("background")
-        if background is not None and not isinstance(background, u.Quantity) \
-                and np.ndim(background) == data.ndim:
-            meta["background"] = np.broadcast_to(background, data.shape)[item]
-        elif isinstance(background, u.Quantity) and background.ndim == data.ndim:
+        if background is not None and np.ndim(background) == data.ndim:   # a map
             meta["background"] = np.broadcast_to(background, data.shape, subok=True)[item]
         row_item, col_item = _spatial(item, data.ndim)
         if isinstance(row_item, slice) and isinstance(col_item, slice):
@@ -204,6 +201,7 @@ class ElectronImage:
     background: np.ndarray
     bad: np.ndarray
     pedestal: np.ndarray
+    electrons_per_unit: np.ndarray
     meta: dict
 
 
@@ -228,7 +226,8 @@ def read_image(nddata, bands):
     -------
     image : `ElectronImage`
         ``data`` (bands, rows, cols), ``background`` (bands, 1, 1) or (bands, rows,
-        cols), ``bad`` (masked or non-finite pixels), ``pedestal`` (bands,) and ``meta``.
+        cols), ``bad`` (masked or non-finite pixels), ``pedestal`` and
+        ``electrons_per_unit`` of the image's unit (bands,), and ``meta``.
     """
     from .simulate import as_background
 
@@ -262,7 +261,7 @@ def read_image(nddata, bands):
         data = data + pedestal[:, None, None]
         background = background + pedestal[:, None, None]
     return ElectronImage(data=data, background=background, bad=bad, pedestal=pedestal,
-                         meta=meta)
+                         electrons_per_unit=np.asarray(scale, dtype=float), meta=meta)
 
 
 def _pedestal(uncertainty, scale, data, bad, bands):

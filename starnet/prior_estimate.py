@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from .baselines.daophot import _fwhm, _pixel_integrated, daophot_catalog
+from .baselines.daophot import _PRF_OVERSAMPLING, _pixel_integrated, daophot_catalog
 from .prior import StarFieldPrior
-from .psf import as_psf, pixel_stamps
+from .psf import as_psf, pixel_stamps, psf_fwhm
 from .simulate import as_background
 from .validation import check_image_meta
 
@@ -122,7 +122,8 @@ def estimate_prior(nddata, *, f_min, f_max=1e6, complete_above=None, threshold=3
     if not f_min <= complete_above < f_max:
         raise ValueError(f"complete_above={complete_above} must lie in [f_min, f_max)")
     catalog = daophot_catalog(nddata, band=bands[0], threshold=threshold,
-                              fwhm=_fwhm(_pixel_integrated(psfs[0])))
+                              fwhm=psf_fwhm(_pixel_integrated(psfs[0]),
+                                            step=1 / _PRF_OVERSAMPLING))
     flux = np.asarray(catalog[f"flux_{bands[0]}"].value if len(catalog) else [], float)
     bright = flux[(flux >= complete_above) & (flux <= f_max)]
     if len(bright) < 20:

@@ -12,7 +12,7 @@ from photutils.psf import ImagePSF, IterativePSFPhotometry
 
 from .. import __version__
 from ..validation import check_image_meta
-from ..psf import _is_pixel_integrated, as_psf, pixel_stamps
+from ..psf import _is_pixel_integrated, as_psf, pixel_stamps, psf_fwhm
 from ..simulate import as_background
 
 __all__ = ["daophot_catalog"]
@@ -134,7 +134,7 @@ def daophot_catalog(nddata, *, band="r", threshold=8.0, fwhm=None, min_separatio
     """
     data, background, mask, psf, zero_point = _band_data(nddata, band, nelec_per_nmgy)
     prf = _pixel_integrated(psf)
-    fwhm = 0.75 * _fwhm(prf) if fwhm is None else float(fwhm)
+    fwhm = 0.75 * psf_fwhm(prf, step=1 / _PRF_OVERSAMPLING) if fwhm is None else float(fwhm)
     if not fwhm > 0:
         raise ValueError(f"fwhm must be a positive number of pixels, got {fwhm!r}")
     if not threshold > 0:
@@ -218,18 +218,6 @@ def _pixel_integrated(psf):
     data = stamps.transpose(2, 0, 3, 1).reshape(size * k, size * k)
     centre = (size // 2) * k
     return ImagePSF(data, oversampling=k, origin=(centre, centre))
-
-
-def _fwhm(prf):
-    """FWHM of a pixel-integrated PSF: the diameter of the disc of its half-maximum area."""
-    size = 2 * _PRF_SIZE + 1
-    step = 1.0 / _PRF_OVERSAMPLING
-    grid = (np.arange(size) - size // 2) * step
-    centred = prf.copy()    # its own shape parameters (e.g. a Gaussian's fwhm) stay
-    centred.flux, centred.x_0, centred.y_0 = 1.0, 0.0, 0.0
-    values = centred(grid[None, :], grid[:, None])
-    area = np.count_nonzero(values >= 0.5 * values.max()) * step**2
-    return float(2 * np.sqrt(area / np.pi))
 
 
 def _catalog(result, band, shape, zero_point, settings):

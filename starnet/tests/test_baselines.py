@@ -6,7 +6,8 @@ from photutils.psf import ImagePSF
 from photutils.utils import NoDetectionsWarning
 
 from starnet.baselines import daophot_catalog
-from starnet.baselines.daophot import _fwhm, _pixel_integrated
+from starnet.baselines.daophot import _pixel_integrated
+from starnet.psf import psf_fwhm
 from starnet.psf import PowerLawPSF, pixel_stamps
 
 # Close to the M2 r-band PSF (FWHM 2.1 pixels).
@@ -43,7 +44,7 @@ def test_pixel_integrated_psf_matches_stamps():
         values = prf.evaluate(cols, rows, 1.0, 7 + dx, 7 + dy)
         np.testing.assert_allclose(values, expected, rtol=0, atol=1e-4 * expected.max())
     # The FWHM of the pixel-integrated PSF is a little wider than the point PSF's.
-    assert PSF.fwhm < _fwhm(prf) < PSF.fwhm + 0.3
+    assert PSF.fwhm < psf_fwhm(prf, step=0.25) < PSF.fwhm + 0.3
 
 
 def test_noiseless_isolated_stars_exact():

@@ -7,7 +7,8 @@ from astropy.nddata import NDData
 from photutils.psf import CircularGaussianPRF
 
 from starnet import StarFieldPrior, simulate_starfield
-from starnet.baselines.daophot import _fwhm, _pixel_integrated
+from starnet.baselines.daophot import _pixel_integrated
+from starnet.psf import psf_fwhm
 from starnet.prior_estimate import estimate_prior, flux_noise
 
 PSF = CircularGaussianPRF(fwhm=4.0)
@@ -37,7 +38,7 @@ def test_flux_noise_of_a_wide_gaussian_is_the_analytic_value():
 
 
 def test_fwhm_of_a_photutils_gaussian():
-    assert _fwhm(_pixel_integrated(CircularGaussianPRF(fwhm=4.0))) == pytest.approx(4.0, abs=0.2)
+    assert psf_fwhm(_pixel_integrated(CircularGaussianPRF(fwhm=4.0))) == pytest.approx(4.0, abs=0.2)
 
 
 def test_too_few_bright_stars_is_an_error():
