@@ -10,18 +10,20 @@ import itertools
 
 import numpy as np
 import torch
+from astropy import units as u
 from astropy.table import QTable, vstack
 from scipy.special import log_softmax
 from scipy.stats import norm
 
-from .matching import match_catalogs
+from .matching import match_catalogs, position_columns
 from .posterior import triangle_slots
 from .prior import _seed_int
 from .simulate import StarFieldRenderer, simulate_starfield
 from .tiles import TileGrid
+from .validation import check_positive_int
 
 __all__ = ["evaluate_on_simulations", "count_coverage", "count_interval", "count_pit",
-           "source_pit", "pit_coverage", "dropped_fraction"]
+           "source_pit", "pit_coverage", "star_intervals", "dropped_fraction"]
 
 _EPS = 1e-6
 
@@ -332,6 +334,118 @@ def pit_coverage(pits, levels=(0.5, 0.8, 0.9, 0.95)):
             table[name] = [float(np.mean(distance <= level / 2)) if len(pits) else np.nan
                            for level in levels]
     table.meta["n"] = len(pits)
+    return table
+
+
+def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws=None):
+    """Posterior intervals of each reference star from draws of whole catalogs.
+
+    In every draw, the reference stars are matched one to one with the draw's stars
+    within ``max_separation`` pixels (`match_catalogs`, no magnitude limit). A
+    reference star's detection probability is the fraction of draws in which it has a
+    counterpart, and its intervals are the central ``level`` quantiles of its
+    counterparts' ``x``, ``y`` and fluxes. Because a counterpart must lie within
+    ``max_separation``, these are intervals given that the star is found near the
+    reference position: they compare two samplers' draws (StarNet's and MCMC's) star by
+    star, and show calibration only for stars found in most draws and with position
+    errors well below ``max_separation``.
+
+    Parameters
+    ----------
+    samples : `~astropy.table.Table`
+        Catalog draws as `~starnet.StarNetDeblender.sample` and
+        `~starnet.baselines.CatalogSampler.sample` return them: a ``sample`` column
+        (draw index), positions and ``flux_<band>`` columns.
+    reference : `~astropy.table.Table`
+        The stars to follow, e.g. the true catalog of a simulation, with positions (and
+        optionally ``flux_<band>``) read as by `match_catalogs`.
+    level : float, optional
+        Probability of the central intervals.
+    max_separation : float, optional
+        Matching radius, pixels.
+    n_draws : int, optional
+        Number of draws (a draw may hold no star); by default ``samples.meta['n_samples']``.
+
+    Returns
+    -------
+    intervals : `~astropy.table.QTable`
+        One row per reference star: ``detection_probability``; for ``x``, ``y`` and each
+        ``flux_<band>`` of ``samples``, columns ``<name>_low``, ``<name>_median`` and
+        ``<name>_high`` (NaN for a star never found; fluxes in the samples' unit); and,
+        for each of these quantities that the reference has, ``covered_<name>``: whether
+        the reference value lies within the interval (False for a star never found).
+
+    Examples
+    --------
+    A star found in three draws of four, always 0.1 pixel to the right of its true
+    position:
+
+    >>> from astropy.table import QTable
+    >>> from starnet.calibration import star_intervals
+    >>> draws = QTable({"sample": [0, 1, 3], "x": [5.1, 5.1, 5.1], "y": [2.0, 2.0, 2.0]})
+    >>> truth = QTable({"x": [5.0], "y": [2.0]})
+    >>> result = star_intervals(draws, truth, n_draws=4)
+    >>> print(result["detection_probability"][0], result["x_median"][0],
+    ...       result["covered_x"][0])
+    0.75 5.1 False
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be a probability in (0, 1), got {level!r}")
+    if n_draws is None:
+        if "n_samples" not in samples.meta:
+            raise ValueError("give n_draws: samples.meta has no 'n_samples' (the number of "
+                             "draws, including draws without stars)")
+        n_draws = samples.meta["n_samples"]
+    n_draws = check_positive_int(n_draws, "n_draws")
+    if "sample" not in samples.colnames:
+        raise ValueError("samples needs a 'sample' column (the draw of each star), as "
+                         f"StarNetDeblender.sample returns; it has {samples.colnames}")
+    draw_of_star = np.asarray(samples["sample"], dtype=int)
+    if len(draw_of_star) and not 0 <= draw_of_star.min() <= draw_of_star.max() < n_draws:
+        raise ValueError(f"sample indices must lie in [0, {n_draws}), got "
+                         f"{draw_of_star.min()} .. {draw_of_star.max()}")
+    x_name, y_name = position_columns(samples, "samples")
+    fluxes = [name for name in samples.colnames if name.startswith("flux_")]
+    values = {"x": np.asarray(samples[x_name], dtype=float),
+              "y": np.asarray(samples[y_name], dtype=float)}
+    units = {}
+    for name in fluxes:
+        column = samples[name]
+        units[name] = getattr(column, "unit", None)
+        values[name] = np.asarray(getattr(column, "value", column), dtype=float)
+    matched = {name: np.full((len(reference), n_draws), np.nan) for name in values}
+    order = np.argsort(draw_of_star, kind="stable")
+    bounds = np.searchsorted(draw_of_star[order], np.arange(n_draws + 1))
+    for k in range(n_draws):
+        rows = order[bounds[k]:bounds[k + 1]]
+        if not len(rows) or not len(reference):
+            continue
+        pairs = match_catalogs(samples[rows], reference, max_separation=max_separation,
+                               max_mag_difference=None).pairs
+        for name, column in values.items():
+            matched[name][pairs[:, 1], k] = column[rows[pairs[:, 0]]]
+    found = np.isfinite(matched["x"])
+    table = QTable()
+    table["detection_probability"] = found.mean(axis=1)
+    tail = (1 - level) / 2
+    ref_x, ref_y = position_columns(reference, "reference")
+    truth = {"x": reference[ref_x], "y": reference[ref_y]}
+    for name in values:
+        quantiles = np.full((3, len(reference)), np.nan)
+        any_found = found.any(axis=1)
+        if any_found.any():
+            quantiles[:, any_found] = np.nanquantile(matched[name][any_found],
+                                                     [tail, 0.5, 1 - tail], axis=1)
+        scale = units.get(name) or 1
+        for suffix, row in zip(("low", "median", "high"), quantiles):
+            table[f"{name}_{suffix}"] = row * scale
+        true = truth.get(name, reference[name] if name in reference.colnames else None)
+        if true is not None:
+            true = np.asarray(u.Quantity(true, units[name]).value if units.get(name)
+                              else true, dtype=float)
+            table[f"covered_{name}"] = (quantiles[0] <= true) & (true <= quantiles[2])
+    table.meta.update({"level": level, "max_separation": max_separation,
+                       "n_draws": n_draws})
     return table
 
 

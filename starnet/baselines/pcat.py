@@ -27,6 +27,8 @@ MOVES = ("move", "birth", "death", "split", "merge")
 """The proposals of `CatalogSampler`, in the order of its ``move_probabilities``."""
 
 _LOG_2PI = math.log(2 * math.pi)
+_MIN_RATE = 1e-6
+"""Floor of the expected counts in the likelihood, electrons."""
 
 
 class CatalogSampler:
@@ -448,7 +450,6 @@ class _Chains:
         first = torch.where(has, index[fp] if len(index) else torch.zeros(U, dtype=torch.long), -1)
         x0 = locs[fp] if len(index) else torch.zeros(U, 2, dtype=torch.float64)
         f0 = fluxes[fp] if len(index) else torch.ones(U, self.bands, dtype=torch.float64)
-        log_lp0 = prior.flux_log_density(f0)
         log_mu_area = math.log(prior.mu) + area.log()
         nd = n.double()
         in_region = _inside(low, high)
@@ -465,7 +466,7 @@ class _Chains:
             + _log_normal(x_move - x0, pos_sd[:, None]).sum(1)
         log_q_back = (_log_normal(f0.log() - new_logf, flux_sd_back) - f0.log()).sum(1) \
             + _log_normal(x0 - x_move, pos_sd_back[:, None]).sum(1)
-        ratio_move = prior.flux_log_density(f_move) - log_lp0 + log_q_back - log_q_forward
+        ratio_move = log_q_back - log_q_forward
         ok_move = has & in_region(x_move)
 
         # --- birth (from the prior) and death
@@ -498,8 +499,7 @@ class _Chains:
         log_pair_split = (-(nd + 1).log() + lw_12 + torch.logaddexp(-log_w1, -log_w2))
         log_jacobian = f0.log().sum(1)
         log_sm = self.log_p[4] - self.log_p[3]
-        ratio_split = (math.log(prior.mu) + prior.flux_log_density(f_c1)
-                       + prior.flux_log_density(f_c2) - log_lp0 + log_jacobian + log_sm
+        ratio_split = (math.log(prior.mu) + log_jacobian + log_sm
                        + log_pair_split + nd.clamp(min=1).log() - math.log(2) - log_q_split)
 
         # --- merge: a second star j near the first, i
@@ -525,10 +525,16 @@ class _Chains:
         x_merge = w_merge * x0 + (1 - w_merge) * x1
         width_merge = (1 - 2 * prior.f_min / f_merge[:, 0]).clamp(min=1e-300)
         log_q_reverse = -width_merge.log() + _log_normal(x0 - x1, s.split_scale).sum(1)
-        ratio_merge = (-math.log(prior.mu) + prior.flux_log_density(f_merge)
-                       - log_lp0 - prior.flux_log_density(f1) - f_merge.log().sum(1) - log_sm
+        ratio_merge = (-math.log(prior.mu) - f_merge.log().sum(1) - log_sm
                        - (nd - 1).clamp(min=1).log() + math.log(2) + log_q_reverse
                        - log_pair_merge)
+
+        # --- the prior's flux densities, for all the moves at once
+        lp0, lp_move, lp_c1, lp_c2, lp_merge, lp1 = prior.flux_log_density(
+            torch.stack([f0, f_move, f_c1, f_c2, f_merge, f1])).unbind(0)
+        ratio_move = ratio_move + lp_move - lp0
+        ratio_split = ratio_split + lp_c1 + lp_c2 - lp0
+        ratio_merge = ratio_merge + lp_merge - lp0 - lp1
 
         # --- the proposals as removed and added stars
         is_move, is_birth, is_death, is_split, is_merge = (moves == k for k in range(5))
@@ -595,6 +601,7 @@ class _Chains:
         """The change of log-likelihood of each unit's proposal over its window, the
         window's flat canvas indices and the change of the model there."""
         U = len(unit_chain)
+        G = U // self.n_chains                       # regions per chain (units repeat them)
         S, R, half = self.s.stamp_size, self.region, self.half
         width = R + 2 * half
         safe = remove.clamp(min=0)
@@ -602,30 +609,36 @@ class _Chains:
         fluxes = torch.cat([-self.fluxes[safe] * removes[..., None],
                             add_fluxes * adds[..., None]], 1)         # (U, 4, B)
         fluxes = torch.where(torch.isfinite(fluxes), fluxes, torch.zeros_like(fluxes))
-        changed = torch.cat([removes, adds], 1)
-        locs = torch.where(changed[..., None], locs, (origin.double() + R // 2)[:, None, :])
+        unit, slot = torch.nonzero(torch.cat([removes, adds], 1), as_tuple=True)
+        locs, fluxes = locs[unit, slot], fluxes[unit, slot]          # the changed stars only
         rows, cols = self.canvas_shape
         grid = torch.arange(width)
-        corner = origin + self.pad - half                              # window top-left
+        corner = origin[:G] + self.pad - half                         # window top-left
         window_rc = ((corner[:, 1, None] + grid)[:, :, None] * cols
-                     + (corner[:, 0, None] + grid)[:, None, :]).reshape(U, -1)
+                     + (corner[:, 0, None] + grid)[:, None, :]).reshape(G, 1, -1)
+        band_offset = (torch.arange(self.bands) * rows * cols)[None, :, None]
+        data_index = window_rc + band_offset                          # (G, B, width^2)
+        window = (data_index[None] + (torch.arange(self.n_chains) * self.bands * rows
+                                      * cols)[:, None, None, None]).reshape(U, self.bands, -1)
         delta = torch.zeros(U, self.bands, width * width, dtype=torch.float64)
         stamp_grid = (torch.arange(S)[:, None] * width + torch.arange(S)[None, :]).flatten()
-        windows = []
         for b in range(self.bands):
-            nearest, stamps = self._stamps(locs.reshape(-1, 2), b)
-            local = (nearest.reshape(U, 4, 2) - origin[:, None, :]).clamp(0, R - 1)
-            offsets = (local[..., 1] * width + local[..., 0])[..., None] + stamp_grid
-            values = stamps.reshape(U, 4, -1) * fluxes[..., b:b + 1]
-            delta[:, b].scatter_add_(1, offsets.reshape(U, -1), values.reshape(U, -1))
-            windows.append(((unit_chain * self.bands + b) * rows * cols)[:, None] + window_rc)
-        window = torch.stack(windows, 1)                               # (U, B, width^2)
-        data_index = window - (unit_chain * self.bands * rows * cols)[:, None, None]
-        x, weight = self.data[data_index], self.weight[data_index]
-        before = self.model[window]
-        after = (before + delta).clamp(min=1e-6)
-        change = 0.5 * weight * ((x - before) ** 2 / before + before.log()
-                                 - (x - after) ** 2 / after - after.log())
+            nearest, stamps = self._stamps(locs, b)
+            local = (nearest - origin[unit]).clamp(0, R - 1)
+            offsets = (local[:, 1] * width + local[:, 0])[:, None] + stamp_grid
+            delta[:, b].index_put_((unit[:, None].expand_as(offsets), offsets),
+                                   stamps * fluxes[:, b:b + 1], accumulate=True)
+        # the data are the same in every chain: gathered once, broadcast over chains
+        x = self.data[data_index][None]
+        weight = self.weight[data_index][None]
+        # a PSF image's negative wings can make a bright star's model negative; the
+        # likelihood's rate is floored in both states, as the simulator floors it at 0
+        before = self.model[window].view(self.n_chains, G, self.bands, -1)
+        after = (before + delta.view_as(before)).clamp(min=_MIN_RATE)
+        before = before.clamp(min=_MIN_RATE)
+        change = 0.5 * weight * ((x - before) ** 2 / before - (x - after) ** 2 / after
+                                 + (before / after).log())
+        change = change.view(U, self.bands, -1)
         return change.sum(dim=(1, 2)), window, delta
 
 

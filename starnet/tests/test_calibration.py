@@ -6,12 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from astropy import units as u
 from astropy.table import QTable
 from scipy import integrate, stats
 
 from starnet import StarFieldPrior, StarNetDeblender
 from starnet.calibration import (count_coverage, count_interval, count_pit, dropped_fraction,
-                                 evaluate_on_simulations, pit_coverage, source_pit)
+                                 evaluate_on_simulations, pit_coverage, source_pit,
+                                 star_intervals)
 from starnet.posterior import TiledPosterior
 from starnet.tiles import TileCatalog, TileGrid
 
@@ -159,3 +161,67 @@ def test_bundled_model_count_calibration_as_documented():
         assert abs(measured - documented) < 3 * error, level
     error = math.hypot(coverage.meta["relative_bias_err"], DOCS_BIAS_ERR)
     assert abs(coverage.meta["relative_bias"] - DOCS_BIAS) < 3 * error
+
+
+def _draws_around(truth, n_draws, sd, flux_sd, found, rng):
+    """Draws of a catalog: each true star (where ``found[star, draw]``) at its position
+    plus Normal(0, sd) and its flux times a log-normal factor, plus a star far away."""
+    rows = []
+    for k in range(n_draws):
+        for i, star in enumerate(truth):
+            if found[i, k]:
+                rows.append((k, star["x"] + rng.normal(0, sd), star["y"] + rng.normal(0, sd),
+                             star["flux_r"].value * np.exp(rng.normal(0, flux_sd))))
+        rows.append((k, 500.0, 500.0, 1000.0))
+    sample, x, y, flux = map(np.array, zip(*rows))
+    table = QTable({"sample": sample, "x_fit": x, "y_fit": y, "flux_r": flux * u.electron})
+    table.meta["n_samples"] = n_draws
+    return table
+
+
+def test_star_intervals_detection_and_coverage():
+    """Draws scattered around the truth by known errors: detection probabilities are the
+    designed fractions, the intervals are the draws' own quantiles, and the truth lies in
+    the 90 % intervals of about 90 % of the stars (binomial limits)."""
+    rng = np.random.default_rng(1)
+    n_stars, n_draws = 400, 200
+    truth = QTable({"x": rng.uniform(0, 100, n_stars) * 20, "y": rng.uniform(0, 100, n_stars),
+                    "flux_r": rng.uniform(2e3, 1e4, n_stars) * u.electron})
+    found = np.ones((n_stars, n_draws), dtype=bool)
+    found[0, ::4] = False                                   # star 0 found in 3 draws of 4
+    found[1] = False                                        # star 1 never
+    draws = _draws_around(truth, n_draws, sd=0.1, flux_sd=0.2, found=found, rng=rng)
+    # the truth is the centre of the draws, not itself a draw: offset every star by a draw
+    # of the same error, so that it is exchangeable with them
+    observed = truth.copy()
+    observed["x"] = truth["x"] + rng.normal(0, 0.1, n_stars)
+    observed["y"] = truth["y"] + rng.normal(0, 0.1, n_stars)
+    observed["flux_r"] = truth["flux_r"] * np.exp(rng.normal(0, 0.2, n_stars))
+    result = star_intervals(draws, observed, level=0.9)
+    assert result["detection_probability"][0] == 0.75
+    assert result["detection_probability"][1] == 0
+    assert np.all(result["detection_probability"][2:] == 1)
+    assert np.isnan(result["x_low"][1]) and not result["covered_x"][1]
+    star = 5
+    mine = draws[np.hypot(draws["x_fit"] - truth["x"][star],
+                          draws["y_fit"] - truth["y"][star]) < 1]
+    assert result["x_low"][star] == pytest.approx(np.quantile(mine["x_fit"], 0.05))
+    assert result["flux_r_high"][star].to_value(u.electron) == pytest.approx(
+        np.quantile(mine["flux_r"].value, 0.95))
+    n = n_stars - 2
+    limit = 3 * np.sqrt(0.9 * 0.1 / n)
+    for name in ("x", "y", "flux_r"):
+        assert abs(np.mean(result[f"covered_{name}"][2:]) - 0.9) < limit + 0.01, name
+
+
+def test_star_intervals_bad_input():
+    table = QTable({"sample": [0, 3], "x": [1.0, 2.0], "y": [1.0, 2.0]})
+    truth = QTable({"x": [1.0], "y": [1.0]})
+    with pytest.raises(ValueError, match="n_draws"):
+        star_intervals(table, truth)
+    with pytest.raises(ValueError, match=r"sample indices must lie in \[0, 2\)"):
+        star_intervals(table, truth, n_draws=2)
+    with pytest.raises(ValueError, match="level"):
+        star_intervals(table, truth, n_draws=4, level=90)
+    with pytest.raises(ValueError, match="'sample' column"):
+        star_intervals(QTable({"x": [1.0], "y": [1.0]}), truth, n_draws=1)

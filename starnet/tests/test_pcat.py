@@ -6,6 +6,8 @@ import pytest
 import torch
 from astropy import units as u
 from astropy.nddata import NDData
+from astropy.table import QTable
+from photutils.psf import ImagePSF
 from scipy import stats
 
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
@@ -135,6 +137,31 @@ def test_bright_isolated_star_found():
     assert abs(np.mean(bright["x_fit"]) - 9.3) < 0.05
     assert abs(np.mean(bright["y_fit"]) - 10.6) < 0.05
     assert abs(np.mean(bright["flux_r"].value) / 3e4 - 1) < 0.03
+
+
+def test_psf_image_with_negative_wings():
+    """A PSF image with negative wings (as SDSS's eigen-image PSFs have) makes a bright
+    star's model negative around it; the chain still moves the star to the truth
+    (without the likelihood's floor every proposal near it was NaN and rejected)."""
+    grid = np.arange(25) - 12.0
+    r2 = grid[:, None] ** 2 + grid[None, :] ** 2
+    stamp = np.exp(-r2 / (2 * 1.2 ** 2)) / 1.2 ** 2 - 0.03 * np.exp(-r2 / (2 * 5.0 ** 2)) / 25
+    psf = ImagePSF(stamp / stamp.sum())
+    prior = StarFieldPrior(mu=0.002, f_max=1e7, bands=["r"])
+    renderer = StarFieldRenderer([psf], stamp_size=25)
+    shape, sky = (30, 30), 100.0
+    expected = _render(renderer, [[14.2, 15.4, 1e6]], shape) + sky
+    assert float(expected.min()) < 0
+    data = torch.poisson(expected.clamp(min=0), generator=torch.Generator().manual_seed(0))
+    start = QTable({"x": [14.2], "y": [15.4], "flux_r": [1e6] * u.electron})
+    samples = CatalogSampler(prior=prior, psf=psf).sample(
+        _image(data, ["r"], [sky], psf), n_samples=5, n_sweeps=200, init=start, seed=1)
+    assert samples.meta["acceptance"]["move"] > 0.05
+    bright = samples[samples["flux_r"].value > 1e5]
+    assert sorted(bright["sample"]) == list(range(5))
+    assert abs(np.mean(bright["x_fit"]) - 14.2) < 0.02
+    assert abs(np.mean(bright["y_fit"]) - 15.4) < 0.02
+    assert abs(np.mean(bright["flux_r"].value) / 1e6 - 1) < 0.01
 
 
 def test_table_like_deblender_sample_and_seeds():
