@@ -40,7 +40,8 @@ class CatalogSampler:
     parity of row and column), one of
 
     * ``move``: one star's position (a normal step) and fluxes (a log-normal step per
-      band), with steps scaled to the star's photon noise;
+      band), with steps scaled to the star's photon noise times one of
+      ``step_scales``;
     * ``birth`` / ``death``: a star drawn from the prior (position uniform over the
       region, fluxes from `~starnet.StarFieldPrior`) added, or a star removed;
     * ``split`` / ``merge``: a star split into two that keep its flux in every band
@@ -88,6 +89,13 @@ class CatalogSampler:
         Scales of the random-walk steps of ``move``, in units of a star's position and
         log-flux uncertainty from its photon noise (the sky over the PSF's effective
         area plus its own flux); steps are at most one pixel and a factor e.
+    step_scales : sequence of float, optional
+        Each move's steps are ``position_step`` and ``flux_step`` times one of these
+        factors, chosen at random (the proposal density is the mixture). Steps of the
+        photon-noise scale sample a star's posterior once it is found; the larger ones
+        let a bright star whose start is many of its (tiny) posterior widths away, as
+        in a catalog from another method, reach its position and flux in tens of
+        sweeps rather than thousands.
     split_scale : float, optional
         Scale of the separation of the two stars of a split, pixels.
     likelihood : bool, optional
@@ -112,7 +120,8 @@ class CatalogSampler:
 
     def __init__(self, *, prior, psf=None, stamp_size=25, region_size=None,
                  move_probabilities=(0.6, 0.1, 0.1, 0.1, 0.1), position_step=1.0,
-                 flux_step=1.0, split_scale=1.0, likelihood=True):
+                 flux_step=1.0, step_scales=(1.0, 10.0, 100.0), split_scale=1.0,
+                 likelihood=True):
         if stamp_size % 2 != 1 or stamp_size < 3:
             raise ValueError(f"stamp_size must be an odd integer >= 3, got {stamp_size}")
         region_size = stamp_size - 1 if region_size is None else int(region_size)
@@ -130,6 +139,9 @@ class CatalogSampler:
                              f"(so that each is the other's reverse), got {move_probabilities}")
         if prior.n_bands > 1 and min(prior.color_sd) <= 0:
             raise ValueError("the sampler needs color_sd > 0 in every band of the prior")
+        step_scales = np.atleast_1d(np.asarray(step_scales, dtype=float))
+        if step_scales.ndim != 1 or not len(step_scales) or not np.all(step_scales > 0):
+            raise ValueError(f"step_scales must be positive numbers, got {step_scales!r}")
         for name, value in (("position_step", position_step), ("flux_step", flux_step),
                             ("split_scale", split_scale)):
             if not value > 0:
@@ -141,6 +153,7 @@ class CatalogSampler:
         self.move_probabilities = probabilities
         self.position_step = float(position_step)
         self.flux_step = float(flux_step)
+        self.step_scales = tuple(step_scales.tolist())
         self.split_scale = float(split_scale)
         self.likelihood = bool(likelihood)
 
@@ -214,6 +227,7 @@ class CatalogSampler:
             "n_samples": chain.n_chains * n_samples, "n_chains": chain.n_chains,
             "seed": seed, "n_sweeps": chain.n_sweeps, "burn_in_sweeps": n_burn,
             "thin": thin, "stamp_size": self.stamp_size, "region_size": self.region_size,
+            "step_scales": list(self.step_scales),
             "move_probabilities": dict(zip(MOVES, self.move_probabilities.tolist())),
             "acceptance": chain.acceptance(), "likelihood": self.likelihood,
             "wall_time": time.perf_counter() - start})
@@ -278,6 +292,7 @@ class _Chains:
             for b in range(self.bands)], dtype=torch.float64)
         self.log_p = torch.tensor(np.log(np.maximum(sampler.move_probabilities, 1e-300)))
         self.cumulative = torch.tensor(np.cumsum(sampler.move_probabilities))
+        self.step_scales = torch.tensor(sampler.step_scales, dtype=torch.float64)
         self.proposed = np.zeros(5, dtype=np.int64)
         self.accepted = np.zeros(5, dtype=np.int64)
         self.n_sweeps = 0
@@ -454,18 +469,17 @@ class _Chains:
         nd = n.double()
         in_region = _inside(low, high)
 
-        # --- move
-        flux_sd = self._flux_sd(f0)
+        # --- move: a random walk whose scale is one of `step_scales` (chosen at random)
+        # times the photon-noise scales; its density is the mixture over the scales
+        scales = self.step_scales[torch.randint(len(self.step_scales), (U,), generator=g)]
+        flux_sd, pos_sd = self._flux_sd(f0, scales), self._position_sd(f0, scales)
         new_logf = f0.log() + flux_sd * torch.randn(U, self.bands, generator=g, dtype=torch.float64)
         f_move = new_logf.exp()
-        flux_sd_back = self._flux_sd(f_move)
-        pos_sd, pos_sd_back = self._position_sd(f0), self._position_sd(f_move)
-        step = torch.randn(U, 2, generator=g, dtype=torch.float64)
-        x_move = x0 + pos_sd[:, None] * step
-        log_q_forward = (_log_normal(new_logf - f0.log(), flux_sd) - new_logf).sum(1) \
-            + _log_normal(x_move - x0, pos_sd[:, None]).sum(1)
-        log_q_back = (_log_normal(f0.log() - new_logf, flux_sd_back) - f0.log()).sum(1) \
-            + _log_normal(x0 - x_move, pos_sd_back[:, None]).sum(1)
+        x_move = x0 + pos_sd[:, None] * torch.randn(U, 2, generator=g, dtype=torch.float64)
+        log_q_forward = (self._log_move_density(f0, new_logf - f0.log(), x_move - x0)
+                         - new_logf.sum(1))
+        log_q_back = (self._log_move_density(f_move, f0.log() - new_logf, x0 - x_move)
+                      - f0.log().sum(1))
         ratio_move = log_q_back - log_q_forward
         ok_move = has & in_region(x_move)
 
@@ -582,15 +596,29 @@ class _Chains:
         self.model.index_add_(0, window[accept].flatten(), delta[accept].flatten())
         self.step_count += 1
 
-    def _flux_sd(self, fluxes):
-        """Log-flux step of each band: ``flux_step`` times the relative photon noise."""
-        return (self.s.flux_step * (fluxes + self.sky_area).sqrt() / fluxes).clamp(max=1.0)
+    def _flux_sd(self, fluxes, scales):
+        """Log-flux step of each band: ``flux_step`` times ``scales`` (one per star) times
+        the relative photon noise, at most 1."""
+        noise = (fluxes + self.sky_area).sqrt() / fluxes
+        return (self.s.flux_step * scales[..., None] * noise).clamp(max=1.0)
 
-    def _position_sd(self, fluxes):
-        """Position step: ``position_step`` times the photon noise of the reference flux
-        relative to the flux, in pixels (the PSF's width is about a pixel)."""
-        ref = fluxes[:, 0]
-        return (self.s.position_step * (ref + self.sky_area[0]).sqrt() / ref).clamp(max=1.0)
+    def _position_sd(self, fluxes, scales):
+        """Position step: ``position_step`` times ``scales`` times the photon noise of the
+        reference flux relative to the flux, in pixels (the PSF's width is about a pixel),
+        at most 1."""
+        ref = fluxes[..., 0]
+        noise = (ref + self.sky_area[0]).sqrt() / ref
+        return (self.s.position_step * scales * noise).clamp(max=1.0)
+
+    def _log_move_density(self, fluxes, log_flux_step, position_step):
+        """Log density of a move's steps (log-flux and position) from stars of
+        ``fluxes``: the mixture over `step_scales`."""
+        scales = self.step_scales[:, None]                            # (K, 1)
+        flux_sd = self._flux_sd(fluxes[None], scales)                 # (K, U, B)
+        pos_sd = self._position_sd(fluxes[None], scales)              # (K, U)
+        log_density = (_log_normal(log_flux_step[None], flux_sd).sum(-1)
+                       + _log_normal(position_step[None], pos_sd[..., None]).sum(-1))
+        return torch.logsumexp(log_density, dim=0) - math.log(len(self.step_scales))
 
     def _log_weight(self, a, b):
         """Log of the merge kernel between positions ``a`` and ``b``."""
