@@ -233,6 +233,54 @@ class CatalogSampler:
             "wall_time": time.perf_counter() - start})
         return table
 
+    def log_posterior(self, nddata, catalogs):
+        """Log posterior density of catalogs under the sampler's model, up to the
+        evidence: the log-likelihood (Normal(lambda, lambda) pixels) plus the log prior
+        density (``N log mu - mu * area`` plus each star's flux density).
+
+        The catalogs are read as ``init`` of `sample` (stars outside the image dropped,
+        fluxes clipped to the prior's range): the densities are those of the states
+        the chains would start from. Comparing catalogs of one image (say the truth of
+        a simulation, StarNet's draws and a chain's draws) shows which the model
+        prefers, and whether a chain has reached the posterior's typical set.
+
+        Parameters
+        ----------
+        nddata : `~astropy.nddata.NDData`
+            The image, as for `sample`.
+        catalogs : `~astropy.table.Table`
+            One catalog, or several with a ``sample`` column (as `sample` and
+            `~starnet.StarNetDeblender.sample` return them).
+
+        Returns
+        -------
+        log_density : `~numpy.ndarray`
+            One value per catalog, in the order of the distinct ``sample`` values
+            (a single value without that column).
+
+        Examples
+        --------
+        The true catalog of a simulated image is far more probable than the same
+        catalog without its brightest star:
+
+        >>> import numpy as np
+        >>> from starnet import PowerLawPSF, StarFieldPrior, simulate_starfield
+        >>> from starnet.baselines import CatalogSampler
+        >>> psf = PowerLawPSF(sigma1=0.9, sigma2=2.3, b=0.06, p0=0.0)
+        >>> prior = StarFieldPrior(mu=0.01, bands=["r"])
+        >>> image, truth = simulate_starfield((20, 20), prior=prior, psf=psf,
+        ...                                   background=686.0, seed=3)
+        >>> sampler = CatalogSampler(prior=prior, psf=psf, stamp_size=11)
+        >>> brightest = np.argmax(truth["flux_r"])
+        >>> true, fewer = (sampler.log_posterior(image, truth)[0],
+        ...                sampler.log_posterior(image, truth[np.arange(len(truth)) != brightest])[0])
+        >>> bool(true > fewer + 10)
+        True
+        """
+        chains = _Chains(self, nddata, torch.Generator())
+        chains.initialise(catalogs, 1)
+        return chains.log_posterior()
+
     def _table(self, draws, n_chains, n_samples):
         """Draws (a list over time of per-chain (x, y, fluxes, chain) arrays) as a table."""
         columns = {"sample": [], "x_fit": [], "y_fit": [], "flux": []}
@@ -390,6 +438,20 @@ class _Chains:
         index = torch.nonzero(self.alive).squeeze(1)
         return (self.locs[index, 0].numpy().copy(), self.locs[index, 1].numpy().copy(),
                 self.fluxes[index].numpy().copy(), (index // self.capacity).numpy())
+
+    def log_posterior(self):
+        """Each chain's log-likelihood plus log prior density (see
+        `CatalogSampler.log_posterior`)."""
+        prior = self.s.prior
+        model = self.model.view(self.n_chains, -1).clamp(min=_MIN_RATE)
+        log_likelihood = -0.5 * (self.weight * ((self.data - model) ** 2 / model
+                                                + model.log() + _LOG_2PI)).sum(1)
+        alive = self.alive.view(self.n_chains, -1)
+        flux_density = prior.flux_log_density(self.fluxes).view(self.n_chains, -1)
+        rows, cols = self.shape
+        log_prior = (alive.sum(1) * math.log(prior.mu) - prior.mu * rows * cols
+                     + torch.where(alive, flux_density, torch.zeros_like(flux_density)).sum(1))
+        return (log_likelihood + log_prior).numpy()
 
     def acceptance(self):
         return {name: (float(a / p) if p else float("nan"))

@@ -6,11 +6,11 @@ import pytest
 import torch
 from astropy import units as u
 from astropy.nddata import NDData
-from astropy.table import QTable
+from astropy.table import QTable, vstack
 from photutils.psf import ImagePSF
 from scipy import stats
 
-from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
+from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender, simulate_starfield
 from starnet.baselines import CatalogSampler
 from starnet.simulate import StarFieldRenderer
 
@@ -162,6 +162,32 @@ def test_psf_image_with_negative_wings():
     assert abs(np.mean(bright["x_fit"]) - 14.2) < 0.02
     assert abs(np.mean(bright["y_fit"]) - 15.4) < 0.02
     assert abs(np.mean(bright["flux_r"].value) / 1e6 - 1) < 0.01
+
+
+def test_log_posterior_matches_the_rendered_model():
+    """`log_posterior` equals the Normal(lambda, lambda) log-likelihood of the image as
+    the simulator renders it plus the Poisson-Pareto-colour prior, computed here
+    independently; for several catalogs, one value per draw."""
+    prior = StarFieldPrior(mu=0.02, color_sd=0.5, bands=["r", "i"])
+    shape, sky = (20, 20), np.array([600.0, 900.0])
+    image, truth = simulate_starfield(shape, prior=prior, psf=PSF, background=sky, seed=2,
+                                      stamp_size=11)
+    stars = np.column_stack([truth["x"], truth["y"], truth["flux_r"].value,
+                             truth["flux_i"].value])
+    renderer = StarFieldRenderer([PSF, PSF], stamp_size=11)
+    rate = _render(renderer, stars, shape) + torch.tensor(sky)[:, None, None]
+    data = torch.as_tensor(image.data, dtype=torch.float64)
+    log_likelihood = -0.5 * float(((data - rate) ** 2 / rate + rate.log()
+                                   + np.log(2 * np.pi)).sum())
+    fluxes = torch.as_tensor(stars[:, 2:], dtype=torch.float64)
+    log_prior = (len(truth) * np.log(prior.mu) - prior.mu * shape[0] * shape[1]
+                 + float(prior.flux_log_density(fluxes).sum()))
+    sampler = CatalogSampler(prior=prior, psf=PSF, stamp_size=11)
+    two = vstack([truth, truth[1:]])
+    two["sample"] = [0] * len(truth) + [1] * (len(truth) - 1)
+    values = sampler.log_posterior(image, two)
+    assert values[0] == pytest.approx(log_likelihood + log_prior, abs=1e-3)
+    assert values[1] < values[0]
 
 
 def test_table_like_deblender_sample_and_seeds():
