@@ -35,9 +35,10 @@ class CatalogSampler:
     r"""Draw catalogs from the posterior by MCMC with PCAT's moves.
 
     The chain's state is a whole catalog: its number of stars, their positions and their
-    fluxes in every band. Each step proposes, for every region of a checkerboard of
-    ``region_size`` x ``region_size`` pixel squares (one square in four: those of one
-    parity of row and column), one of
+    fluxes in every band. The image is cut into a grid of ``region_size`` x
+    ``region_size`` pixel squares, and the grid into blocks of ``k`` x ``k`` squares,
+    with ``k = 1 + ceil((stamp_size - 1) / region_size)``. Each step proposes, in the
+    square of the same place in every block, one of
 
     * ``move``: one star's position (a normal step) and fluxes (a log-normal step per
       band), with steps scaled to the star's photon noise times one of
@@ -53,12 +54,15 @@ class CatalogSampler:
     ratio, the prior ratio (Poisson count, truncated Pareto flux and normal colours),
     the ratio of the reverse and forward proposal densities and, for split and merge,
     the Jacobian :math:`\prod_b f_b` of the map from (parent, fractions, separation)
-    to the two stars. A proposal that would leave its region is rejected. Regions of
-    one parity are at least ``region_size >= stamp_size - 1`` pixels apart, so the
-    pixels that their proposals change never overlap: they are decided in parallel,
-    each with the log-likelihood summed over its own window of the model image, which
-    is kept up to date. The checkerboard's origin is drawn at random each step. One
-    sweep is four steps (each parity once).
+    to the two stars. A proposal that would leave its region is rejected. The squares
+    of one step are at least ``(k - 1) * region_size >= stamp_size - 1`` pixels apart,
+    so the pixels that their proposals change never overlap: they are decided in
+    parallel, each with the log-likelihood summed over its own window of the model
+    image, which is kept up to date. The grid's origin is drawn at random each step.
+    One sweep is ``k * k`` steps (each place in the block once), a proposal in every
+    square. Small squares hold few stars, so each star is proposed a move more often
+    per unit of computation (the window of a square is ``region_size + stamp_size -
+    1`` pixels wide).
 
     Stars lie within the image (``-0.5 <= x < cols - 0.5``, likewise ``y``), as the
     prior of `~starnet.StarNetDeblender` places them; their light is the renderer's
@@ -80,8 +84,8 @@ class CatalogSampler:
         trained on (a smaller stamp drops wing light that the sampler then explains
         with extra faint stars).
     region_size : int, optional
-        Side of the checkerboard's squares, pixels; at least ``stamp_size - 1`` (the
-        default).
+        Side of the grid's squares, pixels (at M2's density, 0.12 stars per pixel, an
+        8-pixel square holds about 8 stars).
     move_probabilities : sequence of 5 float, optional
         Probabilities of the moves ``move``, ``birth``, ``death``, ``split``,
         ``merge``; birth and death, split and merge must be equally likely.
@@ -118,17 +122,13 @@ class CatalogSampler:
     ['sample', 'x_fit', 'y_fit', 'flux_r']
     """
 
-    def __init__(self, *, prior, psf=None, stamp_size=25, region_size=None,
+    def __init__(self, *, prior, psf=None, stamp_size=25, region_size=8,
                  move_probabilities=(0.6, 0.1, 0.1, 0.1, 0.1), position_step=1.0,
                  flux_step=1.0, step_scales=(1.0, 10.0, 100.0), split_scale=1.0,
                  likelihood=True):
         if stamp_size % 2 != 1 or stamp_size < 3:
             raise ValueError(f"stamp_size must be an odd integer >= 3, got {stamp_size}")
-        region_size = stamp_size - 1 if region_size is None else int(region_size)
-        if region_size < stamp_size - 1:
-            raise ValueError(f"region_size must be at least stamp_size - 1 = "
-                             f"{stamp_size - 1} so that parallel proposals do not "
-                             f"interact, got {region_size}")
+        region_size = check_positive_int(region_size, "region_size")
         probabilities = np.asarray(move_probabilities, dtype=float)
         if (probabilities.shape != (5,) or np.any(probabilities < 0)
                 or not np.isclose(probabilities.sum(), 1.0)):
@@ -150,6 +150,7 @@ class CatalogSampler:
         self.psf = psf
         self.stamp_size = int(stamp_size)
         self.region_size = region_size
+        self.block = 1 + math.ceil((self.stamp_size - 1) / region_size)
         self.move_probabilities = probabilities
         self.position_step = float(position_step)
         self.flux_step = float(flux_step)
@@ -227,6 +228,7 @@ class CatalogSampler:
             "n_samples": chain.n_chains * n_samples, "n_chains": chain.n_chains,
             "seed": seed, "n_sweeps": chain.n_sweeps, "burn_in_sweeps": n_burn,
             "thin": thin, "stamp_size": self.stamp_size, "region_size": self.region_size,
+            "block": self.block,
             "step_scales": list(self.step_scales),
             "move_probabilities": dict(zip(MOVES, self.move_probabilities.tolist())),
             "acceptance": chain.acceptance(), "likelihood": self.likelihood,
@@ -272,8 +274,9 @@ class CatalogSampler:
         ...                                   background=686.0, seed=3)
         >>> sampler = CatalogSampler(prior=prior, psf=psf, stamp_size=11)
         >>> brightest = np.argmax(truth["flux_r"])
+        >>> without = truth[np.arange(len(truth)) != brightest]
         >>> true, fewer = (sampler.log_posterior(image, truth)[0],
-        ...                sampler.log_posterior(image, truth[np.arange(len(truth)) != brightest])[0])
+        ...                sampler.log_posterior(image, without)[0])
         >>> bool(true > fewer + 10)
         True
         """
@@ -469,20 +472,21 @@ class _Chains:
         return max(int(self.n_sweeps * seconds / elapsed) - self.n_sweeps, 1)
 
     def sweep(self):
-        for parity in range(4):
-            self.step(parity)
+        for place in range(self.s.block ** 2):
+            self.step(place)
         self.n_sweeps += 1
 
     # ------------------------------------------------------------------ one step
-    def step(self, parity):
+    def step(self, place):
         s, g = self.s, self.generator
         prior = s.prior
         rows, cols = self.shape
         R, C, M = self.region, self.n_chains, None
         shift = torch.randint(R, (2,), generator=g)        # (col, row) shift
         n_reg = ((rows + R - 1) // R + 1, (cols + R - 1) // R + 1)
-        kr = torch.arange(parity // 2, n_reg[0], 2)
-        kc = torch.arange(parity % 2, n_reg[1], 2)
+        k = s.block
+        kr = torch.arange(place // k, n_reg[0], k)
+        kc = torch.arange(place % k, n_reg[1], k)
         kr, kc = torch.meshgrid(kr, kc, indexing="ij")
         kr, kc = kr.flatten(), kc.flatten()
         start_row, start_col = kr * R - shift[1], kc * R - shift[0]
@@ -493,6 +497,9 @@ class _Chains:
         kr, kc, low, high = kr[keep], kc[keep], low[keep], high[keep]
         start_row, start_col = start_row[keep], start_col[keep]
         G = len(kr)
+        if G == 0:                     # this place of the blocks misses a small image
+            self.step_count += 1
+            return
         group = torch.full(n_reg, -1, dtype=torch.long)
         group[kr, kc] = torch.arange(G)
         U = C * G
