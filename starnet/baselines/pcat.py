@@ -383,6 +383,9 @@ class _Chains:
             scale = np.clip(fluxes[:, 0], prior.f_min, prior.f_max) / fluxes[:, 0]
             fluxes = np.where(np.isfinite(fluxes) & (fluxes > 0), fluxes, prior.f_min)
             fluxes = fluxes * np.where(np.isfinite(scale), scale, 1.0)[:, None]
+            # exactly within the range (the product can fall an ulp outside it, where
+            # the prior density is zero and every split of the star would be accepted)
+            fluxes[:, 0] = np.clip(fluxes[:, 0], prior.f_min, prior.f_max)
         else:
             locs, fluxes = np.zeros((0, 2)), np.zeros((0, self.bands))
             chain_of_star = np.zeros(0, dtype=int)

@@ -226,3 +226,19 @@ def test_bad_options():
         CatalogSampler(prior=prior, move_probabilities=(0.6, 0.2, 0.0, 0.1, 0.1))
     with pytest.raises(ValueError, match="odd"):
         CatalogSampler(prior=prior, stamp_size=10)
+
+
+def test_init_fluxes_clipped_into_the_prior_range():
+    """Starting fluxes outside the prior's range (as StarNet's log-normal draws have)
+    are clipped exactly into it: every start has a finite prior density."""
+    prior = StarFieldPrior(mu=0.01, f_min=1000.0, f_max=1e6, bands=["r", "i"])
+    shape = (12, 12)
+    image = _image(np.full((2, *shape), 500.0), ["r", "i"], [500.0, 500.0], PSF)
+    rng = np.random.default_rng(0)
+    flux_r = np.concatenate([rng.uniform(200.0, 999.0, 200), rng.uniform(1.000001e6, 3e6, 200)])
+    init = QTable({"sample": np.arange(400), "x": rng.uniform(0, 11, 400),
+                   "y": rng.uniform(0, 11, 400), "flux_r": flux_r * u.electron,
+                   "flux_i": 1.7 * flux_r * u.electron})
+    init.meta["n_samples"] = 400
+    values = CatalogSampler(prior=prior, psf=PSF, stamp_size=7).log_posterior(image, init)
+    assert len(values) == 400 and np.all(np.isfinite(values))
