@@ -9,7 +9,7 @@ chain per draw), and prints for each the wall time, the posterior of the number 
 stars (mean, 5 and 95 %) and the one-to-one F1 (0.5 pixel, 0.5 mag, r) of the draws
 against the truth. The figure shows the count posteriors and the F1 of the draws. Run::
 
-    python benchmarks/pcat_vs_starnet.py --size 64 --minutes 3 \\
+    python benchmarks/pcat_vs_starnet.py --size 64 --minutes 2 \\
         --figure docs/_static/pcat_vs_starnet.png
 """
 
