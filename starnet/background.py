@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 from astropy.table import QTable
-from scipy.ndimage import gaussian_filter, map_coordinates
+from scipy.ndimage import gaussian_filter
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -26,6 +26,10 @@ from .images import with_changes
 
 __all__ = ["BackgroundEncoder", "train_background_encoder", "fit_background",
            "combine_cells"]
+
+
+HALO_CELLS = 3
+"""Cells read beyond each strip by `BackgroundEncoder.forward_in_strips`."""
 
 
 class BackgroundEncoder(nn.Module):
@@ -71,6 +75,23 @@ class BackgroundEncoder(nn.Module):
         x = F.pad(x, (0, -cols % self.cell_size, 0, -rows % self.cell_size))
         out = self.layers(x)
         return out[:, 0], torch.exp(out[:, 1].clamp(-6, 2))
+
+    def forward_in_strips(self, image, nominal, *, strip_cells=32):
+        """`forward` on strips of ``strip_cells`` rows of cells at a time, with the same
+        result: each strip is read with a margin of `HALO_CELLS` cells above and below,
+        more than the network's reach (3 pixels, then 2 cells), so its pixel-resolution
+        layers never hold more than a strip of a large image.
+        """
+        cell = self.cell_size
+        n_rows = -(-image.shape[-2] // cell)
+        means, sds = [], []
+        for start in range(0, n_rows, strip_cells):
+            stop = min(start + strip_cells, n_rows)
+            low, high = max(start - HALO_CELLS, 0), min(stop + HALO_CELLS, n_rows)
+            mean, sd = self(image[..., low * cell:high * cell, :], nominal)
+            means.append(mean[:, start - low:stop - low])
+            sds.append(sd[:, start - low:stop - low])
+        return torch.cat(means, dim=1), torch.cat(sds, dim=1)
 
 
 def train_background_encoder(encoder, batches, *, n_steps=2000, batch_size=16,
@@ -140,6 +161,24 @@ def combine_cells(mean, sd):
     return float((np.asarray(mean) * precision).sum() / total), float(1 / math.sqrt(total))
 
 
+def _bilinear_to_pixels(cell_map, cell, rows, cols):
+    """Linear interpolation of a map of cells (cell k's centre at pixel ``(k + 0.5) *
+    cell - 0.5``) to every pixel, constant beyond the outer centres; float32, one axis at
+    a time (the same as ``map_coordinates(order=1, mode='nearest')`` without its
+    coordinate grids, which cost 16 bytes a pixel)."""
+    def weights(n_pixels, n_cells):
+        position = np.clip((np.arange(n_pixels) + 0.5) / cell - 0.5, 0, n_cells - 1)
+        lower = np.minimum(np.floor(position).astype(int), n_cells - 1)
+        upper = np.minimum(lower + 1, n_cells - 1)
+        return lower, upper, (position - lower).astype(np.float32)
+
+    cell_map = cell_map.astype(np.float32)
+    lower, upper, w = weights(rows, cell_map.shape[0])
+    by_row = (1 - w)[:, None] * cell_map[lower] + w[:, None] * cell_map[upper]
+    lower, upper, w = weights(cols, cell_map.shape[1])
+    return (1 - w) * by_row[:, lower] + w * by_row[:, upper]
+
+
 @torch.no_grad()
 def fit_background(deblender, nddata, *, smoothing=None):
     """The image with its background replaced by the deblender's estimate from the pixels.
@@ -205,34 +244,31 @@ def fit_background(deblender, nddata, *, smoothing=None):
     # whole cells only: a partial cell would be padded with pixels at exactly the nominal
     # background, which the network reads as evidence
     whole = image[..., :rows - rows % cell, :cols - cols % cell]
-    mean, sd = encoder(whole, nominal.reshape(1, -1, 1, 1))
+    mean, sd = encoder.forward_in_strips(whole, nominal.reshape(1, -1, 1, 1))
     mean, sd = mean[0].double().numpy(), sd[0].double().numpy()
     if smoothing is None:
         log_scale, log_scale_sd = combine_cells(mean, sd)
-        scale = np.full((rows, cols), np.exp(log_scale))
+        scale = np.full((rows, cols), np.exp(log_scale), dtype=np.float32)
     else:
         precision = 1 / sd ** 2
         width = smoothing / cell
         log_map = (gaussian_filter(mean * precision, width, mode="nearest")
                    / gaussian_filter(precision, width, mode="nearest"))
-        # pixel centres in cell coordinates (cell k's centre at k)
-        y = (np.arange(rows) + 0.5) / cell - 0.5
-        x = (np.arange(cols) + 0.5) / cell - 0.5
-        grid = np.meshgrid(y, x, indexing="ij")
-        scale = np.exp(map_coordinates(log_map, grid, order=1, mode="nearest"))
+        scale = np.exp(_bilinear_to_pixels(log_map, cell, rows, cols))
     low, high = deblender.training_settings.background_range
     if np.any((scale < low) | (scale > high)):
         warnings.warn(f"estimated background factors from {scale.min():.3f} to "
                       f"{scale.max():.3f} lie outside the range the model was trained on "
                       f"({low} to {high}); clipped", UserWarning)
         scale = np.clip(scale, low, high)
-    background = scale[None] * np.asarray(deblender.background, dtype=float)[:, None, None]
+    background = scale[None] * np.asarray(deblender.background, dtype=scale.dtype)[:, None, None]
     fit = {"scale": float(np.median(scale)), "smoothing": smoothing,
            "scale_sd": None if smoothing is not None else float(scale[0, 0] * log_scale_sd)}
     # in the image's unit, less the noise pedestal that reading the image adds back
     # (starnet.images.read_image), as meta['background'] is read
-    pedestal = read["pedestal"].astype(float)[:, None, None]
-    background = (background - pedestal) / read["electrons_per_unit"][:, None, None]
+    pedestal = read["pedestal"].astype(background.dtype)[:, None, None]
+    background = ((background - pedestal)
+                  / read["electrons_per_unit"].astype(background.dtype)[:, None, None])
     fitted = with_changes(nddata, meta=dict(nddata.meta, background=background,
                                             background_fit=fit))
     y, x = np.mgrid[0:mean.shape[0], 0:mean.shape[1]]

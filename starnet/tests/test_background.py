@@ -45,6 +45,22 @@ def test_encoder_gives_one_posterior_per_cell():
     assert torch.all(sd > 0)
 
 
+def test_strips_give_the_whole_image_result():
+    """The encoder run strip by strip (strips of 2 cells, halos of 3) gives what one pass
+    over the whole image gives, to float32 rounding, on an image with structure in every
+    cell and a ragged last strip."""
+    torch.manual_seed(0)
+    encoder = BackgroundEncoder(n_bands=2, cell_size=4).eval()
+    image = 500 + 300 * torch.rand(1, 2, 4 * 11, 4 * 9)
+    nominal = torch.tensor([450.0, 650.0]).reshape(1, -1, 1, 1)
+    with torch.no_grad():
+        whole = encoder(image, nominal)
+        strips = encoder.forward_in_strips(image, nominal, strip_cells=2)
+    for a, b in zip(whole, strips):
+        assert a.shape == b.shape == (1, 11, 9)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("scale", [0.9, 1.2, 1.4])
 def test_recovers_the_background_factor(deblender, scale):
     fitted, cells = fit_background(deblender, image_at(scale, seed=int(10 * scale)))
@@ -88,10 +104,28 @@ def test_smoothing_follows_a_background_that_varies(deblender):
     fitted, _ = fit_background(deblender, image, smoothing=4.0)
     fitted_scale = fitted.meta["background"][0] / BACKGROUND[0]
     assert fitted.meta["background"].shape == (2, 24, 80)
-    np.testing.assert_allclose(fitted.meta["background"][1] / BACKGROUND[1], fitted_scale)
+    np.testing.assert_allclose(fitted.meta["background"][1] / BACKGROUND[1], fitted_scale,
+                               rtol=1e-6)                     # float32 maps
     assert np.mean(fitted_scale[:, :16]) == pytest.approx(0.9, rel=0.06)
     assert np.mean(fitted_scale[:, -16:]) == pytest.approx(1.3, rel=0.06)
     single = fit_background(deblender, image)[0].meta["background_fit"]["scale"]
     assert fitted_scale[:, :16].mean() < single < fitted_scale[:, -16:].mean()
     with pytest.raises(ValueError, match="smoothing must be a positive"):
         fit_background(deblender, image, smoothing=0)
+
+
+def test_bilinear_to_pixels_matches_map_coordinates():
+    """The one-axis-at-a-time interpolation of a cell map equals scipy's bilinear
+    map_coordinates on the pixel centres (nearest beyond the outer cell centres)."""
+    from scipy.ndimage import map_coordinates
+
+    from starnet.background import _bilinear_to_pixels
+    cell_map = np.random.default_rng(0).normal(size=(5, 7))
+    rows, cols, cell = 37, 53, 8
+    y = (np.arange(rows) + 0.5) / cell - 0.5
+    x = (np.arange(cols) + 0.5) / cell - 0.5
+    expected = map_coordinates(cell_map, np.meshgrid(y, x, indexing="ij"), order=1,
+                               mode="nearest")
+    got = _bilinear_to_pixels(cell_map, cell, rows, cols)
+    assert got.dtype == np.float32 and got.shape == (rows, cols)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
