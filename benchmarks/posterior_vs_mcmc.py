@@ -24,7 +24,7 @@ median ratio of each method's widths to the reference chains' (from the truth, m
 sweeps) for the same stars. The figure compares StarNet with the reference star by
 star. Run::
 
-    python benchmarks/posterior_vs_mcmc.py --n-images 3 --sweeps 250 1000 \\
+    python benchmarks/posterior_vs_mcmc.py --n-images 3 --density 0.03 --sweeps 100 400 \\
         --figure docs/_static/posterior_vs_mcmc.png
 """
 
@@ -102,7 +102,7 @@ def main(argv=None):
                              "sdss-m2, M2's density; the model was trained over 0.001-0.2)")
     parser.add_argument("--n-images", type=int, default=3)
     parser.add_argument("--n-draws", type=int, default=50)
-    parser.add_argument("--sweeps", type=int, nargs="+", default=[250, 1000],
+    parser.add_argument("--sweeps", type=int, nargs="+", default=[100, 400],
                         help="sweep counts at which the chains' states are taken")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figure", default=None)
