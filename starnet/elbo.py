@@ -36,6 +36,18 @@ def log_likelihood(image, expected):
 
     ``image`` and ``expected`` (lambda, background included) are (n_images, bands, rows,
     cols) in electrons.
+
+    Parameters
+    ----------
+    image : `torch.Tensor`, shape (n_images, n_bands, rows, cols)
+        Observed pixel values, electrons.
+    expected : `torch.Tensor`, shape (n_images, n_bands, rows, cols)
+        Expected pixel values lambda (stars plus background), electrons; positive.
+
+    Returns
+    -------
+    `torch.Tensor` of float64, shape (n_images,)
+        Log likelihood of each image, summed over bands and pixels.
     """
     expected = expected.double()
     residual = image.double() - expected
@@ -59,6 +71,12 @@ def log_prior(prior, tiles, tile_size, image_shape):
         ``R``, pixels.
     image_shape : tuple of int
         ``(rows, cols)``, a whole number of tiles.
+
+    Returns
+    -------
+    `torch.Tensor` of float64, shape (n_images,)
+        Log prior density of each image's catalog; ``-inf`` if a star's flux in the
+        first band lies outside the prior's support.
     """
     present = torch.arange(tiles.fluxes.shape[-2]) < tiles.counts[..., None]
     flux = tiles.fluxes.double()
@@ -84,7 +102,20 @@ def log_prior(prior, tiles, tile_size, image_shape):
 
 
 def count_configurations(n_tiles, max_sources):
-    """All ``(max_sources + 1) ** n_tiles`` vectors of tile counts, (n_configs, n_tiles)."""
+    """All ``(max_sources + 1) ** n_tiles`` vectors of tile counts, (n_configs, n_tiles).
+
+    Parameters
+    ----------
+    n_tiles : int
+        Number of tiles.
+    max_sources : int
+        Largest number of stars per tile.
+
+    Returns
+    -------
+    `torch.Tensor` of int64, shape ((max_sources + 1) ** n_tiles, n_tiles)
+        Every count vector, in lexicographic order (the last tile varies fastest).
+    """
     return torch.tensor(list(itertools.product(range(max_sources + 1), repeat=n_tiles)),
                         dtype=torch.long)
 
@@ -144,6 +175,23 @@ def analytic_count_elbo(posterior, image, background, *, prior, renderer, grid,
     differentiable in all parameters of ``posterior`` (the count probabilities
     through the weights). Arguments as in `log_joint`.
 
+    Parameters
+    ----------
+    posterior : `~starnet.posterior.TiledPosterior`
+        The posterior of one image (batch dimension 1).
+    image : `torch.Tensor`, shape (1, n_bands, rows, cols)
+        Electrons.
+    background : float or `torch.Tensor` broadcasting to ``image``
+        Electrons.
+    prior : `~starnet.StarFieldPrior`
+    renderer : `~starnet.simulate.StarFieldRenderer`
+    grid : `~starnet.tiles.TileGrid`
+    n_samples : int, optional
+        Draws of positions and fluxes per configuration of counts.
+    flux_shift : float, optional
+        Variational fluxes are ``flux_shift + exp(w)``.
+    generator : `torch.Generator`, optional
+
     Returns
     -------
     elbo : `torch.Tensor`
@@ -170,6 +218,23 @@ def reinforce_elbo(posterior, image, background, *, prior, renderer, grid, n_sam
     surrogate is ``mean_k [(L_k - b_k) grad log q(N_k) + grad L_k]`` with ``L_k`` the
     ELBO integrand and ``b_k`` the mean of the other draws' ``L`` (an unbiased control
     variate). Arguments as in `log_joint`.
+
+    Parameters
+    ----------
+    posterior : `~starnet.posterior.TiledPosterior`
+        The posterior of one image (batch dimension 1).
+    image : `torch.Tensor`, shape (1, n_bands, rows, cols)
+        Electrons.
+    background : float or `torch.Tensor` broadcasting to ``image``
+        Electrons.
+    prior : `~starnet.StarFieldPrior`
+    renderer : `~starnet.simulate.StarFieldRenderer`
+    grid : `~starnet.tiles.TileGrid`
+    n_samples : int, optional
+        Number of catalogs drawn, at least 2.
+    flux_shift : float, optional
+        Variational fluxes are ``flux_shift + exp(w)``.
+    generator : `torch.Generator`, optional
 
     Returns
     -------

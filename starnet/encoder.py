@@ -24,6 +24,11 @@ def normalize_image(image, background):
     ----------
     image, background : `torch.Tensor`, shape (n_images, n_bands, rows, cols)
         Electrons; ``background`` may be any shape that broadcasts.
+
+    Returns
+    -------
+    `torch.Tensor`, shape (n_images, 2 n_bands, rows, cols)
+        The ``asinh`` channels of all bands, then the ``log1p`` channels.
     """
     excess = image - background
     return torch.cat([torch.asinh(excess / background.sqrt()),
@@ -42,10 +47,13 @@ def conditioning_map(tiles, decided, log_flux_offset):
     ----------
     tiles : `~starnet.tiles.TileCatalog`
     decided : `torch.Tensor` of bool, shape (n_images, tile_rows, tile_cols)
+    log_flux_offset : float
+        Subtracted from the natural log of the fluxes (electrons).
 
     Returns
     -------
     `torch.Tensor`, shape (n_images, channels, tile_rows, tile_cols)
+        ``channels = 2 + max_sources (4 + n_bands)`` (`conditioning_channels`).
     """
     max_sources = tiles.locs.shape[-2]
     present = torch.arange(max_sources) < tiles.counts[..., None]
@@ -64,7 +72,20 @@ def conditioning_map(tiles, decided, log_flux_offset):
 
 
 def conditioning_channels(max_sources, n_bands):
-    """Number of channels of `conditioning_map`."""
+    """Number of channels of `conditioning_map`.
+
+    Parameters
+    ----------
+    max_sources : int
+        Largest number of stars per tile.
+    n_bands : int
+        Number of bands.
+
+    Returns
+    -------
+    int
+        ``2 + max_sources (4 + n_bands)``.
+    """
     return 2 + max_sources * (4 + n_bands)
 
 
@@ -141,7 +162,18 @@ class StarNetEncoder(nn.Module):
         return 7 + (self.tile_size - 1) + 4 * self.tile_size
 
     def tile_colors(self, grid_shape):
-        """Checkerboard colour of each tile, shape ``grid_shape``."""
+        """Checkerboard colour of each tile, shape ``grid_shape``.
+
+        Parameters
+        ----------
+        grid_shape : tuple of int
+            ``(tile_rows, tile_cols)``.
+
+        Returns
+        -------
+        `torch.Tensor` of int64, shape (tile_rows, tile_cols)
+            Colour ``0 .. n_colors - 1`` of each tile.
+        """
         row = torch.arange(grid_shape[0])[:, None]
         col = torch.arange(grid_shape[1])[None, :]
         if self.n_colors == 4:
@@ -158,6 +190,19 @@ class StarNetEncoder(nn.Module):
         the receptive field, so that memory is bounded and the result equals the
         one-shot computation; ``progress``, if given, is called with the number of
         blocks done and the number in all after each block.
+
+        Parameters
+        ----------
+        image : `torch.Tensor`, shape (n_images, n_bands, rows, cols)
+            Electrons, background included.
+        background : `torch.Tensor` broadcasting to ``image``
+            Electrons.
+        conditioning : `torch.Tensor`, optional
+            `conditioning_map` of the decided tiles; required when ``n_colors`` > 1.
+        chunk_tiles : int, optional
+            Side of the blocks in tiles (default: the whole image at once).
+        progress : callable, optional
+            Called as ``progress(done, total)`` after each block.
 
         Returns
         -------
@@ -206,6 +251,24 @@ class StarNetEncoder(nn.Module):
         Each block's network input is made from the block's pixels and a halo wider than
         the receptive field, so the result equals the one-shot computation while memory
         stays that of a block. ``progress(done, total)`` is called after each block.
+
+        Parameters
+        ----------
+        image : `torch.Tensor`, shape (n_images, n_bands, rows, cols)
+            Electrons, background included.
+        background : `torch.Tensor` broadcasting to ``image``
+            Electrons.
+        chunk_tiles : int, optional
+            Side of the blocks in tiles (default: one block for the whole grid).
+        progress : callable, optional
+            Called as ``progress(done, total)`` after each block.
+
+        Yields
+        ------
+        rows, cols : slice
+            Tile rows and columns of the block in the tile grid.
+        posterior : `~starnet.posterior.TiledPosterior`
+            The posterior of the block's tiles.
         """
         if self.n_colors != 1:
             raise ValueError("a checkerboard encoder decides its tiles colour by colour over "
@@ -239,12 +302,42 @@ class StarNetEncoder(nn.Module):
         return -(-3 // self.tile_size) + 1
 
     def features(self, image, background, *, chunk_tiles=None, progress=None):
-        """Tile-resolution features of the images (the part that sees pixels)."""
+        """Tile-resolution features of the images (the part that sees pixels).
+
+        Parameters
+        ----------
+        image : `torch.Tensor`, shape (n_images, n_bands, rows, cols)
+            Electrons, background included.
+        background : `torch.Tensor` broadcasting to ``image``
+            Electrons.
+        chunk_tiles : int, optional
+            Compute in square blocks of this many tiles (same result, bounded memory).
+        progress : callable, optional
+            Called as ``progress(done, total)`` after each block.
+
+        Returns
+        -------
+        `torch.Tensor`, shape (n_images, tile_hidden, tile_rows, tile_cols)
+        """
         return _chunked(self.pixel_layers, self._input(image, background), chunk_tiles,
                         self._pixel_halo(), self.tile_size, progress=progress)
 
     def tile_posterior(self, features, conditioning=None, *, chunk_tiles=None):
-        """Posterior from tile features and, with ``n_colors`` > 1, the conditioning map."""
+        """Posterior from tile features and, with ``n_colors`` > 1, the conditioning map.
+
+        Parameters
+        ----------
+        features : `torch.Tensor`, shape (n_images, tile_hidden, tile_rows, tile_cols)
+            From `features`.
+        conditioning : `torch.Tensor`, optional
+            `conditioning_map` of the decided tiles; required when ``n_colors`` > 1.
+        chunk_tiles : int, optional
+            Compute in square blocks of this many tiles (same result, bounded memory).
+
+        Returns
+        -------
+        `~starnet.posterior.TiledPosterior`
+        """
         if self.n_colors > 1:
             if conditioning is None:
                 raise ValueError("a checkerboard encoder needs the conditioning map of the "
@@ -278,6 +371,8 @@ class StarNetEncoder(nn.Module):
         choose : callable
             Maps a `~starnet.posterior.TiledPosterior` to a
             `~starnet.tiles.TileCatalog`, e.g. ``lambda q: q.mode()``.
+        chunk_tiles : int, optional
+            Compute in square blocks of this many tiles (same result, bounded memory).
 
         Returns
         -------
@@ -304,7 +399,20 @@ class StarNetEncoder(nn.Module):
 
     def joint_log_prob(self, features, tiles):
         """``log q(tiles | image)`` per tile, each tile conditioned on the true catalogs
-        of the tiles decided before it (for n_colors = 1, the plain tile densities)."""
+        of the tiles decided before it (for n_colors = 1, the plain tile densities).
+
+        Parameters
+        ----------
+        features : `torch.Tensor`, shape (n_images, tile_hidden, tile_rows, tile_cols)
+            From `features`.
+        tiles : `~starnet.tiles.TileCatalog`
+            The catalogs whose density is computed, as tile variables.
+
+        Returns
+        -------
+        `torch.Tensor`, shape (n_images, tile_rows, tile_cols)
+            Log density of each tile.
+        """
         if self.n_colors == 1:
             return self.tile_posterior(features).log_prob(tiles)
         colors = self.tile_colors(features.shape[-2:])[None].expand(features.shape[0], -1, -1)

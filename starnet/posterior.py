@@ -27,7 +27,19 @@ _EPS = 1e-6
 
 
 def triangle_slots(max_sources):
-    """Slot indices of row ``n`` (``n = 1 .. max_sources``) of the triangular array."""
+    """Slot indices of row ``n`` (``n = 1 .. max_sources``) of the triangular array.
+
+    Parameters
+    ----------
+    max_sources : int
+        Largest number of stars per tile.
+
+    Returns
+    -------
+    list of list of int
+        Item ``n - 1`` holds the ``n`` slot indices of row ``n``, in
+        ``0 .. max_sources (max_sources + 1) / 2 - 1``.
+    """
     return [list(range(n * (n - 1) // 2, n * (n + 1) // 2)) for n in range(1, max_sources + 1)]
 
 
@@ -60,6 +72,17 @@ class TiledPosterior:
         """Tiles of ``self`` where ``mask`` is true and of ``other`` elsewhere.
 
         ``mask`` has shape (n_images, tile_rows, tile_cols).
+
+        Parameters
+        ----------
+        mask : `torch.Tensor` of bool, shape (n_images, tile_rows, tile_cols)
+            Tiles taken from ``self``.
+        other : `TiledPosterior`
+            Posterior of the same shape, for the other tiles.
+
+        Returns
+        -------
+        `TiledPosterior`
         """
         return TiledPosterior(*(
             torch.where(mask.reshape(*mask.shape, *[1] * (getattr(self, name).ndim - 3)),
@@ -69,18 +92,42 @@ class TiledPosterior:
     @staticmethod
     def concatenate(posteriors, dim):
         """The tiles of several posteriors side by side along ``dim`` (1: tile rows,
-        2: tile columns)."""
+        2: tile columns).
+
+        Parameters
+        ----------
+        posteriors : sequence of `TiledPosterior`
+            Posteriors whose shapes agree except along ``dim``.
+        dim : int
+            Axis of the tile grid to join along (1 or 2).
+
+        Returns
+        -------
+        `TiledPosterior`
+        """
         return TiledPosterior(*(torch.cat([getattr(q, name) for q in posteriors], dim=dim)
                                 for name in TiledPosterior._FIELDS))
 
     def expand(self, n_images):
-        """The posterior of a single image repeated ``n_images`` times (no copy)."""
+        """The posterior of a single image repeated ``n_images`` times (no copy).
+
+        Parameters
+        ----------
+        n_images : int
+            Size of the image axis of the result.
+
+        Returns
+        -------
+        `TiledPosterior`
+            Parameters are views of ``self``'s, expanded along the first axis.
+        """
         return TiledPosterior(*(getattr(self, name).expand(n_images, *getattr(self, name).shape[1:])
                                 for name in self._FIELDS))
 
     @functools.cached_property
     def count_probs(self):
-        """Probabilities of 0 to ``max_sources`` stars in each tile."""
+        """Probabilities of 0 to ``max_sources`` stars in each tile, shape
+        (n_images, tile_rows, tile_cols, max_sources + 1)."""
         return torch.softmax(self.count_logits, dim=-1)
 
     def _row(self, n):
@@ -94,6 +141,16 @@ class TiledPosterior:
 
         The density is with respect to the count, the within-tile positions and the
         fluxes in electrons (the Jacobians of the logit and log transforms included).
+
+        Parameters
+        ----------
+        tiles : `~starnet.tiles.TileCatalog`
+            Tile variables with the same tile grid and ``max_sources`` as ``self``.
+
+        Returns
+        -------
+        `torch.Tensor`, shape (n_images, tile_rows, tile_cols)
+            Log density of each tile, in the dtype of the parameters.
         """
         log_count = torch.log_softmax(self.count_logits, dim=-1)
         result = log_count.gather(-1, tiles.counts[..., None])[..., 0]
@@ -139,12 +196,30 @@ class TiledPosterior:
         """Most probable count per tile, with the transformed modes of the normals.
 
         Positions are ``sigmoid(loc_mean)`` and fluxes ``exp(log_flux_mean)``.
+
+        Returns
+        -------
+        `~starnet.tiles.TileCatalog`
+            The modal tile variables; unused slots are padded (positions 0.5, fluxes 1)
+            and ``n_dropped`` is 0.
         """
         counts = self.count_logits.argmax(dim=-1)
         return self._counts_to_catalog(counts, self.loc_mean, self.log_flux_mean)
 
     def sample(self, *, generator=None):
-        """Draw one catalog per image from q, as tile variables."""
+        """Draw one catalog per image from q, as tile variables.
+
+        Parameters
+        ----------
+        generator : `torch.Generator`, optional
+            Source of the random numbers.
+
+        Returns
+        -------
+        `~starnet.tiles.TileCatalog`
+            Counts, positions within tiles and fluxes (electrons) of the draw; unused
+            slots are padded (positions 0.5, fluxes 1) and ``n_dropped`` is 0.
+        """
         probs = self.count_probs
         flat = probs.reshape(-1, probs.shape[-1])
         counts = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
@@ -165,6 +240,12 @@ class TiledPosterior:
         ----------
         counts : `torch.Tensor` of int64, shape (n_images, tile_rows, tile_cols)
         generator : `torch.Generator`, optional
+
+        Returns
+        -------
+        `~starnet.tiles.TileCatalog`
+            Tile variables with these ``counts``; unused slots are padded (positions 0.5,
+            fluxes 1) and ``n_dropped`` is 0.
         """
         z = self.loc_mean + self.loc_sd * torch.randn(self.loc_mean.shape, generator=generator,
                                                       dtype=self.loc_mean.dtype)
@@ -177,6 +258,18 @@ class TiledPosterior:
 
         Returns ``loc_mean, loc_sd, log_flux_mean, log_flux_sd`` each of shape
         (..., max_sources, dim), valid in the first ``counts`` slots.
+
+        Parameters
+        ----------
+        counts : `torch.Tensor` of int64, shape (n_images, tile_rows, tile_cols)
+            Number of stars of each tile, ``0 .. max_sources``.
+
+        Returns
+        -------
+        loc_mean, loc_sd : `torch.Tensor`, shape (..., max_sources, 2)
+            Normal parameters of the logit of the within-tile positions.
+        log_flux_mean, log_flux_sd : `torch.Tensor`, shape (..., max_sources, n_bands)
+            Normal parameters of the log fluxes (electrons).
         """
         return self._rows(counts, self.loc_mean, self.loc_sd, self.log_flux_mean,
                           self.log_flux_sd)
@@ -245,7 +338,21 @@ def _convolve_all(pmfs, offsets):
 def support(pmf):
     """``(offset, values)``: the part of a pmf between its first and last non-zero
     probabilities (`count_distribution` sets the negligible tails to zero), so that
-    ``pmf[offset + j] = values[j]``."""
+    ``pmf[offset + j] = values[j]``.
+
+    Parameters
+    ----------
+    pmf : array, shape (n,)
+        Probabilities of ``0 .. n - 1``.
+
+    Returns
+    -------
+    offset : int
+        Index of the first non-zero probability (0 if there is none).
+    values : `numpy.ndarray`, shape (n_values,)
+        A copy of ``pmf`` from ``offset`` to its last non-zero probability (``[1.0]``
+        if there is none).
+    """
     pmf = np.asarray(pmf, dtype=float)
     nonzero = np.flatnonzero(pmf)
     if len(nonzero) == 0:

@@ -43,6 +43,18 @@ class TileCatalog:
         """Tiles of ``self`` where ``mask`` is true and of ``other`` elsewhere.
 
         ``mask`` has shape (n_images, tile_rows, tile_cols).
+
+        Parameters
+        ----------
+        mask : `torch.Tensor` of bool, shape (n_images, tile_rows, tile_cols)
+            Tiles taken from ``self``.
+        other : `TileCatalog`
+            Tile catalog of the same shape, for the other tiles.
+
+        Returns
+        -------
+        `TileCatalog`
+            The merged tiles; ``n_dropped`` is the sum of both.
         """
         wide = mask[..., None, None]
         return TileCatalog(counts=torch.where(mask, self.counts, other.counts),
@@ -52,7 +64,18 @@ class TileCatalog:
 
     @staticmethod
     def concatenate(catalogs):
-        """Join tile catalogs of several batches along the image axis."""
+        """Join tile catalogs of several batches along the image axis.
+
+        Parameters
+        ----------
+        catalogs : sequence of `TileCatalog`
+            Catalogs with the same tile grid, ``max_sources`` and bands.
+
+        Returns
+        -------
+        `TileCatalog`
+            All images in order; ``n_dropped`` is the sum over ``catalogs``.
+        """
         return TileCatalog(counts=torch.cat([c.counts for c in catalogs]),
                            locs=torch.cat([c.locs for c in catalogs]),
                            fluxes=torch.cat([c.fluxes for c in catalogs]),
@@ -91,7 +114,18 @@ class TileGrid:
         self.max_sources = int(max_sources)
 
     def grid_shape(self, shape):
-        """Number of tile rows and columns covering an image of ``shape = (rows, cols)``."""
+        """Number of tile rows and columns covering an image of ``shape = (rows, cols)``.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            ``(rows, cols)`` of the image in pixels.
+
+        Returns
+        -------
+        tuple of int
+            ``(tile_rows, tile_cols)``, rounded up to cover partial tiles.
+        """
         return tuple(math.ceil(n / self.tile_size) for n in shape)
 
     def to_tiles(self, locs, fluxes, mask, shape):
@@ -149,7 +183,20 @@ class TileGrid:
 
     def to_pixels(self, tile_locs, origin=(0, 0)):
         """Pixel ``(x, y)`` of within-tile positions ``tile_locs`` (..., rows, cols, k, 2)
-        of the tiles from tile ``origin`` (row, col) on."""
+        of the tiles from tile ``origin`` (row, col) on.
+
+        Parameters
+        ----------
+        tile_locs : `torch.Tensor`, shape (..., tile_rows, tile_cols, k, 2)
+            Positions ``(u_x, u_y)`` within the tiles, in ``[0, 1)``.
+        origin : tuple of int, optional
+            ``(row, col)`` in the tile grid of the first tile of ``tile_locs``.
+
+        Returns
+        -------
+        `torch.Tensor`, shape (..., tile_rows, tile_cols, k, 2)
+            Pixel ``(x, y)`` in the image (pixel centres at integers).
+        """
         tile_rows, tile_cols = tile_locs.shape[-4:-2]
         col = torch.arange(origin[1], origin[1] + tile_cols, dtype=tile_locs.dtype)[None, :, None]
         row = torch.arange(origin[0], origin[0] + tile_rows, dtype=tile_locs.dtype)[:, None, None]
@@ -160,6 +207,13 @@ class TileGrid:
     def from_tiles(self, tiles, origin=(0, 0)):
         """Flatten tile variables into padded per-image catalogs (of the tiles from tile
         ``origin`` (row, col) of the grid on, for a block of the grid).
+
+        Parameters
+        ----------
+        tiles : `TileCatalog`
+            Tile variables of ``n_images`` images (or of a block of their tile grid).
+        origin : tuple of int, optional
+            ``(row, col)`` in the tile grid of the first tile of ``tiles``.
 
         Returns
         -------
