@@ -42,8 +42,6 @@ class TileCatalog:
     def where(self, mask, other):
         """Tiles of ``self`` where ``mask`` is true and of ``other`` elsewhere.
 
-        ``mask`` has shape (n_images, tile_rows, tile_cols).
-
         Parameters
         ----------
         mask : `torch.Tensor` of bool, shape (n_images, tile_rows, tile_cols)
