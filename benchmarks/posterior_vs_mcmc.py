@@ -58,8 +58,7 @@ def _widths(intervals, name):
     """Interval widths: pixels for positions, dex for fluxes."""
     low, high = intervals[f"{name}_low"], intervals[f"{name}_high"]
     if name.startswith("flux"):
-        return np.log10(np.asarray(high.value if hasattr(high, "value") else high)
-                        / np.asarray(low.value if hasattr(low, "value") else low))
+        return np.log10(np.asarray(high / low))            # a ratio: no unit
     return np.asarray(high - low)
 
 

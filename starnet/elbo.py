@@ -173,7 +173,7 @@ def analytic_count_elbo(posterior, image, background, *, prior, renderer, grid,
     by its probability under ``q``; positions and fluxes are drawn ``n_samples`` times
     per configuration by reparameterisation. The estimate is unbiased and
     differentiable in all parameters of ``posterior`` (the count probabilities
-    through the weights). Arguments as in `log_joint`.
+    through the weights).
 
     Parameters
     ----------
@@ -217,7 +217,7 @@ def reinforce_elbo(posterior, image, background, *, prior, renderer, grid, n_sam
     sampling, positions and fluxes by reparameterisation. The gradient of the returned
     surrogate is ``mean_k [(L_k - b_k) grad log q(N_k) + grad L_k]`` with ``L_k`` the
     ELBO integrand and ``b_k`` the mean of the other draws' ``L`` (an unbiased control
-    variate). Arguments as in `log_joint`.
+    variate).
 
     Parameters
     ----------

@@ -245,12 +245,10 @@ class StarNetEncoder(nn.Module):
     def blocks(self, image, background, chunk_tiles=None, *, progress=None):
         """The posterior of independent tiles (``n_colors`` = 1) block by block.
 
-        Yields ``(rows, cols, posterior)`` for square blocks of ``chunk_tiles`` tiles
-        (the whole grid when None), row of blocks by row of blocks: the tile rows and
-        columns of the block (slices) and their `~starnet.posterior.TiledPosterior`.
-        Each block's network input is made from the block's pixels and a halo wider than
-        the receptive field, so the result equals the one-shot computation while memory
-        stays that of a block. ``progress(done, total)`` is called after each block.
+        Blocks are square, of ``chunk_tiles`` tiles, and come row of blocks by row of
+        blocks. Each block's network input is made from the block's pixels and a halo
+        wider than the receptive field, so the result equals the one-shot computation
+        while memory stays that of a block.
 
         Parameters
         ----------
