@@ -502,7 +502,10 @@ def test_streamed_catalog_equals_one_shot(trained, background_map):
     for key in ('n_stars_q05', 'n_stars_q95'):
         assert streamed.meta[key] == whole.meta[key]
     assert streamed_pmf.shape == whole_pmf.shape == (3 * 46 * 55 + 1,)
-    np.testing.assert_allclose(streamed_pmf, whole_pmf, rtol=0, atol=1e-12)
+    # Blocks and thread counts change the order of float32 sums in the network, so tile
+    # probabilities move by a few float32 ulps; the pmfs may differ by that much, no more.
+    eps32 = np.finfo(np.float32).eps
+    np.testing.assert_allclose(streamed_pmf, whole_pmf, rtol=0, atol=8 * eps32 * whole_pmf.max())
     np.testing.assert_allclose(streamed_pmf @ np.arange(len(streamed_pmf)),
                                streamed.meta['n_stars_mean'], rtol=1e-9)
 
