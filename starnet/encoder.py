@@ -12,27 +12,46 @@ from .posterior import TiledPosterior
 __all__ = ["StarNetEncoder", "normalize_image", "conditioning_map"]
 
 
-def normalize_image(image, background):
+def normalize_image(image, background, mask=None):
     """The encoder's input: a fixed per-pixel function of the image and its background.
 
     Two channels per band: ``asinh((x - b) / sqrt(b))`` (the signal-to-noise ratio,
     compressed for bright stars) and ``log1p(max(x - b, 0)) / 5`` (the scale of the
     star light in electrons). No statistic of the batch or of the image is used, so a
-    pixel's input depends only on its own value and background.
+    pixel's input depends only on its own value and background. With a ``mask``, the
+    masked pixels' channels are zero and a third channel per band flags them (1 where
+    masked), so that a missing pixel is not read as empty sky.
 
     Parameters
     ----------
     image, background : `torch.Tensor`, shape (n_images, n_bands, rows, cols)
         Electrons; ``background`` may be any shape that broadcasts.
+    mask : `torch.Tensor` of bool, optional
+        True where a pixel is missing (masked or saturated); broadcasts to ``image``.
 
     Returns
     -------
-    `torch.Tensor`, shape (n_images, 2 n_bands, rows, cols)
-        The ``asinh`` channels of all bands, then the ``log1p`` channels.
+    `torch.Tensor`, shape (n_images, 2 n_bands (3 n_bands with a mask), rows, cols)
+        The ``asinh`` channels of all bands, then the ``log1p`` channels, then the mask
+        channels.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from starnet.encoder import normalize_image
+    >>> image = torch.tensor([[[[700.0, 800.0]]]])
+    >>> x = normalize_image(image, torch.tensor(700.0), mask=torch.tensor([[[[False, True]]]]))
+    >>> x.shape, x[0, :, 0, 1].tolist()
+    (torch.Size([1, 3, 1, 2]), [0.0, 0.0, 1.0])
     """
     excess = image - background
-    return torch.cat([torch.asinh(excess / background.sqrt()),
-                      torch.log1p(excess.clamp(min=0)) / 5], dim=1)
+    channels = torch.cat([torch.asinh(excess / background.sqrt()),
+                          torch.log1p(excess.clamp(min=0)) / 5], dim=1)
+    if mask is None:
+        return channels
+    mask = torch.as_tensor(mask, dtype=torch.bool).expand_as(image)
+    channels = channels.masked_fill(torch.cat([mask, mask], dim=1), 0.0)
+    return torch.cat([channels, mask.to(channels.dtype)], dim=1)
 
 
 def conditioning_map(tiles, decided, log_flux_offset):
@@ -102,6 +121,22 @@ class StarNetEncoder(nn.Module):
     right too); training images are simulated with stars beyond their edges, so the
     network learns what edges look like.
 
+    Three optional inputs tell the network where it is:
+
+    - ``mask_channel``: a mask of missing pixels (`normalize_image`), so that a masked
+      or saturated pixel widens the posterior instead of reading as empty sky.
+    - ``psf_features``: a descriptor of each band's PSF (`starnet.psf_family.psf_descriptor`,
+      ``psf_features`` numbers per band) per image or per tile, which scales and shifts
+      the first pixel layer's and the tile layer's channels (feature-wise linear
+      modulation); one network then reads stars through any PSF of its training family,
+      and a PSF that varies over a frame is a map.
+    - ``context_cells``: a coarse branch over cells of ``context_cells`` x
+      ``context_cells`` tiles, from a cheap 1 x 1 pixel projection pooled (mean and
+      maximum) per cell and three 3 x 3 convolutions between cells, added to the tile
+      features: each tile sees the light of a window ``context_field`` pixels wide (the
+      local density of stars, the level of unresolved light) at a cost of a few
+      operations per pixel. The count pmfs stay those of independent tiles.
+
     With ``n_colors`` > 1 the tiles are coloured in a checkerboard (2 colours:
     ``(i + j) mod 2``; 4 colours: ``2 (i mod 2) + (j mod 2)``) and decided colour by
     colour: the tiles of colour ``c`` see the catalogs already chosen for their
@@ -126,25 +161,65 @@ class StarNetEncoder(nn.Module):
     log_flux_offset : float
         Added to the network's log-flux output (a starting point near the faint end
         of the prior helps training).
+    mask_channel : bool
+        Take a mask of missing pixels as input.
+    psf_features : int
+        Numbers per band of the PSF descriptor taken as input (0: none).
+    context_cells : int
+        Side in tiles of the context branch's cells (0: no context branch; else >= 4).
+    context_hidden : int
+        Channels of the context branch.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from starnet.encoder import StarNetEncoder
+    >>> encoder = StarNetEncoder(n_bands=1, hidden=8, tile_hidden=16, mask_channel=True,
+    ...                          psf_features=4, context_cells=8)
+    >>> image = 700.0 + 26.0 * torch.randn(1, 1, 40, 40)
+    >>> q = encoder(image, torch.tensor(700.0), mask=image > 760.0, psf=torch.zeros(1, 4))
+    >>> tuple(q.count_logits.shape)
+    (1, 20, 20, 4)
     """
 
     def __init__(self, *, n_bands, tile_size=2, max_sources=3, hidden=32, tile_hidden=128,
-                 n_colors=1, log_flux_offset=math.log(3000.0)):
+                 n_colors=1, log_flux_offset=math.log(3000.0), mask_channel=False,
+                 psf_features=0, context_cells=0, context_hidden=32):
         super().__init__()
         if n_colors not in (1, 2, 4):
             raise ValueError(f"n_colors must be 1, 2 or 4, got {n_colors}")
+        if context_cells and context_cells < 4:
+            raise ValueError(f"context_cells must be 0 or at least 4 tiles, got {context_cells}")
         self.n_bands = n_bands
         self.tile_size = tile_size
         self.max_sources = max_sources
         self.n_colors = n_colors
         self.n_slots = max_sources * (max_sources + 1) // 2
         self.log_flux_offset = log_flux_offset
+        self.mask_channel = bool(mask_channel)
+        self.psf_features = int(psf_features)
+        self.context_cells = int(context_cells)
+        n_in = (3 if mask_channel else 2) * n_bands
         n_out = max_sources + 1 + self.n_slots * (4 + 2 * n_bands)
         self.pixel_layers = nn.Sequential(
-            nn.Conv2d(2 * n_bands, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(n_in, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, tile_hidden, tile_size, stride=tile_size), nn.ReLU(inplace=True))
+        if self.psf_features:
+            self.psf_embedding = nn.Sequential(
+                nn.Conv2d(n_bands * self.psf_features, 64, 1), nn.ReLU(inplace=True),
+                nn.Conv2d(64, 2 * (hidden + tile_hidden), 1))
+            # start as the identity modulation: the PSF enters as training needs it
+            nn.init.zeros_(self.psf_embedding[-1].weight)
+            nn.init.zeros_(self.psf_embedding[-1].bias)
+        if self.context_cells:
+            self.context_pixels = nn.Sequential(nn.Conv2d(n_in, 8, 1), nn.ReLU(inplace=True))
+            self.context_layers = nn.Sequential(
+                nn.Conv2d(16, context_hidden, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(context_hidden, context_hidden, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(context_hidden, context_hidden, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(context_hidden, tile_hidden, 1))
         if n_colors > 1:
             self.condition = nn.Conv2d(conditioning_channels(max_sources, n_bands),
                                        tile_hidden, 1)
@@ -156,10 +231,39 @@ class StarNetEncoder(nn.Module):
         # channels-last convolutions are 10-30 % faster on a CPU (oneDNN), in training too
         self.to(memory_format=torch.channels_last)
 
+    def config(self):
+        """The constructor's arguments, to rebuild the same architecture.
+
+        Returns
+        -------
+        dict
+        """
+        config = {"n_bands": self.n_bands, "tile_size": self.tile_size,
+                  "max_sources": self.max_sources,
+                  "hidden": self.pixel_layers[0].out_channels,
+                  "tile_hidden": self.head.in_channels, "n_colors": self.n_colors,
+                  "log_flux_offset": self.log_flux_offset}
+        if self.mask_channel:
+            config["mask_channel"] = True
+        if self.psf_features:
+            config["psf_features"] = self.psf_features
+        if self.context_cells:
+            config.update(context_cells=self.context_cells,
+                          context_hidden=self.context_layers[0].out_channels)
+        return config
+
     @property
     def receptive_field(self):
-        """Width in pixels of the window each tile sees."""
+        """Width in pixels of the window whose pixels each tile's catalog is read from
+        (the context branch, if any, sees `context_field` pixels)."""
         return 7 + (self.tile_size - 1) + 4 * self.tile_size
+
+    @property
+    def context_field(self):
+        """Width in pixels of the window that a tile's context comes from (at most)."""
+        if not self.context_cells:
+            return self.receptive_field
+        return (2 * self._context_halo() + 1) * self.tile_size
 
     def tile_colors(self, grid_shape):
         """Checkerboard colour of each tile, shape ``grid_shape``.
@@ -180,8 +284,8 @@ class StarNetEncoder(nn.Module):
             return 2 * (row % 2) + col % 2
         return (row + col) % self.n_colors
 
-    def forward(self, image, background, *, conditioning=None, chunk_tiles=None,
-                progress=None):
+    def forward(self, image, background, *, mask=None, psf=None, conditioning=None,
+                chunk_tiles=None, progress=None):
         """Posterior of the catalogs of ``image`` (n_images, n_bands, rows, cols).
 
         ``conditioning`` (a `conditioning_map`) is required when ``n_colors`` > 1: it
@@ -197,6 +301,13 @@ class StarNetEncoder(nn.Module):
             Electrons, background included.
         background : `torch.Tensor` broadcasting to ``image``
             Electrons.
+        mask : `torch.Tensor` of bool, optional
+            Missing pixels, broadcasting to ``image``; for an encoder with
+            ``mask_channel`` (default: none missing).
+        psf : `torch.Tensor`, optional
+            PSF descriptors, shape (n_images, n_bands psf_features) for one PSF per image
+            or (n_images, n_bands psf_features, tile_rows, tile_cols) for a map; required
+            by an encoder with ``psf_features``.
         conditioning : `torch.Tensor`, optional
             `conditioning_map` of the decided tiles; required when ``n_colors`` > 1.
         chunk_tiles : int, optional
@@ -211,44 +322,98 @@ class StarNetEncoder(nn.Module):
         if self.n_colors == 1 and chunk_tiles is not None:
             # the whole network block by block: neither the network's input nor the tile
             # features of a large image are held at once
-            blocks = self.blocks(image, background, chunk_tiles, progress=progress)
+            blocks = self.blocks(image, background, chunk_tiles, mask=mask, psf=psf,
+                                 progress=progress)
             rows = [TiledPosterior.concatenate([q for _, _, q in row], dim=2)
                     for _, row in itertools.groupby(blocks, key=lambda block: block[0].start)]
             return TiledPosterior.concatenate(rows, dim=1)
-        features = self.features(image, background, chunk_tiles=chunk_tiles, progress=progress)
+        features = self.features(image, background, mask=mask, psf=psf,
+                                 chunk_tiles=chunk_tiles, progress=progress)
         return self.tile_posterior(features, conditioning, chunk_tiles=chunk_tiles)
 
-    def _input(self, image, background):
-        return self._input_window(image, background, None, None)
-
-    def _input_window(self, image, background, rows, cols):
-        """The network's input on pixel rows ``rows`` and columns ``cols`` (``(start,
-        stop)``, or None for all) of the image padded to whole tiles: a per-pixel
-        function, so a window of it is computed from the same window of the image."""
+    def _check_inputs(self, image, mask, psf):
         if image.ndim != 4 or image.shape[1] != self.n_bands:
             raise ValueError(f"expected images of shape (n_images, {self.n_bands}, rows, cols),"
                              f" got {tuple(image.shape)}")
-        size = self.tile_size
-        rows = (0, image.shape[-2] + -image.shape[-2] % size) if rows is None else rows
-        cols = (0, image.shape[-1] + -image.shape[-1] % size) if cols is None else cols
-        window = (..., slice(*rows), slice(*cols))
-        if torch.is_tensor(background):   # the same window of a map; other axes broadcast
-            index = [slice(None)] * background.ndim
-            for axis, bounds in ((-2, rows), (-1, cols)):
-                if background.ndim >= -axis and background.shape[axis] != 1:
-                    index[axis] = slice(*bounds)
-            background = background[tuple(index)]
-        x = normalize_image(image[window], background)
+        if mask is not None and not self.mask_channel:
+            raise ValueError("this encoder takes no mask (it was built without mask_channel)")
+        if self.psf_features:
+            n = self.n_bands * self.psf_features
+            grid = (-(-image.shape[-2] // self.tile_size), -(-image.shape[-1] // self.tile_size))
+            if psf is None:
+                raise ValueError(f"this encoder reads the PSF: give psf, {n} descriptor values "
+                                 "per image (starnet.psf_family.psf_descriptor of each band)")
+            if psf.ndim == 2:
+                psf = psf[..., None, None]
+            if (psf.ndim != 4 or psf.shape[1] != n or psf.shape[0] not in (1, image.shape[0])
+                    or tuple(psf.shape[-2:]) not in ((1, 1), grid)):
+                raise ValueError(f"psf must have shape (n_images, {n}) or (n_images, {n}, "
+                                 f"{grid[0]}, {grid[1]}), got {tuple(psf.shape)}")
+        elif psf is not None:
+            raise ValueError("this encoder takes no PSF (it was built without psf_features)")
+        return psf
+
+    def _input_window(self, image, background, mask, rows, cols):
+        """The network's input on pixel rows ``rows`` and columns ``cols`` (``(start,
+        stop)``) of the image padded with zeros to whole tiles (and beyond): a per-pixel
+        function, so a window of it is computed from the same window of the image."""
+        window = (..., slice(rows[0], min(rows[1], image.shape[-2])),
+                  slice(cols[0], min(cols[1], image.shape[-1])))
+        x = normalize_image(image[window], _window(background, rows, cols),
+                            None if not self.mask_channel else
+                            torch.zeros((), dtype=torch.bool) if mask is None
+                            else _window(mask, rows, cols))
         x = F.pad(x, (0, cols[1] - cols[0] - x.shape[-1], 0, rows[1] - rows[0] - x.shape[-2]))
         return x.contiguous(memory_format=torch.channels_last)
 
-    def blocks(self, image, background, chunk_tiles=None, *, progress=None):
+    def _modulation(self, psf):
+        """Scales and shifts of the pixel and tile layers from the PSF descriptors, at
+        tile resolution (or 1 x 1); None for an encoder that does not read the PSF."""
+        if not self.psf_features:
+            return None
+        hidden = self.pixel_layers[0].out_channels
+        film = self.psf_embedding(psf)
+        return torch.split(film, [hidden, hidden, self.head.in_channels,
+                                  self.head.in_channels], dim=1)
+
+    def _pixel_features(self, x, film):
+        """Tile features from the input window ``x``, modulated by ``film`` (at tile
+        resolution, cropped to the window's tiles)."""
+        layers = self.pixel_layers
+        h = layers[0](x)
+        if film is not None:
+            scale, shift = film[0], film[1]
+            if scale.shape[-1] > 1:
+                size = self.tile_size
+                scale, shift = (f.repeat_interleave(size, -2).repeat_interleave(size, -1)
+                                for f in (scale, shift))
+            h = h * (1 + scale) + shift
+        h = layers[5](layers[4](layers[3](layers[2](layers[1](h)))))
+        h = layers[6](h)
+        if film is not None:
+            h = h * (1 + film[2]) + film[3]
+        return layers[7](h)
+
+    def _context(self, x):
+        """The context branch on the input ``x`` of a window that starts on a cell
+        boundary: a map at tile resolution covering the window's tiles."""
+        cell = self.context_cells * self.tile_size
+        rows, cols = x.shape[-2:]
+        p = self.context_pixels(F.pad(x, (0, -cols % cell, 0, -rows % cell)))
+        pooled = torch.cat([F.avg_pool2d(p, cell), F.max_pool2d(p, cell)], dim=1)
+        coarse = self.context_layers(pooled)
+        n = self.context_cells
+        return coarse.repeat_interleave(n, -2).repeat_interleave(n, -1)
+
+    def blocks(self, image, background, chunk_tiles=None, *, mask=None, psf=None,
+               progress=None):
         """The posterior of independent tiles (``n_colors`` = 1) block by block.
 
-        Blocks are square, of ``chunk_tiles`` tiles, and come row of blocks by row of
-        blocks. Each block's network input is made from the block's pixels and a halo
-        wider than the receptive field, so the result equals the one-shot computation
-        while memory stays that of a block.
+        Blocks are square, of ``chunk_tiles`` tiles (rounded up to whole context cells),
+        and come row of blocks by row of blocks. Each block's network input is made from
+        the block's pixels and a halo wider than the receptive field (and, for the
+        context branch, than the context field), so the result equals the one-shot
+        computation while memory stays that of a block.
 
         Parameters
         ----------
@@ -258,6 +423,8 @@ class StarNetEncoder(nn.Module):
             Electrons.
         chunk_tiles : int, optional
             Side of the blocks in tiles (default: one block for the whole grid).
+        mask, psf : `torch.Tensor`, optional
+            As in `forward`.
         progress : callable, optional
             Called as ``progress(done, total)`` after each block.
 
@@ -271,12 +438,16 @@ class StarNetEncoder(nn.Module):
         if self.n_colors != 1:
             raise ValueError("a checkerboard encoder decides its tiles colour by colour over "
                              "the whole image; use features and decide")
+        psf = self._check_inputs(image, mask, psf)
         size = self.tile_size
         n_rows, n_cols = -(-image.shape[-2] // size), -(-image.shape[-1] // size)
         chunk = max(n_rows, n_cols, 1) if chunk_tiles is None else int(chunk_tiles)
         if chunk < 1:
             raise ValueError(f"chunk_tiles must be positive, got {chunk}")
+        cell = max(self.context_cells, 1)
+        chunk = -(-chunk // cell) * cell
         halo = 0 if chunk_tiles is None else self._pixel_halo() + 3
+        context_halo = 0 if chunk_tiles is None else self._context_halo()
         total = -(-n_rows // chunk) * -(-n_cols // chunk)
         done = 0
         for r0 in range(0, n_rows, chunk):
@@ -285,9 +456,18 @@ class StarNetEncoder(nn.Module):
             for c0 in range(0, n_cols, chunk):
                 c1 = min(c0 + chunk, n_cols)
                 w0, w1 = max(c0 - halo, 0), min(c1 + halo, n_cols)
-                x = self._input_window(image, background, (h0 * size, h1 * size),
+                x = self._input_window(image, background, mask, (h0 * size, h1 * size),
                                        (w0 * size, w1 * size))
-                out = self.head(self.tile_layers(self.pixel_layers(x)))
+                film = self._modulation(None if psf is None else _window(psf, (h0, h1), (w0, w1)))
+                features = self._pixel_features(x, film)
+                if self.context_cells:
+                    k0, k1 = max(r0 - context_halo, 0), min(r1 + context_halo, n_rows)
+                    j0, j1 = max(c0 - context_halo, 0), min(c1 + context_halo, n_cols)
+                    x = self._input_window(image, background, mask, (k0 * size, k1 * size),
+                                           (j0 * size, j1 * size))
+                    context = self._context(x)[..., h0 - k0:h1 - k0, w0 - j0:w1 - j0]
+                    features = features + context
+                out = self.head(self.tile_layers(features))
                 out = out[..., r0 - h0:r1 - h0, c0 - w0:c1 - w0]
                 done += 1
                 if progress is not None:
@@ -299,7 +479,13 @@ class StarNetEncoder(nn.Module):
         # tiles plus one keeps the block edges out of reach of the kept tiles
         return -(-3 // self.tile_size) + 1
 
-    def features(self, image, background, *, chunk_tiles=None, progress=None):
+    def _context_halo(self):
+        # a tile's context cell, the three 3 x 3 convolutions between cells beyond it, and
+        # the tile layers' reach of 2 tiles into the neighbouring cell (context_cells >= 4)
+        return 4 * self.context_cells
+
+    def features(self, image, background, *, mask=None, psf=None, chunk_tiles=None,
+                 progress=None):
         """Tile-resolution features of the images (the part that sees pixels).
 
         Parameters
@@ -308,6 +494,8 @@ class StarNetEncoder(nn.Module):
             Electrons, background included.
         background : `torch.Tensor` broadcasting to ``image``
             Electrons.
+        mask, psf : `torch.Tensor`, optional
+            As in `forward`.
         chunk_tiles : int, optional
             Compute in square blocks of this many tiles (same result, bounded memory).
         progress : callable, optional
@@ -317,8 +505,21 @@ class StarNetEncoder(nn.Module):
         -------
         `torch.Tensor`, shape (n_images, tile_hidden, tile_rows, tile_cols)
         """
-        return _chunked(self.pixel_layers, self._input(image, background), chunk_tiles,
-                        self._pixel_halo(), self.tile_size, progress=progress)
+        psf = self._check_inputs(image, mask, psf)
+        size = self.tile_size
+        shape = [n + -n % size for n in image.shape[-2:]]
+        x = self._input_window(image, background, mask, (0, shape[0]), (0, shape[1]))
+        film = self._modulation(psf)
+        if film is None or film[0].shape[-1] == 1:
+            features = _chunked(lambda window: self._pixel_features(window, film), x,
+                                chunk_tiles, self._pixel_halo(), size, progress=progress)
+        else:   # a PSF map: the pixel layers see the whole map at once
+            features = self._pixel_features(x, film)
+            if progress is not None:
+                progress(1, 1)
+        if self.context_cells:
+            features = features + self._context(x)[..., :features.shape[-2], :features.shape[-1]]
+        return features
 
     def tile_posterior(self, features, conditioning=None, *, chunk_tiles=None):
         """Posterior from tile features and, with ``n_colors`` > 1, the conditioning map.
@@ -420,6 +621,16 @@ class StarNetEncoder(nn.Module):
             log_prob = self.tile_posterior(features, conditioning).log_prob(tiles)
             total = total + torch.where(colors == color, log_prob, 0.0)
         return total
+
+
+def _window(tensor, rows, cols):
+    """Rows ``rows`` and columns ``cols`` (``(start, stop)``) of the last two axes of a
+    tensor that broadcasts over them (an axis of length 1 is kept whole)."""
+    index = [slice(None)] * tensor.ndim
+    for axis, bounds in ((-2, rows), (-1, cols)):
+        if tensor.ndim >= -axis and tensor.shape[axis] != 1:
+            index[axis] = slice(*bounds)
+    return tensor[tuple(index)]
 
 
 def _chunked(function, x, chunk, halo, scale, *, progress=None):

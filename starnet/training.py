@@ -4,6 +4,7 @@ import math
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,12 +15,14 @@ from .denormals import zero_negligible_weights
 from .encoder import conditioning_map
 from .matching import match_catalogs
 from .model_files import read_checkpoint, write_checkpoint
-from .prior import batch_to_table, catalog_table
+from .prior import StarCatalogBatch, batch_to_table, catalog_table
+from .psf_family import PSFBank
 from .simulate import add_noise
 from .tiles import TileGrid
 from .validation import check_range, check_training_settings
 
-__all__ = ["TrainingSettings", "SimulatedBatches", "train_encoder", "cosine_rate"]
+__all__ = ["TrainingSettings", "SimulatedBatches", "TrainingBatch", "train_encoder",
+           "cosine_rate"]
 
 
 @dataclass
@@ -108,13 +111,30 @@ class TrainingSettings:
         return settings
 
 
+class TrainingBatch(NamedTuple):
+    """Simulated images, what the encoder is told about them, and their true catalogs."""
+
+    images: torch.Tensor
+    background: torch.Tensor
+    catalogs: StarCatalogBatch
+    mask: torch.Tensor = None
+    psf: torch.Tensor = None
+
+    def encoder_inputs(self):
+        """Keyword arguments of the encoder beside the images and background."""
+        return {"mask": self.mask, "psf": self.psf}
+
+
 class SimulatedBatches:
     """Draws (catalog, image) pairs from the generative model.
 
     Parameters
     ----------
     prior : `~starnet.StarFieldPrior`
-    renderer : `~starnet.simulate.StarFieldRenderer`
+    renderer : `~starnet.simulate.StarFieldRenderer` or `~starnet.psf_family.PSFBank`
+        The PSFs: one renderer for every image, or a bank from which each image draws
+        its member (and its width error); the encoder is then told each image's PSF
+        descriptor (``TrainingBatch.psf``).
     background : `numpy.ndarray`, shape (n_bands,)
         Background per band, electrons.
     shape : tuple of int
@@ -131,11 +151,20 @@ class SimulatedBatches:
     density_range : tuple of float, optional
         Range from which each image's stars per pixel are drawn log-uniformly
         (default: the prior's ``mu``).
+    density_gradient : float
+        Largest change of the natural log of the density across an image's width: each
+        image's density varies as ``exp(g . (x - centre))`` along a random direction,
+        with ``|g| cols`` uniform from 0 to this, its mean over the image kept (stars
+        are drawn at the highest density and thinned), so that the encoder reads the
+        local density rather than the image's.
+    defects : `~starnet.defects.FrameDefects`, optional
+        Saturation, bad columns, cosmic rays and edges added to each image, with their
+        mask (``TrainingBatch.mask``).
     """
 
     def __init__(self, prior, renderer, background, shape, *, margin=0.0,
                  background_range=(1.0, 1.0), variants=(), variant_range=(0.0, 0.0),
-                 density_range=None):
+                 density_range=None, density_gradient=0.0, defects=None):
         self.prior = prior
         self.renderer = renderer
         self.background = torch.as_tensor(np.asarray(background, dtype=np.float32))
@@ -146,17 +175,35 @@ class SimulatedBatches:
         self.variant_range = tuple(variant_range)
         self.density_range = (None if density_range is None
                               else check_range(density_range, "density_range", positive=True))
+        if not (np.isfinite(density_gradient) and density_gradient >= 0):
+            raise ValueError(f"density_gradient must be finite and >= 0, got {density_gradient}")
+        self.density_gradient = float(density_gradient)
+        self.defects = defects
+        if isinstance(renderer, PSFBank) and self.variants:
+            raise ValueError("a PSFBank renders its own width errors; give no PSF variants")
 
     def draw(self, n_images, *, generator=None):
         """Return ``(images, backgrounds, catalogs)`` for ``n_images`` new images."""
+        return tuple(self.draw_batch(n_images, generator=generator)[:3])
+
+    def draw_batch(self, n_images, *, generator=None):
+        """A `TrainingBatch` of ``n_images`` new images."""
         mu = None
         if self.density_range is not None:
             low, high = np.log(self.density_range)
             mu = torch.exp(low + (high - low) * torch.rand(n_images, generator=generator,
                                                            dtype=torch.float64))
-        catalogs = self.prior.sample_batch(n_images, self.shape, margin=self.margin, mu=mu,
-                                           generator=generator)
-        stars = self.renderer.render(catalogs.locs, catalogs.fluxes, catalogs.mask, self.shape)
+        catalogs = self._catalogs(n_images, mu, generator)
+        psf = None
+        if isinstance(self.renderer, PSFBank):
+            members = torch.randint(len(self.renderer), (n_images,), generator=generator)
+            errors = 2 * torch.rand(n_images, self.renderer.n_bands, generator=generator) - 1
+            stars = self.renderer.render(catalogs.locs, catalogs.fluxes, catalogs.mask,
+                                         self.shape, members=members, errors=errors)
+            psf = self.renderer.descriptors[members]
+        else:
+            stars = self.renderer.render(catalogs.locs, catalogs.fluxes, catalogs.mask,
+                                         self.shape)
         base = stars
         for variant in self.variants:
             low, high = self.variant_range
@@ -168,7 +215,38 @@ class SimulatedBatches:
         scale = low + (high - low) * torch.rand(n_images, 1, 1, 1, generator=generator)
         background = (scale * self.background.reshape(1, -1, 1, 1)).expand_as(stars)
         images = add_noise((stars + background).clamp(min=0), generator=generator)
-        return images, background, catalogs
+        mask = None
+        if self.defects is not None:
+            images, mask = self.defects.apply(images, generator=generator)
+        return TrainingBatch(images, background, catalogs, mask, psf)
+
+    def _catalogs(self, n_images, mu, generator):
+        """Catalogs at densities ``mu`` (None: the prior's), with a density gradient."""
+        if not self.density_gradient:
+            return self.prior.sample_batch(n_images, self.shape, margin=self.margin, mu=mu,
+                                           generator=generator)
+        rows, cols = self.shape
+        strength = self.density_gradient / cols * torch.rand(n_images, generator=generator,
+                                                             dtype=torch.float64)
+        angle = 2 * np.pi * torch.rand(n_images, generator=generator, dtype=torch.float64)
+        slope = strength[:, None] * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+        half = torch.tensor([cols / 2 + self.margin, rows / 2 + self.margin],
+                            dtype=torch.float64)
+        peak = (slope.abs() * half).sum(dim=1)                # log of the highest / mean
+        # the mean of exp(g . u) over the box is the product of sinh(a) / a per axis
+        a = (slope.abs() * half).clamp(min=1e-12)
+        mean = torch.prod(torch.sinh(a) / a, dim=1)
+        base = torch.as_tensor(self.prior.mu if mu is None else mu, dtype=torch.float64)
+        catalogs = self.prior.sample_batch(
+            n_images, self.shape, margin=self.margin,
+            mu=base.expand(n_images) * torch.exp(peak) / mean, generator=generator)
+        centre = torch.tensor([(cols - 1) / 2, (rows - 1) / 2], dtype=torch.float64)
+        log_rate = ((catalogs.locs.double() - centre) * slope[:, None, :]).sum(dim=-1)
+        keep = torch.rand(catalogs.mask.shape, generator=generator, dtype=torch.float64) \
+            < torch.exp(log_rate - peak[:, None])
+        mask = catalogs.mask & keep
+        return StarCatalogBatch(locs=catalogs.locs * mask[..., None],
+                                fluxes=catalogs.fluxes * mask[..., None], mask=mask)
 
 
 def train_encoder(encoder, batches, settings, *, checkpoint=None, model_description=None,
@@ -207,8 +285,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
-    validation = batches.draw(settings.n_validation,
-                              generator=torch.Generator().manual_seed(settings.seed + 1))
+    validation = batches.draw_batch(settings.n_validation,
+                                    generator=torch.Generator().manual_seed(settings.seed + 1))
     history = []
     if checkpoint is not None and Path(checkpoint).exists():
         state = read_checkpoint(checkpoint, settings=settings, model=model_description)
@@ -234,10 +312,10 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
             rate = schedule.rate(step, time.perf_counter() - started)
             for group in optimizer.param_groups:
                 group["lr"] = rate
-            images, background, catalogs = batches.draw(settings.batch_size, generator=generator)
-            tiles = grid.to_tiles(catalogs.locs, catalogs.fluxes, catalogs.mask,
-                                  images.shape[-2:])
-            loss = _training_loss(encoder, images, background, tiles, generator)
+            batch = batches.draw_batch(settings.batch_size, generator=generator)
+            tiles = grid.to_tiles(batch.catalogs.locs, batch.catalogs.fluxes,
+                                  batch.catalogs.mask, batch.images.shape[-2:])
+            loss = _training_loss(encoder, batch, tiles, generator)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -317,7 +395,7 @@ def cosine_rate(progress, initial, final):
     return final + 0.5 * (initial - final) * (1 + math.cos(math.pi * progress))
 
 
-def _training_loss(encoder, images, background, tiles, generator):
+def _training_loss(encoder, batch, tiles, generator):
     """Mean of ``-log q`` over the tiles that are scored in this step.
 
     With a checkerboard encoder each image draws a colour ``c``; the true catalogs of
@@ -325,10 +403,10 @@ def _training_loss(encoder, images, background, tiles, generator):
     other tiles are scored. The decided set never depends on the truth, so every
     conditional ``q(z_t | x, z_decided)`` is fitted by the forward KL.
     """
-    features = encoder.features(images, background)
+    features = encoder.features(batch.images, batch.background, **batch.encoder_inputs())
     if encoder.n_colors == 1:
         return -encoder.tile_posterior(features).log_prob(tiles).mean()
-    first = torch.randint(encoder.n_colors, (images.shape[0], 1, 1), generator=generator)
+    first = torch.randint(encoder.n_colors, (batch.images.shape[0], 1, 1), generator=generator)
     decided = encoder.tile_colors(features.shape[-2:])[None] < first
     conditioning = conditioning_map(tiles, decided, encoder.log_flux_offset)
     log_prob = encoder.tile_posterior(features, conditioning).log_prob(tiles)
@@ -347,9 +425,9 @@ def inside_image(locs, shape):
 def _validate(encoder, grid, validation, bands):
     """Validation loss and detection F1 of the modal catalogs against the truth."""
     encoder.eval()
-    images, background, catalogs = validation
+    images, catalogs = validation.images, validation.catalogs
     tiles = grid.to_tiles(catalogs.locs, catalogs.fluxes, catalogs.mask, images.shape[-2:])
-    features = encoder.features(images, background)
+    features = encoder.features(images, validation.background, **validation.encoder_inputs())
     loss = -encoder.joint_log_prob(features, tiles).mean().item()
     _, mode = encoder.decide(features, lambda q: q.mode())
     locs, fluxes, mask = grid.from_tiles(mode)

@@ -220,3 +220,121 @@ def test_checkerboard_decide_and_joint_log_prob():
                                    posterior.log_prob(mode))
     with pytest.raises(ValueError, match="conditioning map"):
         encoder.tile_posterior(features)
+
+
+def conditioned_encoder(*, seed=0, **kwargs):
+    """An encoder with every input (mask, PSF map, context), its PSF modulation made
+    non-trivial (it starts as the identity)."""
+    torch.manual_seed(seed)
+    settings = dict(n_bands=2, hidden=8, tile_hidden=16, mask_channel=True,
+                    psf_features=3, context_cells=4, context_hidden=8)
+    settings.update(kwargs)
+    encoder = StarNetEncoder(**settings).eval()
+    with torch.no_grad():
+        for parameter in encoder.psf_embedding[-1].parameters():
+            parameter.normal_(0.0, 0.3)
+    return encoder
+
+
+def test_conditioned_chunked_equals_one_shot():
+    """With a mask, a PSF map that varies over the image and the context branch, the
+    block-by-block posterior equals the one-shot one, also for blocks not a multiple of
+    the context cell and an image not a multiple of the tile size."""
+    encoder = conditioned_encoder()
+    generator = torch.Generator().manual_seed(5)
+    image = sky((1, 2, 83, 97), seed=1)
+    mask = torch.rand(1, 2, 83, 97, generator=generator) < 0.05
+    psf = torch.randn(1, 6, 42, 49, generator=generator)
+    background = torch.full_like(image, BACKGROUND)
+    with torch.no_grad():
+        whole = encoder(image, background, mask=mask, psf=psf)
+        chunked = encoder(image, background, mask=mask, psf=psf, chunk_tiles=6)
+        features = encoder.features(image, background, mask=mask, psf=psf, chunk_tiles=7)
+        via_features = encoder.tile_posterior(features)
+    torch.testing.assert_close(flat_parameters(chunked), flat_parameters(whole),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(flat_parameters(via_features), flat_parameters(whole),
+                               rtol=1e-4, atol=1e-4)
+
+
+def influence_window(encoder, image, i, j, **inputs):
+    """Rows and columns of the pixels whose values change tile (i, j)'s parameters."""
+    image = image.clone().requires_grad_()
+    out = flat_parameters(encoder(image, torch.tensor(BACKGROUND), **inputs))[0, i, j]
+    out.sum().backward()
+    rows, cols = np.nonzero((image.grad[0] != 0).any(dim=0).numpy())
+    return (rows.min(), rows.max()), (cols.min(), cols.max())
+
+
+def test_context_branch_widens_the_window():
+    """Without context a tile reads receptive_field pixels; with it, pixels as far as
+    the context cells reach, and no farther than context_field."""
+    image = sky((1, 2, 160, 160), seed=2)
+    plain = encoder_of(tile_size=2)
+    (r0, r1), _ = influence_window(plain, image, 40, 40)
+    assert r1 - r0 + 1 == plain.receptive_field
+    context = encoder_of(tile_size=2, context_cells=4, context_hidden=8)
+    (r0, r1), (c0, c1) = influence_window(context, image, 40, 40)
+    assert r1 - r0 + 1 > 2 * plain.receptive_field
+    assert r1 - r0 + 1 <= context.context_field and c1 - c0 + 1 <= context.context_field
+
+
+def test_masked_pixels_values_are_ignored():
+    """A masked pixel's value does not reach the posterior; the mask itself does."""
+    encoder = conditioned_encoder()
+    image = sky((1, 2, 24, 24), seed=3)
+    mask = torch.zeros(1, 2, 24, 24, dtype=torch.bool)
+    mask[..., 10:13, 5] = True
+    changed = image.clone()
+    changed[..., 10:13, 5] += 10000.0
+    psf = torch.zeros(1, 6)
+    with torch.no_grad():
+        first = flat_parameters(encoder(image, torch.tensor(BACKGROUND), mask=mask, psf=psf))
+        second = flat_parameters(encoder(changed, torch.tensor(BACKGROUND), mask=mask, psf=psf))
+        unmasked = flat_parameters(encoder(image, torch.tensor(BACKGROUND), psf=psf))
+    torch.testing.assert_close(first, second)
+    assert not torch.allclose(first, unmasked)
+
+
+def test_psf_descriptor_modulates_and_a_constant_map_equals_one_psf():
+    encoder = conditioned_encoder()
+    image = sky((2, 2, 20, 22), seed=4)
+    psf = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one = flat_parameters(encoder(image, torch.tensor(BACKGROUND), psf=psf))
+        as_map = flat_parameters(encoder(image, torch.tensor(BACKGROUND),
+                                         psf=psf[..., None, None].expand(-1, -1, 10, 11)))
+        other = flat_parameters(encoder(image, torch.tensor(BACKGROUND), psf=psf + 1.0))
+    torch.testing.assert_close(as_map, one, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(other, one)
+    # a new encoder starts as the identity modulation: the PSF has no effect yet
+    fresh = encoder_of(psf_features=3)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            flat_parameters(fresh(image, torch.tensor(BACKGROUND), psf=psf)),
+            flat_parameters(fresh(image, torch.tensor(BACKGROUND), psf=psf + 1.0)))
+
+
+def test_config_rebuilds_the_architecture():
+    encoder = conditioned_encoder()
+    rebuilt = StarNetEncoder(**encoder.config())
+    rebuilt.load_state_dict(encoder.state_dict())
+    assert rebuilt.config() == encoder.config()
+    assert encoder_of().config() == {"n_bands": 2, "tile_size": 2, "max_sources": 3,
+                                     "hidden": 8, "tile_hidden": 16, "n_colors": 1,
+                                     "log_flux_offset": pytest.approx(np.log(3000.0))}
+
+
+def test_conditioned_inputs_are_checked():
+    image = sky((1, 2, 16, 16))
+    with pytest.raises(ValueError, match="reads the PSF: give psf, 6"):
+        conditioned_encoder()(image, torch.tensor(BACKGROUND))
+    with pytest.raises(ValueError, match=r"psf must have shape \(n_images, 6\) or "
+                                         r"\(n_images, 6, 8, 8\)"):
+        conditioned_encoder()(image, torch.tensor(BACKGROUND), psf=torch.zeros(1, 6, 3, 3))
+    with pytest.raises(ValueError, match="takes no mask"):
+        encoder_of()(image, torch.tensor(BACKGROUND), mask=image > 0)
+    with pytest.raises(ValueError, match="takes no PSF"):
+        encoder_of()(image, torch.tensor(BACKGROUND), psf=torch.zeros(1, 6))
+    with pytest.raises(ValueError, match="context_cells must be 0 or at least 4"):
+        encoder_of(context_cells=2)

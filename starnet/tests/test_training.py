@@ -144,3 +144,51 @@ def test_resumed_fit_continues_the_step_budget(tmp_path):
 def test_bad_budgets_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         TrainingSettings(**bad)
+
+
+def test_density_gradient_keeps_the_mean_and_tilts_the_field():
+    """Stars thinned along a random direction: the mean count stays mu A, and the count
+    ratio between the dense and the sparse half of each image follows the gradient."""
+    shape = (40, 40)
+    batches = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, shape,
+                               density_gradient=np.log(9.0))
+    catalogs = batches._catalogs(600, None, torch.Generator().manual_seed(4))
+    counts = catalogs.n_stars.double()
+    assert abs(float(counts.mean()) / (0.05 * 1600) - 1) < 0.03
+    # strength uniform in [0, log 9]: the halves of an image differ, on average, by a
+    # factor well above one (a flat field would give 1)
+    x = catalogs.locs[..., 0]
+    right = ((x > 19.5) & catalogs.mask).sum(dim=1).double()
+    left = ((x <= 19.5) & catalogs.mask).sum(dim=1).double()
+    spread = (torch.log((right + 1) / (left + 1))).abs().mean()
+    flat = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, shape)
+    catalogs = flat._catalogs(600, None, torch.Generator().manual_seed(4))
+    x = catalogs.locs[..., 0]
+    right = ((x > 19.5) & catalogs.mask).sum(dim=1).double()
+    left = ((x <= 19.5) & catalogs.mask).sum(dim=1).double()
+    assert float(spread) > 2 * float((torch.log((right + 1) / (left + 1))).abs().mean())
+
+
+def test_conditioned_encoder_trains_on_a_bank_with_defects():
+    """One short fit of an encoder with every input on images from a PSF bank with
+    saturation, bad columns and hits: the batches carry the mask and the PSF
+    descriptors, and the validation loss falls."""
+    from photutils.psf import CircularGaussianPRF
+    from starnet.defects import FrameDefects
+    from starnet.encoder import StarNetEncoder
+    from starnet.psf_family import DESCRIPTOR_SIZE, PSFBank
+    bank = PSFBank([(CircularGaussianPRF(fwhm=f), CircularGaussianPRF(fwhm=f))
+                    for f in (2.0, 3.5)], stamp_size=11, width_error=0.05)
+    defects = FrameDefects(saturation_range=(2e4, 5e4), bad_column_rate=50.0)
+    batches = SimulatedBatches(PRIOR, bank, BACKGROUND, (24, 24), margin=3,
+                               density_gradient=1.0, defects=defects)
+    batch = batches.draw_batch(8, generator=torch.Generator().manual_seed(0))
+    assert batch.psf.shape == (8, 2 * DESCRIPTOR_SIZE) and batch.mask.shape == (8, 2, 24, 24)
+    assert batch.mask.any()
+    torch.manual_seed(0)
+    encoder = StarNetEncoder(n_bands=2, hidden=8, tile_hidden=16, mask_channel=True,
+                             psf_features=DESCRIPTOR_SIZE, context_cells=4, context_hidden=8)
+    settings = TrainingSettings(image_shape=(24, 24), batch_size=8, batches_per_epoch=15,
+                                n_epochs=2, n_validation=8, learning_rate=3e-3)
+    history = training.train_encoder(encoder, batches, settings, progress=False)
+    assert history["val_loss"][1] < history["val_loss"][0]
