@@ -1,0 +1,182 @@
+"""Train the PSF-, mask- and density-aware SDSS model (r and i bands).
+
+One encoder for every SDSS field: it reads each band's PSF (`starnet.psf_family`), a
+mask of missing pixels (`starnet.defects`) and, through its context branch, the local
+density of stars. Training images draw
+
+- a PSF pair from a bank: the power laws of the fields of run 2583 camcol 2 in the
+  bundled photoField (``--holdout`` fields left out for testing), SDSS's KL PSF of field
+  136 at random frame positions, and circular Gaussian and Moffat profiles of FWHM 2 to
+  6 pixels (other surveys); the i PSF blurred by the resampling onto the r pixels at a
+  random pixel fraction, as `starnet.datasets.load_sdss_frame` makes it; each rendered
+  with a width error of up to ``--width-error`` that the encoder is not told;
+- a density log-uniform in ``--density-range`` with a gradient across the image;
+- saturation at a random full well with bleed trails, bad columns, cosmic rays and chip
+  edges, masked;
+- the M2 sky times a factor in ``--background-range``.
+
+Run (the command is recorded in the model's metadata; training resumes from
+``--checkpoint``)::
+
+    python scripts/train_sdss.py --steps 60000 --output starnet/models/sdss.pt
+
+``--steps`` fixes the schedule (cosine decay of the rate over the steps); with
+``--stop-after-minutes`` the run stops after the epoch that passes that time and a
+later run with the same arguments resumes the schedule where it stopped.
+"""
+
+import argparse
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+from photutils.psf import CircularGaussianPRF, MoffatPSF
+
+from starnet import StarFieldPrior
+from starnet.datasets import load_m2
+from starnet.datasets.sdss import resampled_psf
+from starnet.defects import FrameDefects
+from starnet.encoder import StarNetEncoder
+from starnet.psf import kl_psf_from_psfield, psf_fwhm
+from starnet.psf_family import DESCRIPTOR_SIZE, PSFBank, photofield_psfs
+from starnet.training import SimulatedBatches, TrainingSettings, train_encoder
+
+SDSS = files("starnet") / "datasets" / "data" / "sdss"
+
+
+def holdout_fields(psfs):
+    """Fields kept out of training: the narrowest, the median and the widest r PSF, and
+    every tenth field."""
+    fields = sorted(psfs)
+    order = sorted(fields, key=lambda f: psf_fwhm(psfs[f][0]))
+    return sorted({order[0], order[len(order) // 2], order[-1], *fields[5::10]})
+
+
+def psf_members(*, n_kl, n_analytic, seed):
+    """The bank's PSF pairs (r, i)."""
+    rng = np.random.default_rng(seed)
+    power_laws = photofield_psfs(SDSS / "photoField-002583-2.fits", ("r", "i"))
+    held = holdout_fields(power_laws)
+    members = []
+    for field, (r, i) in power_laws.items():
+        if field not in held:
+            members.append((r, resampled_psf(i, *rng.uniform(0, 1, 2))))
+    psfield = SDSS / "psField-002583-2-0136.fit"
+    for _ in range(n_kl):
+        row, col = rng.uniform(0, 1489), rng.uniform(0, 2048)
+        r = kl_psf_from_psfield(psfield, band="r", row=row, col=col)
+        i = kl_psf_from_psfield(psfield, band="i", row=row, col=col)
+        members.append((r, resampled_psf(i, *rng.uniform(0, 1, 2))))
+    for k in range(n_analytic):
+        fwhm = rng.uniform(2.0, 6.0)
+        ratio = rng.uniform(0.9, 1.05)          # i vs r seeing
+        if k % 2:
+            members.append(tuple(CircularGaussianPRF(fwhm=fwhm * s) for s in (1.0, ratio)))
+        else:
+            beta = rng.uniform(2.5, 5.0)
+            members.append(tuple(MoffatPSF(alpha=_moffat_alpha(fwhm * s, beta), beta=beta)
+                                 for s in (1.0, ratio)))
+    return members, held
+
+
+def _moffat_alpha(fwhm, beta):
+    """photutils' Moffat core width for a FWHM: FWHM = 2 alpha sqrt(2^(1/beta) - 1)."""
+    return fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="starnet/models/sdss.pt")
+    parser.add_argument("--checkpoint", default="scripts/checkpoints/sdss.ckpt")
+    parser.add_argument("--steps", type=int, default=60000)
+    parser.add_argument("--batches-per-epoch", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--tile-hidden", type=int, default=64)
+    parser.add_argument("--context-cells", type=int, default=4,
+                        help="tiles per side of the context cells (0: no context branch)")
+    parser.add_argument("--density-range", type=float, nargs=2, default=(0.001, 0.2))
+    parser.add_argument("--density-gradient", type=float, default=1.0)
+    parser.add_argument("--f-max", type=float, default=1e7)
+    parser.add_argument("--background-range", type=float, nargs=2, default=(0.5, 2.0))
+    parser.add_argument("--width-error", type=float, default=0.03)
+    parser.add_argument("--n-kl", type=int, default=48)
+    parser.add_argument("--n-analytic", type=int, default=64)
+    parser.add_argument("--no-defects", action="store_true")
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--final-learning-rate", type=float, default=2e-5)
+    parser.add_argument("--stop-after-minutes", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+
+    started = time.time()
+    members, held = psf_members(n_kl=args.n_kl, n_analytic=args.n_analytic, seed=args.seed)
+    bank = PSFBank(members, width_error=args.width_error)
+    print(f"PSF bank: {len(bank)} members in {time.time() - started:.0f} s "
+          f"(fields held out: {held})", flush=True)
+    image, _ = load_m2(border=3)
+    sky = np.median(np.asarray(image.meta["background"]).reshape(2, -1), axis=1)
+    prior = StarFieldPrior(mu=0.12, f_min=1000.0, f_max=args.f_max, alpha=0.5,
+                           bands=("r", "i"))
+    batches = SimulatedBatches(
+        prior, bank, sky, (args.image_size,) * 2, margin=6.0,
+        background_range=tuple(args.background_range),
+        density_range=tuple(args.density_range), density_gradient=args.density_gradient,
+        defects=None if args.no_defects else FrameDefects())
+    torch.manual_seed(args.seed)
+    encoder = StarNetEncoder(n_bands=2, hidden=args.hidden, tile_hidden=args.tile_hidden,
+                             mask_channel=True, psf_features=DESCRIPTOR_SIZE,
+                             context_cells=args.context_cells)
+    settings = TrainingSettings(
+        image_shape=(args.image_size,) * 2, batch_size=args.batch_size,
+        batches_per_epoch=args.batches_per_epoch, n_steps=args.steps,
+        learning_rate=args.learning_rate, final_learning_rate=args.final_learning_rate,
+        margin=6.0, n_validation=64, background_range=tuple(args.background_range),
+        density_range=tuple(args.density_range), seed=args.seed)
+    Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    description = {"script": "train_sdss", "encoder": encoder.config(),
+                   "prior": prior.to_dict(), "bank_members": len(bank),
+                   "width_error": args.width_error, "holdout_fields": held}
+    total_steps = args.steps
+    while True:
+        done = 0
+        if Path(args.checkpoint).exists():
+            done = sum(row["steps"] for row in
+                       torch.load(args.checkpoint, weights_only=True)["history"])
+        if done >= total_steps:
+            break
+        # one epoch more than the checkpoint holds, on the schedule of all the steps
+        settings.n_steps = min(done + args.batches_per_epoch, total_steps)
+        settings.final_learning_rate = None
+        settings.learning_rate = float(_rate(done, total_steps, args))
+        history = train_encoder(encoder, batches, settings, checkpoint=args.checkpoint,
+                                model_description=description, progress=False)
+        row = history[-1]
+        print(f"epoch {row['epoch']}: steps {done + row['steps']}, loss {row['train_loss']:.3f}"
+              f" / {row['val_loss']:.3f}, F1 {row['val_f1']:.3f}, "
+              f"{row['images_per_second']:.1f} images/s, rate {settings.learning_rate:.2e}",
+              flush=True)
+        if args.stop_after_minutes and time.time() - started > 60 * args.stop_after_minutes:
+            print("stopped on time; run again to resume", flush=True)
+            return
+    print(f"trained {total_steps} steps; writing {args.output}", flush=True)
+    torch.save({"config": encoder.config(), "weights": encoder.state_dict(),
+                "description": description,
+                "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])},
+               args.output)
+
+
+def _rate(done, total, args):
+    """Cosine decay of the rate over all the steps, constant within an epoch."""
+    progress = done / total
+    return args.final_learning_rate + 0.5 * (args.learning_rate - args.final_learning_rate) \
+        * (1 + np.cos(np.pi * progress))
+
+
+if __name__ == "__main__":
+    main()

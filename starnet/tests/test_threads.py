@@ -1,0 +1,48 @@
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from starnet import threads
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or threads._cpu_times() is None,
+                    reason="needs Linux CPU affinity and /proc/stat")
+def test_a_busy_core_is_not_counted_free():
+    """A process spinning on one core of this process's set makes that core busy in the
+    measurement, and the free count falls below the number of cores."""
+    core = sorted(os.sched_getaffinity(0))[0]
+    hog = subprocess.Popen([sys.executable, "-c", "import os\n"
+                            f"os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+    try:
+        time.sleep(0.3)
+        before = threads._cpu_times()
+        time.sleep(0.3)
+        after = threads._cpu_times()
+        busy = (after[core][0] - before[core][0]) / (after[core][1] - before[core][1])
+        assert busy > 0.4
+        assert threads.free_cores(window=0.3) < threads.available_cores() - 0.4
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_choose_threads():
+    assert threads.choose_threads(2) == 2
+    assert threads.choose_threads(n_pixels=2 * 100 * 100) == 1
+    assert 1 <= threads.choose_threads(n_pixels=2 * 2000 * 2000) <= threads.available_cores()
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be a positive integer or None"):
+            threads.choose_threads(bad)
+
+
+def test_torch_threads_restores_on_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with threads.torch_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError
+    assert torch.get_num_threads() == before
