@@ -9,6 +9,7 @@
 """
 
 import argparse
+import gzip
 import io
 import json
 import os
@@ -32,6 +33,7 @@ from .datasets import load_sdss_frame
 from .deblender import StarNetDeblender
 from .prior import StarFieldPrior
 from .images import StarFieldImage, electrons_per_unit
+from .model_files import write_atomically
 from .psf import PowerLawPSF, psf_from_dict
 from .training import TrainingSettings
 
@@ -192,10 +194,12 @@ def _catalog(parser, args):
               f"model's ({', '.join(f'{b:.0f}' for b in deblender.background)} e-)"
               + (", the median of a map" if max(image.data.shape[-2:]) > 256 else "")
               + " (--no-background-fit keeps the given one)")
-    if _FORMATS[suffix] == "fits":
-        _write_fits(table, output, overwrite=args.overwrite)
-    else:
-        table.write(output, format=_FORMATS[suffix], overwrite=args.overwrite)
+    try:
+        write_atomically(output, _catalog_writer(table, suffix), overwrite=args.overwrite)
+    except OSError as err:   # a full disk, a file-size limit: the old catalog is intact
+        parser.exit(1, f"{parser.prog}: error: writing {output} failed ({err}); "
+                       + ("the previous catalog is unchanged" if output.exists() else
+                          "nothing was written") + "\n")
     print(f"{len(table)} stars in the modal catalog written to {output}; posterior "
           f"number of stars {meta['n_stars_mean']:.0f} (5 %: {meta['n_stars_q05']}, "
           f"95 %: {meta['n_stars_q95']})")
@@ -268,10 +272,29 @@ def _fits_cards(meta):
     return cards
 
 
-def _write_fits(table, output, *, overwrite):
-    """Write a catalog as FITS: metadata as header keywords (`_fits_cards`), units as
-    TUNIT cards where FITS knows them, the others (electron) restored by astropy's
-    QTable.read and named in the TTYPE card comments."""
+def _catalog_writer(table, suffix):
+    """A ``write(file)`` for `~starnet.model_files.write_atomically` that writes the
+    catalog in the format of the output's ``suffix``: ECSV, or FITS with the metadata
+    as header keywords (`_fits_cards`), units as TUNIT cards where FITS knows them, the
+    others (electron) restored by astropy's QTable.read and named in the TTYPE card
+    comments (gzipped for ``.fits.gz``)."""
+    def write(file):
+        if _FORMATS[suffix] != "fits":
+            text = io.StringIO()
+            table.write(text, format=_FORMATS[suffix])
+            file.write(text.getvalue().encode("utf-8"))
+            return
+        with _fits_catalog(table) as hdul:
+            if suffix == ".fits.gz":
+                with gzip.GzipFile(fileobj=file, mode="wb") as compressed:
+                    hdul.writeto(compressed)
+            else:
+                hdul.writeto(file)
+    return write
+
+
+def _fits_catalog(table):
+    """The catalog as an HDU list (see `_catalog_writer`)."""
     plain = table.copy(copy_data=False)
     plain.meta = {}
     buffer = io.BytesIO()
@@ -280,16 +303,16 @@ def _write_fits(table, output, *, overwrite):
                                 AstropyUserWarning)
         plain.write(buffer, format="fits")
     buffer.seek(0)
-    with fits.open(buffer) as hdul:
-        header = hdul[1].header
-        for n in range(1, header["TFIELDS"] + 1):
-            name = header[f"TTYPE{n}"]
-            unit = getattr(table[name], "unit", None) if name in table.colnames else None
-            if unit is not None and f"TUNIT{n}" not in header:
-                header.comments[f"TTYPE{n}"] = f"[{unit}]"
-        for keyword, value, comment in _fits_cards(table.meta):
-            header.append((keyword, value, comment), end=True)
-        hdul.writeto(output, overwrite=overwrite)
+    hdul = fits.open(buffer)
+    header = hdul[1].header
+    for n in range(1, header["TFIELDS"] + 1):
+        name = header[f"TTYPE{n}"]
+        unit = getattr(table[name], "unit", None) if name in table.colnames else None
+        if unit is not None and f"TUNIT{n}" not in header:
+            header.comments[f"TTYPE{n}"] = f"[{unit}]"
+    for keyword, value, comment in _fits_cards(table.meta):
+        header.append((keyword, value, comment), end=True)
+    return hdul
 
 
 def _train(parser, args):

@@ -313,7 +313,7 @@ class StarNetDeblender:
                 "hidden": self.background_encoder.hidden,
                 "history": _table_to_lists(self.background_history)}
             state["background_weights"] = self.background_encoder.state_dict()
-        write_model(path, metadata, state)
+        write_model(path, metadata, state, overwrite=overwrite)
 
     @classmethod
     def load(cls, path):

@@ -14,6 +14,7 @@
 Every file is read with ``torch.load(..., weights_only=True)``: no code is unpickled.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -40,19 +41,33 @@ _RESUMABLE = ("learning_rate", "weight_decay", "n_epochs", "n_steps", "max_time"
 _SIZES = ("tile_size", "max_sources", "stamp_size", "hidden", "tile_hidden")
 
 
-def write_atomically(path, write):
+def write_atomically(path, write, *, overwrite=True):
     """Write a file in full or not at all.
 
-    ``write(file)`` writes into a temporary file of the same folder, which is flushed
-    to disk and then renamed onto ``path`` (`os.replace`, atomic). If anything fails,
-    the temporary file is removed and ``path`` keeps its previous contents.
+    ``write(file)`` writes into a temporary file of the same folder,
+    ``.<name>.<pid>.<random>.tmp``, which is flushed to disk and then renamed onto
+    ``path`` (`os.replace`, atomic) or, without ``overwrite``, linked to it (`os.link`,
+    which fails if ``path`` exists, so that of several processes writing a new file at
+    once exactly one succeeds). If anything fails (an exception, a full disk, a
+    file-size limit, Ctrl-C), the temporary file is removed and ``path`` keeps its
+    previous contents. A process killed outright (SIGKILL, a power cut) cannot clean
+    up: ``path`` is still intact, and the temporary file is left behind, named after
+    ``path`` and the process id that wrote it, for the user to delete.
 
     Parameters
     ----------
     path : str or `~pathlib.Path`
-        The file to write (replaced if it exists).
+        The file to write.
     write : callable
         Called with the open binary file.
+    overwrite : bool, optional
+        Replace ``path`` if it exists; otherwise raise FileExistsError, checked
+        atomically when the finished file is put in place.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is false.
 
     Examples
     --------
@@ -66,20 +81,55 @@ def write_atomically(path, write):
     [0, 1, 2]
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    if not overwrite and path.exists():   # early, before the work; checked again below
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # os.open, unlike tempfile, gives the file the permissions of an ordinary new file
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                          | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as error:
+            raise _failed_write(path, error) from error
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists (written by another process "
+                                      "meanwhile); pass overwrite=True to replace it") from None
+            temporary.unlink()
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     _sync_folder(path.parent)
+
+
+def _saver(contents):
+    """A ``write(file)`` for `write_atomically` that saves ``contents`` with torch,
+    whose C++ writer reports a failed write (a full disk, a file-size limit) as a
+    RuntimeError ('enforce fail at inline_container.cc'): raised as an OSError."""
+    def write(file):
+        try:
+            torch.save(contents, file)
+        except RuntimeError as error:
+            if "inline_container" not in str(error):
+                raise
+            raise OSError(errno.EIO, f"torch could not write the file ({error})") from error
+    return write
+
+
+def _failed_write(path, error):
+    """The OSError for a write of ``path`` that failed with ``error``, naming the likely
+    cause."""
+    return OSError(error.errno, f"writing {path} failed (is the disk full, or the file "
+                                f"larger than the system allows? {error.strerror or error}); "
+                                "the previous file, if any, is unchanged")
 
 
 def _sync_folder(folder):
@@ -148,15 +198,17 @@ def weights_checksum(state):
     return digest.hexdigest()
 
 
-def write_model(path, metadata, state):
+def write_model(path, metadata, state, *, overwrite=True):
     """Write a model file atomically: ``metadata`` (JSON) with its format and the
     checksum of the weights, and ``state`` (``{"weights": state_dict, ...}``).
 
-    `starnet.StarNetDeblender.save` builds the metadata and the state.
+    `starnet.StarNetDeblender.save` builds the metadata and the state. Without
+    ``overwrite``, an existing ``path`` (even one written meanwhile by another
+    process) raises FileExistsError (`write_atomically`).
     """
     metadata = {"format": _MODEL_FORMAT, **metadata, "weights_sha256": weights_checksum(state)}
     contents = {"metadata": json.dumps(metadata), **state}
-    write_atomically(path, lambda file: torch.save(contents, file))
+    write_atomically(path, _saver(contents), overwrite=overwrite)
 
 
 def read_model(path):
@@ -219,7 +271,7 @@ def write_checkpoint(path, state, *, settings, model=None):
     metadata = {"format": _CHECKPOINT_FORMAT, "training_settings": settings.to_dict(),
                 "model": model}
     contents = {"metadata": json.dumps(metadata), **state}
-    write_atomically(path, lambda file: torch.save(contents, file))
+    write_atomically(path, _saver(contents))
 
 
 def read_checkpoint(path, *, settings, model=None):

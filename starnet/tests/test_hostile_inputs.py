@@ -1,0 +1,148 @@
+"""Hostile inputs (issue 26): data that must not be lost, answers that must not be
+wrong without a word, errors that must come early and name the cause, and sizes that
+must be refused before memory runs out. Tiny images: each test takes seconds."""
+
+import multiprocessing
+import resource
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from astropy.io import fits
+from astropy.table import QTable
+
+from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
+from starnet.cli import main
+from starnet.model_files import write_atomically
+from starnet.psf import pixel_stamps
+
+PSF = PowerLawPSF(sigma1=0.9, sigma2=2.3, b=0.06, p0=0.0)
+SKY = 686.0
+
+
+def _tiny_deblender():
+    return StarNetDeblender(prior=StarFieldPrior(bands=["r"]), psf=PSF, background=[SKY],
+                            hidden=8, tile_hidden=16)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    _tiny_deblender().save(path)
+    return path
+
+
+def _image_file(path, *, shape=(16, 16)):
+    data = np.random.default_rng(0).normal(SKY, SKY ** 0.5, shape).astype(np.float32)
+    data[..., 4:15, 3:14] += (3e4 * pixel_stamps(PSF, 11, [0.2], [-0.3])[0]).astype(np.float32)
+    fits.PrimaryHDU(data).writeto(path)
+    return data
+
+
+@contextmanager
+def _file_size_limit(n_bytes):
+    """Writes beyond ``n_bytes`` fail with EFBIG (SIGXFSZ ignored) inside the block."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+# ------------------------------------------------------------------------ data lost
+@pytest.mark.parametrize("suffix", [".ecsv", ".fits", ".fits.gz"])
+def test_failed_catalog_overwrite_keeps_the_old_catalog(model_path, tmp_path, capsys, suffix):
+    _image_file(tmp_path / "image.fits")
+    out = tmp_path / f"catalog{suffix}"
+    args = ["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+            "--background", str(SKY), "-o", str(out), "--overwrite", "--no-progress"]
+    assert main(args) == 0
+    old = out.read_bytes()
+    with _file_size_limit(1000), pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1
+    assert "previous catalog is unchanged" in capsys.readouterr().err
+    assert out.read_bytes() == old
+    assert _leftovers(tmp_path) == []
+
+
+def _save_new(path, ready, results):
+    deblender = _tiny_deblender()
+    ready.wait()
+    try:
+        deblender.save(path)
+        results.put("saved")
+    except FileExistsError:
+        results.put("exists")
+
+
+def test_racing_saves_without_overwrite_exactly_one_wins(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    ready, results = context.Event(), context.Queue()
+    path = tmp_path / "model.pt"
+    workers = [context.Process(target=_save_new, args=(path, ready, results))
+               for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.5)
+    ready.set()
+    outcomes = sorted(results.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+    assert outcomes == ["exists", "exists", "exists", "saved"]
+    StarNetDeblender.load(path)
+    assert _leftovers(tmp_path) == []
+
+
+def test_write_atomically_without_overwrite_keeps_an_existing_file(tmp_path):
+    path = tmp_path / "kept"
+    path.write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_atomically(path, lambda file: file.write(b"new"), overwrite=False)
+    assert path.read_bytes() == b"old" and _leftovers(tmp_path) == []
+
+
+def test_failed_save_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "model.pt"
+    deblender = _tiny_deblender()
+    deblender.save(path)
+    old = path.read_bytes()
+    with _file_size_limit(len(old) // 2), pytest.raises(OSError, match="is the disk full"):
+        deblender.save(path, overwrite=True)   # torch's 'enforce fail' named as a full disk
+    assert path.read_bytes() == old and _leftovers(tmp_path) == []
+
+
+_KILLED_WRITER = """
+import sys, time
+from starnet.model_files import write_atomically
+def write(file):
+    file.write(b"partial")
+    file.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+write_atomically(sys.argv[1], write)
+"""
+
+
+def test_killed_save_leaves_the_file_and_a_named_temporary(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"old model")
+    with subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path)],
+                          stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdout.readline().strip() == "writing"
+        process.kill()
+    assert path.read_bytes() == b"old model"
+    left = _leftovers(tmp_path)
+    assert len(left) == 1 and left[0].startswith(f".model.pt.{process.pid}.")
