@@ -39,7 +39,8 @@ from .training import TrainingSettings
 
 __all__ = ["main"]
 
-SDSS_FRAME = re.compile(r"frame-[ugriz]-(\d{6})-(\d)-(\d{4})\.fits\.bz2$")
+SDSS_FRAME = re.compile(r"frame-(?P<band>[ugriz])-(?P<run>\d{6})-(?P<camcol>\d)-"
+                        r"(?P<field>\d{4})\.fits\.bz2$")
 """File names of SDSS frames: frame-<band>-<run>-<camcol>-<field>.fits.bz2."""
 
 _FORMATS = {".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits", ".fits.gz": "fits"}
@@ -48,8 +49,9 @@ _CATALOG_HELP = """\
 IMAGE is either
 
 * an SDSS frame, recognised by its name frame-<band>-<run>-<camcol>-<field>.fits.bz2:
-  the model's bands of that field are read with starnet.datasets.load_sdss_frame
-  (from IMAGE's folder, the bundled data or the SDSS archive), converted to
+  IMAGE itself (which must exist) and the model's other bands of that field are
+  read with starnet.datasets.load_sdss_frame (from IMAGE's folder, else the
+  bundled data or the SDSS archive), converted to
   electrons, with the SDSS sky as background and the psField PSFs (the KL PSF at
   the image's centre, or the power law for a model trained on it); or
 * a FITS file whose first image HDU (or --hdu) holds the image, sky included, with
@@ -402,7 +404,12 @@ def _read_image(args, deblender):
         if given:
             raise ValueError(f"{', '.join(given)} are for FITS images; an SDSS frame carries "
                              "its own sky, calibration, mask and PSF")
-        run, camcol, field = (int(v) for v in frame.groups())
+        if not path.is_file():   # never replaced by a bundled or downloaded frame
+            raise FileNotFoundError(f"no SDSS frame {path}: the file does not exist")
+        if frame["band"] not in deblender.bands:
+            raise ValueError(f"{path.name} is a frame of band {frame['band']}, which the "
+                             f"model (bands {deblender.bands}) does not use")
+        run, camcol, field = (int(frame[key]) for key in ("run", "camcol", "field"))
         # the PSF the model was trained with: the psField power law or the KL PSF
         psf = "powerlaw" if all(isinstance(p, PowerLawPSF) for p in deblender.psfs) else "kl"
         return load_sdss_frame(run, camcol, field, deblender.bands, cutout=cutout,

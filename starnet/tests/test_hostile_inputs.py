@@ -146,3 +146,30 @@ def test_killed_save_leaves_the_file_and_a_named_temporary(tmp_path):
     assert path.read_bytes() == b"old model"
     left = _leftovers(tmp_path)
     assert len(left) == 1 and left[0].startswith(f".model.pt.{process.pid}.")
+
+
+# ------------------------------------------------------------ wrong answers, silently
+def test_a_missing_sdss_frame_is_refused_not_replaced_by_the_bundled_one(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "frame-r-002583-2-0136.fits.bz2"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["catalog", str(missing), "-o", str(tmp_path / "out.ecsv")])
+    assert exit_info.value.code == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out.ecsv").exists()
+
+
+def test_the_users_sdss_frame_is_read_not_the_bundled_one(tmp_path, capsys):
+    own = tmp_path / "frame-r-002583-2-0136.fits.bz2"
+    own.write_bytes(b"not the bundled frame")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["catalog", str(own), "-o", str(tmp_path / "out.ecsv")])
+    assert exit_info.value.code == 1
+    assert not (tmp_path / "out.ecsv").exists()
+
+
+def test_an_sdss_frame_of_a_band_the_model_lacks_is_refused(tmp_path, capsys):
+    own = tmp_path / "frame-g-002583-2-0136.fits.bz2"
+    own.write_bytes(b"g band")
+    with pytest.raises(SystemExit):
+        main(["catalog", str(own), "-o", str(tmp_path / "out.ecsv")])
+    assert "does not use" in capsys.readouterr().err
