@@ -437,11 +437,9 @@ def _read_image(args, deblender):
     electrons_per_unit(unit, meta)    # a unit that cannot become electrons fails here
     mask = uncertainty = None
     if args.mask:
-        mask = _bands_first(_read_fits(Path(args.mask), None, "mask")[0], n_bands,
-                            deblender.bands, args.mask, allow_2d=True) != 0
+        mask = _pixel_map(args.mask, "--mask", data.shape, deblender.bands) != 0
     if args.weight:
-        weight = _bands_first(_read_fits(Path(args.weight), None, "weight map")[0], n_bands,
-                              deblender.bands, args.weight, allow_2d=True)
+        weight = _pixel_map(args.weight, "--weight", data.shape, deblender.bands)
         bad = ~(np.isfinite(weight) & (weight > 0))
         mask = bad if mask is None else (mask | bad)
         uncertainty = InverseVariance(np.where(bad, 1.0, weight), unit=unit ** -2)
@@ -497,6 +495,17 @@ def _bands_first(data, n_bands, bands, path, *, allow_2d=False):
         raise ValueError(f"{path} holds an image of shape {data.shape}; the model needs "
                          f"(bands={n_bands}, rows, cols) for bands {bands}"
                          + (" or (rows, cols)" if n_bands == 1 or allow_2d else ""))
+    return data
+
+
+def _pixel_map(name, option, shape, bands):
+    """The FITS map of ``option`` (a mask or weight file) as (bands, rows, cols),
+    checked to fit the image's ``shape``."""
+    data = _bands_first(_read_fits(Path(name), None, option[2:] + " map")[0], len(bands),
+                        bands, name, allow_2d=True)
+    if data.shape != tuple(shape):
+        raise ValueError(f"{option} {name} has shape {data.shape[1:]} (per band); expected "
+                         f"the image's (rows, cols) = {tuple(shape[1:])}")
     return data
 
 

@@ -13,11 +13,13 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from astropy import units as u
 from astropy.io import fits
-from astropy.table import QTable
+from astropy.nddata import InverseVariance, NDData, StdDevUncertainty, VarianceUncertainty
 
-from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
+from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender, simulate_starfield
 from starnet.cli import main
+from starnet.images import read_image, with_changes
 from starnet.model_files import write_atomically
 from starnet.psf import pixel_stamps
 
@@ -173,3 +175,62 @@ def test_an_sdss_frame_of_a_band_the_model_lacks_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["catalog", str(own), "-o", str(tmp_path / "out.ecsv")])
     assert "does not use" in capsys.readouterr().err
+
+
+def _electron_image(shape=(1, 24, 24), **kwargs):
+    data = np.random.default_rng(1).normal(SKY, SKY ** 0.5, shape).astype(np.float32)
+    meta = {"bands": ["r"], "psf": [PSF], "background": [SKY], **kwargs.pop("meta", {})}
+    return NDData(data, unit=kwargs.pop("unit", u.electron), meta=meta, **kwargs)
+
+
+def test_zero_inverse_variance_masks_the_pixels(tmp_path):
+    deblender = StarNetDeblender.pretrained("sdss-m2")
+    image, _ = simulate_starfield((40, 40), psf=deblender.psfs, seed=3,
+                                  background=deblender.background)
+    data = np.array(image.data)
+    data[:, 10:30, 10:30] = 50_000.0   # saturated: no information
+    weight = 1 / data
+    weight[:, 10:30, 10:30] = 0.0
+    image = with_changes(image, data=data, uncertainty=InverseVariance(weight))
+    with pytest.warns(UserWarning, match="800 masked or non-finite pixels"):
+        catalog = deblender(image, background="given", progress_bar=False)
+    inside = ((catalog["x_fit"] > 11) & (catalog["x_fit"] < 28)
+              & (catalog["y_fit"] > 11) & (catalog["y_fit"] < 28))
+    assert len(catalog) > 0 and not inside.any()
+    assert read_image(image, deblender.bands).bad[:, 10:30, 10:30].all()
+
+
+@pytest.mark.parametrize("uncertainty", [InverseVariance(np.zeros((1, 24, 24))),
+                                         VarianceUncertainty(np.full((1, 24, 24), np.nan))])
+def test_no_valid_variance_anywhere_is_an_error(uncertainty):
+    with pytest.raises(ValueError, match="every pixel is masked, not finite or has no valid"):
+        read_image(_electron_image(uncertainty=uncertainty), ["r"])
+
+
+def test_negative_or_huge_variances_are_named():
+    with pytest.raises(ValueError, match="negative variances"):
+        read_image(_electron_image(uncertainty=VarianceUncertainty(-np.ones((1, 24, 24)))),
+                   ["r"])
+    with pytest.raises(ValueError, match="exceeds the pixels' Poisson variance"):
+        read_image(_electron_image(uncertainty=StdDevUncertainty(np.full((1, 24, 24), 1e20))),
+                   ["r"])
+
+
+@pytest.mark.parametrize("value", [0.0, -4.7, np.nan, np.inf, "four"])
+@pytest.mark.parametrize("key, unit", [("gain", u.adu), ("exptime", u.electron / u.s)])
+def test_bad_gain_or_exposure_time_is_named(key, unit, value):
+    image = _electron_image(unit=unit, meta={key: value})
+    with pytest.raises(ValueError, match=rf"meta\['{key}'\] must be"):
+        read_image(image, ["r"])
+
+
+# ------------------------------------------------------- late or misleading errors
+@pytest.mark.parametrize("option", ["--weight", "--mask"])
+def test_a_wrong_shape_weight_or_mask_file_is_named(model_path, tmp_path, capsys, option):
+    _image_file(tmp_path / "image.fits")
+    fits.PrimaryHDU(np.ones((17, 16), np.float32)).writeto(tmp_path / "map.fits")
+    with pytest.raises(SystemExit):
+        main(["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+              "--background", str(SKY), option, str(tmp_path / "map.fits"),
+              "-o", str(tmp_path / "out.ecsv")])
+    assert f"{option} {tmp_path / 'map.fits'} has shape (17, 16)" in capsys.readouterr().err
