@@ -2,10 +2,13 @@
 
 * `write_atomically` writes a file in full or not at all: an interrupted save leaves the
   previous file as it was, and no partial file behind.
-* A model file (`write_model`, `read_model`) carries a SHA-256 checksum of its weights;
-  it is read only when the checksum matches, the weights are finite and their shapes
-  are those of the network its metadata describes (checked before that network is
-  built, so a corrupted size cannot make it allocate gigabytes).
+* A model file (`write_model`, `read_model`) carries a SHA-256 checksum of its weights
+  and one of its metadata (which hold the first, so together they cover the whole
+  file's content); it is read only when both match, its metadata have the keys and
+  types of a model's, the weights are finite and their shapes are those of the
+  network its metadata describes (checked before that network is built, so a
+  corrupted size cannot make it allocate gigabytes). Files written before the
+  checksums existed (before the metadata one, or both) are read without them.
 * A checkpoint (`write_checkpoint`, `read_checkpoint`) carries the training settings and
   the description of the model (`describe_model`); resuming with another model or other
   settings is refused, since the checkpoint's history would then describe a training
@@ -17,21 +20,24 @@ Every file is read with ``torch.load(..., weights_only=True)``: no code is unpic
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
 import secrets
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from .background import BackgroundEncoder
 from .encoder import StarNetEncoder
-from .psf import psf_to_dict
+from .prior import StarFieldPrior
+from .psf import psf_from_dict, psf_to_dict
 
-__all__ = ["write_atomically", "describe_model", "weights_checksum", "write_model",
-           "read_model", "write_checkpoint", "read_checkpoint"]
+__all__ = ["write_atomically", "describe_model", "weights_checksum", "metadata_checksum",
+           "write_model", "read_model", "write_checkpoint", "read_checkpoint"]
 
 _MODEL_FORMAT = "starnet-deblender-1"
 _CHECKPOINT_FORMAT = "starnet-checkpoint-1"
@@ -39,6 +45,16 @@ _CHECKPOINT_FORMAT = "starnet-checkpoint-1"
 _RESUMABLE = ("learning_rate", "weight_decay", "n_epochs", "n_steps", "max_time",
               "final_learning_rate")
 _SIZES = ("tile_size", "max_sources", "stamp_size", "hidden", "tile_hidden")
+#: The keys of a model file's metadata and their JSON types (None: null allowed);
+#: those after ``tile_hidden`` may be missing from files of older versions.
+_METADATA = {"format": str, "starnet_version": str, "prior": dict, "psf": list,
+             "background": list, "tile_size": int, "max_sources": int, "stamp_size": int,
+             "hidden": int, "tile_hidden": int, "training_settings": (dict, None),
+             "training_history": (dict, None), "psf_variants": list, "n_colors": int,
+             "log_flux_offset": (int, float), "provenance": dict, "background_encoder": dict,
+             "weights_sha256": str, "sha256": str}
+_OPTIONAL = ("psf_variants", "n_colors", "log_flux_offset", "provenance",
+             "background_encoder", "weights_sha256", "sha256")
 
 
 def write_atomically(path, write, *, overwrite=True):
@@ -198,6 +214,25 @@ def weights_checksum(state):
     return digest.hexdigest()
 
 
+def metadata_checksum(metadata):
+    """SHA-256 (hex) of a model file's metadata, all but their ``sha256`` key.
+
+    The metadata hold the checksum of the weights (`weights_checksum`), so this one
+    covers the whole content of the file.
+
+    Examples
+    --------
+    >>> from starnet.model_files import metadata_checksum
+    >>> metadata_checksum({"a": 1, "b": [2]}) == metadata_checksum({"b": [2], "a": 1})
+    True
+    >>> metadata_checksum({"a": 1}) == metadata_checksum({"a": 1.5})
+    False
+    """
+    text = json.dumps({key: value for key, value in metadata.items() if key != "sha256"},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def write_model(path, metadata, state, *, overwrite=True):
     """Write a model file atomically: ``metadata`` (JSON) with its format and the
     checksum of the weights, and ``state`` (``{"weights": state_dict, ...}``).
@@ -207,6 +242,7 @@ def write_model(path, metadata, state, *, overwrite=True):
     process) raises FileExistsError (`write_atomically`).
     """
     metadata = {"format": _MODEL_FORMAT, **metadata, "weights_sha256": weights_checksum(state)}
+    metadata["sha256"] = metadata_checksum(metadata)
     contents = {"metadata": json.dumps(metadata), **state}
     write_atomically(path, _saver(contents), overwrite=overwrite)
 
@@ -225,9 +261,11 @@ def read_model(path):
     ------
     ValueError
         If the file is not a starnet model file (empty, truncated, not a torch file,
-        a pickle that needs code to run, another torch file), or if its weights do not
-        match their checksum, are not finite, or do not have the shapes its metadata
-        implies. Files written before checksums existed are accepted without one.
+        a pickle that needs code to run, another torch file), if its weights or its
+        metadata do not match their checksums, if its metadata lack a key, hold an
+        unknown one or one of the wrong type, or if its weights are not finite or do
+        not have the shapes its metadata imply. Files written before checksums
+        existed are accepted without them.
 
     Examples
     --------
@@ -251,6 +289,12 @@ def read_model(path):
     if expected is not None and weights_checksum(state) != expected:
         raise ValueError(f"{path} is corrupted: checksum of the weights does not match the "
                          "one saved with them")
+    if "sha256" in metadata and metadata_checksum(metadata) != metadata["sha256"]:
+        raise ValueError(f"{path} is corrupted or was edited: the checksum of its metadata "
+                         "does not match the one saved with them (a model file is written "
+                         "by StarNetDeblender.save only; change a model in Python and save "
+                         "it again)")
+    _check_metadata(path, metadata)
     _check_finite(path, state)
     _check_shapes(path, metadata, state)
     return metadata, state
@@ -381,6 +425,54 @@ def _parse_metadata(path, text):
     if not isinstance(metadata, dict):
         raise ValueError(f"{path} is corrupted: its metadata is not a JSON object")
     return metadata
+
+
+def _check_metadata(path, metadata):
+    """Check the keys and JSON types of a model file's metadata, and that its prior,
+    PSFs and background describe a model (`StarFieldPrior.from_dict`,
+    `~starnet.psf.psf_from_dict`)."""
+    from .training import TrainingSettings   # training imports this module
+
+    unknown = sorted(set(metadata) - set(_METADATA))
+    missing = [key for key in _METADATA if key not in metadata and key not in _OPTIONAL]
+    wrong = []
+    for key, kinds in _METADATA.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        value = metadata.get(key)
+        if key in metadata and not (
+                (value is None and None in kinds)
+                or (isinstance(value, tuple(k for k in kinds if k is not None))
+                    and not isinstance(value, bool))):
+            names = " or ".join("null" if k is None else k.__name__ for k in kinds)
+            wrong.append(f"{key!r} is {type(value).__name__}, expected {names}")
+    if unknown or missing or wrong:
+        problems = ([f"unknown keys {unknown}"] if unknown else []) + (
+            [f"missing keys {missing}"] if missing else []) + wrong
+        raise ValueError(f"{path} is not a valid starnet model file: its metadata "
+                         f"{'; '.join(problems)}")
+    try:
+        prior = StarFieldPrior.from_dict(metadata["prior"])
+        for psf in metadata["psf"] + [p for ps in metadata.get("psf_variants", []) for p in ps]:
+            psf_from_dict(psf)
+        background = [float(b) for b in metadata["background"]]
+        if len(metadata["psf"]) != prior.n_bands or len(background) != prior.n_bands:
+            raise ValueError(f"{len(metadata['psf'])} PSFs and {len(background)} "
+                             f"backgrounds for the {prior.n_bands} bands {prior.bands}")
+        if not all(math.isfinite(b) and b > 0 for b in background):
+            raise ValueError(f"background {background} is not positive and finite")
+        if metadata["training_settings"] is not None:
+            settings = dict(metadata["training_settings"])
+            unknown = sorted(set(settings) - {f.name for f in fields(TrainingSettings)})
+            if unknown:
+                raise ValueError(f"unknown training settings {unknown}")
+            for key in ("image_shape", "background_range", "psf_variant_range",
+                        "density_range"):
+                if isinstance(settings.get(key), list):
+                    settings[key] = tuple(settings[key])
+            TrainingSettings(**settings)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path} is not a valid starnet model file: its metadata do not "
+                         f"describe a model ({type(error).__name__}: {error})") from error
 
 
 def _check_tensors(path, state):

@@ -2,6 +2,7 @@
 wrong without a word, errors that must come early and name the cause, and sizes that
 must be refused before memory runs out. Tiny images: each test takes seconds."""
 
+import json
 import multiprocessing
 import resource
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from importlib.resources import files
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from astropy.nddata import InverseVariance, NDData, StdDevUncertainty, VarianceU
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender, simulate_starfield
 from starnet.cli import main
 from starnet.images import read_image, with_changes
-from starnet.model_files import write_atomically
+from starnet.model_files import metadata_checksum, write_atomically
 from starnet.psf import pixel_stamps
 
 PSF = PowerLawPSF(sigma1=0.9, sigma2=2.3, b=0.06, p0=0.0)
@@ -128,7 +130,7 @@ def test_failed_save_leaves_no_temporary_file(tmp_path):
 
 _KILLED_WRITER = """
 import sys, time
-from starnet.model_files import write_atomically
+from starnet.model_files import metadata_checksum, write_atomically
 def write(file):
     file.write(b"partial")
     file.flush()
@@ -234,3 +236,47 @@ def test_a_wrong_shape_weight_or_mask_file_is_named(model_path, tmp_path, capsys
               "--background", str(SKY), option, str(tmp_path / "map.fits"),
               "-o", str(tmp_path / "out.ecsv")])
     assert f"{option} {tmp_path / 'map.fits'} has shape (17, 16)" in capsys.readouterr().err
+
+
+def _edit_model(source, target, change, *, reseal=False):
+    """Copy a model file with its metadata edited by ``change(metadata)``; ``reseal``:
+    with the metadata checksum updated, as a careful forger would."""
+    state = torch.load(source, weights_only=True)
+    metadata = json.loads(state["metadata"])
+    change(metadata)
+    if reseal:
+        metadata["sha256"] = metadata_checksum(metadata)
+    state["metadata"] = json.dumps(metadata)
+    torch.save(state, target)
+    return target
+
+
+_BUNDLED = files("starnet") / "models" / "sdss-m2.pt"
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m["prior"].update(bands=["i", "r"]),
+    lambda m: m.update(stamp_size=15),
+    lambda m: m.update(background=[10 * b for b in m["background"]]),
+    lambda m: m["psf_variants"][0][0].update(sigma1=2.0),
+    lambda m: m["prior"].update(mu=0.5)], ids=["bands", "stamp", "background", "psf", "mu"])
+def test_a_model_file_with_edited_metadata_is_refused(tmp_path, change):
+    path = _edit_model(_BUNDLED, tmp_path / "edited.pt", change)
+    with pytest.raises(ValueError, match="corrupted or was edited: the checksum of its "
+                                         "metadata does not match"):
+        StarNetDeblender.load(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(colour="blue"), r"unknown keys \['colour'\]"),
+    (lambda m: m.update(stamp_size="25"), "'stamp_size' is str, expected int"),
+    (lambda m: m.update(hidden=True), "'hidden' is bool, expected int"),
+    (lambda m: m.update(provenance=[]), "'provenance' is list, expected dict"),
+    (lambda m: m.pop("psf"), r"missing keys \['psf'\]"),
+    (lambda m: m.update(background=[686.0, -1.0]), "not positive and finite"),
+    (lambda m: m["training_settings"].update(speed=3), r"unknown training settings \['speed'\]"),
+    (lambda m: m["prior"].update(mu="many"), "do not describe a model")])
+def test_model_metadata_of_unknown_keys_or_wrong_types_are_refused(tmp_path, change, message):
+    path = _edit_model(_BUNDLED, tmp_path / "edited.pt", change, reseal=True)
+    with pytest.raises(ValueError, match=message):
+        StarNetDeblender.load(path)
