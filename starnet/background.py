@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from .encoder import normalize_image
 from .images import with_changes
+from .prior import _seed_int
+from .validation import check_positive_int
 
 __all__ = ["BackgroundEncoder", "train_background_encoder", "fit_background",
            "combine_cells"]
@@ -117,11 +119,23 @@ def train_background_encoder(encoder, batches, *, n_steps=2000, batch_size=16,
     history : `~astropy.table.QTable`
         One row per tenth of the steps: ``step``, ``loss`` (mean over those steps),
         ``seconds``.
+
+    Raises
+    ------
+    ValueError
+        If ``n_steps`` or ``batch_size`` is not a positive integer.
+    RuntimeError
+        If the loss or the weights become non-finite (the encoder keeps the weights
+        of the step before: `starnet.training.keep_finite`).
     """
+    from .training import keep_finite   # training imports model_files, which imports us
+
+    n_steps = check_positive_int(n_steps, "n_steps")
+    batch_size = check_positive_int(batch_size, "batch_size")
     optimizer = torch.optim.Adam(encoder.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, n_steps,
                                                           eta_min=final_learning_rate)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(_seed_int(seed))
     nominal = batches.background.reshape(1, -1, 1, 1)
     encoder.train()
     history, losses, started = [], [], time.perf_counter()
@@ -129,12 +143,14 @@ def train_background_encoder(encoder, batches, *, n_steps=2000, batch_size=16,
     for step in tqdm(range(1, n_steps + 1), disable=not progress, leave=False):
         images, background, _ = batches.draw(batch_size, generator=generator)
         log_scale = torch.log(background[:, 0, 0, 0] / nominal[0, 0, 0, 0])
-        mean, sd = encoder(images, nominal)
-        loss = (0.5 * ((log_scale[:, None, None] - mean) / sd) ** 2 + torch.log(sd)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-        optimizer.step()
+        with keep_finite(encoder, f"step {step}", learning_rate) as check:
+            mean, sd = encoder(images, nominal)
+            loss = check((0.5 * ((log_scale[:, None, None] - mean) / sd) ** 2
+                          + torch.log(sd)).mean())
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+            optimizer.step()
         schedule.step()
         losses.append(loss.item())
         if step % report_every == 0 or step == n_steps:

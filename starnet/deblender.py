@@ -97,7 +97,7 @@ class StarNetDeblender:
         self.grid = TileGrid(tile_size=tile_size, max_sources=max_sources)
         self.stamp_size = int(stamp_size)
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
+            torch.manual_seed(_seed_int(seed))
             self.encoder = StarNetEncoder(n_bands=prior.n_bands, tile_size=tile_size,
                                           max_sources=max_sources, hidden=hidden,
                                           tile_hidden=tile_hidden, n_colors=n_colors)
@@ -246,6 +246,8 @@ class StarNetDeblender:
         history : `~astropy.table.QTable`
             Loss against step (also kept as ``background_history``).
         """
+        check_positive_int(n_steps, "n_steps")    # before an untrained encoder is attached
+        check_positive_int(batch_size, "batch_size")
         settings = self.training_settings
         if settings is None or not settings.background_range[0] < settings.background_range[1]:
             raise ValueError("the background can be estimated only by a model trained over a "
@@ -253,7 +255,7 @@ class StarNetDeblender:
         batches = self._batches(image_shape, settings)
         if self.background_encoder is None:
             with torch.random.fork_rng():
-                torch.manual_seed(seed)
+                torch.manual_seed(_seed_int(seed))
                 self.background_encoder = BackgroundEncoder(n_bands=self.prior.n_bands)
         self.background_history = train_background_encoder(
             self.background_encoder, batches, n_steps=n_steps, batch_size=batch_size,

@@ -7,6 +7,8 @@ import torch
 from astropy import units as u
 from astropy.table import QTable
 
+from .validation import check_seed
+
 __all__ = ["StarFieldPrior", "StarCatalogBatch"]
 
 
@@ -314,7 +316,9 @@ def catalog_table(locs, fluxes, bands):
 
 
 def _seed_int(seed):
-    """A non-negative integer seed for torch from None, an int or a numpy Generator."""
+    """A non-negative integer seed for torch from None, an int >= 0 or a numpy
+    Generator (`starnet.validation.check_seed`: other types raise)."""
+    seed = check_seed(seed)
     if seed is None:
         return int(np.random.default_rng().integers(2**62))
     if isinstance(seed, np.random.Generator):

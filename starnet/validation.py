@@ -5,14 +5,16 @@ warning) that says what was wrong and what was expected, before any work starts.
 """
 
 import numbers
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 from astropy.nddata import NDData
 
 __all__ = ["BackgroundMismatchWarning", "check_image_meta", "check_image_data", "check_mask",
            "check_background", "check_positive_int", "check_training_settings",
-           "check_range"]
+           "check_range", "check_seed", "check_writable"]
 
 #: Below this z (pixel minus background, in units of the background's Poisson noise)
 #: lies the 16th percentile of an image whose declared background is too high (a
@@ -163,6 +165,60 @@ def check_positive_int(value, name):
     return int(value)
 
 
+def check_seed(seed, name="seed"):
+    """``seed`` checked to be what numpy's `numpy.random.default_rng` takes as a seed
+    here: None (fresh entropy), an integer >= 0 (a Python or numpy integer, not a bool)
+    or a `numpy.random.Generator` (drawn from). A float is refused rather than
+    truncated, so that seeds 1.5 and 1 do not give the same draws.
+
+    Raises
+    ------
+    TypeError
+        If ``seed`` is of another type.
+    ValueError
+        If it is a negative integer.
+
+    Examples
+    --------
+    >>> check_seed(7)
+    7
+    >>> check_seed(1.5)
+    Traceback (most recent call last):
+    ...
+    TypeError: seed must be an integer >= 0, a numpy Generator or None, got float 1.5
+    """
+    if seed is None or isinstance(seed, np.random.Generator):
+        return seed
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 0, a numpy Generator or None, got "
+                        f"{type(seed).__name__} {seed!r}")
+    if seed < 0:
+        raise ValueError(f"{name} must be an integer >= 0, a numpy Generator or None, got "
+                         f"{seed!r}")
+    return int(seed)
+
+
+def check_writable(path, what):
+    """Raise before any work if the file ``path`` (``what``, for the message) could not
+    be written: its folder does not exist or is not writable, or it is a folder.
+
+    >>> check_writable("no_such_folder/fit.ckpt", "checkpoint")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: the folder no_such_folder of the checkpoint fit.ckpt does not exist
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"the {what} {path} is a folder; expected a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder {path.parent} of the {what} {path.name} does "
+                                "not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"the folder {path.parent} of the {what} {path.name} is not "
+                              "writable")
+    return path
+
+
 def check_training_settings(settings):
     """Check a `~starnet.training.TrainingSettings`; raise ValueError naming the field.
 
@@ -194,8 +250,10 @@ def check_training_settings(settings):
     check_range(settings.psf_variant_range, "psf_variant_range", positive=False)
     if settings.density_range is not None:
         check_range(settings.density_range, "density_range", positive=True)
-    if isinstance(settings.seed, bool) or not isinstance(settings.seed, numbers.Integral):
-        raise ValueError(f"seed must be an integer, got {settings.seed!r}")
+    if settings.seed is None or isinstance(settings.seed, np.random.Generator):
+        raise ValueError(f"seed must be an integer >= 0 (saved with the model), got "
+                         f"{settings.seed!r}")
+    check_seed(settings.seed)
 
 
 def check_range(value, name, *, positive):

@@ -20,10 +20,12 @@ from astropy.io import fits
 from astropy.nddata import InverseVariance, NDData, StdDevUncertainty, VarianceUncertainty
 
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender, simulate_starfield
+from starnet.calibration import count_pit
 from starnet.cli import main
 from starnet.images import read_image, with_changes
 from starnet.model_files import metadata_checksum, write_atomically
 from starnet.psf import pixel_stamps
+from starnet.training import TrainingSettings
 
 PSF = PowerLawPSF(sigma1=0.9, sigma2=2.3, b=0.06, p0=0.0)
 SKY = 686.0
@@ -280,3 +282,83 @@ def test_model_metadata_of_unknown_keys_or_wrong_types_are_refused(tmp_path, cha
     path = _edit_model(_BUNDLED, tmp_path / "edited.pt", change, reseal=True)
     with pytest.raises(ValueError, match=message):
         StarNetDeblender.load(path)
+
+
+# --------------------------------------------------------------------------- seeds
+_PRIOR = StarFieldPrior(mu=0.05, bands=["r"])
+
+
+@pytest.mark.parametrize("seed, error", [(1.5, TypeError), (0.3, TypeError), (True, TypeError),
+                                         ("1", TypeError), (np.float64(2.0), TypeError),
+                                         ([1, 2], TypeError), (-1, ValueError)])
+def test_seeds_are_validated_as_numpy_does_everywhere(seed, error):
+    match = "seed must be an integer >= 0, a numpy Generator or None"
+    with pytest.raises(error, match=match):
+        _PRIOR.sample((8, 8), seed=seed)
+    with pytest.raises(error, match=match):
+        simulate_starfield((8, 8), prior=_PRIOR, psf=PSF, background=SKY, seed=seed)
+    with pytest.raises(error, match=match):
+        StarNetDeblender(prior=_PRIOR, psf=PSF, background=[SKY], hidden=4, tile_hidden=8,
+                         seed=seed)
+    with pytest.raises(error, match=match):
+        count_pit([0.5, 0.5], 1, seed=seed)
+    with pytest.raises((TypeError, ValueError), match=match):
+        TrainingSettings(seed=seed)
+
+
+def test_valid_seeds_give_distinct_reproducible_draws():
+    draws = {seed: len(_PRIOR.sample((40, 40), seed=seed)) for seed in (0, 1, np.int64(2))}
+    assert draws == {seed: len(_PRIOR.sample((40, 40), seed=seed)) for seed in draws}
+    assert len(_PRIOR.sample((8, 8), seed=np.random.default_rng(0))) >= 0
+
+
+# ------------------------------------------------------------------------ training
+_FIT = dict(n_epochs=1, batches_per_epoch=3, batch_size=2, image_shape=(16, 16),
+            n_validation=2, progress=False)
+
+
+def test_a_diverging_fit_stops_and_keeps_finite_weights():
+    deblender = _tiny_deblender()
+    with pytest.raises(RuntimeError, match=r"training diverged at epoch 1, step \d+: .* "
+                                           "lower the learning rate \\(1e\\+06\\)"):
+        deblender.fit(learning_rate=1e6, final_learning_rate=None, **_FIT)
+    assert all(bool(torch.isfinite(p).all()) for p in deblender.encoder.parameters())
+
+
+def test_a_missing_checkpoint_folder_is_refused_before_training(tmp_path, monkeypatch):
+    deblender = _tiny_deblender()
+    monkeypatch.setattr("starnet.training._training_loss", _never)
+    with pytest.raises(FileNotFoundError, match="folder .*no_such_dir of the checkpoint"):
+        deblender.fit(checkpoint=tmp_path / "no_such_dir" / "fit.ckpt", **_FIT)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        deblender.fit(checkpoint=tmp_path, **_FIT)
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the work started before the check")
+
+
+def test_starnet_train_checks_the_checkpoint_folder_first(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "prior": {"bands": ["r"]}, "background": [SKY],
+        "psf": [{"type": "PowerLawPSF", "sigma1": 0.9, "sigma2": 2.3, "sigmap": 3.0,
+                 "beta": 3.0, "b": 0.06, "p0": 0.0}],
+        "model": {"hidden": 4, "tile_hidden": 8}, "training": {"n_epochs": 1}}))
+    monkeypatch.setattr("starnet.training._training_loss", _never)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(config), "-o", str(tmp_path / "model.pt"),
+              "--checkpoint", str(tmp_path / "no_such_dir" / "fit.ckpt")])
+    assert exit_info.value.code == 1
+    assert "no_such_dir of the checkpoint fit.ckpt does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, name", [(dict(n_steps=0), "n_steps"),
+                                           (dict(batch_size=0), "batch_size"),
+                                           (dict(n_steps=2.5), "n_steps")])
+def test_background_encoder_needs_steps_and_images(options, name):
+    deblender = _tiny_deblender()
+    deblender.fit(background_range=(0.8, 1.2), **_FIT)
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+        deblender.fit_background_encoder(image_shape=(16, 16), progress=False, **options)
+    assert deblender.background_encoder is None
