@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from importlib.resources import files
 
@@ -26,6 +27,7 @@ from starnet.images import read_image, with_changes
 from starnet.model_files import metadata_checksum, write_atomically
 from starnet.psf import pixel_stamps
 from starnet.training import TrainingSettings
+from starnet.validation import BackgroundMismatchWarning, check_background
 
 PSF = PowerLawPSF(sigma1=0.9, sigma2=2.3, b=0.06, p0=0.0)
 SKY = 686.0
@@ -362,3 +364,44 @@ def test_background_encoder_needs_steps_and_images(options, name):
     with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
         deblender.fit_background_encoder(image_shape=(16, 16), progress=False, **options)
     assert deblender.background_encoder is None
+
+
+# --------------------------------------------------------------------- the sky check
+@pytest.fixture(scope="module")
+def m2_electrons():
+    from starnet.datasets import load_m2
+    image, _ = load_m2()
+    return read_image(image, ["r", "i"])
+
+
+def _sky_warnings(data, background):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_background(data, background, ["r", "i"])
+    return [str(w.message) for w in caught if w.category is BackgroundMismatchWarning]
+
+
+def test_the_m2_sky_passes_the_sky_check(m2_electrons):
+    assert _sky_warnings(m2_electrons.data, m2_electrons.background) == []
+
+
+def test_a_background_half_too_low_is_noticed(m2_electrons):
+    found = _sky_warnings(m2_electrons.data, 0.5 * m2_electrons.background)
+    assert any("darkest pixels lie at" in message and "is the background too low" in message
+               for message in found)
+
+
+def test_adu_labelled_as_electrons_is_noticed(m2_electrons):
+    found = _sky_warnings(m2_electrons.data / 4.7, m2_electrons.background / 4.7)
+    assert len(found) == 2 and all("is the image in electrons" in m for m in found)
+
+
+@pytest.mark.parametrize("mu", [0.002, 0.05, 0.2])
+def test_no_false_alarm_on_simulated_fields(mu):
+    for seed in range(3):
+        image, _ = simulate_starfield((48, 48), prior=StarFieldPrior(mu=mu, bands=["r", "i"]),
+                                      psf=PSF, background=[686.0, 1123.0], seed=seed)
+        electrons = read_image(image, ["r", "i"])
+        assert _sky_warnings(electrons.data, electrons.background) == []
+        if mu < 0.1:
+            assert len(_sky_warnings(electrons.data, 0.5 * electrons.background)) >= 1
