@@ -7,6 +7,7 @@ from astropy import units as u
 from .images import StarFieldImage
 from .prior import StarCatalogBatch, StarFieldPrior, batch_to_table, _seed_int
 from .psf import as_psf, pixel_stamps
+from .validation import check_memory, check_shape
 
 __all__ = ["StarFieldRenderer", "add_noise", "as_background", "simulate_starfield"]
 
@@ -304,6 +305,10 @@ def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", 
     ['r', 'i']
     """
     prior = StarFieldPrior() if prior is None else prior
+    shape = check_shape(shape)
+    # the light, its expectation and the noisy image, float64
+    check_memory(3 * 8 * prior.n_bands * shape[0] * shape[1],
+                 f"a simulated image of {shape[0]} x {shape[1]} pixels")
     psfs = list(psf) if isinstance(psf, (list, tuple)) else [psf] * prior.n_bands
     if len(psfs) != prior.n_bands:
         raise ValueError(f"got {len(psfs)} PSFs for {prior.n_bands} bands {prior.bands}")
@@ -316,8 +321,8 @@ def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", 
     if renderer is None:
         renderer = StarFieldRenderer(psfs, stamp_size=stamp_size)
     stars = renderer.render(batch.locs, batch.fluxes, batch.mask, shape)[0].double()
-    expected = stars + torch.from_numpy(background.reshape(prior.n_bands, -1, 1)
-                                        if background.ndim == 1 else background)
+    expected = stars + torch.from_numpy(np.array(background.reshape(prior.n_bands, -1, 1)
+                                                 if background.ndim == 1 else background))
     data = add_noise(expected.clamp(min=0), noise=noise, generator=generator).numpy()
     meta = {"bands": list(prior.bands), "psf": renderer.psfs, "background": background,
             "prior": prior.to_dict(), "seed": seed}

@@ -15,7 +15,8 @@ from scipy.ndimage import uniform_filter
 
 __all__ = ["BackgroundMismatchWarning", "check_image_meta", "check_image_data", "check_mask",
            "check_background", "check_positive_int", "check_training_settings",
-           "check_range", "check_seed", "check_writable"]
+           "check_range", "check_seed", "check_writable", "check_shape", "check_memory",
+           "memory_limit", "MemoryLimitError"]
 
 #: Below this z (pixel minus background, in units of the background's Poisson noise)
 #: lies the 16th percentile of an image whose declared background is too high (a
@@ -51,6 +52,49 @@ _MIN_DARK = 1000
 
 class BackgroundMismatchWarning(UserWarning):
     """The pixels of an image contradict its declared background."""
+
+
+class MemoryLimitError(ValueError, MemoryError):
+    """A request would need more memory than `memory_limit` (raised before allocating).
+
+    A ValueError (the request is what is wrong) and a MemoryError."""
+
+
+def memory_limit():
+    """Bytes that one request may allocate: half of the machine's physical memory (8 GiB
+    where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, ValueError, OSError):
+        return 8 * 2**30
+
+
+def check_memory(n_bytes, what, *, advice=""):
+    """Raise `MemoryLimitError` if ``what`` needs more than `memory_limit` bytes.
+
+    >>> check_memory(10**15, "the image")
+    Traceback (most recent call last):
+    ...
+    starnet.validation.MemoryLimitError: the image would need 931323 GiB of memory, more ...
+    """
+    limit = memory_limit()
+    if n_bytes > limit:
+        raise MemoryLimitError(f"{what} would need {n_bytes / 2**30:.0f} GiB of memory, more "
+                               f"than the {limit / 2**30:.0f} GiB allowed (half of this "
+                               f"machine's memory){'; ' + advice if advice else ''}")
+
+
+def check_shape(shape, name="shape"):
+    """``shape`` as ``(rows, cols)``, two positive integers.
+
+    >>> check_shape([20, 30])
+    (20, 30)
+    """
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2
+            and all(isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_))
+                    and n >= 1 for n in shape)):
+        raise ValueError(f"{name} must be (rows, cols), two positive integers, got {shape!r}")
+    return int(shape[0]), int(shape[1])
 
 
 def check_image_meta(nddata):

@@ -21,13 +21,14 @@ from astropy.io import fits
 from astropy.nddata import InverseVariance, NDData, StdDevUncertainty, VarianceUncertainty
 
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender, simulate_starfield
+from starnet.background import fit_background
 from starnet.calibration import count_pit
 from starnet.cli import main
 from starnet.images import read_image, with_changes
 from starnet.model_files import metadata_checksum, write_atomically
 from starnet.psf import pixel_stamps
 from starnet.training import TrainingSettings
-from starnet.validation import BackgroundMismatchWarning, check_background
+from starnet.validation import BackgroundMismatchWarning, MemoryLimitError, check_background
 
 PSF = PowerLawPSF(sigma1=0.9, sigma2=2.3, b=0.06, p0=0.0)
 SKY = 686.0
@@ -405,3 +406,49 @@ def test_no_false_alarm_on_simulated_fields(mu):
         assert _sky_warnings(electrons.data, electrons.background) == []
         if mu < 0.1:
             assert len(_sky_warnings(electrons.data, 0.5 * electrons.background)) >= 1
+
+
+# ------------------------------------------------------- a background map, fitted
+def _gradient_image(deblender, shape=(48, 64)):
+    """A simulated image whose background rises from 0.6 to 1.8 times 1.1 times the
+    model's from left to right, declared exactly, and that map."""
+    gradient = np.linspace(0.6, 1.8, shape[1])[None, None, :]
+    truth = np.asarray(deblender.background)[:, None, None] * 1.1 * gradient
+    image, _ = simulate_starfield(shape, psf=deblender.psfs, seed=4,
+                                  prior=StarFieldPrior(mu=0.01, bands=deblender.bands),
+                                  background=np.broadcast_to(truth, (2, *shape)))
+    return image, np.broadcast_to(truth, (2, *shape))
+
+
+def test_fitting_the_background_keeps_the_given_maps_shape():
+    deblender = StarNetDeblender.pretrained("sdss-m2")
+    image, truth = _gradient_image(deblender)
+    fitted, _ = fit_background(deblender, image)
+    ratio = fitted.meta["background"] / truth
+    assert np.ptp(ratio) < 1e-3 * ratio.max()          # the shape is the given map's
+    assert 0.85 < ratio.mean() < 1.15                  # the level is fitted
+    assert fitted.meta["background"][0, 0, -1] / fitted.meta["background"][0, 0, 0] == \
+        pytest.approx(3.0, rel=1e-3)
+
+
+def test_bands_of_different_shapes_warn_that_the_difference_is_dropped():
+    deblender = StarNetDeblender.pretrained("sdss-m2")
+    image, truth = _gradient_image(deblender)
+    flat_i = np.array(truth)
+    flat_i[1] = np.median(truth[1])
+    image = with_changes(image, meta=dict(image.meta, background=flat_i))
+    with pytest.warns(UserWarning, match="differ in shape .* the difference is dropped"):
+        fit_background(deblender, image)
+
+
+# -------------------------------------------------------------------- size checks
+@pytest.mark.parametrize("shape", [(-5, 10), (10, 0), (2.5, 10), (10,), "big", (True, 4)])
+def test_impossible_shapes_are_named(shape):
+    with pytest.raises(ValueError, match=r"shape must be \(rows, cols\), two positive integers"):
+        simulate_starfield(shape, prior=_PRIOR, psf=PSF, background=SKY, seed=0)
+
+
+def test_a_huge_simulated_image_is_refused_before_allocating():
+    with pytest.raises(MemoryLimitError, match="60000 x 60000 pixels would need 80 GiB"):
+        simulate_starfield((60000, 60000), prior=_PRIOR, psf=PSF, background=SKY, seed=0)
+    assert issubclass(MemoryLimitError, ValueError) and issubclass(MemoryLimitError, MemoryError)
