@@ -452,3 +452,23 @@ def test_a_huge_simulated_image_is_refused_before_allocating():
     with pytest.raises(MemoryLimitError, match="60000 x 60000 pixels would need 80 GiB"):
         simulate_starfield((60000, 60000), prior=_PRIOR, psf=PSF, background=SKY, seed=0)
     assert issubclass(MemoryLimitError, ValueError) and issubclass(MemoryLimitError, MemoryError)
+
+
+# ------------------------------------------------------------ the benchmark command
+@pytest.mark.parametrize("arguments, message", [
+    (["--output-dir", "{file}"], "is a file; expected a folder"),
+    (["--n-samples", "5"], "n_samples must be an integer >= 20"),
+    (["--seed", "-1"], "seed must be an integer >= 0"),
+    (["--model", "{truncated}"], "may be truncated or corrupted")])
+def test_benchmark_errors_come_first_in_one_line(tmp_path, capsys, monkeypatch, arguments,
+                                                 message):
+    (tmp_path / "a_file").write_text("")
+    truncated = tmp_path / "model.pt"
+    truncated.write_bytes(_BUNDLED.read_bytes()[:5000])
+    monkeypatch.setattr("starnet.m2_benchmark.load_m2", _never)
+    arguments = [a.format(file=tmp_path / "a_file", truncated=truncated) for a in arguments]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "m2", *arguments])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error and len(error.splitlines()) == 1
