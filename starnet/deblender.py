@@ -26,7 +26,8 @@ from .simulate import StarFieldRenderer, as_background
 from .tiles import TileCatalog, TileGrid
 from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
 from .images import image_psfs, read_image, with_changes
-from .validation import check_background, check_image_meta, check_positive_int
+from .validation import (check_background, check_draws_memory, check_image_meta,
+                         check_positive_int)
 
 __all__ = ["StarNetDeblender"]
 
@@ -949,6 +950,8 @@ class StarNetDeblender:
         151.2 137 167; true 164
         """
         n_samples = check_positive_int(n_samples, "n_samples")
+        check_draws_memory(n_samples, np.shape(nddata.data), tile_size=self.grid.tile_size,
+                           max_sources=self.grid.max_sources, n_bands=len(self.bands))
         nddata = self._chosen_background(nddata, background)
         state, shape, _, chunk_tiles = self._encode(nddata, progress_bar)
         generator = torch.Generator().manual_seed(_seed_int(seed))

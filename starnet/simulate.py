@@ -120,11 +120,16 @@ class StarFieldRenderer:
         -------
         images : `torch.Tensor`, shape (n_images, n_bands, rows, cols)
         """
-        rows, cols = shape
+        rows, cols = check_shape(shape)
         n_images = locs.shape[0]
         if fluxes.shape[-1] != self.n_bands:
             raise ValueError(f"fluxes have {fluxes.shape[-1]} bands but the renderer has "
                              f"{self.n_bands} PSFs")
+        for values, what in ((locs, "positions"), (fluxes, "fluxes")):
+            finite = torch.isfinite(values).all(dim=-1)
+            if not bool(finite[mask].all()):
+                raise ValueError(f"{int((~finite & mask).sum())} stars have non-finite "
+                                 f"{what} (NaN or infinite); expected finite values")
         half = self.stamp_size // 2
         canvas = (rows + 2 * half, cols + 2 * half)
         locs, fluxes = locs.float(), fluxes.float()

@@ -16,7 +16,7 @@ from scipy.ndimage import uniform_filter
 __all__ = ["BackgroundMismatchWarning", "check_image_meta", "check_image_data", "check_mask",
            "check_background", "check_positive_int", "check_training_settings",
            "check_range", "check_seed", "check_writable", "check_shape", "check_memory",
-           "memory_limit", "MemoryLimitError"]
+           "memory_limit", "MemoryLimitError", "check_draws_memory"]
 
 #: Below this z (pixel minus background, in units of the background's Poisson noise)
 #: lies the 16th percentile of an image whose declared background is too high (a
@@ -82,6 +82,22 @@ def check_memory(n_bytes, what, *, advice=""):
         raise MemoryLimitError(f"{what} would need {n_bytes / 2**30:.0f} GiB of memory, more "
                                f"than the {limit / 2**30:.0f} GiB allowed (half of this "
                                f"machine's memory){'; ' + advice if advice else ''}")
+
+
+def check_draws_memory(n_samples, image_shape, *, tile_size, max_sources, n_bands):
+    """Refuse (`MemoryLimitError`) ``n_samples`` posterior catalogs of an image of
+    ``image_shape`` (..., rows, cols) whose tile variables would not fit in memory:
+    per tile and draw, a count and ``max_sources`` positions and fluxes (8 bytes each,
+    twice: drawn, then gathered into the table).
+
+    >>> check_draws_memory(100, (2, 100, 100), tile_size=2, max_sources=3, n_bands=2)
+    """
+    rows, cols = image_shape[-2:]
+    n_tiles = -(-rows // tile_size) * -(-cols // tile_size)
+    per_draw = n_tiles * (1 + max_sources * (2 + n_bands)) * 8 * 2
+    check_memory(n_samples * per_draw, f"{n_samples} posterior catalogs of an image of "
+                 f"{rows} x {cols} pixels", advice="draw fewer, or in several calls with "
+                 "different seeds")
 
 
 def check_shape(shape, name="shape"):

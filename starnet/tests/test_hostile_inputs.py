@@ -19,12 +19,14 @@ import torch
 from astropy import units as u
 from astropy.io import fits
 from astropy.nddata import InverseVariance, NDData, StdDevUncertainty, VarianceUncertainty
+from astropy.table import QTable
 
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender, simulate_starfield
 from starnet.background import fit_background
 from starnet.calibration import count_pit
 from starnet.cli import main
 from starnet.images import read_image, with_changes
+from starnet.matching import match_catalogs
 from starnet.model_files import metadata_checksum, write_atomically
 from starnet.psf import pixel_stamps
 from starnet.training import TrainingSettings
@@ -472,3 +474,67 @@ def test_benchmark_errors_come_first_in_one_line(tmp_path, capsys, monkeypatch, 
     assert exit_info.value.code == 1
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error and len(error.splitlines()) == 1
+
+
+def test_a_billion_posterior_catalogs_are_refused_before_encoding(monkeypatch):
+    deblender = StarNetDeblender.pretrained("sdss-m2")
+    image, _ = simulate_starfield((20, 20), psf=deblender.psfs, seed=0,
+                                  background=deblender.background)
+    monkeypatch.setattr(deblender, "_encode", _never)
+    with pytest.raises(MemoryLimitError, match="1000000000 posterior catalogs of an image of "
+                                               "20 x 20 pixels would need"):
+        deblender.sample(image, n_samples=10**9)
+
+
+def test_ten_thousand_stars_at_one_position_are_refused_at_once():
+    n = 10_000
+    pile = QTable({"x": np.full(n, 5.0), "y": np.full(n, 5.0), "flux_r": np.full(n, 1e4)})
+    started = time.perf_counter()
+    with pytest.raises(MemoryLimitError, match="100000000 candidate pairs lie within 0.5"):
+        match_catalogs(pile, pile, band="r")
+    assert time.perf_counter() - started < 5
+
+
+# ------------------------------------------------------------ generic errors named
+_CATALOG = QTable({"x": [1.0, 4.0], "y": [1.0, 3.0], "flux_r": [1e4, 2e4]})
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(max_separation="0.5"), ValueError, "max_separation must be a positive number"),
+    (dict(max_mag_difference="0.5"), ValueError, "max_mag_difference must be a positive"),
+    (dict(rule=["any"]), ValueError, "rule must be one of"),
+    (dict(band=1), TypeError, "band must be a band name")])
+def test_match_catalogs_names_text_and_odd_arguments(options, error, message):
+    with pytest.raises(error, match=message):
+        match_catalogs(_CATALOG, _CATALOG, **{"band": "r", **options})
+
+
+def test_match_catalogs_takes_dicts_and_structured_arrays_and_refuses_the_rest():
+    structured = np.zeros(2, dtype=[("x", float), ("y", float), ("flux_r", float)])
+    structured["x"], structured["y"], structured["flux_r"] = [1, 4], [1, 3], [1e4, 2e4]
+    as_dict = {name: _CATALOG[name].tolist() for name in _CATALOG.colnames}
+    assert match_catalogs(structured, as_dict, band="r").f1 == 1.0
+    with pytest.raises(TypeError, match="catalog must be an astropy Table"):
+        match_catalogs([[1.0, 1.0]], _CATALOG, band="r")
+
+
+@pytest.mark.parametrize("bands", [None, "ri", ["r", 2], 3])
+def test_bands_must_be_a_list_of_names(bands):
+    with pytest.raises(TypeError, match="bands must be a list of band names"):
+        StarFieldPrior(bands=bands)
+
+
+def test_a_one_pixel_psf_is_named():
+    with pytest.raises(ValueError, match="at least 4 x 4 pixels .* got 1 x 1"):
+        StarNetDeblender(prior=_PRIOR, psf=np.ones((1, 1)), background=[SKY])
+
+
+def test_render_refuses_non_finite_positions_and_bad_shapes():
+    deblender = StarNetDeblender.pretrained("sdss-m2")
+    stars = QTable({"x": [np.nan, 2.0], "y": [1.0, 2.0], "flux_r": [1e4, 2e4],
+                    "flux_i": [1e4, 2e4]})
+    with pytest.raises(ValueError, match="1 stars have non-finite positions"):
+        deblender.render(stars, (10, 10))
+    stars["x"][0] = 1.0
+    with pytest.raises(ValueError, match="shape must be"):
+        deblender.render(stars, (-1, 10))
