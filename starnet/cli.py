@@ -36,6 +36,7 @@ from .images import StarFieldImage, electrons_per_unit
 from .model_files import write_atomically
 from .psf import PowerLawPSF, psf_from_dict
 from .training import TrainingSettings
+from .validation import check_memory
 
 __all__ = ["main"]
 
@@ -385,6 +386,10 @@ def _deblender_from_config(path):
     return deblender, TrainingSettings(**training)
 
 
+#: Bytes per pixel of an image while it is read and catalogued (its pixels as read and
+#: in float32, the background, the bad pixels, the encoder's block).
+_BYTES_PER_PIXEL = 40
+
 #: Errors that a user's input can cause: reported in one line, exit status 1.
 _USER_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError,
                 pickle.UnpicklingError)
@@ -466,9 +471,9 @@ def _read_fits(path, hdu, what):
             truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
             if truncated:
                 raise ValueError(f"{path} is not a whole FITS file: {truncated[0]}")
-            if hdu is None:
-                found = [h for h in hdul if getattr(h, "data", None) is not None
-                         and getattr(h, "is_image", False)]
+            if hdu is None:   # from the headers: no data is read before the size check
+                found = [h for h in hdul if getattr(h, "is_image", False)
+                         and h.header.get("NAXIS", 0) > 0]
                 if not found:
                     raise ValueError(f"{path} holds no image in any HDU")
                 chosen = found[0]
@@ -478,8 +483,11 @@ def _read_fits(path, hdu, what):
                 except (KeyError, IndexError):
                     raise ValueError(f"{path} has no HDU {hdu!r}; it has "
                                      f"{[h.name for h in hdul]}") from None
-                if chosen.data is None or not chosen.is_image:
+                if not chosen.is_image or chosen.header.get("NAXIS", 0) == 0:
                     raise ValueError(f"HDU {hdu!r} of {path} holds no image")
+            # the pixels as read, in float32, and the arrays the catalog is made with
+            check_memory(_BYTES_PER_PIXEL * int(np.prod(chosen.shape)),
+                         f"the {what} {path} of shape {chosen.shape}")
             header, data = chosen.header, np.asarray(chosen.data, dtype=np.float32)
     for warning in caught:   # the others are the user's to see
         warnings.warn(warning.message, warning.category, stacklevel=2)

@@ -4,6 +4,7 @@ must be refused before memory runs out. Tiny images: each test takes seconds."""
 
 import json
 import multiprocessing
+import os
 import resource
 import signal
 import subprocess
@@ -450,7 +451,13 @@ def test_impossible_shapes_are_named(shape):
         simulate_starfield(shape, prior=_PRIOR, psf=PSF, background=SKY, seed=0)
 
 
-def test_a_huge_simulated_image_is_refused_before_allocating():
+@pytest.fixture
+def eight_gib(monkeypatch):
+    """The memory limit of a machine with 16 GiB, whatever this one has."""
+    monkeypatch.setattr("starnet.validation.memory_limit", lambda: 8 * 2**30)
+
+
+def test_a_huge_simulated_image_is_refused_before_allocating(eight_gib):
     with pytest.raises(MemoryLimitError, match="60000 x 60000 pixels would need 80 GiB"):
         simulate_starfield((60000, 60000), prior=_PRIOR, psf=PSF, background=SKY, seed=0)
     assert issubclass(MemoryLimitError, ValueError) and issubclass(MemoryLimitError, MemoryError)
@@ -538,3 +545,18 @@ def test_render_refuses_non_finite_positions_and_bad_shapes():
     stars["x"][0] = 1.0
     with pytest.raises(ValueError, match="shape must be"):
         deblender.render(stars, (-1, 10))
+
+
+def test_a_fits_image_declared_huge_is_refused_before_reading(model_path, tmp_path, capsys,
+                                                             eight_gib):
+    header = fits.Header({"SIMPLE": True, "BITPIX": -32, "NAXIS": 2, "NAXIS1": 60000,
+                          "NAXIS2": 60000})
+    path = tmp_path / "huge.fits"
+    path.write_bytes(header.tostring().encode("ascii"))
+    os.truncate(path, 2880 + 4 * 60000 ** 2)   # 14 GB, sparse: no disk is used
+    with pytest.raises(SystemExit) as exit_info:
+        main(["catalog", str(path), "--model", str(model_path), "--background", str(SKY),
+              "-o", str(tmp_path / "out.ecsv")])
+    assert exit_info.value.code == 1
+    assert "of shape (60000, 60000) would need 134 GiB of memory, more than the 8 GiB " \
+        "allowed" in capsys.readouterr().err
