@@ -548,7 +548,7 @@ def test_render_refuses_non_finite_positions_and_bad_shapes():
 
 
 def test_a_fits_image_declared_huge_is_refused_before_reading(model_path, tmp_path, capsys,
-                                                             eight_gib):
+                                                              eight_gib):
     header = fits.Header({"SIMPLE": True, "BITPIX": -32, "NAXIS": 2, "NAXIS1": 60000,
                           "NAXIS2": 60000})
     path = tmp_path / "huge.fits"
