@@ -20,7 +20,7 @@ from .simulate import add_noise
 from .tiles import TileGrid
 from .validation import check_range, check_training_settings, check_writable
 
-__all__ = ["TrainingSettings", "SimulatedBatches", "train_encoder", "cosine_rate"]
+__all__ = ["TrainingSettings", "SimulatedBatches", "train_encoder", "cosine_rate", "keep_finite"]
 
 
 @dataclass
