@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from .encoder import normalize_image
 from .images import with_changes
+from .prior import _seed_int
+from .validation import check_positive_int
 
 __all__ = ["BackgroundEncoder", "train_background_encoder", "fit_background",
            "combine_cells"]
@@ -117,11 +119,23 @@ def train_background_encoder(encoder, batches, *, n_steps=2000, batch_size=16,
     history : `~astropy.table.QTable`
         One row per tenth of the steps: ``step``, ``loss`` (mean over those steps),
         ``seconds``.
+
+    Raises
+    ------
+    ValueError
+        If ``n_steps`` or ``batch_size`` is not a positive integer.
+    RuntimeError
+        If the loss or the weights become non-finite (the encoder keeps the weights
+        of the step before: `starnet.training.keep_finite`).
     """
+    from .training import keep_finite   # training imports model_files, which imports us
+
+    n_steps = check_positive_int(n_steps, "n_steps")
+    batch_size = check_positive_int(batch_size, "batch_size")
     optimizer = torch.optim.Adam(encoder.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, n_steps,
                                                           eta_min=final_learning_rate)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(_seed_int(seed))
     nominal = batches.background.reshape(1, -1, 1, 1)
     encoder.train()
     history, losses, started = [], [], time.perf_counter()
@@ -129,12 +143,14 @@ def train_background_encoder(encoder, batches, *, n_steps=2000, batch_size=16,
     for step in tqdm(range(1, n_steps + 1), disable=not progress, leave=False):
         images, background, _ = batches.draw(batch_size, generator=generator)
         log_scale = torch.log(background[:, 0, 0, 0] / nominal[0, 0, 0, 0])
-        mean, sd = encoder(images, nominal)
-        loss = (0.5 * ((log_scale[:, None, None] - mean) / sd) ** 2 + torch.log(sd)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-        optimizer.step()
+        with keep_finite(encoder, f"step {step}", learning_rate) as check:
+            mean, sd = encoder(images, nominal)
+            loss = check((0.5 * ((log_scale[:, None, None] - mean) / sd) ** 2
+                          + torch.log(sd)).mean())
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+            optimizer.step()
         schedule.step()
         losses.append(loss.item())
         if step % report_every == 0 or step == n_steps:
@@ -159,6 +175,25 @@ def combine_cells(mean, sd):
     precision = 1 / np.asarray(sd, dtype=float) ** 2
     total = precision.sum()
     return float((np.asarray(mean) * precision).sum() / total), float(1 / math.sqrt(total))
+
+
+def _log_shape(given, rows, cols, bands):
+    """The shape of a given background (bands, rows or 1, cols or 1): per pixel, the mean
+    over the bands of the log of the map relative to its median, (rows, cols) float32;
+    zero for a constant background. Warns when the bands' shapes differ by more than
+    5 %, which the mean shape drops."""
+    given = np.asarray(given, dtype=np.float64)
+    if given.shape[-2:] == (1, 1):
+        return np.zeros((rows, cols), dtype=np.float32)
+    per_band = np.log(given / np.median(given.reshape(len(given), -1), axis=1)[:, None, None])
+    shape = per_band.mean(axis=0)
+    spread = float(np.abs(per_band - shape).max())
+    if spread > 0.05:
+        warnings.warn(f"the given background maps of bands {bands} differ in shape (by up "
+                      f"to {np.expm1(spread):.0%}); the fitted background is a factor on "
+                      "their mean shape, the same in every band as in training: the "
+                      "difference is dropped", UserWarning)
+    return np.broadcast_to(shape, (rows, cols)).astype(np.float32)
 
 
 def _bilinear_to_pixels(cell_map, cell, rows, cols):
@@ -192,9 +227,14 @@ def fit_background(deblender, nddata, *, smoothing=None):
     the factor varies over the image: at each cell, the precision-weighted mean of the
     cells' ``log s`` under a Gaussian window of ``smoothing`` pixels (standard
     deviation), interpolated linearly between cell centres; use it for fields whose
-    unresolved light varies, such as a whole frame across a cluster. The first guess in
-    ``meta['background']`` is not used. Factors are clipped to the range the deblender
-    was trained on, with a warning.
+    unresolved light varies, such as a whole frame across a cluster. The level of
+    ``meta['background']`` is not used, but the shape of a map is: the background
+    becomes the fitted factor times the map relative to its median (in each cell, the
+    map's mean ``log`` ratio to its median, over the bands, is taken out of the cell's
+    ``log s`` before the cells are combined), so that a map with a gradient keeps it;
+    maps whose shapes differ between bands by more than 5 % are given their mean shape,
+    with a warning. Factors (on the map's shape) are clipped to the range the
+    deblender was trained on, with a warning.
 
     Parameters
     ----------
@@ -234,7 +274,8 @@ def fit_background(deblender, nddata, *, smoothing=None):
                          "deblender.fit_background_encoder()")
     if smoothing is not None and not smoothing > 0:
         raise ValueError(f"smoothing must be a positive width in pixels, got {smoothing}")
-    image, _, read = deblender._prepare(nddata, check_sky=False)  # it is what we estimate
+    # the given background's level is what we estimate; its shape we keep
+    image, given, read = deblender._prepare(nddata, check_sky=False)
     nominal = torch.as_tensor(np.asarray(deblender.background, dtype=np.float32))
     cell = encoder.cell_size
     rows, cols = image.shape[-2:]
@@ -246,24 +287,30 @@ def fit_background(deblender, nddata, *, smoothing=None):
     whole = image[..., :rows - rows % cell, :cols - cols % cell]
     mean, sd = encoder.forward_in_strips(whole, nominal.reshape(1, -1, 1, 1))
     mean, sd = mean[0].double().numpy(), sd[0].double().numpy()
+    log_shape = _log_shape(given[0].numpy(), rows, cols, deblender.bands)
+    n_rows, n_cols = mean.shape
+    cell_shape = log_shape[:n_rows * cell, :n_cols * cell].reshape(
+        n_rows, cell, n_cols, cell).mean(axis=(1, 3))
+    relative = mean - cell_shape    # log of the factor on the given map's shape
     if smoothing is None:
-        log_scale, log_scale_sd = combine_cells(mean, sd)
-        scale = np.full((rows, cols), np.exp(log_scale), dtype=np.float32)
+        log_scale, log_scale_sd = combine_cells(relative, sd)
+        level = np.full((rows, cols), np.exp(log_scale), dtype=np.float32)
     else:
         precision = 1 / sd ** 2
         width = smoothing / cell
-        log_map = (gaussian_filter(mean * precision, width, mode="nearest")
+        log_map = (gaussian_filter(relative * precision, width, mode="nearest")
                    / gaussian_filter(precision, width, mode="nearest"))
-        scale = np.exp(_bilinear_to_pixels(log_map, cell, rows, cols))
+        level = np.exp(_bilinear_to_pixels(log_map, cell, rows, cols))
     low, high = deblender.training_settings.background_range
-    if np.any((scale < low) | (scale > high)):
-        warnings.warn(f"estimated background factors from {scale.min():.3f} to "
-                      f"{scale.max():.3f} lie outside the range the model was trained on "
+    if np.any((level < low) | (level > high)):
+        warnings.warn(f"estimated background factors from {level.min():.3f} to "
+                      f"{level.max():.3f} lie outside the range the model was trained on "
                       f"({low} to {high}); clipped", UserWarning)
-        scale = np.clip(scale, low, high)
+        level = np.clip(level, low, high)
+    scale = level * np.exp(log_shape)
     background = scale[None] * np.asarray(deblender.background, dtype=scale.dtype)[:, None, None]
-    fit = {"scale": float(np.median(scale)), "smoothing": smoothing,
-           "scale_sd": None if smoothing is not None else float(scale[0, 0] * log_scale_sd)}
+    scale_sd = None if smoothing is not None else float(np.exp(log_scale) * log_scale_sd)
+    fit = {"scale": float(np.median(scale)), "smoothing": smoothing, "scale_sd": scale_sd}
     # in the image's unit, less the noise pedestal that reading the image adds back
     # (starnet.images.read_image), as meta['background'] is read
     pedestal = read["pedestal"].astype(background.dtype)[:, None, None]

@@ -20,7 +20,7 @@ from .posterior import triangle_slots
 from .prior import _seed_int
 from .simulate import StarFieldRenderer, simulate_starfield
 from .tiles import TileGrid
-from .validation import check_positive_int
+from .validation import check_positive_int, check_seed
 
 __all__ = ["evaluate_on_simulations", "count_coverage", "count_interval", "count_pit",
            "source_pit", "pit_coverage", "star_intervals", "dropped_fraction"]
@@ -168,7 +168,7 @@ def count_pit(pmf, n, *, seed=None):
     pmf = np.asarray(pmf, dtype=float)
     below = float(pmf[:min(n, len(pmf))].sum())
     at = float(pmf[n]) if 0 <= n < len(pmf) else 0.0
-    return below + np.random.default_rng(seed).uniform() * at
+    return below + np.random.default_rng(check_seed(seed)).uniform() * at
 
 
 def count_coverage(results):
@@ -256,7 +256,7 @@ def source_pit(posterior, truth, *, true_counts=None, pairing="sample", seed=Non
     """
     if pairing not in ("sample", "mode"):
         raise ValueError(f"pairing must be 'sample' or 'mode', got {pairing!r}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     n_bands = posterior.log_flux_mean.shape[-1]
     bands = [str(b) for b in range(n_bands)] if bands is None else list(bands)
     counts = (truth.counts if true_counts is None else true_counts).numpy()

@@ -9,6 +9,7 @@
 """
 
 import argparse
+import gzip
 import io
 import json
 import os
@@ -32,12 +33,15 @@ from .datasets import load_sdss_frame
 from .deblender import StarNetDeblender
 from .prior import StarFieldPrior
 from .images import StarFieldImage, electrons_per_unit
+from .model_files import write_atomically
 from .psf import PowerLawPSF, psf_from_dict
 from .training import TrainingSettings
+from .validation import check_memory
 
 __all__ = ["main"]
 
-SDSS_FRAME = re.compile(r"frame-[ugriz]-(\d{6})-(\d)-(\d{4})\.fits\.bz2$")
+SDSS_FRAME = re.compile(r"frame-(?P<band>[ugriz])-(?P<run>\d{6})-(?P<camcol>\d)-"
+                        r"(?P<field>\d{4})\.fits\.bz2$")
 """File names of SDSS frames: frame-<band>-<run>-<camcol>-<field>.fits.bz2."""
 
 _FORMATS = {".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits", ".fits.gz": "fits"}
@@ -46,8 +50,9 @@ _CATALOG_HELP = """\
 IMAGE is either
 
 * an SDSS frame, recognised by its name frame-<band>-<run>-<camcol>-<field>.fits.bz2:
-  the model's bands of that field are read with starnet.datasets.load_sdss_frame
-  (from IMAGE's folder, the bundled data or the SDSS archive), converted to
+  IMAGE itself (which must exist) and the model's other bands of that field are
+  read with starnet.datasets.load_sdss_frame (from IMAGE's folder, else the
+  bundled data or the SDSS archive), converted to
   electrons, with the SDSS sky as background and the psField PSFs (the KL PSF at
   the image's centre, or the power law for a model trained on it); or
 * a FITS file whose first image HDU (or --hdu) holds the image, sky included, with
@@ -192,10 +197,12 @@ def _catalog(parser, args):
               f"model's ({', '.join(f'{b:.0f}' for b in deblender.background)} e-)"
               + (", the median of a map" if max(image.data.shape[-2:]) > 256 else "")
               + " (--no-background-fit keeps the given one)")
-    if _FORMATS[suffix] == "fits":
-        _write_fits(table, output, overwrite=args.overwrite)
-    else:
-        table.write(output, format=_FORMATS[suffix], overwrite=args.overwrite)
+    try:
+        write_atomically(output, _catalog_writer(table, suffix), overwrite=args.overwrite)
+    except OSError as err:   # a full disk, a file-size limit: the old catalog is intact
+        parser.exit(1, f"{parser.prog}: error: writing {output} failed ({err}); "
+                       + ("the previous catalog is unchanged" if output.exists() else
+                          "nothing was written") + "\n")
     print(f"{len(table)} stars in the modal catalog written to {output}; posterior "
           f"number of stars {meta['n_stars_mean']:.0f} (5 %: {meta['n_stars_q05']}, "
           f"95 %: {meta['n_stars_q95']})")
@@ -268,10 +275,29 @@ def _fits_cards(meta):
     return cards
 
 
-def _write_fits(table, output, *, overwrite):
-    """Write a catalog as FITS: metadata as header keywords (`_fits_cards`), units as
-    TUNIT cards where FITS knows them, the others (electron) restored by astropy's
-    QTable.read and named in the TTYPE card comments."""
+def _catalog_writer(table, suffix):
+    """A ``write(file)`` for `~starnet.model_files.write_atomically` that writes the
+    catalog in the format of the output's ``suffix``: ECSV, or FITS with the metadata
+    as header keywords (`_fits_cards`), units as TUNIT cards where FITS knows them, the
+    others (electron) restored by astropy's QTable.read and named in the TTYPE card
+    comments (gzipped for ``.fits.gz``)."""
+    def write(file):
+        if _FORMATS[suffix] != "fits":
+            text = io.StringIO()
+            table.write(text, format=_FORMATS[suffix])
+            file.write(text.getvalue().encode("utf-8"))
+            return
+        with _fits_catalog(table) as hdul:
+            if suffix == ".fits.gz":
+                with gzip.GzipFile(fileobj=file, mode="wb") as compressed:
+                    hdul.writeto(compressed)
+            else:
+                hdul.writeto(file)
+    return write
+
+
+def _fits_catalog(table):
+    """The catalog as an HDU list (see `_catalog_writer`)."""
     plain = table.copy(copy_data=False)
     plain.meta = {}
     buffer = io.BytesIO()
@@ -280,16 +306,16 @@ def _write_fits(table, output, *, overwrite):
                                 AstropyUserWarning)
         plain.write(buffer, format="fits")
     buffer.seek(0)
-    with fits.open(buffer) as hdul:
-        header = hdul[1].header
-        for n in range(1, header["TFIELDS"] + 1):
-            name = header[f"TTYPE{n}"]
-            unit = getattr(table[name], "unit", None) if name in table.colnames else None
-            if unit is not None and f"TUNIT{n}" not in header:
-                header.comments[f"TTYPE{n}"] = f"[{unit}]"
-        for keyword, value, comment in _fits_cards(table.meta):
-            header.append((keyword, value, comment), end=True)
-        hdul.writeto(output, overwrite=overwrite)
+    hdul = fits.open(buffer)
+    header = hdul[1].header
+    for n in range(1, header["TFIELDS"] + 1):
+        name = header[f"TTYPE{n}"]
+        unit = getattr(table[name], "unit", None) if name in table.colnames else None
+        if unit is not None and f"TUNIT{n}" not in header:
+            header.comments[f"TTYPE{n}"] = f"[{unit}]"
+    for keyword, value, comment in _fits_cards(table.meta):
+        header.append((keyword, value, comment), end=True)
+    return hdul
 
 
 def _train(parser, args):
@@ -360,6 +386,10 @@ def _deblender_from_config(path):
     return deblender, TrainingSettings(**training)
 
 
+#: Bytes per pixel of an image while it is read and catalogued (its pixels as read and
+#: in float32, the background, the bad pixels, the encoder's block).
+_BYTES_PER_PIXEL = 40
+
 #: Errors that a user's input can cause: reported in one line, exit status 1.
 _USER_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError,
                 pickle.UnpicklingError)
@@ -379,7 +409,12 @@ def _read_image(args, deblender):
         if given:
             raise ValueError(f"{', '.join(given)} are for FITS images; an SDSS frame carries "
                              "its own sky, calibration, mask and PSF")
-        run, camcol, field = (int(v) for v in frame.groups())
+        if not path.is_file():   # never replaced by a bundled or downloaded frame
+            raise FileNotFoundError(f"no SDSS frame {path}: the file does not exist")
+        if frame["band"] not in deblender.bands:
+            raise ValueError(f"{path.name} is a frame of band {frame['band']}, which the "
+                             f"model (bands {deblender.bands}) does not use")
+        run, camcol, field = (int(frame[key]) for key in ("run", "camcol", "field"))
         # the PSF the model was trained with: the psField power law or the KL PSF
         psf = "powerlaw" if all(isinstance(p, PowerLawPSF) for p in deblender.psfs) else "kl"
         return load_sdss_frame(run, camcol, field, deblender.bands, cutout=cutout,
@@ -407,11 +442,9 @@ def _read_image(args, deblender):
     electrons_per_unit(unit, meta)    # a unit that cannot become electrons fails here
     mask = uncertainty = None
     if args.mask:
-        mask = _bands_first(_read_fits(Path(args.mask), None, "mask")[0], n_bands,
-                            deblender.bands, args.mask, allow_2d=True) != 0
+        mask = _pixel_map(args.mask, "--mask", data.shape, deblender.bands) != 0
     if args.weight:
-        weight = _bands_first(_read_fits(Path(args.weight), None, "weight map")[0], n_bands,
-                              deblender.bands, args.weight, allow_2d=True)
+        weight = _pixel_map(args.weight, "--weight", data.shape, deblender.bands)
         bad = ~(np.isfinite(weight) & (weight > 0))
         mask = bad if mask is None else (mask | bad)
         uncertainty = InverseVariance(np.where(bad, 1.0, weight), unit=unit ** -2)
@@ -438,9 +471,9 @@ def _read_fits(path, hdu, what):
             truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
             if truncated:
                 raise ValueError(f"{path} is not a whole FITS file: {truncated[0]}")
-            if hdu is None:
-                found = [h for h in hdul if getattr(h, "data", None) is not None
-                         and getattr(h, "is_image", False)]
+            if hdu is None:   # from the headers: no data is read before the size check
+                found = [h for h in hdul if getattr(h, "is_image", False)
+                         and h.header.get("NAXIS", 0) > 0]
                 if not found:
                     raise ValueError(f"{path} holds no image in any HDU")
                 chosen = found[0]
@@ -450,8 +483,11 @@ def _read_fits(path, hdu, what):
                 except (KeyError, IndexError):
                     raise ValueError(f"{path} has no HDU {hdu!r}; it has "
                                      f"{[h.name for h in hdul]}") from None
-                if chosen.data is None or not chosen.is_image:
+                if not chosen.is_image or chosen.header.get("NAXIS", 0) == 0:
                     raise ValueError(f"HDU {hdu!r} of {path} holds no image")
+            # the pixels as read, in float32, and the arrays the catalog is made with
+            check_memory(_BYTES_PER_PIXEL * int(np.prod(chosen.shape)),
+                         f"the {what} {path} of shape {chosen.shape}")
             header, data = chosen.header, np.asarray(chosen.data, dtype=np.float32)
     for warning in caught:   # the others are the user's to see
         warnings.warn(warning.message, warning.category, stacklevel=2)
@@ -467,6 +503,17 @@ def _bands_first(data, n_bands, bands, path, *, allow_2d=False):
         raise ValueError(f"{path} holds an image of shape {data.shape}; the model needs "
                          f"(bands={n_bands}, rows, cols) for bands {bands}"
                          + (" or (rows, cols)" if n_bands == 1 or allow_2d else ""))
+    return data
+
+
+def _pixel_map(name, option, shape, bands):
+    """The FITS map of ``option`` (a mask or weight file) as (bands, rows, cols),
+    checked to fit the image's ``shape``."""
+    data = _bands_first(_read_fits(Path(name), None, option[2:] + " map")[0], len(bands),
+                        bands, name, allow_2d=True)
+    if data.shape != tuple(shape):
+        raise ValueError(f"{option} {name} has shape {data.shape[1:]} (per band); expected "
+                         f"the image's (rows, cols) = {tuple(shape[1:])}")
     return data
 
 

@@ -26,7 +26,8 @@ from .simulate import StarFieldRenderer, as_background
 from .tiles import TileCatalog, TileGrid
 from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
 from .images import image_psfs, read_image, with_changes
-from .validation import check_background, check_image_meta, check_positive_int
+from .validation import (check_background, check_draws_memory, check_image_meta,
+                         check_positive_int)
 
 __all__ = ["StarNetDeblender"]
 
@@ -97,7 +98,7 @@ class StarNetDeblender:
         self.grid = TileGrid(tile_size=tile_size, max_sources=max_sources)
         self.stamp_size = int(stamp_size)
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
+            torch.manual_seed(_seed_int(seed))
             self.encoder = StarNetEncoder(n_bands=prior.n_bands, tile_size=tile_size,
                                           max_sources=max_sources, hidden=hidden,
                                           tile_hidden=tile_hidden, n_colors=n_colors)
@@ -246,6 +247,8 @@ class StarNetDeblender:
         history : `~astropy.table.QTable`
             Loss against step (also kept as ``background_history``).
         """
+        check_positive_int(n_steps, "n_steps")    # before an untrained encoder is attached
+        check_positive_int(batch_size, "batch_size")
         settings = self.training_settings
         if settings is None or not settings.background_range[0] < settings.background_range[1]:
             raise ValueError("the background can be estimated only by a model trained over a "
@@ -253,7 +256,7 @@ class StarNetDeblender:
         batches = self._batches(image_shape, settings)
         if self.background_encoder is None:
             with torch.random.fork_rng():
-                torch.manual_seed(seed)
+                torch.manual_seed(_seed_int(seed))
                 self.background_encoder = BackgroundEncoder(n_bands=self.prior.n_bands)
         self.background_history = train_background_encoder(
             self.background_encoder, batches, n_steps=n_steps, batch_size=batch_size,
@@ -313,7 +316,7 @@ class StarNetDeblender:
                 "hidden": self.background_encoder.hidden,
                 "history": _table_to_lists(self.background_history)}
             state["background_weights"] = self.background_encoder.state_dict()
-        write_model(path, metadata, state)
+        write_model(path, metadata, state, overwrite=overwrite)
 
     @classmethod
     def load(cls, path):
@@ -947,6 +950,8 @@ class StarNetDeblender:
         151.2 137 167; true 164
         """
         n_samples = check_positive_int(n_samples, "n_samples")
+        check_draws_memory(n_samples, np.shape(nddata.data), tile_size=self.grid.tile_size,
+                           max_sources=self.grid.max_sources, n_bands=len(self.bands))
         nddata = self._chosen_background(nddata, background)
         state, shape, _, chunk_tiles = self._encode(nddata, progress_bar)
         generator = torch.Generator().manual_seed(_seed_int(seed))

@@ -24,6 +24,12 @@ __all__ = ["StarFieldImage", "cutout", "electrons_per_unit", "image_psfs", "read
            "ElectronImage", "with_changes"]
 
 
+#: The largest excess of an uncertainty's variance over the Poisson variance of the
+#: pixels (the read-noise-like term of `read_image`), in units of the pixels' median
+#: value: a noise 100 times the Poisson noise.
+_MAX_EXCESS = 1e4
+
+
 class StarFieldImage(NDDataRef):
     """An image whose slices keep its background map, PSF and meta in step with the pixels.
 
@@ -140,14 +146,14 @@ def electrons_per_unit(unit, meta):
         if exptime is None:
             raise ValueError(f"the image's unit is the rate {unit}; give its exposure time "
                              "in meta['exptime'] (seconds) to convert it to electrons")
-        quantity = quantity * u.Quantity(np.asarray(exptime, dtype=float), u.s)
+        quantity = quantity * u.Quantity(_positive(exptime, "exptime", "seconds"), u.s)
     gain = _meta_value(meta, "gain")
     if quantity.unit.is_equivalent(u.adu):
         if gain is None:
             raise ValueError(f"the image's unit is {unit}; give the gain in meta['gain'] "
                              "(electrons per ADU) to convert it to electrons")
-        quantity = quantity.to(u.adu) * u.Quantity(np.asarray(gain, dtype=float),
-                                                   u.electron / u.adu)
+        quantity = quantity.to(u.adu) * u.Quantity(
+            _positive(gain, "gain", "electrons per ADU"), u.electron / u.adu)
     try:
         scale = quantity.to_value(u.electron)
     except u.UnitConversionError:
@@ -155,6 +161,20 @@ def electrons_per_unit(unit, meta):
                          "works in photo-electrons (or ADU with a gain, or their rates "
                          "with an exposure time)") from None
     return float(scale) if np.ndim(scale) == 0 else np.asarray(scale, dtype=float)
+
+
+def _positive(value, name, unit):
+    """``meta[name]`` (a number or one per band) as floats, checked to be positive and
+    finite."""
+    try:
+        values = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"meta['{name}'] must be a number ({unit}) or one per band, "
+                         f"got {value!r}") from None
+    if not np.all(np.isfinite(values) & (values > 0)):
+        raise ValueError(f"meta['{name}'] must be positive and finite ({unit}), got "
+                         f"{values.tolist()}")
+    return values
 
 
 def _per_band(value, n_bands, name):
@@ -214,7 +234,9 @@ def read_image(nddata, bands):
     term ``r2`` (the median of variance minus value, per band), ``r2`` is added to
     pixels and background alike: the noise is then the Poisson noise of the result, as
     in the images the model was trained on, and the mean is only shifted by what the
-    background takes up. A variance below the Poisson one gets a warning.
+    background takes up. A variance below the Poisson one gets a warning. A pixel whose
+    variance is infinite or NaN (an `~astropy.nddata.InverseVariance` of 0: no
+    information) is bad, as a masked one.
 
     Parameters
     ----------
@@ -226,8 +248,16 @@ def read_image(nddata, bands):
     -------
     image : `ElectronImage`
         ``data`` (bands, rows, cols), ``background`` (bands, 1, 1) or (bands, rows,
-        cols), ``bad`` (masked or non-finite pixels), ``pedestal`` and
-        ``electrons_per_unit`` of the image's unit (bands,), and ``meta``.
+        cols), ``bad`` (masked or non-finite pixels, or without a finite variance),
+        ``pedestal`` and ``electrons_per_unit`` of the image's unit (bands,), and
+        ``meta``.
+
+    Raises
+    ------
+    ValueError
+        If every pixel of a band is bad; if the gain or exposure time is not positive
+        and finite; if the uncertainty holds negative variances or variances far above
+        any noise of the pixels (`_MAX_EXCESS`).
     """
     from .simulate import as_background
 
@@ -255,38 +285,70 @@ def read_image(nddata, bands):
     bad = ~np.isfinite(data)
     if nddata.mask is not None:
         bad |= check_mask(nddata.mask, data.shape)
+    if nddata.uncertainty is not None:
+        variance = _variance(nddata.uncertainty, scale[:, None, None], data.shape)
+        bad |= ~np.isfinite(variance)    # zero inverse variance, NaN: no information
+    _check_some_good(bad, bands)
     pedestal = np.zeros(len(bands), dtype=np.float32)
     if nddata.uncertainty is not None:
-        pedestal = _pedestal(nddata.uncertainty, scale[:, None, None], data, bad, bands)
+        pedestal = _pedestal(variance, data, bad, bands)
         data = data + pedestal[:, None, None]
         background = background + pedestal[:, None, None]
     return ElectronImage(data=data, background=background, bad=bad, pedestal=pedestal,
                          electrons_per_unit=np.asarray(scale, dtype=float), meta=meta)
 
 
-def _pedestal(uncertainty, scale, data, bad, bands):
-    """Per band, the median excess of the variance over the pixel value (electrons^2)."""
+def _check_some_good(bad, bands):
+    """Raise ValueError if every pixel of a band is bad."""
+    for band, band_bad in zip(bands, bad):
+        if band_bad.all():
+            raise ValueError(f"band {band}: every pixel is masked, not finite or has no "
+                             "valid uncertainty (zero inverse variance, or a NaN or infinite "
+                             "variance): there is nothing to catalog")
+
+
+def _variance(uncertainty, scale, shape):
+    """The variance of each pixel in electrons^2, broadcast to ``shape``; infinite where
+    the uncertainty says the pixel holds no information (zero inverse variance)."""
     try:
-        variance = uncertainty.represent_as(VarianceUncertainty).array
+        with np.errstate(divide="ignore"):   # an inverse variance of 0: infinite
+            variance = uncertainty.represent_as(VarianceUncertainty).array
     except (TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"the image's uncertainty ({type(uncertainty).__name__}) cannot "
                          "be read as a variance: use astropy's VarianceUncertainty, "
                          "StdDevUncertainty or InverseVariance") from error
-    try:
-        variance = np.broadcast_to(np.asarray(variance, dtype=np.float64) * scale ** 2,
-                                   data.shape)
-    except ValueError:
-        raise ValueError(f"the uncertainty has shape {np.shape(variance)}, expected the "
-                         f"image's {data.shape}") from None
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            variance = np.broadcast_to(np.asarray(variance, dtype=np.float64) * scale ** 2,
+                                       shape)
+        except ValueError:
+            raise ValueError(f"the uncertainty has shape {np.shape(variance)}, expected the "
+                             f"image's {shape}") from None
+        if np.any(variance < 0):
+            raise ValueError(f"the image's uncertainty ({type(uncertainty).__name__}) holds "
+                             "negative variances; expected variances >= 0 (an inverse "
+                             "variance of 0 marks a pixel without information)")
+    return variance
+
+
+def _pedestal(variance, data, bad, bands):
+    """Per band, the median excess of the variance over the pixel value (electrons^2)."""
     pedestal = np.zeros(len(bands), dtype=np.float32)
     for b, band in enumerate(bands):
-        good = ~bad[b] & np.isfinite(variance[b])
-        excess = float(np.median(variance[b][good] - data[b][good])) if good.any() else 0.0
-        noise = float(np.median(data[b][good])) if good.any() else 0.0
-        if excess < -0.1 * noise:
+        good = ~bad[b]
+        excess = float(np.median(variance[b][good] - data[b][good]))
+        level = float(np.median(data[b][good]))
+        if excess < -0.1 * level:
             warnings.warn(f"band {band}: the uncertainty's variance is below the Poisson "
                           f"variance of the pixels (median excess {excess:.0f} e-^2): a "
                           "variance of the sky alone, or a wrong gain? It is not used",
                           UserWarning)
+        if excess > _MAX_EXCESS * max(level, 1.0):
+            raise ValueError(f"band {band}: the uncertainty's variance exceeds the pixels' "
+                             f"Poisson variance by {excess:.3g} e-^2 (median), a noise "
+                             f"{np.sqrt(excess / max(level, 1.0)):.3g} times the Poisson "
+                             "noise of the pixels: expected the total noise of each pixel "
+                             "(read noise included), in the image's unit; is it in another "
+                             "unit, or a standard deviation given as a variance?")
         pedestal[b] = max(excess, 0.0)
     return pedestal

@@ -5,6 +5,7 @@ Run it with ``python -m starnet.m2_benchmark`` or ``starnet benchmark m2``
 """
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .datasets import load_m2, load_m2_daophot
 from .deblender import StarNetDeblender
 from .matching import match_catalogs, metrics_by_magnitude, position_columns
 from .simulate import as_background
+from .validation import check_seed
 
 __all__ = ["run_m2_benchmark", "main"]
 
@@ -141,7 +143,8 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
     if not (isinstance(n_samples, (int, np.integer)) and n_samples >= 20):
         raise ValueError(f"n_samples must be an integer >= 20 (for 5 and 95 % quantiles), "
                          f"got {n_samples!r}")
-    output_dir = Path(output_dir)
+    check_seed(seed)
+    output_dir = _check_output_dir(Path(output_dir))
     outputs = [output_dir / name for name in (*FIGURES.values(), RESULTS_FILE)]
     existing = [str(p) for p in outputs if p.exists()]
     if existing and not overwrite:
@@ -428,6 +431,19 @@ def _figure9(truth, catalogs, path):
     figure.savefig(path, dpi=100)
 
 
+def _check_output_dir(output_dir):
+    """``output_dir``, checked before any work to be a writable folder or to be one that
+    can be made in a writable folder."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {output_dir} is a file; expected a folder "
+                                 "(made if missing) for the figures and the table")
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise PermissionError(f"cannot write into {existing} (for --output-dir "
+                              f"{output_dir})")
+    return output_dir
+
+
 def add_arguments(parser):
     """Add the benchmark's options to an `argparse.ArgumentParser`."""
     parser.add_argument("--model", nargs="+", default=list(MODELS),
@@ -457,14 +473,16 @@ def add_arguments(parser):
 
 
 def run_from_arguments(parser, args):
-    """Run the benchmark with parsed options; errors before any work exit with status 1."""
+    """Run the benchmark with parsed options; a refused or impossible request (an output
+    that exists, a bad option, a model file that cannot be read) exits with status 1
+    and a one-line message."""
     try:
         run_m2_benchmark(model=args.model, output_dir=args.output_dir,
                          overwrite=args.overwrite, fit_background=args.fit_background,
                          wake=args.wake,
                          n_samples=args.n_samples, seed=args.seed,
                          pcat_minutes=args.pcat_minutes, refine_sweeps=args.refine_sweeps)
-    except (FileExistsError, FileNotFoundError) as err:
+    except (OSError, ValueError, TypeError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     return 0
 

@@ -27,23 +27,28 @@ for the names looked up. With ``max_separation`` an angle (e.g. ``0.2 * u.arcsec
 the catalogs are matched on the sky instead of in pixels.
 """
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 from astropy import units as u
 from astropy.coordinates import SkyCoord, search_around_sky
-from astropy.table import QTable
+from astropy.table import QTable, Table
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from . import __version__
+from .validation import MemoryLimitError, check_memory
 
 __all__ = ["CatalogMatch", "match_catalogs", "metrics_by_magnitude", "position_columns",
            "POSITION_COLUMNS", "SKY_COLUMNS"]
 
 RULES = ("one-to-one", "any")
+
+#: The most candidate pairs (within the separation limit) that a match takes on.
+_MAX_PAIRS = 10_000_000
 
 #: Pixel position columns, in the order they are looked up: the first pair that a
 #: table has is used (StarNet and photutils PSF photometry write ``x_fit``, ``y_fit``;
@@ -184,7 +189,7 @@ def match_catalogs(catalog, reference, *, max_separation=0.5,
 
     Examples
     --------
-    >>> from astropy.table import QTable
+    >>> from astropy.table import QTable, Table
     >>> truth = QTable({'x': [10.0, 20.0, 30.0], 'y': [10.0, 20.0, 30.0],
     ...                 'flux_r': [1000.0, 2000.0, 3000.0]})
     >>> estimate = QTable({'x_fit': [10.2, 20.0, 50.0],
@@ -272,7 +277,7 @@ def metrics_by_magnitude(catalog, reference, *, bins, band,
 
     Examples
     --------
-    >>> from astropy.table import QTable
+    >>> from astropy.table import QTable, Table
     >>> truth = QTable({'x': [10.0, 20.0, 30.0], 'y': [10.0, 20.0, 30.0],
     ...                 'flux_r': [1e5, 1e4, 1e3]})
     >>> estimate = QTable({'x_fit': [10.1, 20.1], 'y_fit': [10.0, 20.0],
@@ -325,14 +330,17 @@ def metrics_by_magnitude(catalog, reference, *, bins, band,
 def _match(catalog, reference, *, max_separation=0.5, max_mag_difference=0.5,
            band=None, rule="one-to-one", border=None, image_shape=None, wcs=None):
     """`match_catalogs`, also returning the border masks of both tables."""
-    if rule not in RULES:
+    catalog, reference = _as_table(catalog, "catalog"), _as_table(reference, "reference")
+    if band is not None and not isinstance(band, str):
+        raise TypeError(f"band must be a band name such as 'r', or None, got {band!r}")
+    if not isinstance(rule, str) or rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     limit, on_sky = _separation_limit(max_separation)
     if on_sky and rule != "one-to-one":
         raise ValueError(f"rule={rule!r} uses the L-infinity distance in pixels; give "
                          "max_separation in pixels, or use rule='one-to-one' on the sky")
     if max_mag_difference is not None and not (
-            np.isscalar(max_mag_difference) and max_mag_difference > 0):
+            _is_number(max_mag_difference) and max_mag_difference > 0):
         raise ValueError("max_mag_difference must be a positive number or "
                          f"None, got {max_mag_difference!r}")
     if wcs is not None and not getattr(wcs, "has_celestial", False):
@@ -356,8 +364,10 @@ def _match(catalog, reference, *, max_separation=0.5, max_mag_difference=0.5,
         est_xy = _pixel_positions(catalog, "catalog", wcs)[est_rows]
         true_xy = _pixel_positions(reference, "reference", wcs)[true_rows]
         p = 2 if rule == "one-to-one" else np.inf
-        candidates = cKDTree(est_xy).sparse_distance_matrix(
-            cKDTree(true_xy), limit, p=p, output_type="ndarray")
+        est_tree, true_tree = cKDTree(est_xy), cKDTree(true_xy)
+        _check_pairs(int(est_tree.count_neighbors(true_tree, limit, p=p)), limit)
+        candidates = est_tree.sparse_distance_matrix(true_tree, limit, p=p,
+                                                     output_type="ndarray")
         i, j, dist = candidates["i"], candidates["j"], candidates["v"]
     valid = dist < limit
     if max_mag_difference is not None:
@@ -396,10 +406,36 @@ def _separation_limit(max_separation):
             value = max_separation.value
         else:
             value = None
-    if not (value is not None and np.isscalar(value) and np.isfinite(value) and value > 0):
+    if not (value is not None and _is_number(value) and np.isfinite(value) and value > 0):
         raise ValueError("max_separation must be a positive number of pixels or a "
                          f"positive angle (e.g. 0.2 * u.arcsec), got {max_separation!r}")
     return float(value), on_sky
+
+
+def _is_number(value):
+    """Whether ``value`` is a real number (not a bool or a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _as_table(table, name):
+    """``table`` as an astropy table: a Table as it is, a dict of columns or a numpy
+    structured array converted; anything else a TypeError."""
+    if isinstance(table, Table):
+        return table
+    if isinstance(table, dict) or (isinstance(table, np.ndarray) and table.dtype.names):
+        return QTable(table)
+    raise TypeError(f"{name} must be an astropy Table (or a dict of columns, or a numpy "
+                    f"structured array), got {type(table).__name__}")
+
+
+def _check_pairs(n_pairs, limit):
+    """Refuse a match whose candidate pairs would not fit in memory or time."""
+    if n_pairs > _MAX_PAIRS:
+        raise MemoryLimitError(
+            f"{n_pairs} candidate pairs lie within {limit:g} pixels, more than the "
+            f"{_MAX_PAIRS} allowed (each needs memory, and a group of them a dense "
+            "assignment problem): do the catalogs hold many stars at the same positions "
+            "(a duplicated catalog, positions in another unit)?")
 
 
 def _max_matching(i, j, cost):
@@ -435,6 +471,8 @@ def _max_matching(i, j, cost):
             continue
         gi, gi_local = np.unique(i[edges], return_inverse=True)
         gj, gj_local = np.unique(j[edges], return_inverse=True)
+        check_memory(8 * len(gi) * len(gj), f"matching a group of {len(gi)} x {len(gj)} "
+                     "stars within reach of each other")
         forbidden = min(len(gi), len(gj)) + 1.0
         costs = np.full((len(gi), len(gj)), forbidden)
         costs[gi_local, gj_local] = cost[edges]
@@ -465,7 +503,7 @@ def position_columns(table, name="table"):
 
     Examples
     --------
-    >>> from astropy.table import QTable
+    >>> from astropy.table import QTable, Table
     >>> position_columns(QTable({'x_init': [1.0], 'y_init': [2.0], 'x_fit': [1.1],
     ...                          'y_fit': [2.1]}))
     ('x_fit', 'y_fit')

@@ -2,10 +2,13 @@
 
 * `write_atomically` writes a file in full or not at all: an interrupted save leaves the
   previous file as it was, and no partial file behind.
-* A model file (`write_model`, `read_model`) carries a SHA-256 checksum of its weights;
-  it is read only when the checksum matches, the weights are finite and their shapes
-  are those of the network its metadata describes (checked before that network is
-  built, so a corrupted size cannot make it allocate gigabytes).
+* A model file (`write_model`, `read_model`) carries a SHA-256 checksum of its weights
+  and one of its metadata (which hold the first, so together they cover the whole
+  file's content); it is read only when both match, its metadata have the keys and
+  types of a model's, the weights are finite and their shapes are those of the
+  network its metadata describes (checked before that network is built, so a
+  corrupted size cannot make it allocate gigabytes). Files written before the
+  checksums existed (before the metadata one, or both) are read without them.
 * A checkpoint (`write_checkpoint`, `read_checkpoint`) carries the training settings and
   the description of the model (`describe_model`); resuming with another model or other
   settings is refused, since the checkpoint's history would then describe a training
@@ -14,23 +17,27 @@
 Every file is read with ``torch.load(..., weights_only=True)``: no code is unpickled.
 """
 
+import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
 import secrets
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from .background import BackgroundEncoder
 from .encoder import StarNetEncoder
-from .psf import psf_to_dict
+from .prior import StarFieldPrior
+from .psf import psf_from_dict, psf_to_dict
 
-__all__ = ["write_atomically", "describe_model", "weights_checksum", "write_model",
-           "read_model", "write_checkpoint", "read_checkpoint"]
+__all__ = ["write_atomically", "describe_model", "weights_checksum", "metadata_checksum",
+           "write_model", "read_model", "write_checkpoint", "read_checkpoint"]
 
 _MODEL_FORMAT = "starnet-deblender-1"
 _CHECKPOINT_FORMAT = "starnet-checkpoint-1"
@@ -38,21 +45,45 @@ _CHECKPOINT_FORMAT = "starnet-checkpoint-1"
 _RESUMABLE = ("learning_rate", "weight_decay", "n_epochs", "n_steps", "max_time",
               "final_learning_rate")
 _SIZES = ("tile_size", "max_sources", "stamp_size", "hidden", "tile_hidden")
+#: The keys of a model file's metadata and their JSON types (None: null allowed);
+#: those after ``tile_hidden`` may be missing from files of older versions.
+_METADATA = {"format": str, "starnet_version": str, "prior": dict, "psf": list,
+             "background": list, "tile_size": int, "max_sources": int, "stamp_size": int,
+             "hidden": int, "tile_hidden": int, "training_settings": (dict, None),
+             "training_history": (dict, None), "psf_variants": list, "n_colors": int,
+             "log_flux_offset": (int, float), "provenance": dict, "background_encoder": dict,
+             "weights_sha256": str, "sha256": str}
+_OPTIONAL = ("psf_variants", "n_colors", "log_flux_offset", "provenance",
+             "background_encoder", "weights_sha256", "sha256")
 
 
-def write_atomically(path, write):
+def write_atomically(path, write, *, overwrite=True):
     """Write a file in full or not at all.
 
-    ``write(file)`` writes into a temporary file of the same folder, which is flushed
-    to disk and then renamed onto ``path`` (`os.replace`, atomic). If anything fails,
-    the temporary file is removed and ``path`` keeps its previous contents.
+    ``write(file)`` writes into a temporary file of the same folder,
+    ``.<name>.<pid>.<random>.tmp``, which is flushed to disk and then renamed onto
+    ``path`` (`os.replace`, atomic) or, without ``overwrite``, linked to it (`os.link`,
+    which fails if ``path`` exists, so that of several processes writing a new file at
+    once exactly one succeeds). If anything fails (an exception, a full disk, a
+    file-size limit, Ctrl-C), the temporary file is removed and ``path`` keeps its
+    previous contents. A process killed outright (SIGKILL, a power cut) cannot clean
+    up: ``path`` is still intact, and the temporary file is left behind, named after
+    ``path`` and the process id that wrote it, for the user to delete.
 
     Parameters
     ----------
     path : str or `~pathlib.Path`
-        The file to write (replaced if it exists).
+        The file to write.
     write : callable
         Called with the open binary file.
+    overwrite : bool, optional
+        Replace ``path`` if it exists; otherwise raise FileExistsError, checked
+        atomically when the finished file is put in place.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is false.
 
     Examples
     --------
@@ -66,20 +97,55 @@ def write_atomically(path, write):
     [0, 1, 2]
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    if not overwrite and path.exists():   # early, before the work; checked again below
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # os.open, unlike tempfile, gives the file the permissions of an ordinary new file
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                          | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as error:
+            raise _failed_write(path, error) from error
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists (written by another process "
+                                      "meanwhile); pass overwrite=True to replace it") from None
+            temporary.unlink()
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     _sync_folder(path.parent)
+
+
+def _saver(contents):
+    """A ``write(file)`` for `write_atomically` that saves ``contents`` with torch,
+    whose C++ writer reports a failed write (a full disk, a file-size limit) as a
+    RuntimeError ('enforce fail at inline_container.cc'): raised as an OSError."""
+    def write(file):
+        try:
+            torch.save(contents, file)
+        except RuntimeError as error:
+            if "inline_container" not in str(error):
+                raise
+            raise OSError(errno.EIO, f"torch could not write the file ({error})") from error
+    return write
+
+
+def _failed_write(path, error):
+    """The OSError for a write of ``path`` that failed with ``error``, naming the likely
+    cause."""
+    return OSError(error.errno, f"writing {path} failed (is the disk full, or the file "
+                                f"larger than the system allows? {error.strerror or error}); "
+                                "the previous file, if any, is unchanged")
 
 
 def _sync_folder(folder):
@@ -148,15 +214,37 @@ def weights_checksum(state):
     return digest.hexdigest()
 
 
-def write_model(path, metadata, state):
+def metadata_checksum(metadata):
+    """SHA-256 (hex) of a model file's metadata, all but their ``sha256`` key.
+
+    The metadata hold the checksum of the weights (`weights_checksum`), so this one
+    covers the whole content of the file.
+
+    Examples
+    --------
+    >>> from starnet.model_files import metadata_checksum
+    >>> metadata_checksum({"a": 1, "b": [2]}) == metadata_checksum({"b": [2], "a": 1})
+    True
+    >>> metadata_checksum({"a": 1}) == metadata_checksum({"a": 1.5})
+    False
+    """
+    text = json.dumps({key: value for key, value in metadata.items() if key != "sha256"},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_model(path, metadata, state, *, overwrite=True):
     """Write a model file atomically: ``metadata`` (JSON) with its format and the
     checksum of the weights, and ``state`` (``{"weights": state_dict, ...}``).
 
-    `starnet.StarNetDeblender.save` builds the metadata and the state.
+    `starnet.StarNetDeblender.save` builds the metadata and the state. Without
+    ``overwrite``, an existing ``path`` (even one written meanwhile by another
+    process) raises FileExistsError (`write_atomically`).
     """
     metadata = {"format": _MODEL_FORMAT, **metadata, "weights_sha256": weights_checksum(state)}
+    metadata["sha256"] = metadata_checksum(metadata)
     contents = {"metadata": json.dumps(metadata), **state}
-    write_atomically(path, lambda file: torch.save(contents, file))
+    write_atomically(path, _saver(contents), overwrite=overwrite)
 
 
 def read_model(path):
@@ -173,9 +261,11 @@ def read_model(path):
     ------
     ValueError
         If the file is not a starnet model file (empty, truncated, not a torch file,
-        a pickle that needs code to run, another torch file), or if its weights do not
-        match their checksum, are not finite, or do not have the shapes its metadata
-        implies. Files written before checksums existed are accepted without one.
+        a pickle that needs code to run, another torch file), if its weights or its
+        metadata do not match their checksums, if its metadata lack a key, hold an
+        unknown one or one of the wrong type, or if its weights are not finite or do
+        not have the shapes its metadata imply. Files written before checksums
+        existed are accepted without them.
 
     Examples
     --------
@@ -199,6 +289,12 @@ def read_model(path):
     if expected is not None and weights_checksum(state) != expected:
         raise ValueError(f"{path} is corrupted: checksum of the weights does not match the "
                          "one saved with them")
+    if "sha256" in metadata and metadata_checksum(metadata) != metadata["sha256"]:
+        raise ValueError(f"{path} is corrupted or was edited: the checksum of its metadata "
+                         "does not match the one saved with them (a model file is written "
+                         "by StarNetDeblender.save only; change a model in Python and save "
+                         "it again)")
+    _check_metadata(path, metadata)
     _check_finite(path, state)
     _check_shapes(path, metadata, state)
     return metadata, state
@@ -219,7 +315,7 @@ def write_checkpoint(path, state, *, settings, model=None):
     metadata = {"format": _CHECKPOINT_FORMAT, "training_settings": settings.to_dict(),
                 "model": model}
     contents = {"metadata": json.dumps(metadata), **state}
-    write_atomically(path, lambda file: torch.save(contents, file))
+    write_atomically(path, _saver(contents))
 
 
 def read_checkpoint(path, *, settings, model=None):
@@ -329,6 +425,54 @@ def _parse_metadata(path, text):
     if not isinstance(metadata, dict):
         raise ValueError(f"{path} is corrupted: its metadata is not a JSON object")
     return metadata
+
+
+def _check_metadata(path, metadata):
+    """Check the keys and JSON types of a model file's metadata, and that its prior,
+    PSFs and background describe a model (`StarFieldPrior.from_dict`,
+    `~starnet.psf.psf_from_dict`)."""
+    from .training import TrainingSettings   # training imports this module
+
+    unknown = sorted(set(metadata) - set(_METADATA))
+    missing = [key for key in _METADATA if key not in metadata and key not in _OPTIONAL]
+    wrong = []
+    for key, kinds in _METADATA.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        value = metadata.get(key)
+        if key in metadata and not (
+                (value is None and None in kinds)
+                or (isinstance(value, tuple(k for k in kinds if k is not None))
+                    and not isinstance(value, bool))):
+            names = " or ".join("null" if k is None else k.__name__ for k in kinds)
+            wrong.append(f"{key!r} is {type(value).__name__}, expected {names}")
+    if unknown or missing or wrong:
+        problems = ([f"unknown keys {unknown}"] if unknown else []) + (
+            [f"missing keys {missing}"] if missing else []) + wrong
+        raise ValueError(f"{path} is not a valid starnet model file: its metadata "
+                         f"{'; '.join(problems)}")
+    try:
+        prior = StarFieldPrior.from_dict(metadata["prior"])
+        for psf in metadata["psf"] + [p for ps in metadata.get("psf_variants", []) for p in ps]:
+            psf_from_dict(psf)
+        background = [float(b) for b in metadata["background"]]
+        if len(metadata["psf"]) != prior.n_bands or len(background) != prior.n_bands:
+            raise ValueError(f"{len(metadata['psf'])} PSFs and {len(background)} "
+                             f"backgrounds for the {prior.n_bands} bands {prior.bands}")
+        if not all(math.isfinite(b) and b > 0 for b in background):
+            raise ValueError(f"background {background} is not positive and finite")
+        if metadata["training_settings"] is not None:
+            settings = dict(metadata["training_settings"])
+            unknown = sorted(set(settings) - {f.name for f in fields(TrainingSettings)})
+            if unknown:
+                raise ValueError(f"unknown training settings {unknown}")
+            for key in ("image_shape", "background_range", "psf_variant_range",
+                        "density_range"):
+                if isinstance(settings.get(key), list):
+                    settings[key] = tuple(settings[key])
+            TrainingSettings(**settings)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path} is not a valid starnet model file: its metadata do not "
+                         f"describe a model ({type(error).__name__}: {error})") from error
 
 
 def _check_tensors(path, state):

@@ -7,6 +7,8 @@ import torch
 from astropy import units as u
 from astropy.table import QTable
 
+from .validation import check_seed
+
 __all__ = ["StarFieldPrior", "StarCatalogBatch"]
 
 
@@ -74,6 +76,10 @@ class StarFieldPrior:
 
     def __init__(self, *, mu=0.12, f_min=1000.0, f_max=1e6, alpha=0.5, color_mean=0.0,
                  color_sd=1.0, bands=("r", "i")):
+        if isinstance(bands, str) or not isinstance(bands, (list, tuple, np.ndarray)) \
+                or not all(isinstance(band, str) for band in bands):
+            raise TypeError(f"bands must be a list of band names, e.g. ['r', 'i'], got "
+                            f"{bands!r}")
         bands = [str(band) for band in bands]
         if len(bands) == 0 or len(set(bands)) != len(bands):
             raise ValueError(f"bands must be a non-empty list of distinct names, got {bands}")
@@ -314,7 +320,9 @@ def catalog_table(locs, fluxes, bands):
 
 
 def _seed_int(seed):
-    """A non-negative integer seed for torch from None, an int or a numpy Generator."""
+    """A non-negative integer seed for torch from None, an int >= 0 or a numpy
+    Generator (`starnet.validation.check_seed`: other types raise)."""
+    seed = check_seed(seed)
     if seed is None:
         return int(np.random.default_rng().integers(2**62))
     if isinstance(seed, np.random.Generator):

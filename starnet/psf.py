@@ -470,7 +470,7 @@ def as_psf(psf):
     TypeError
         If ``psf`` is neither an array nor a suitable model.
     ValueError
-        If an array is not 2-D, not finite or all zero.
+        If an array is not 2-D, not finite, all zero or smaller than 4 x 4.
 
     Examples
     --------
@@ -491,6 +491,10 @@ def as_psf(psf):
             raise ValueError(msg)
         if not np.any(psf):
             msg = 'a PSF image must not be all zero'
+            raise ValueError(msg)
+        if min(psf.shape) < 4:
+            msg = (f'a PSF image must be at least 4 x 4 pixels (to be interpolated); '
+                   f'got {psf.shape[0]} x {psf.shape[1]}')
             raise ValueError(msg)
         return ImagePSF(psf.astype(float))
     if isinstance(psf, GriddedPSFModel):

@@ -7,6 +7,7 @@ from astropy import units as u
 from .images import StarFieldImage
 from .prior import StarCatalogBatch, StarFieldPrior, batch_to_table, _seed_int
 from .psf import as_psf, pixel_stamps
+from .validation import check_memory, check_shape
 
 __all__ = ["StarFieldRenderer", "add_noise", "as_background", "simulate_starfield"]
 
@@ -119,11 +120,16 @@ class StarFieldRenderer:
         -------
         images : `torch.Tensor`, shape (n_images, n_bands, rows, cols)
         """
-        rows, cols = shape
+        rows, cols = check_shape(shape)
         n_images = locs.shape[0]
         if fluxes.shape[-1] != self.n_bands:
             raise ValueError(f"fluxes have {fluxes.shape[-1]} bands but the renderer has "
                              f"{self.n_bands} PSFs")
+        for values, what in ((locs, "positions"), (fluxes, "fluxes")):
+            finite = torch.isfinite(values).all(dim=-1)
+            if not bool(finite[mask].all()):
+                raise ValueError(f"{int((~finite & mask).sum())} stars have non-finite "
+                                 f"{what} (NaN or infinite); expected finite values")
         half = self.stamp_size // 2
         canvas = (rows + 2 * half, cols + 2 * half)
         locs, fluxes = locs.float(), fluxes.float()
@@ -304,6 +310,10 @@ def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", 
     ['r', 'i']
     """
     prior = StarFieldPrior() if prior is None else prior
+    shape = check_shape(shape)
+    # the light, its expectation and the noisy image, float64
+    check_memory(3 * 8 * prior.n_bands * shape[0] * shape[1],
+                 f"a simulated image of {shape[0]} x {shape[1]} pixels")
     psfs = list(psf) if isinstance(psf, (list, tuple)) else [psf] * prior.n_bands
     if len(psfs) != prior.n_bands:
         raise ValueError(f"got {len(psfs)} PSFs for {prior.n_bands} bands {prior.bands}")
@@ -316,8 +326,8 @@ def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", 
     if renderer is None:
         renderer = StarFieldRenderer(psfs, stamp_size=stamp_size)
     stars = renderer.render(batch.locs, batch.fluxes, batch.mask, shape)[0].double()
-    expected = stars + torch.from_numpy(background.reshape(prior.n_bands, -1, 1)
-                                        if background.ndim == 1 else background)
+    expected = stars + torch.from_numpy(np.array(background.reshape(prior.n_bands, -1, 1)
+                                                 if background.ndim == 1 else background))
     data = add_noise(expected.clamp(min=0), noise=noise, generator=generator).numpy()
     meta = {"bands": list(prior.bands), "psf": renderer.psfs, "background": background,
             "prior": prior.to_dict(), "seed": seed}

@@ -2,6 +2,7 @@
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import NamedTuple
@@ -19,10 +20,10 @@ from .prior import StarCatalogBatch, batch_to_table, catalog_table
 from .psf_family import PSFBank
 from .simulate import add_noise
 from .tiles import TileGrid
-from .validation import check_range, check_training_settings
+from .validation import check_range, check_training_settings, check_writable
 
 __all__ = ["TrainingSettings", "SimulatedBatches", "TrainingBatch", "train_encoder",
-           "cosine_rate"]
+           "cosine_rate", "keep_finite"]
 
 
 @dataclass
@@ -281,6 +282,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         because a tile held more than ``max_sources``.
     """
     check_training_settings(settings)   # fields may have been changed since construction
+    if checkpoint is not None:
+        check_writable(checkpoint, "checkpoint")
     grid = TileGrid(tile_size=encoder.tile_size, max_sources=encoder.max_sources)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
@@ -315,10 +318,12 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
             batch = batches.draw_batch(settings.batch_size, generator=generator)
             tiles = grid.to_tiles(batch.catalogs.locs, batch.catalogs.fluxes,
                                   batch.catalogs.mask, batch.images.shape[-2:])
-            loss = _training_loss(encoder, batch, tiles, generator)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            with keep_finite(encoder, f"epoch {len(history) + 1}, step {step + 1}",
+                             settings.learning_rate) as check:
+                loss = check(_training_loss(encoder, batch, tiles, generator))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
             losses.append(loss.item())
             dropped += tiles.n_dropped
             steps.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{rate:.1e}")
@@ -384,6 +389,33 @@ class _Schedule:
     def record(self, row):
         self.steps_done += row["steps"]
         self.seconds_done += row["seconds"]
+
+
+@contextmanager
+def keep_finite(network, where, learning_rate):
+    """Stop a training step that makes the loss or the weights of ``network`` non-finite.
+
+    The block gets ``check(loss)``, which returns a finite loss and raises otherwise;
+    after the block, the weights are checked. On a failure ``network`` is given back
+    the weights it had before the step (the last finite ones) and a RuntimeError
+    names the step (``where``) and the ``learning_rate``.
+    """
+    before = {name: value.detach().clone() for name, value in network.state_dict().items()}
+
+    def check(loss):
+        if not bool(torch.isfinite(loss)):
+            fail(f"the loss is {loss.item()}")
+        return loss
+
+    def fail(what):
+        network.load_state_dict(before)
+        raise RuntimeError(f"training diverged at {where}: {what}. The network keeps the "
+                           "weights of the step before (the last finite ones); lower the "
+                           f"learning rate ({learning_rate:g}) and train again")
+
+    yield check
+    if not all(bool(torch.isfinite(p).all()) for p in network.parameters()):
+        fail("the weights became non-finite")
 
 
 def cosine_rate(progress, initial, final):

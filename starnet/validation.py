@@ -5,14 +5,18 @@ warning) that says what was wrong and what was expected, before any work starts.
 """
 
 import numbers
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 from astropy.nddata import NDData
+from scipy.ndimage import uniform_filter
 
 __all__ = ["BackgroundMismatchWarning", "check_image_meta", "check_image_data", "check_mask",
            "check_background", "check_positive_int", "check_training_settings",
-           "check_range"]
+           "check_range", "check_seed", "check_writable", "check_shape", "check_memory",
+           "memory_limit", "MemoryLimitError", "check_draws_memory"]
 
 #: Below this z (pixel minus background, in units of the background's Poisson noise)
 #: lies the 16th percentile of an image whose declared background is too high (a
@@ -26,10 +30,87 @@ _LEVEL_TOO_HIGH = 60.0
 #: Poisson noise on the declared background: not electrons, or a smoothed image.
 _NOISE_TOO_LOW = 0.3
 _MAX_SAMPLED = 1_000_000
+#: The darkest pixels: this fraction of the pixels with the lowest mean of their 8
+#: neighbours. Their level and noise estimate the sky, independently of the declared
+#: background (`_dark_pixels`).
+_DARK_FRACTION = 0.1
+#: Below this ratio of the dark pixels' variance to their level, their noise is the
+#: Poisson noise of the sky (above it, star light varies among them: a crowded field).
+_SKY_ONLY = 1.5
+#: Above this ratio of the dark pixels' level to the declared background, the
+#: background is too low: in a field whose dark pixels are sky, and in a crowded one
+#: (where they hold star light too: up to 2.6 at 0.2 stars per pixel, 1.4 on M2).
+_DARK_TOO_HIGH = (1.6, 3.0)
+#: Below this ratio of the dark pixels' variance to their level, the noise is far
+#: below Poisson noise in electrons (0.6 on M2's resampled i band; 0.36 and 0.12 for
+#: M2 in ADU).
+_DARK_NOISE_TOO_LOW = 0.4
+#: The dark-pixel checks need this many pixels in a band (at most a block of
+#: ``sqrt(_MAX_SAMPLED)`` pixels a side is read).
+_MIN_DARK = 1000
 
 
 class BackgroundMismatchWarning(UserWarning):
     """The pixels of an image contradict its declared background."""
+
+
+class MemoryLimitError(ValueError, MemoryError):
+    """A request would need more memory than `memory_limit` (raised before allocating).
+
+    A ValueError (the request is what is wrong) and a MemoryError."""
+
+
+def memory_limit():
+    """Bytes that one request may allocate: half of the machine's physical memory (8 GiB
+    where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, ValueError, OSError):
+        return 8 * 2**30
+
+
+def check_memory(n_bytes, what, *, advice=""):
+    """Raise `MemoryLimitError` if ``what`` needs more than `memory_limit` bytes.
+
+    >>> check_memory(10**15, "the image")
+    Traceback (most recent call last):
+    ...
+    starnet.validation.MemoryLimitError: the image would need 931323 GiB of memory, more ...
+    """
+    limit = memory_limit()
+    if n_bytes > limit:
+        raise MemoryLimitError(f"{what} would need {n_bytes / 2**30:.0f} GiB of memory, more "
+                               f"than the {limit / 2**30:.0f} GiB allowed (half of this "
+                               f"machine's memory){'; ' + advice if advice else ''}")
+
+
+def check_draws_memory(n_samples, image_shape, *, tile_size, max_sources, n_bands):
+    """Refuse (`MemoryLimitError`) ``n_samples`` posterior catalogs of an image of
+    ``image_shape`` (..., rows, cols) whose tile variables would not fit in memory:
+    per tile and draw, a count and ``max_sources`` positions and fluxes (8 bytes each,
+    twice: drawn, then gathered into the table).
+
+    >>> check_draws_memory(100, (2, 100, 100), tile_size=2, max_sources=3, n_bands=2)
+    """
+    rows, cols = image_shape[-2:]
+    n_tiles = -(-rows // tile_size) * -(-cols // tile_size)
+    per_draw = n_tiles * (1 + max_sources * (2 + n_bands)) * 8 * 2
+    check_memory(n_samples * per_draw, f"{n_samples} posterior catalogs of an image of "
+                 f"{rows} x {cols} pixels", advice="draw fewer, or in several calls with "
+                 "different seeds")
+
+
+def check_shape(shape, name="shape"):
+    """``shape`` as ``(rows, cols)``, two positive integers.
+
+    >>> check_shape([20, 30])
+    (20, 30)
+    """
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2
+            and all(isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_))
+                    and n >= 1 for n in shape)):
+        raise ValueError(f"{name} must be (rows, cols), two positive integers, got {shape!r}")
+    return int(shape[0]), int(shape[1])
 
 
 def check_image_meta(nddata):
@@ -92,6 +173,15 @@ def check_background(data, background, bands, *, bad=None):
     percentile) below 0.3 (noise too low for electrons on this background: another
     unit, or a smoothed image) give a `BackgroundMismatchWarning` that says which.
 
+    On images of at least 1000 pixels, the darkest pixels give a second opinion that
+    does not rely on the declared background: the tenth of the pixels whose 8
+    neighbours are darkest, their level ``L`` (their neighbours' median) and their
+    variance ``V`` (robust, of each pixel less its neighbours' mean). In electrons
+    ``V`` is about ``L`` where these pixels hold only sky (a 2 x too high ``V``, star
+    light among them, marks a crowded field): ``V / L`` below 0.4 means a noise far
+    below Poisson noise (ADU labelled as electrons, say); ``L`` above 1.6 times the
+    declared background (3 times in a crowded field) means a background too low.
+
     Parameters
     ----------
     data : array, shape (bands, rows, cols)
@@ -146,6 +236,33 @@ def check_background(data, background, bands, *, bad=None):
             _warn(band, f"its noise ({np.percentile(pixels, 50) - np.percentile(pixels, 16):.3g}"
                   f") is far below the Poisson noise of the declared background "
                   f"({np.sqrt(max(declared, 1.0)):.3g} e-): is the image in electrons?")
+        else:
+            _check_dark_pixels(data[b], background[b], None if bad is None else bad[b], band)
+
+
+def _check_dark_pixels(data, background, bad, band):
+    """The checks of `check_background` on the darkest pixels of a band."""
+    side = int(np.sqrt(_MAX_SAMPLED))
+    data = np.asarray(data[:side, :side], dtype=np.float64)
+    background = np.asarray(background[:side, :side], dtype=np.float64)
+    usable = np.ones(data.shape, bool) if bad is None else ~bad[:side, :side]
+    usable = uniform_filter(usable.astype(np.float64), 3, mode="constant") > 1 - 1e-6
+    if usable.sum() < _MIN_DARK:
+        return
+    neighbours = (uniform_filter(data, 3, mode="nearest") * 9 - data) / 8
+    dark = usable & (neighbours <= np.quantile(neighbours[usable], _DARK_FRACTION))
+    residual = (data - neighbours)[dark]
+    variance = (1.4826 * np.median(np.abs(residual - np.median(residual)))) ** 2 / (1 + 1 / 8)
+    level = np.median(neighbours[dark])
+    declared = np.median(background[dark])
+    if level > 0 and variance < _DARK_NOISE_TOO_LOW * level:
+        _warn(band, f"the noise of its darkest pixels ({np.sqrt(variance):.3g}) is far below "
+              f"the Poisson noise of their level ({np.sqrt(level):.3g} e-, at "
+              f"{level:.4g}): is the image in electrons (ADU need a gain)?")
+    elif level > _DARK_TOO_HIGH[int(variance > _SKY_ONLY * level)] * declared:
+        _warn(band, f"its darkest pixels lie at {level:.4g} e-, {level / declared:.2g} times "
+              f"the declared background ({declared:.4g} e-): is the background too low? "
+              "Estimate it with starnet.background.fit_background")
 
 
 def _warn(band, message):
@@ -161,6 +278,60 @@ def check_positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_seed(seed, name="seed"):
+    """``seed`` checked to be what numpy's `numpy.random.default_rng` takes as a seed
+    here: None (fresh entropy), an integer >= 0 (a Python or numpy integer, not a bool)
+    or a `numpy.random.Generator` (drawn from). A float is refused rather than
+    truncated, so that seeds 1.5 and 1 do not give the same draws.
+
+    Raises
+    ------
+    TypeError
+        If ``seed`` is of another type.
+    ValueError
+        If it is a negative integer.
+
+    Examples
+    --------
+    >>> check_seed(7)
+    7
+    >>> check_seed(1.5)
+    Traceback (most recent call last):
+    ...
+    TypeError: seed must be an integer >= 0, a numpy Generator or None, got float 1.5
+    """
+    if seed is None or isinstance(seed, np.random.Generator):
+        return seed
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 0, a numpy Generator or None, got "
+                        f"{type(seed).__name__} {seed!r}")
+    if seed < 0:
+        raise ValueError(f"{name} must be an integer >= 0, a numpy Generator or None, got "
+                         f"{seed!r}")
+    return int(seed)
+
+
+def check_writable(path, what):
+    """Raise before any work if the file ``path`` (``what``, for the message) could not
+    be written: its folder does not exist or is not writable, or it is a folder.
+
+    >>> check_writable("no_such_folder/fit.ckpt", "checkpoint")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: the folder no_such_folder of the checkpoint fit.ckpt does not exist
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"the {what} {path} is a folder; expected a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder {path.parent} of the {what} {path.name} does "
+                                "not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"the folder {path.parent} of the {what} {path.name} is not "
+                              "writable")
+    return path
 
 
 def check_training_settings(settings):
@@ -194,8 +365,10 @@ def check_training_settings(settings):
     check_range(settings.psf_variant_range, "psf_variant_range", positive=False)
     if settings.density_range is not None:
         check_range(settings.density_range, "density_range", positive=True)
-    if isinstance(settings.seed, bool) or not isinstance(settings.seed, numbers.Integral):
-        raise ValueError(f"seed must be an integer, got {settings.seed!r}")
+    if settings.seed is None or isinstance(settings.seed, np.random.Generator):
+        raise ValueError(f"seed must be an integer >= 0 (saved with the model), got "
+                         f"{settings.seed!r}")
+    check_seed(settings.seed)
 
 
 def check_range(value, name, *, positive):

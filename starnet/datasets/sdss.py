@@ -8,10 +8,10 @@ into one image in electrons on the pixel grid of the first band, with the
 PSF of each band from the ``psField`` file (the power-law fit or the KL
 PSF) and the gains from the ``photoField`` file.
 
-Files are looked up in the package's bundled data directory (run 2583,
-camcol 2, field 136, bands r and i), then in ``cache_dir`` or astropy's
-download cache, and finally downloaded from the SDSS Science Archive
-Server (DR12, rerun 301).
+Files are looked up in ``cache_dir`` (a file of the user's is never passed
+over), then in the package's bundled data directory (run 2583, camcol 2,
+field 136, bands r and i) or astropy's download cache, and finally
+downloaded from the SDSS Science Archive Server (DR12, rerun 301).
 """
 
 import functools
@@ -56,14 +56,14 @@ def _file_name_and_url(kind, run, camcol, field, band=None):
 
 
 def _locate(kind, run, camcol, field, *, band=None, cache_dir=None):
-    """Path of an SDSS file: bundled, cached, or downloaded (see module doc)."""
+    """Path of an SDSS file: in ``cache_dir``, bundled, or downloaded (see module doc)."""
     name, url = _file_name_and_url(kind, run, camcol, field, band)
-    bundled = _BUNDLED_DIR / name
-    if bundled.is_file():
-        return bundled
     target = None if cache_dir is None else Path(cache_dir) / name
     if target is not None and target.is_file():
         return target
+    bundled = _BUNDLED_DIR / name
+    if bundled.is_file():
+        return bundled
     try:
         downloaded = Path(download_file(url, cache=target is None))
     except OSError as err:  # includes urllib's URLError

@@ -176,7 +176,7 @@ def test_catalog_rejects_wrong_images(model_path, tmp_path, capsys):
 
 def test_sdss_frame_names(model_path, tmp_path, capsys):
     groups = SDSS_FRAME.search("frame-r-002583-2-0136.fits.bz2").groups()
-    assert groups == ("002583", "2", "0136")
+    assert groups == ("r", "002583", "2", "0136")
     assert SDSS_FRAME.search("frame-r-002583-2-0136.fits") is None
     with pytest.raises(SystemExit):
         main(["catalog", str(tmp_path / "frame-r-002583-2-0136.fits.bz2"), "--model",

@@ -64,7 +64,7 @@ def test_load_cleans_a_file_with_denormal_weights(tmp_path):
     state = torch.load(path, weights_only=True)
     put(state['weights']['tile_layers.0.weight'], DENORMAL, 5)
     metadata = json.loads(state['metadata'])
-    del metadata['weights_sha256']
+    del metadata['weights_sha256'], metadata['sha256']
     state['metadata'] = json.dumps(metadata)
     torch.save(state, path)
     raw = state['weights']['tile_layers.0.weight']

@@ -10,7 +10,7 @@ import torch
 
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
 from starnet import deblender as deblender_module
-from starnet.model_files import weights_checksum, write_atomically
+from starnet.model_files import metadata_checksum, weights_checksum, write_atomically
 
 PSF = PowerLawPSF(sigma1=1.0, sigma2=2.5, sigmap=3.0, beta=3.0, b=0.1, p0=0.01)
 PRIOR = StarFieldPrior(mu=0.05, bands=['r', 'i'])
@@ -37,10 +37,13 @@ def assert_same_weights(first, second):
 
 
 def rewrite(path, change):
-    """Load a model file, let ``change(metadata, state)`` edit it, and write it back."""
+    """Load a model file, let ``change(metadata, state)`` edit it, and write it back with
+    the checksum of its metadata updated (to test the checks behind it)."""
     state = torch.load(path, weights_only=True)
     metadata = json.loads(state['metadata'])
     change(metadata, state)
+    if 'sha256' in metadata:
+        metadata['sha256'] = metadata_checksum(metadata)
     state['metadata'] = json.dumps(metadata)
     torch.save(state, path)
 
@@ -270,7 +273,8 @@ def test_load_checks_sizes_before_building_the_network(saved, monkeypatch):
                                     dict(n_colors=3), dict(tile_hidden=True)])
 def test_load_refuses_impossible_sizes(saved, change):
     rewrite(saved, lambda metadata, state: metadata.update(change))
-    with pytest.raises(ValueError, match='does not describe a starnet network'):
+    with pytest.raises(ValueError, match='does not describe a starnet network|is (float|bool), '
+                                         'expected int'):
         StarNetDeblender.load(saved)
 
 
@@ -287,10 +291,11 @@ def test_bundled_files_carry_a_checksum_and_files_without_one_still_load(tmp_pat
     for name in StarNetDeblender.available():
         bundled = resources.files('starnet') / 'models' / f'{name}.pt'
         metadata = json.loads(torch.load(bundled, weights_only=True)['metadata'])
-        assert len(metadata['weights_sha256']) == 64
+        assert len(metadata['weights_sha256']) == len(metadata['sha256']) == 64
         path = tmp_path / f'{name}.pt'   # as written before checksums existed
         path.write_bytes(bundled.read_bytes())
-        rewrite(path, lambda metadata, state: metadata.pop('weights_sha256'))
+        rewrite(path, lambda metadata, state: [metadata.pop(key)
+                                               for key in ('weights_sha256', 'sha256')])
         old = StarNetDeblender.load(path)
         assert old.background_encoder is not None
         for a, b in zip(old.encoder.parameters(),
