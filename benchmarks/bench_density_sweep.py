@@ -1,0 +1,134 @@
+"""Count calibration and F1 across star densities, on fields rendered by photutils.
+
+Fields are drawn from the M2 prior (Pareto index 0.5 above 1000 e-, r and i) at each
+density of ``--densities`` (stars per pixel), with stars in a 6-pixel margin too,
+rendered by photutils' ``make_model_image`` (not by starnet's renderer) through
+``--psf`` over the M2 sky with Poisson noise, and catalogued with the background given.
+For each density the table gives the fields, the mean true count, the count bias of the
+posterior mean (sum over fields of the estimate minus the truth, over the truth), the
+fraction of fields whose 90 % count interval holds the truth (with its binomial
+standard error) and the one-to-one F1 of the modal catalog (stars above 1000 e-).
+Images are 100 x 100 where that holds at least 300 stars, else 200 x 200.
+
+``--psf``: ``m2`` (the field's KL PSF, as `starnet.datasets.load_m2` gives it), ``field
+N`` (the photoField power law of field N of run 2583 camcol 2, i resampled as the
+frames are) or ``moffat`` (alpha 3 in photutils' sense of the power index, FWHM 3.5 px,
+both bands). ``--told-scale`` tells the model a PSF whose FWHM is that many times the
+rendering one (a PSF-reading model only).
+
+Run::
+
+    python benchmarks/bench_density_sweep.py --model sdss-m2 --n-fields 100
+"""
+
+import argparse
+import time
+from importlib.resources import files
+
+import numpy as np
+import torch
+from astropy.nddata import NDData
+from astropy.table import QTable
+from photutils.datasets import make_model_image
+
+from starnet import StarFieldPrior, StarNetDeblender, match_catalogs
+from starnet.datasets import load_m2
+
+SKY = (686.0, 1123.0)
+
+
+def render_psfs(name):
+    """The (r, i) PSFs that fields are rendered with."""
+    if name == "m2":
+        return list(load_m2()[0].meta["psf"])
+    if name == "moffat":
+        from photutils.psf import MoffatPSF
+        beta = 3.0
+        alpha = 3.5 / (2 * np.sqrt(2 ** (1 / beta) - 1))
+        return [MoffatPSF(alpha=alpha, beta=beta)] * 2
+    if name.startswith("field"):
+        from starnet.datasets.sdss import resampled_psf
+        from starnet.psf_family import photofield_psfs
+        field = int(name.split()[1])
+        path = files("starnet") / "datasets" / "data" / "sdss" / "photoField-002583-2.fits"
+        r, i = photofield_psfs(path, ("r", "i"), fields=[field])[field]
+        return [r, resampled_psf(i, 0.42, 0.28)]
+    raise ValueError(f"unknown --psf {name!r}")
+
+
+def field(prior, density, size, psfs, rng):
+    """One photutils-rendered field: (NDData, truth inside the image)."""
+    margin = 6
+    extent = size + 2 * margin
+    n = rng.poisson(density * extent ** 2)
+    x = rng.uniform(-0.5 - margin, size - 0.5 + margin, n)
+    y = rng.uniform(-0.5 - margin, size - 0.5 + margin, n)
+    generator = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
+    fluxes = prior.sample_fluxes(n, generator=generator).double().numpy()
+    data = np.empty((2, size, size))
+    for b, psf in enumerate(psfs):
+        table = QTable({"x_0": x, "y_0": y, "flux": fluxes[:, b]})
+        expected = make_model_image((size, size), psf, table, model_shape=(25, 25)) + SKY[b]
+        data[b] = rng.poisson(np.clip(expected, 0, None))
+    inside = (x > -0.5) & (x < size - 0.5) & (y > -0.5) & (y < size - 0.5)
+    truth = QTable({"x": x[inside], "y": y[inside], "flux_r": fluxes[inside, 0]})
+    return data, truth
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sdss-m2")
+    parser.add_argument("--densities", type=float, nargs="+",
+                        default=[0.002, 0.01, 0.04, 0.12, 0.2])
+    parser.add_argument("--n-fields", type=int, default=100)
+    parser.add_argument("--psf", default="m2")
+    parser.add_argument("--told-scale", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    deblender = StarNetDeblender.from_name_or_path(args.model)
+    psfs = render_psfs(args.psf)
+    told = psfs
+    if args.told_scale != 1.0:
+        from starnet.psf_family import widened_psf
+        if args.told_scale < 1:
+            raise ValueError("--told-scale below 1 is not supported (a PSF cannot be "
+                             "narrowed exactly); render with a wider PSF instead")
+        told = [widened_psf(psf, args.told_scale) for psf in psfs]
+    if args.psf == "m2":
+        told = list(deblender.psfs) if args.told_scale == 1.0 else told
+    rng = np.random.default_rng(args.seed)
+    print(f"model {args.model}; fields rendered by photutils with PSF {args.psf!r}"
+          f" (told scale {args.told_scale}); background given; {args.n_fields} fields "
+          "per density")
+    print(f"{'stars/px':>8} {'size':>5} {'fields':>6} {'true N':>8} {'bias':>7} "
+          f"{'90% cover':>10} {'F1':>6} {'s/field':>8}")
+    for density in args.densities:
+        prior = StarFieldPrior(mu=density, f_min=1000.0, f_max=1e6, alpha=0.5,
+                               bands=("r", "i"))
+        size = 100 if density * 100 * 100 >= 300 else 200
+        estimates, truths, covered, f1s = [], [], 0, []
+        started = time.perf_counter()
+        for _ in range(args.n_fields):
+            data, truth = field(prior, density, size, psfs, rng)
+            image = NDData(data, unit="electron",
+                           meta={"bands": ["r", "i"], "psf": told,
+                                 "background": np.array(SKY)})
+            catalog = deblender(image, background="given", progress=False)
+            mean, low, high = (catalog.meta[k] for k in ("n_stars_mean", "n_stars_q05",
+                                                         "n_stars_q95"))
+            estimates.append(mean)
+            truths.append(len(truth))
+            covered += low <= len(truth) <= high
+            f1s.append(match_catalogs(catalog, truth, band="r").f1)
+        seconds = (time.perf_counter() - started) / args.n_fields
+        n = len(truths)
+        bias = (np.sum(estimates) - np.sum(truths)) / np.sum(truths)
+        cover = covered / n
+        error = np.sqrt(cover * (1 - cover) / n)
+        print(f"{density:8.3f} {size:5d} {n:6d} {np.mean(truths):8.1f} {100 * bias:+6.1f}% "
+              f"{cover:5.2f}+-{error:.2f} {np.mean(f1s):6.3f} {seconds:8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
