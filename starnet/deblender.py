@@ -22,10 +22,10 @@ from .posterior import (TiledPosterior, _full_pmf, convolve_counts, count_distri
                         support)
 from .prior import StarFieldPrior, _seed_int
 from .psf import as_psf, pixel_stamps, psf_from_dict, psf_fwhm, psf_to_dict
-from .simulate import StarFieldRenderer, as_background
+from .simulate import StarFieldRenderer
 from .tiles import TileCatalog, TileGrid
 from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
-from .images import image_psfs, read_image, with_changes
+from .images import as_background, image_psfs, read_image, with_changes
 from .validation import check_background, check_image_meta, check_positive_int
 
 __all__ = ["StarNetDeblender"]

@@ -20,7 +20,7 @@ from .baselines import CatalogSampler, daophot_catalog
 from .datasets import load_m2, load_m2_daophot
 from .deblender import StarNetDeblender
 from .matching import match_catalogs, metrics_by_magnitude, position_columns
-from .simulate import as_background
+from .images import as_background
 
 __all__ = ["run_m2_benchmark", "main"]
 

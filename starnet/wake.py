@@ -20,10 +20,11 @@ from astropy import units as u
 from astropy.table import QTable
 from tqdm.auto import tqdm
 
+from .images import as_background
 from .matching import position_columns
 from .prior import _seed_int
 from .psf import PowerLawPSF
-from .simulate import StarFieldRenderer, as_background
+from .simulate import StarFieldRenderer
 
 __all__ = ["WakeFit", "fit_psf", "fit_psf_to_catalogs", "expected_log_likelihood"]
 
