@@ -19,10 +19,10 @@ from astropy.table import QTable
 from scipy.ndimage import gaussian_filter
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from .encoder import normalize_image
 from .images import with_changes
+from .progress import progress_bar
 
 __all__ = ["BackgroundEncoder", "train_background_encoder", "fit_background",
            "combine_cells"]
@@ -111,6 +111,8 @@ def train_background_encoder(encoder, batches, *, n_steps=2000, batch_size=16,
         Adam's rate decays from the first to the second by a cosine over the steps.
     seed : int
         Seed of the simulated images.
+    progress : bool
+        Show a progress bar.
 
     Returns
     -------
@@ -126,7 +128,7 @@ def train_background_encoder(encoder, batches, *, n_steps=2000, batch_size=16,
     encoder.train()
     history, losses, started = [], [], time.perf_counter()
     report_every = max(n_steps // 10, 1)
-    for step in tqdm(range(1, n_steps + 1), disable=not progress, leave=False):
+    for step in progress_bar(range(1, n_steps + 1), enabled=progress):
         images, background, _ = batches.draw(batch_size, generator=generator)
         log_scale = torch.log(background[:, 0, 0, 0] / nominal[0, 0, 0, 0])
         mean, sd = encoder(images, nominal)
