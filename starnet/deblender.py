@@ -2,8 +2,6 @@
 
 import dataclasses
 import warnings
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,13 +13,15 @@ from tqdm.auto import tqdm
 from . import __version__
 from .background import BackgroundEncoder, fit_background, train_background_encoder
 from .catalogs import bad_pixel_map, catalog_flags
-from .denormals import flush_denormals, zero_negligible_weights
+from .denormals import flush_denormals
 from .encoder import StarNetEncoder
-from .model_files import describe_model, read_model, write_model
+from .model_files import describe_model, read_model
+from .model_io import (bundled_model_path, bundled_models, deblender_arguments, model_path,
+                       restore_deblender, write_deblender)
 from .posterior import (TiledPosterior, _full_pmf, convolve_counts, count_distribution,
                         support)
 from .prior import StarFieldPrior, _seed_int
-from .psf import as_psf, pixel_stamps, psf_from_dict, psf_fwhm, psf_to_dict
+from .psf import as_psf, pixel_stamps, psf_fwhm, psf_to_dict
 from .simulate import StarFieldRenderer
 from .tiles import TileCatalog, TileGrid
 from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
@@ -275,10 +275,8 @@ class StarNetDeblender:
         """Save the model: network weights (tensors only) and JSON metadata, in one file.
 
         The file loads with ``torch.load(path, weights_only=True)``; no code is
-        pickled. Negligible weights are set to zero first, so that the file holds no
-        denormal numbers (`starnet.denormals`). The file is written atomically (an
-        interrupted save leaves the previous file intact) with a checksum of the
-        weights (`starnet.model_files`).
+        pickled. It is written atomically, with a checksum of the weights and no
+        denormal numbers (`starnet.model_io`).
 
         Parameters
         ----------
@@ -292,37 +290,11 @@ class StarNetDeblender:
         FileExistsError
             If ``path`` exists and ``overwrite`` is false.
         """
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        for network in (self.encoder, self.background_encoder):
-            if network is not None:
-                zero_negligible_weights(network)
-        metadata = {
-            "starnet_version": __version__, **describe_model(self),
-            "training_settings": (self.training_settings.to_dict()
-                                  if self.training_settings is not None else None),
-            "training_history": (_table_to_lists(self.training_history)
-                                 if self.training_history is not None else None),
-            "provenance": self.provenance,
-        }
-        state = {"weights": self.encoder.state_dict()}
-        if self.background_encoder is not None:
-            metadata["background_encoder"] = {
-                "cell_size": self.background_encoder.cell_size,
-                "hidden": self.background_encoder.hidden,
-                "history": _table_to_lists(self.background_history)}
-            state["background_weights"] = self.background_encoder.state_dict()
-        write_model(path, metadata, state)
+        write_deblender(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path):
-        """Load a model written by `save`.
-
-        The file is verified first (`starnet.model_files.read_model`).
-        Negligible weights (denormal numbers among them, which slow a CPU down 10-20
-        times) are set to zero, so that files written before `save` did so run at full
-        speed (`starnet.denormals`).
+        """Load a model written by `save`, verified first (`starnet.model_io`).
 
         Parameters
         ----------
@@ -353,37 +325,8 @@ class StarNetDeblender:
         ['r', 'i'] 100
         """
         metadata, state = read_model(path)
-        deblender = cls(prior=StarFieldPrior.from_dict(metadata["prior"]),
-                        psf=[psf_from_dict(p) for p in metadata["psf"]],
-                        background=metadata["background"], tile_size=metadata["tile_size"],
-                        max_sources=metadata["max_sources"], stamp_size=metadata["stamp_size"],
-                        hidden=metadata["hidden"], tile_hidden=metadata["tile_hidden"],
-                        n_colors=metadata.get("n_colors", 1))
-        deblender.encoder.log_flux_offset = metadata.get("log_flux_offset",
-                                                         deblender.encoder.log_flux_offset)
-        deblender.encoder.load_state_dict(state["weights"])
-        zero_negligible_weights(deblender.encoder)
-        if metadata["training_settings"] is not None:
-            settings = dict(metadata["training_settings"])
-            settings["image_shape"] = tuple(settings["image_shape"])
-            for name in ("background_range", "psf_variant_range", "density_range"):
-                if settings.get(name) is not None:
-                    settings[name] = tuple(settings[name])
-            deblender.training_settings = TrainingSettings(**settings)
-        deblender.provenance = metadata.get("provenance", {})
-        deblender.psf_variants = [[as_psf(psf_from_dict(p)) for p in psfs]
-                                  for psfs in metadata.get("psf_variants", [])]
-        if "background_encoder" in metadata:
-            options = metadata["background_encoder"]
-            deblender.background_encoder = BackgroundEncoder(
-                n_bands=deblender.prior.n_bands, cell_size=options["cell_size"],
-                hidden=options["hidden"])
-            deblender.background_encoder.load_state_dict(state["background_weights"])
-            zero_negligible_weights(deblender.background_encoder)
-            deblender.background_encoder.eval()
-            deblender.background_history = QTable(options["history"])
-        if metadata["training_history"] is not None:
-            deblender.training_history = QTable(metadata["training_history"])
+        deblender = cls(**deblender_arguments(metadata))
+        restore_deblender(deblender, metadata, state)
         return deblender
 
     @classmethod
@@ -416,10 +359,7 @@ class StarNetDeblender:
         >>> print(deblender.bands, deblender.prior.mu, deblender.training_settings.density_range)
         ['r', 'i'] 0.12 (0.001, 0.2)
         """
-        available = cls.available()
-        if name not in available:
-            raise ValueError(f"no pretrained model {name!r}; available: {available}")
-        return cls.load(resources.files("starnet") / "models" / f"{name}.pt")
+        return cls.load(bundled_model_path(name))
 
     @classmethod
     def from_name_or_path(cls, model):
@@ -442,13 +382,7 @@ class StarNetDeblender:
         """
         if isinstance(model, cls):
             return model
-        if Path(str(model)).is_file():
-            return cls.load(model)
-        available = cls.available()
-        if str(model) in available:
-            return cls.pretrained(str(model))
-        raise FileNotFoundError(f"model {str(model)!r} is neither a model file nor a "
-                                f"pretrained model (pretrained: {available})")
+        return cls.load(model_path(model))
 
     @staticmethod
     def available():
@@ -459,10 +393,7 @@ class StarNetDeblender:
         names : list of str
             The names `pretrained` takes, sorted.
         """
-        folder = resources.files("starnet") / "models"
-        if not folder.is_dir():
-            return []
-        return sorted(p.name[:-3] for p in folder.iterdir() if p.name.endswith(".pt"))
+        return bundled_models()
 
     # ----------------------------------------------------------------- inference
     def _chosen_background(self, nddata, background):
@@ -991,11 +922,6 @@ _FIT_SMOOTHING = 64.0
 
 #: The 95 % quantile of the standard normal.
 _Z95 = 1.6448536269514722
-
-
-def _table_to_lists(table):
-    """A table of numbers as a JSON-ready dict of lists of floats, column by column."""
-    return {name: [float(v) for v in table[name]] for name in table.colnames}
 
 
 def _sigmoid_sd(mean, sd):
