@@ -7,6 +7,8 @@ uniformly from that range, the same factor in every band. A small convolutional 
 `BackgroundEncoder`, is fitted on such simulated images, by the same forward KL as the
 catalog encoder, to give the posterior of ``log s`` from each cell of the image; the cells'
 posteriors are combined into one factor per image (`fit_background`).
+`choose_background` gives an image the background that a deblender's ``background``
+option asks for.
 """
 
 import math
@@ -22,10 +24,15 @@ from torch.nn import functional as F
 
 from .encoder import normalize_image
 from .images import with_changes
+from .inference import prepare_image
 from .progress import progress_bar
 
 __all__ = ["BackgroundEncoder", "train_background_encoder", "fit_background",
-           "combine_cells"]
+           "choose_background", "combine_cells"]
+
+#: Width (pixels) of the window over which the background factor of an image larger
+#: than 256 pixels is smoothed when it is fitted (`choose_background`).
+_FIT_SMOOTHING = 64.0
 
 
 HALO_CELLS = 3
@@ -236,7 +243,11 @@ def fit_background(deblender, nddata, *, smoothing=None):
                          "deblender.fit_background_encoder()")
     if smoothing is not None and not smoothing > 0:
         raise ValueError(f"smoothing must be a positive width in pixels, got {smoothing}")
-    image, _, read = deblender._prepare(nddata, check_sky=False)  # it is what we estimate
+    # the background is what we estimate: the given one is neither checked nor kept
+    inputs = prepare_image(nddata, bands=deblender.bands, psfs=deblender.psfs,
+                           stamp_size=deblender.stamp_size, check_sky=False)
+    image, read = inputs.image, inputs.meta
+    del inputs
     nominal = torch.as_tensor(np.asarray(deblender.background, dtype=np.float32))
     cell = encoder.cell_size
     rows, cols = image.shape[-2:]
@@ -277,3 +288,43 @@ def fit_background(deblender, nddata, *, smoothing=None):
     cells = QTable({"x": (x.ravel() + 0.5) * cell - 0.5, "y": (y.ravel() + 0.5) * cell - 0.5,
                     "scale": np.exp(mean.ravel()), "log_scale_sd": sd.ravel()})
     return fitted, cells
+
+
+def choose_background(deblender, nddata, background):
+    """The image with the background that a deblender's ``background`` option asks for.
+
+    Parameters
+    ----------
+    deblender : `~starnet.StarNetDeblender`
+    nddata : `~astropy.nddata.NDData`
+        The image.
+    background : {None, 'fit', 'given'}
+        As for `~starnet.StarNetDeblender.__call__`: 'fit' replaces the background by
+        `fit_background`'s (smoothed over 64 pixels on images larger than 256
+        pixels), 'given' keeps ``meta['background']``, None fits when the deblender
+        has a background encoder.
+
+    Returns
+    -------
+    image : `~astropy.nddata.NDData`
+        ``nddata`` itself ('given'), or a copy with the fitted background and
+        ``meta['background_used']`` = 'fitted'.
+    """
+    if background is None:
+        background = "fit" if deblender.background_encoder is not None else "given"
+    if background == "given":
+        return nddata
+    if background != "fit":
+        raise ValueError(f"background must be 'fit', 'given' or None (fit when the "
+                         f"model can), got {background!r}")
+    if deblender.background_encoder is None:
+        raise ValueError("background='fit' needs a model with a background encoder "
+                         "(see fit_background_encoder); this one has none: use "
+                         "background='given'")
+    smoothing = _FIT_SMOOTHING if max(np.shape(nddata.data)[-2:]) > 256 else None
+    with warnings.catch_warnings():
+        # said once, when the image is catalogued
+        for repeated in (".*masked or non-finite pixels", "the image's PSF in band"):
+            warnings.filterwarnings("ignore", repeated)
+        fitted, _ = fit_background(deblender, nddata, smoothing=smoothing)
+    return with_changes(fitted, meta=dict(fitted.meta, background_used="fitted"))
