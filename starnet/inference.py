@@ -222,10 +222,9 @@ def encode_blocks(encoder, inputs, *, chunk_tiles=None, progress=False):
 
     Yields
     ------
-    rows, cols : slice
-        Tile rows and columns of the block in the tile grid.
-    posterior : `~starnet.posterior.TiledPosterior`
-        The posterior of the block's tiles.
+    block : tuple
+        ``(rows, cols, posterior)`` as `~starnet.encoder.StarNetEncoder.blocks` yields
+        them: the block's slices of the tile grid and its tiles' posterior.
     """
     encoder.eval()
     with torch.no_grad(), flush_denormals(), \
@@ -361,12 +360,8 @@ def draw_catalogs(encoder, inputs, n_samples, *, generator, chunk_tiles=None,
     ----------
     encoder : `~starnet.encoder.StarNetEncoder`
     inputs : `EncoderInput`
-    n_samples : int
-        Number of catalogs.
-    generator : `torch.Generator`
-        Source of the draws.
-    chunk_tiles : int, optional
-        As for `encode`.
+    n_samples, generator, chunk_tiles
+        As for `draw`.
     progress : bool, optional
         Show progress bars over the blocks and the draws.
 
