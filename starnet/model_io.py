@@ -35,22 +35,10 @@ __all__ = ["write_deblender", "deblender_arguments", "restore_deblender", "bundl
 
 
 def write_deblender(deblender, path, *, overwrite=False):
-    """Write a deblender's model file (`~starnet.StarNetDeblender.save`).
+    """Write a deblender's model file: `~starnet.StarNetDeblender.save`, whose
+    arguments (``path``, ``overwrite``) and errors these are.
 
     Negligible weights are set to zero first (`starnet.denormals`).
-
-    Parameters
-    ----------
-    deblender : `~starnet.StarNetDeblender`
-    path : str or path-like
-        The file to write.
-    overwrite : bool, optional
-        Replace an existing file.
-
-    Raises
-    ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is false.
     """
     path = Path(path)
     if path.exists() and not overwrite:
