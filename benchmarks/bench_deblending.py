@@ -65,6 +65,7 @@ from astropy.nddata import NDData
 from astropy.table import QTable
 
 from starnet import StarNetDeblender
+from starnet.inference import region_tiles
 from starnet.simulate import add_noise
 
 matplotlib.use("Agg")
@@ -123,9 +124,9 @@ def pair_counts(deblender, name, separation, n_images, generator):
         image = NDData(add_noise(expected, generator=generator).numpy(), unit=u.electron,
                        meta=meta)
         pmfs = deblender.count_posterior(image, region=np.stack([pair, block]),
-                                         background="given", progress_bar=False)
+                                         background="given", progress=False)
         values.append([v for pmf in pmfs for v in summary(pmf)])
-    n_pair_tiles = int(deblender._region_tiles(pair, SHAPE).sum())
+    n_pair_tiles = int(region_tiles(pair, SHAPE, tile_size=deblender.grid.tile_size).sum())
     return np.mean(values, axis=0), n_pair_tiles
 
 

@@ -80,7 +80,7 @@ def _job(method, size, model, threads, repeats, queue):
         background = "fit" if method == "starnet, fitted bg" else "given"
 
         def run():
-            return len(deblender(image, background=background, progress_bar=False))
+            return len(deblender(image, background=background, progress=False))
     else:
         from photutils.detection import DAOStarFinder
         data = image.data[0] - image.meta["background"][0]

@@ -108,8 +108,8 @@ def evaluate(deblender, fields, limit, shape, n_samples):
     over the fields."""
     f1s, covered, bias = [], 0, []
     for k, (image, truth) in enumerate(fields):
-        f1s.append(score(deblender(image, progress_bar=False), truth, limit, shape).f1)
-        samples = deblender.sample(image, n_samples=n_samples, seed=k, progress_bar=False)
+        f1s.append(score(deblender(image, progress=False), truth, limit, shape).f1)
+        samples = deblender.sample(image, n_samples=n_samples, seed=k, progress=False)
         # a model whose prior starts at the limit counts all its stars (q may put a
         # flux a little below f_min); one whose prior reaches fainter, those above it
         bright = (np.asarray(samples["flux_r"]) >= limit if deblender.prior.f_min < limit

@@ -33,7 +33,7 @@ def main(argv=None):
                                       psf=deblender.psfs, background=deblender.background,
                                       seed=args.seed, stamp_size=deblender.stamp_size)
     draws = deblender.sample(image, n_samples=args.n_chains, seed=args.seed,
-                             background="given", progress_bar=False)
+                             background="given", progress=False)
     print(f"{args.model}: simulated {args.size} x {args.size} image, {len(truth)} stars; "
           f"{args.n_chains} chains, {args.seconds:g} s each run")
     print(f"{'region':>6}  {'start':<8} {'sweeps':>7} {'N mean':>7} {'log p - truth':>14}")

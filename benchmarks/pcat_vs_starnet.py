@@ -54,7 +54,7 @@ def main(argv=None):
     results = {}
     start = time.perf_counter()
     starnet = deblender.sample(image, n_samples=args.n_samples, seed=args.seed,
-                               background="given", progress_bar=False)
+                               background="given", progress=False)
     results["StarNet"] = (time.perf_counter() - start, starnet)
     sampler = CatalogSampler(prior=deblender.prior)
     start = time.perf_counter()

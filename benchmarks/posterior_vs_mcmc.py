@@ -135,7 +135,7 @@ def main(argv=None):
         print(f"image {image_index} (seed {seed}): {len(truth)} true stars", flush=True)
         start = time.perf_counter()
         draws = {"StarNet": (deblender.sample(image, n_samples=args.n_draws, seed=seed,
-                                              background="given", progress_bar=False),
+                                              background="given", progress=False),
                              time.perf_counter() - start)}
         for label, init in (("StarNet", draws["StarNet"][0]),
                             ("truth", _replicate(truth, args.n_draws))):

@@ -7,6 +7,8 @@ uniformly from that range, the same factor in every band. A small convolutional 
 `BackgroundEncoder`, is fitted on such simulated images, by the same forward KL as the
 catalog encoder, to give the posterior of ``log s`` from each cell of the image; the cells'
 posteriors are combined into one factor per image (`fit_background`).
+`choose_background` gives an image the background that a deblender's ``background``
+option asks for.
 """
 
 import math
@@ -19,15 +21,20 @@ from astropy.table import QTable
 from scipy.ndimage import gaussian_filter
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from .encoder import normalize_image
 from .images import with_changes
+from .inference import prepare_image
 from .prior import _seed_int
+from .progress import progress_bar
 from .validation import check_positive_int
 
 __all__ = ["BackgroundEncoder", "train_background_encoder", "fit_background",
-           "combine_cells"]
+           "choose_background", "combine_cells"]
+
+#: Width (pixels) of the window over which the background factor of an image larger
+#: than 256 pixels is smoothed when it is fitted (`choose_background`).
+_FIT_SMOOTHING = 64.0
 
 
 HALO_CELLS = 3
@@ -113,6 +120,8 @@ def train_background_encoder(encoder, batches, *, n_steps=2000, batch_size=16,
         Adam's rate decays from the first to the second by a cosine over the steps.
     seed : int
         Seed of the simulated images.
+    progress : bool
+        Show a progress bar.
 
     Returns
     -------
@@ -140,7 +149,7 @@ def train_background_encoder(encoder, batches, *, n_steps=2000, batch_size=16,
     encoder.train()
     history, losses, started = [], [], time.perf_counter()
     report_every = max(n_steps // 10, 1)
-    for step in tqdm(range(1, n_steps + 1), disable=not progress, leave=False):
+    for step in progress_bar(range(1, n_steps + 1), enabled=progress):
         images, background, _ = batches.draw(batch_size, generator=generator)
         log_scale = torch.log(background[:, 0, 0, 0] / nominal[0, 0, 0, 0])
         with keep_finite(encoder, f"step {step}", learning_rate) as check:
@@ -275,7 +284,10 @@ def fit_background(deblender, nddata, *, smoothing=None):
     if smoothing is not None and not smoothing > 0:
         raise ValueError(f"smoothing must be a positive width in pixels, got {smoothing}")
     # the given background's level is what we estimate; its shape we keep
-    image, given, read = deblender._prepare(nddata, check_sky=False)
+    inputs = prepare_image(nddata, bands=deblender.bands, psfs=deblender.psfs,
+                           stamp_size=deblender.stamp_size, check_sky=False)
+    image, given, read = inputs.image, inputs.background, inputs.meta
+    del inputs
     nominal = torch.as_tensor(np.asarray(deblender.background, dtype=np.float32))
     cell = encoder.cell_size
     rows, cols = image.shape[-2:]
@@ -322,3 +334,43 @@ def fit_background(deblender, nddata, *, smoothing=None):
     cells = QTable({"x": (x.ravel() + 0.5) * cell - 0.5, "y": (y.ravel() + 0.5) * cell - 0.5,
                     "scale": np.exp(mean.ravel()), "log_scale_sd": sd.ravel()})
     return fitted, cells
+
+
+def choose_background(deblender, nddata, background):
+    """The image with the background that a deblender's ``background`` option asks for.
+
+    Parameters
+    ----------
+    deblender : `~starnet.StarNetDeblender`
+    nddata : `~astropy.nddata.NDData`
+        The image.
+    background : {None, 'fit', 'given'}
+        As for `~starnet.StarNetDeblender.__call__`: 'fit' replaces the background by
+        `fit_background`'s (smoothed over 64 pixels on images larger than 256
+        pixels), 'given' keeps ``meta['background']``, None fits when the deblender
+        has a background encoder.
+
+    Returns
+    -------
+    image : `~astropy.nddata.NDData`
+        ``nddata`` itself ('given'), or a copy with the fitted background and
+        ``meta['background_used']`` = 'fitted'.
+    """
+    if background is None:
+        background = "fit" if deblender.background_encoder is not None else "given"
+    if background == "given":
+        return nddata
+    if background != "fit":
+        raise ValueError(f"background must be 'fit', 'given' or None (fit when the "
+                         f"model can), got {background!r}")
+    if deblender.background_encoder is None:
+        raise ValueError("background='fit' needs a model with a background encoder "
+                         "(see fit_background_encoder); this one has none: use "
+                         "background='given'")
+    smoothing = _FIT_SMOOTHING if max(np.shape(nddata.data)[-2:]) > 256 else None
+    with warnings.catch_warnings():
+        # said once, when the image is catalogued
+        for repeated in (".*masked or non-finite pixels", "the image's PSF in band"):
+            warnings.filterwarnings("ignore", repeated)
+        fitted, _ = fit_background(deblender, nddata, smoothing=smoothing)
+    return with_changes(fitted, meta=dict(fitted.meta, background_used="fitted"))

@@ -15,6 +15,7 @@ from astropy.table import QTable, vstack
 from scipy.special import log_softmax
 from scipy.stats import norm
 
+from .inference import chunk_tiles, encode, modal, prepare_image
 from .matching import match_catalogs, position_columns
 from .posterior import triangle_slots
 from .prior import _seed_int
@@ -91,8 +92,13 @@ def evaluate_on_simulations(deblender, *, n_images=20, shape=(100, 100), seed=0,
         catalog = deblender(image, background="given")
         match = match_catalogs(catalog, truth, band=band)
         tiles, true_counts = _truth_tiles(deblender, truth, shape)
-        state, _, _, chunk_tiles = deblender._encode(image)
-        posterior, _ = deblender._modal(state, chunk_tiles)
+        inputs = prepare_image(image, bands=deblender.bands, psfs=deblender.psfs,
+                               stamp_size=deblender.stamp_size)
+        chunks = chunk_tiles(inputs.shape, chunk_size=deblender.chunk_size,
+                             tile_size=deblender.grid.tile_size)
+        posterior, _ = modal(deblender.encoder,
+                             encode(deblender.encoder, inputs, chunk_tiles=chunks),
+                             chunk_tiles=chunks)
         pit = source_pit(posterior, tiles, true_counts=true_counts, pairing=pairing,
                          seed=rng, bands=deblender.bands)
         pit["image"] = np.full(len(pit), k)

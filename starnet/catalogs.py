@@ -1,24 +1,32 @@
-"""Quality flags of StarNet catalogs, and StarNet catalogs under photutils' column names.
+"""StarNet catalogs: their tables, quality flags, and photutils' column names.
 
-A StarNet catalog (`~starnet.StarNetDeblender.__call__`) names positions as photutils
-does (``x_fit``, ``y_fit``, ``x_err``, ``y_err``) but holds one flux per band
-(``flux_<band>``, ``flux_<band>_err``). `to_photutils` gives the table of one band
-under the names of a `~photutils.psf.PSFPhotometry` result (``flux_fit``,
-``flux_err``), for code written for photutils. `~starnet.match_catalogs` reads both
-kinds of table as they are.
+`modal_table` and `samples_table` make the tables of
+`~starnet.StarNetDeblender.__call__` and `~starnet.StarNetDeblender.sample` (units,
+magnitudes, flags, meta) from the rows that `starnet.inference` computes.
+
+A StarNet catalog names positions as photutils does (``x_fit``, ``y_fit``, ``x_err``,
+``y_err``) but holds one flux per band (``flux_<band>``, ``flux_<band>_err``).
+`to_photutils` gives the table of one band under the names of a
+`~photutils.psf.PSFPhotometry` result (``flux_fit``, ``flux_err``), for code written
+for photutils. `~starnet.match_catalogs` reads both kinds of table as they are.
 
 The ``flags`` column holds the bits of `CATALOG_FLAGS` (their meanings are StarNet's,
 not those of `photutils.psf.decode_psf_flags`); `decode_flags` names them.
 """
 
+import warnings
+
 import numpy as np
-from astropy.table import QTable
+from astropy import units as u
+from astropy.table import QTable, vstack
+from photutils.utils.exceptions import NoDetectionsWarning
 from scipy.ndimage import binary_erosion
 from scipy.spatial import cKDTree
 
+from . import __version__
 from .validation import check_mask
 
-__all__ = ["CATALOG_FLAGS", "decode_flags", "to_photutils"]
+__all__ = ["CATALOG_FLAGS", "decode_flags", "modal_table", "samples_table", "to_photutils"]
 
 #: Bits of the ``flags`` column of a StarNet catalog: value -> (name, meaning).
 CATALOG_FLAGS = {
@@ -31,6 +39,9 @@ CATALOG_FLAGS = {
 }
 
 _BIT = {name: bit for bit, (name, _) in CATALOG_FLAGS.items()}
+
+#: The 95 % quantile of the standard normal.
+_Z95 = 1.6448536269514722
 
 
 def decode_flags(flags):
@@ -76,6 +87,126 @@ def catalog_flags(x, y, detection_prob, *, shape, tile_size, padding, fwhm, bad=
         close = np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T) < fwhm
         flags[pairs[close].reshape(-1)] |= _BIT["blend"]
     return flags
+
+
+def modal_table(rows, offset, pmf, *, nddata, meta, bands, tile_size, max_sources, padding,
+                fwhm):
+    """The table of a modal catalog (`~starnet.StarNetDeblender.__call__` describes it).
+
+    Parameters
+    ----------
+    rows : dict of `numpy.ndarray`
+        The rows of `starnet.inference.modal_catalog`.
+    offset : int
+        The smallest count of ``pmf``.
+    pmf : `numpy.ndarray`
+        Posterior of the number of stars: ``pmf[k]`` = q(N = ``offset`` + k).
+    nddata : `~astropy.nddata.NDData`
+        The image (its shape, bad pixels and WCS).
+    meta : dict
+        The image's meta as `starnet.inference.prepare_image` gives it.
+    bands : list of str
+        The model's bands.
+    tile_size, max_sources : int
+        The model's tiles.
+    padding : int
+        Pixels the network sees around each tile (`catalog_flags`).
+    fwhm : float
+        PSF FWHM in pixels (`catalog_flags`).
+
+    Returns
+    -------
+    catalog : `~astropy.table.QTable`
+        With a `~photutils.utils.exceptions.NoDetectionsWarning` when it is empty.
+    """
+    locs, sd = rows["locs"], rows["sd"]
+    table = QTable()
+    table["id"] = np.arange(1, len(locs) + 1)
+    table["x_fit"] = locs[:, 0]
+    table["y_fit"] = locs[:, 1]
+    table["x_err"] = sd[:, 0]
+    table["y_err"] = sd[:, 1]
+    zero_points = _zero_points(meta, bands)
+    for b, band in enumerate(bands):
+        flux = rows["fluxes"][:, b]
+        s = rows["flux_sd"][:, b]
+        table[f"flux_{band}"] = flux * u.electron
+        table[f"flux_{band}_err"] = (flux * np.exp(s**2 / 2) * np.sqrt(np.expm1(s**2))
+                                     * u.electron)
+        # the 5 and 95 % quantiles of the log-normal: a usable error bar where the
+        # standard deviation of a faint star's flux is far larger than the flux
+        table[f"flux_{band}_q05"] = flux * np.exp(-_Z95 * s) * u.electron
+        table[f"flux_{band}_q95"] = flux * np.exp(_Z95 * s) * u.electron
+        table[f"mag_{band}"] = (zero_points[b] - 2.5 * np.log10(flux)) * u.mag
+        table[f"mag_{band}_err"] = 2.5 / np.log(10) * s * u.mag
+    table["detection_prob"] = rows["detection"]
+    table["flags"] = catalog_flags(
+        locs[:, 0], locs[:, 1], rows["detection"], shape=nddata.data.shape[-2:],
+        tile_size=tile_size, bad=bad_pixel_map(nddata), padding=padding, fwhm=fwhm)
+    if getattr(nddata, "wcs", None) is not None:
+        table["sky_centroid"] = nddata.wcs.pixel_to_world(table["x_fit"], table["y_fit"])
+    fit = meta.get("background_fit")
+    cdf = np.cumsum(pmf)
+    table.meta.update({
+        "version": __version__, "bands": bands,
+        "mag_zero_points": [float(z) for z in zero_points],
+        "tile_size": tile_size, "max_sources": max_sources,
+        "background_source": meta.get("background_used", "given"),
+        "background": meta["background_median"],
+        "background_fit": None if fit is None else fit["scale"],
+        "n_stars_mean": float(np.dot(np.arange(offset, offset + len(pmf)), pmf)),
+        "n_stars_q05": offset + int(np.searchsorted(cdf, 0.05)),
+        "n_stars_q95": offset + int(np.searchsorted(cdf, 0.95))})
+    if len(table) == 0:
+        warnings.warn("the modal catalog holds no stars", NoDetectionsWarning)
+    return table
+
+
+def samples_table(catalogs, *, bands, seed):
+    """The table of catalogs drawn from the posterior (`~starnet.StarNetDeblender.sample`).
+
+    Parameters
+    ----------
+    catalogs : list of tuple
+        ``(locs, fluxes)`` of each draw, from `starnet.inference.draw_catalogs`.
+    bands : list of str
+        The model's bands.
+    seed : int or None
+        The seed of the draws, recorded in ``meta``.
+
+    Returns
+    -------
+    samples : `~astropy.table.QTable`
+        Columns ``sample``, ``x_fit``, ``y_fit`` and ``flux_<band>`` (electrons).
+    """
+    tables = []
+    for index, (locs, fluxes) in enumerate(catalogs):
+        table = QTable()
+        table["sample"] = np.full(len(locs), index)
+        table["x_fit"] = locs[:, 0]
+        table["y_fit"] = locs[:, 1]
+        for b, band in enumerate(bands):
+            table[f"flux_{band}"] = fluxes[:, b] * u.electron
+        tables.append(table)
+    samples = vstack(tables)
+    samples.meta.update({"version": __version__, "n_samples": len(catalogs), "seed": seed})
+    return samples
+
+
+def _zero_points(meta, bands):
+    """Magnitude zero points: 22.5 + 2.5 log10(nelec_per_nmgy), or 0 (instrumental)."""
+    calibration = meta.get("nelec_per_nmgy")
+    if calibration is None:
+        return np.zeros(len(bands))
+    calibration = np.asarray(calibration, dtype=float)
+    if calibration.size not in (1, len(bands)):
+        raise ValueError(f"meta['nelec_per_nmgy'] needs one value or one per band "
+                         f"({len(bands)}: {bands}), got {calibration.size}")
+    calibration = np.broadcast_to(calibration.reshape(-1), (len(bands),))
+    if not np.all(np.isfinite(calibration) & (calibration > 0)):
+        raise ValueError(f"meta['nelec_per_nmgy'] must be positive and finite, got "
+                         f"{calibration.tolist()}")
+    return 22.5 + 2.5 * np.log10(calibration)
 
 
 def bad_pixel_map(nddata):

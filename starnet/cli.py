@@ -187,7 +187,7 @@ def _catalog(parser, args):
         deblender = StarNetDeblender.from_name_or_path(args.model)
         image = _read_image(args, deblender)
         table = deblender(image, background="given" if args.no_background_fit else None,
-                          progress_bar=not args.no_progress)
+                          progress=not args.no_progress)
     except _USER_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     table.meta.update(_provenance(args))

@@ -1,37 +1,28 @@
 """StarNetDeblender: catalogs with posterior uncertainties from images of crowded star fields."""
 
 import dataclasses
-import warnings
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import torch
 from astropy import units as u
-from astropy.table import QTable, vstack
-from photutils.utils.exceptions import NoDetectionsWarning
-from tqdm.auto import tqdm
+from astropy.utils.decorators import deprecated_renamed_argument
 
-from . import __version__
-from .background import BackgroundEncoder, fit_background, train_background_encoder
-from .catalogs import bad_pixel_map, catalog_flags
-from .denormals import flush_denormals, zero_negligible_weights
+from .background import BackgroundEncoder, choose_background, train_background_encoder
+from .catalogs import modal_table, samples_table
 from .encoder import StarNetEncoder
-from .model_files import describe_model, read_model, write_model
-from .posterior import (TiledPosterior, _full_pmf, convolve_counts, count_distribution,
-                        support)
+from .images import as_background, image_psfs, read_image
+from .inference import chunk_tiles, count_pmfs, draw_catalogs, modal_catalog, prepare_image
+from .model_files import describe_model, read_model
+from .model_io import (bundled_model_path, bundled_models, deblender_arguments, model_path,
+                       restore_deblender, write_deblender)
 from .prior import StarFieldPrior, _seed_int
-from .psf import as_psf, pixel_stamps, psf_from_dict, psf_fwhm, psf_to_dict
-from .simulate import StarFieldRenderer, as_background
-from .tiles import TileCatalog, TileGrid
-from .training import SimulatedBatches, TrainingSettings, inside_image, train_encoder
-from .images import image_psfs, read_image, with_changes
-from .validation import (check_background, check_draws_memory, check_image_meta,
-                         check_positive_int)
+from .psf import as_psf, psf_fwhm, psf_to_dict
+from .simulate import StarFieldRenderer
+from .tiles import TileGrid
+from .training import SimulatedBatches, TrainingSettings, train_encoder
+from .validation import check_draws_memory, check_image_meta, check_positive_int
 
 __all__ = ["StarNetDeblender"]
-
-_GAUSS_HERMITE = np.polynomial.hermite_e.hermegauss(32)
 
 
 class StarNetDeblender:
@@ -278,10 +269,8 @@ class StarNetDeblender:
         """Save the model: network weights (tensors only) and JSON metadata, in one file.
 
         The file loads with ``torch.load(path, weights_only=True)``; no code is
-        pickled. Negligible weights are set to zero first, so that the file holds no
-        denormal numbers (`starnet.denormals`). The file is written atomically (an
-        interrupted save leaves the previous file intact) with a checksum of the
-        weights (`starnet.model_files`).
+        pickled. It is written atomically, with a checksum of the weights and no
+        denormal numbers (`starnet.model_io`).
 
         Parameters
         ----------
@@ -295,37 +284,11 @@ class StarNetDeblender:
         FileExistsError
             If ``path`` exists and ``overwrite`` is false.
         """
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        for network in (self.encoder, self.background_encoder):
-            if network is not None:
-                zero_negligible_weights(network)
-        metadata = {
-            "starnet_version": __version__, **describe_model(self),
-            "training_settings": (self.training_settings.to_dict()
-                                  if self.training_settings is not None else None),
-            "training_history": (_table_to_lists(self.training_history)
-                                 if self.training_history is not None else None),
-            "provenance": self.provenance,
-        }
-        state = {"weights": self.encoder.state_dict()}
-        if self.background_encoder is not None:
-            metadata["background_encoder"] = {
-                "cell_size": self.background_encoder.cell_size,
-                "hidden": self.background_encoder.hidden,
-                "history": _table_to_lists(self.background_history)}
-            state["background_weights"] = self.background_encoder.state_dict()
-        write_model(path, metadata, state, overwrite=overwrite)
+        write_deblender(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path):
-        """Load a model written by `save`.
-
-        The file is verified first (`starnet.model_files.read_model`).
-        Negligible weights (denormal numbers among them, which slow a CPU down 10-20
-        times) are set to zero, so that files written before `save` did so run at full
-        speed (`starnet.denormals`).
+        """Load a model written by `save`, verified first (`starnet.model_io`).
 
         Parameters
         ----------
@@ -356,37 +319,8 @@ class StarNetDeblender:
         ['r', 'i'] 100
         """
         metadata, state = read_model(path)
-        deblender = cls(prior=StarFieldPrior.from_dict(metadata["prior"]),
-                        psf=[psf_from_dict(p) for p in metadata["psf"]],
-                        background=metadata["background"], tile_size=metadata["tile_size"],
-                        max_sources=metadata["max_sources"], stamp_size=metadata["stamp_size"],
-                        hidden=metadata["hidden"], tile_hidden=metadata["tile_hidden"],
-                        n_colors=metadata.get("n_colors", 1))
-        deblender.encoder.log_flux_offset = metadata.get("log_flux_offset",
-                                                         deblender.encoder.log_flux_offset)
-        deblender.encoder.load_state_dict(state["weights"])
-        zero_negligible_weights(deblender.encoder)
-        if metadata["training_settings"] is not None:
-            settings = dict(metadata["training_settings"])
-            settings["image_shape"] = tuple(settings["image_shape"])
-            for name in ("background_range", "psf_variant_range", "density_range"):
-                if settings.get(name) is not None:
-                    settings[name] = tuple(settings[name])
-            deblender.training_settings = TrainingSettings(**settings)
-        deblender.provenance = metadata.get("provenance", {})
-        deblender.psf_variants = [[as_psf(psf_from_dict(p)) for p in psfs]
-                                  for psfs in metadata.get("psf_variants", [])]
-        if "background_encoder" in metadata:
-            options = metadata["background_encoder"]
-            deblender.background_encoder = BackgroundEncoder(
-                n_bands=deblender.prior.n_bands, cell_size=options["cell_size"],
-                hidden=options["hidden"])
-            deblender.background_encoder.load_state_dict(state["background_weights"])
-            zero_negligible_weights(deblender.background_encoder)
-            deblender.background_encoder.eval()
-            deblender.background_history = QTable(options["history"])
-        if metadata["training_history"] is not None:
-            deblender.training_history = QTable(metadata["training_history"])
+        deblender = cls(**deblender_arguments(metadata))
+        restore_deblender(deblender, metadata, state)
         return deblender
 
     @classmethod
@@ -419,10 +353,7 @@ class StarNetDeblender:
         >>> print(deblender.bands, deblender.prior.mu, deblender.training_settings.density_range)
         ['r', 'i'] 0.12 (0.001, 0.2)
         """
-        available = cls.available()
-        if name not in available:
-            raise ValueError(f"no pretrained model {name!r}; available: {available}")
-        return cls.load(resources.files("starnet") / "models" / f"{name}.pt")
+        return cls.load(bundled_model_path(name))
 
     @classmethod
     def from_name_or_path(cls, model):
@@ -445,13 +376,7 @@ class StarNetDeblender:
         """
         if isinstance(model, cls):
             return model
-        if Path(str(model)).is_file():
-            return cls.load(model)
-        available = cls.available()
-        if str(model) in available:
-            return cls.pretrained(str(model))
-        raise FileNotFoundError(f"model {str(model)!r} is neither a model file nor a "
-                                f"pretrained model (pretrained: {available})")
+        return cls.load(model_path(model))
 
     @staticmethod
     def available():
@@ -462,136 +387,11 @@ class StarNetDeblender:
         names : list of str
             The names `pretrained` takes, sorted.
         """
-        folder = resources.files("starnet") / "models"
-        if not folder.is_dir():
-            return []
-        return sorted(p.name[:-3] for p in folder.iterdir() if p.name.endswith(".pt"))
+        return bundled_models()
 
     # ----------------------------------------------------------------- inference
-    def _chosen_background(self, nddata, background):
-        """``nddata`` with the background that ``background`` asks for (see `__call__`)."""
-        if background is None:
-            background = "fit" if self.background_encoder is not None else "given"
-        if background == "given":
-            return nddata
-        if background != "fit":
-            raise ValueError(f"background must be 'fit', 'given' or None (fit when the "
-                             f"model can), got {background!r}")
-        if self.background_encoder is None:
-            raise ValueError("background='fit' needs a model with a background encoder "
-                             "(see fit_background_encoder); this one has none: use "
-                             "background='given'")
-        smoothing = _FIT_SMOOTHING if max(np.shape(nddata.data)[-2:]) > 256 else None
-        with warnings.catch_warnings():
-            # said once, when the image is catalogued
-            for repeated in (".*masked or non-finite pixels", "the image's PSF in band"):
-                warnings.filterwarnings("ignore", repeated)
-            fitted, _ = fit_background(self, nddata, smoothing=smoothing)
-        return with_changes(fitted, meta=dict(fitted.meta, background_used="fitted"))
-
-    def _prepare(self, nddata, *, check_sky=True):
-        """Validated image and background tensors (1, bands, rows, cols) in electrons
-        (`starnet.images.read_image`) and the meta; ``check_sky``: check the pixels
-        against the declared background (`starnet.validation.check_background`)."""
-        image = read_image(nddata, self.bands)
-        data, background, bad = image.data, image.background, image.bad
-        if check_sky:
-            check_background(data, background, self.bands, bad=bad)
-        if bad.any():
-            warnings.warn(f"{int(bad.sum())} masked or non-finite pixels are replaced by the "
-                          "background; stars there are not detected", UserWarning)
-            data = np.where(bad, background, data)
-        del bad
-        self._check_psfs(image_psfs(nddata, len(self.bands)))
-        with warnings.catch_warnings():
-            # the caller's arrays may be read-only; they are only read
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            medians = np.median(background.reshape(len(self.bands), -1), axis=1)
-            meta = dict(image.meta, background_median=[float(m) for m in medians],
-                        pedestal=image.pedestal, electrons_per_unit=image.electrons_per_unit)
-            return torch.from_numpy(data)[None], torch.from_numpy(background)[None], meta
-
-    def _check_psfs(self, psfs):
-        psfs = list(psfs) if isinstance(psfs, (list, tuple)) else [psfs] * len(self.bands)
-        if len(psfs) != len(self.bands):
-            raise ValueError(f"meta['psf'] has {len(psfs)} PSFs for {len(self.bands)} bands")
-        for band, model_psf, image_psf in zip(self.bands, self.psfs, psfs):
-            size = min(self.stamp_size, 15)
-            ours = pixel_stamps(model_psf, size, [0.0], [0.0])[0]
-            theirs = pixel_stamps(as_psf(image_psf), size, [0.0], [0.0])[0]
-            ours, theirs = ours / ours.sum(), theirs / theirs.sum()
-            difference = np.abs(ours - theirs).sum() / 2
-            # 3.4 % (r) and 4.9 % (i) between the SDSS power law and KL PSFs of M2
-            # biased the count by +40 % (docs/psf.rst)
-            if difference > 0.02:
-                warnings.warn(f"the image's PSF in band {band} differs from the PSF the model "
-                              f"was trained with ({difference:.1%} of the light is placed "
-                              "differently; 3 to 5 % made the count 40 % too high on "
-                              "simulated M2 images); results may be biased", UserWarning)
-
-    @torch.no_grad()
-    def _encode(self, nddata, progress_bar=False):
-        """Encode a validated image: its posterior (independent tiles) or tile features
-        (checkerboard, decided later), with its shape, meta and chunking."""
-        image, background, meta = self._prepare(nddata)
-        self.encoder.eval()
-        chunk_tiles = self._chunk_tiles(image.shape[-2:])
-        with flush_denormals(), _ProgressBar(progress_bar, "encoding blocks") as progress:
-            if self.encoder.n_colors == 1:
-                state = self.encoder(image, background, chunk_tiles=chunk_tiles,
-                                     progress=progress)
-            else:
-                state = self.encoder.features(image, background, chunk_tiles=chunk_tiles,
-                                              progress=progress)
-        return state, image.shape[-2:], meta, chunk_tiles
-
-    def _chunk_tiles(self, shape):
-        """Side of the blocks in tiles for an image of ``shape``, or None (one block)."""
-        if max(shape) > self.chunk_size:
-            return max(self.chunk_size // self.grid.tile_size, 1)
-        return None
-
-    def _blocks(self, image, background, progress_bar):
-        """The posterior of independent tiles, block by block (see
-        `~starnet.encoder.StarNetEncoder.blocks`), with a progress bar."""
-        self.encoder.eval()
-        with torch.no_grad(), flush_denormals(), \
-                _ProgressBar(progress_bar, "encoding blocks") as progress:
-            yield from self.encoder.blocks(image, background,
-                                           self._chunk_tiles(image.shape[-2:]),
-                                           progress=progress)
-
-    @torch.no_grad()
-    def _modal(self, state, chunk_tiles):
-        """The posterior of every tile and the modal catalog."""
-        if isinstance(state, TiledPosterior):
-            return state, state.mode()
-        with flush_denormals():
-            return self.encoder.decide(state, lambda q: q.mode(), chunk_tiles=chunk_tiles)
-
-    @torch.no_grad()
-    def _draw(self, state, n_samples, generator, chunk_tiles, progress_bar=False):
-        """``n_samples`` catalogs from the posterior, as tile variables (one per image)."""
-        def sample(q):
-            return q.sample(generator=generator)
-
-        n_tiles = state.count_logits[0, ..., 0].numel() if isinstance(
-            state, TiledPosterior) else state.shape[-2] * state.shape[-1]
-        batch = int(np.clip(2_000_000 // n_tiles, 1, 64))
-        draws = []
-        with flush_denormals(), _ProgressBar(progress_bar, "posterior draws") as progress:
-            for start in range(0, n_samples, batch):
-                size = min(batch, n_samples - start)
-                if isinstance(state, TiledPosterior):
-                    draws.append(sample(state.expand(size)))
-                else:
-                    expanded = state.expand(size, *state.shape[1:])
-                    draws.append(self.encoder.decide(expanded, sample,
-                                                     chunk_tiles=chunk_tiles)[1])
-                progress(start + size, n_samples)
-        return TileCatalog.concatenate(draws)
-
-    def __call__(self, nddata, *, background=None, progress_bar=True):
+    @deprecated_renamed_argument("progress_bar", "progress", "0.1")
+    def __call__(self, nddata, *, background=None, progress=True):
         """Modal catalog of an image.
 
         Parameters
@@ -611,9 +411,10 @@ class StarNetDeblender:
             ``meta['background']`` as it is. Default: 'fit' when the model has a
             background encoder (the bundled ones do), else 'given'. On M2 the fit gives
             F1 0.57 against 0.47 with the SDSS sky (docs/m2.rst).
-        progress_bar : bool, optional
+        progress : bool, optional
             Show a progress bar (tqdm) over the blocks of an image larger than
-            ``chunk_size`` pixels on a side, when the work lasts more than 2 seconds.
+            ``chunk_size`` pixels on a side, when the work lasts more than 2 seconds
+            (``progress_bar``: its deprecated name).
 
         Returns
         -------
@@ -635,13 +436,11 @@ class StarNetDeblender:
               instrumental magnitude ``-2.5 log10(flux / electron)``;
             * ``detection_prob``: posterior probability that the tile holds at least as
               many stars as this star's rank by flux in the tile;
-            * ``flags``: integer bit flags (`starnet.catalogs.CATALOG_FLAGS`; 0 = none):
-              1 (``edge``) the window of pixels the network sees for the star's tile
-              (``receptive_field``, 16 pixels for tiles of 2) reaches beyond the image;
-              2 (``bad_pixels``) a masked or non-finite pixel within one PSF FWHM (the
-              largest of the model's bands); 4 (``low_detection``) ``detection_prob``
-              below 0.5; 8 (``blend``) another star of the catalog within one PSF
-              FWHM. `starnet.catalogs.decode_flags` names them;
+            * ``flags``: integer bit flags, 0 = none: 1 ``edge``, 2 ``bad_pixels``, 4
+              ``low_detection``, 8 ``blend`` (`starnet.catalogs.CATALOG_FLAGS` says what
+              each means, with the FWHM of the model's widest PSF and the window of
+              ``receptive_field`` pixels the network sees for a tile;
+              `starnet.catalogs.decode_flags` names them);
             * ``sky_centroid`` when the image has a WCS.
 
             ``meta`` holds the posterior of the total number of stars in the image
@@ -653,133 +452,19 @@ class StarNetDeblender:
             ``background_fit``: the fitted factor, or None), the model settings and the
             package version.
         """
-        nddata = self._chosen_background(nddata, background)
-        n_per_tile = self.grid.max_sources
-        if self.encoder.n_colors == 1:
-            # block by block: only the catalog rows and the count pmf of each block are
-            # kept, so memory stays that of a block beside the image
-            image, background, meta = self._prepare(nddata)
-            shape = image.shape[-2:]
-            parts, block_pmfs = [], []
-            for rows, cols, posterior in self._blocks(image, background, progress_bar):
-                parts.append(self._modal_rows(posterior, posterior.mode(),
-                                              (rows.start, cols.start), shape))
-                block_pmfs.append(support(self._tile_count_pmf(posterior)))
-            del image, background
-            offset, pmf = convolve_counts(block_pmfs)
-        else:
-            state, shape, meta, chunk_tiles = self._encode(nddata, progress_bar)
-            posterior, mode = self._modal(state, chunk_tiles)
-            parts = [self._modal_rows(posterior, mode, (0, 0), shape)]
-            offset, pmf = 0, self._tile_count_pmf(posterior)
-            del state, posterior, mode
-        rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-        order = np.argsort(rows.pop("key"), kind="stable")   # by tile, as one-shot
-        table = self._table({key: value[order] for key, value in rows.items()}, meta, nddata)
-        fit = meta.get("background_fit")
-        table.meta.update({"background_source": meta.get("background_used", "given"),
-                           "background": meta["background_median"],
-                           "background_fit": None if fit is None else fit["scale"]})
-        n_tiles = int(np.prod(self.grid.grid_shape(tuple(shape))))
-        pmf = pmf[:max(n_tiles * n_per_tile + 1 - offset, 0)]
-        pmf = pmf / pmf.sum()
-        cdf = np.cumsum(pmf)
-        table.meta.update({
-            "n_stars_mean": float(np.dot(np.arange(offset, offset + len(pmf)), pmf)),
-            "n_stars_q05": offset + int(np.searchsorted(cdf, 0.05)),
-            "n_stars_q95": offset + int(np.searchsorted(cdf, 0.95))})
-        if len(table) == 0:
-            warnings.warn("the modal catalog holds no stars", NoDetectionsWarning)
-        return table
+        nddata = choose_background(self, nddata, background)
+        inputs = self._prepare(nddata)
+        rows, offset, pmf = modal_catalog(self.encoder, inputs, chunk_tiles=self._chunks(inputs),
+                                          progress=progress)
+        meta = inputs.meta
+        del inputs
+        return modal_table(rows, offset, pmf, nddata=nddata, meta=meta, bands=self.bands,
+                           tile_size=self.grid.tile_size, max_sources=self.grid.max_sources,
+                           padding=(self.encoder.receptive_field - self.grid.tile_size) // 2,
+                           fwhm=max(psf_fwhm(psf) for psf in self.psfs))
 
-    def _modal_rows(self, posterior, mode, origin, shape):
-        """Catalog rows (numpy arrays) of the modal catalog ``mode`` of the tiles of
-        ``posterior``, a block of the tile grid starting at tile ``origin`` (row, col)
-        of an image of ``shape``: the stars inside the image, with ``key``, their rank
-        in the one-shot catalog's order (by tile, then slot)."""
-        locs, fluxes, mask = self.grid.from_tiles(mode, origin)
-        loc_mean, loc_sd, _, flux_sd = (
-            p.reshape(1, -1, p.shape[-1]) for p in posterior.row_parameters(mode.counts))
-        # detection probability of the k-th brightest star of a tile: q(count >= k)
-        at_least = torch.flip(torch.cumsum(torch.flip(posterior.count_probs, [-1]), -1), [-1])
-        slot = torch.arange(self.grid.max_sources)
-        brightness = mode.fluxes[..., 0].masked_fill(slot >= mode.counts[..., None], -1.0)
-        rank = torch.argsort(torch.argsort(-brightness, dim=-1), dim=-1)
-        detection = at_least[..., 1:].gather(-1, rank).reshape(1, -1)
-        keep = mask[0] & inside_image(locs[0], shape)
-        tile_rows, tile_cols = mode.counts.shape[-2:]
-        grid_cols = self.grid.grid_shape(tuple(shape))[1]
-        tile = ((torch.arange(origin[0], origin[0] + tile_rows)[:, None] * grid_cols
-                 + torch.arange(origin[1], origin[1] + tile_cols)[None, :]))
-        key = (tile[..., None] * self.grid.max_sources + slot).reshape(-1)[keep]
-        if keep.any():
-            sd = _sigmoid_sd(loc_mean[0][keep].double().numpy(),
-                             loc_sd[0][keep].double().numpy()) * self.grid.tile_size
-        else:
-            sd = np.zeros((0, 2))
-        return {"key": key.numpy(), "locs": locs[0][keep].double().numpy(),
-                "fluxes": fluxes[0][keep].double().numpy(), "sd": sd,
-                "flux_sd": flux_sd[0][keep].double().numpy(),
-                "detection": detection[0, keep].double().numpy()}
-
-    def _table(self, rows, meta, nddata):
-        """The catalog table of the rows from `_modal_rows`."""
-        locs, sd = rows["locs"], rows["sd"]
-        table = QTable()
-        table["id"] = np.arange(1, len(locs) + 1)
-        table["x_fit"] = locs[:, 0]
-        table["y_fit"] = locs[:, 1]
-        table["x_err"] = sd[:, 0]
-        table["y_err"] = sd[:, 1]
-        zero_points = _zero_points(meta, self.bands)
-        for b, band in enumerate(self.bands):
-            flux = rows["fluxes"][:, b]
-            s = rows["flux_sd"][:, b]
-            table[f"flux_{band}"] = flux * u.electron
-            table[f"flux_{band}_err"] = (flux * np.exp(s**2 / 2) * np.sqrt(np.expm1(s**2))
-                                         * u.electron)
-            # the 5 and 95 % quantiles of the log-normal: a usable error bar where the
-            # standard deviation of a faint star's flux is far larger than the flux
-            table[f"flux_{band}_q05"] = flux * np.exp(-_Z95 * s) * u.electron
-            table[f"flux_{band}_q95"] = flux * np.exp(_Z95 * s) * u.electron
-            table[f"mag_{band}"] = (zero_points[b] - 2.5 * np.log10(flux)) * u.mag
-            table[f"mag_{band}_err"] = 2.5 / np.log(10) * s * u.mag
-        table["detection_prob"] = rows["detection"]
-        table["flags"] = catalog_flags(
-            locs[:, 0], locs[:, 1], rows["detection"], shape=nddata.data.shape[-2:],
-            tile_size=self.grid.tile_size, bad=bad_pixel_map(nddata),
-            padding=(self.encoder.receptive_field - self.grid.tile_size) // 2,
-            fwhm=max(psf_fwhm(psf) for psf in self.psfs))
-        if getattr(nddata, "wcs", None) is not None:
-            table["sky_centroid"] = nddata.wcs.pixel_to_world(table["x_fit"], table["y_fit"])
-        table.meta.update({
-            "version": __version__, "bands": self.bands,
-            "mag_zero_points": [float(z) for z in zero_points],
-            "tile_size": self.grid.tile_size, "max_sources": self.grid.max_sources})
-        return table
-
-    def _tile_count_pmf(self, posterior, tiles=None):
-        """pmf of the total count of independent tiles (all, or the ``tiles`` selected by a
-        boolean tile map) with the posterior's count probabilities (for a checkerboard
-        model: given the modal choices before them)."""
-        probs = posterior.count_probs[0]
-        if tiles is not None:
-            probs = probs[torch.from_numpy(tiles)]
-        return count_distribution(probs.reshape(-1, self.grid.max_sources + 1).double().numpy())
-
-    def _sampled_count_pmfs(self, state, chunk_tiles, tile_maps):
-        """Posterior pmfs of a checkerboard model's number of stars in the tiles of each
-        boolean tile map (None: all tiles), from ``n_count_samples`` draws."""
-        generator = torch.Generator().manual_seed(0)
-        counts = self._draw(state, self.n_count_samples, generator, chunk_tiles).counts
-        pmfs = []
-        for tiles in tile_maps:
-            selected = counts if tiles is None else counts[:, torch.from_numpy(tiles)]
-            totals = selected.reshape(self.n_count_samples, -1).sum(dim=1).numpy()
-            pmfs.append(np.bincount(totals, minlength=int(totals.max()) + 1) / len(totals))
-        return pmfs
-
-    def count_posterior(self, nddata, *, region=None, background=None, progress_bar=True):
+    @deprecated_renamed_argument("progress_bar", "progress", "0.1")
+    def count_posterior(self, nddata, *, region=None, background=None, progress=True):
         """Posterior probabilities of the number of stars in the image or in regions of it.
 
         Parameters
@@ -794,7 +479,7 @@ class StarNetDeblender:
             partition the image partition its stars.
         background : {None, 'fit', 'given'}, optional
             As for `__call__`.
-        progress_bar : bool, optional
+        progress : bool, optional
             As for `__call__`.
 
         Returns
@@ -825,44 +510,14 @@ class StarNetDeblender:
         ...       f"{np.searchsorted(cdf, 0.95)}); true {len(truth)}")
         152.0 (141, 163); true 164
         """
-        nddata = self._chosen_background(nddata, background)
-        if self.encoder.n_colors == 1:
-            image, background, _ = self._prepare(nddata)
-            shape = image.shape[-2:]
-        else:
-            state, shape, _, chunk_tiles = self._encode(nddata, progress_bar)
+        inputs = self._prepare(choose_background(self, nddata, background))
         region = None if region is None else np.asarray(region)
         single = region is None or region.ndim == 2
-        tile_maps = [None] if region is None else [
-            self._region_tiles(r, shape) for r in (region[None] if single else region)]
-        if self.encoder.n_colors == 1:
-            # block by block, as in __call__: the pmf of a region is the convolution of
-            # those of its parts in the blocks
-            parts = [[] for _ in tile_maps]
-            for rows, cols, posterior in self._blocks(image, background, progress_bar):
-                for part, tiles in zip(parts, tile_maps):
-                    part.append(support(self._tile_count_pmf(
-                        posterior, None if tiles is None else tiles[rows, cols])))
-            n_tiles = int(np.prod(self.grid.grid_shape(tuple(shape))))
-            pmfs = []
-            for part, tiles in zip(parts, tile_maps):
-                n_selected = n_tiles if tiles is None else int(tiles.sum())
-                pmfs.append(_full_pmf(*convolve_counts(part),
-                                      n_selected * self.grid.max_sources + 1))
-        else:
-            pmfs = self._sampled_count_pmfs(state, chunk_tiles, tile_maps)
+        pmfs = count_pmfs(self.encoder, inputs,
+                          None if region is None else region[None] if single else region,
+                          chunk_tiles=self._chunks(inputs), progress=progress,
+                          n_samples=self.n_count_samples)
         return pmfs[0] if single else pmfs
-
-    def _region_tiles(self, region, shape):
-        """Boolean map of the tiles whose central pixel a pixel region holds."""
-        if region.dtype != bool or region.shape != tuple(shape):
-            raise ValueError(f"region must be a boolean array of the image's shape "
-                             f"{tuple(shape)} (or a stack of them), got {region.dtype} "
-                             f"{region.shape}")
-        size = self.grid.tile_size
-        rows = np.minimum(np.arange(0, shape[0], size) + (size - 1) // 2, shape[0] - 1)
-        cols = np.minimum(np.arange(0, shape[1], size) + (size - 1) // 2, shape[1] - 1)
-        return region[np.ix_(rows, cols)]
 
     def render(self, catalog, shape):
         """Star light of a catalog through the model's PSFs.
@@ -912,7 +567,8 @@ class StarNetDeblender:
             self._cached_renderer = StarFieldRenderer(self.psfs, stamp_size=self.stamp_size)
         return self._cached_renderer
 
-    def sample(self, nddata, *, n_samples=100, seed=None, background=None, progress_bar=True):
+    @deprecated_renamed_argument("progress_bar", "progress", "0.1")
+    def sample(self, nddata, *, n_samples=100, seed=None, background=None, progress=True):
         """Whole catalogs drawn from the posterior.
 
         Parameters
@@ -925,7 +581,7 @@ class StarNetDeblender:
             Seed of the draws; the same seed gives the same catalogs.
         background : {None, 'fit', 'given'}, optional
             As for `__call__`.
-        progress_bar : bool, optional
+        progress : bool, optional
             Show the progress of the encoding (as for `__call__`) and of the draws.
 
         Returns
@@ -952,78 +608,18 @@ class StarNetDeblender:
         n_samples = check_positive_int(n_samples, "n_samples")
         check_draws_memory(n_samples, np.shape(nddata.data), tile_size=self.grid.tile_size,
                            max_sources=self.grid.max_sources, n_bands=len(self.bands))
-        nddata = self._chosen_background(nddata, background)
-        state, shape, _, chunk_tiles = self._encode(nddata, progress_bar)
-        generator = torch.Generator().manual_seed(_seed_int(seed))
-        draws = self._draw(state, n_samples, generator, chunk_tiles, progress_bar)
-        all_locs, all_fluxes, all_masks = self.grid.from_tiles(draws)
-        tables = []
-        for index, (locs, fluxes, mask) in enumerate(zip(all_locs, all_fluxes, all_masks)):
-            keep = mask & inside_image(locs, shape)
-            table = QTable()
-            table["sample"] = np.full(int(keep.sum()), index)
-            table["x_fit"] = locs[keep, 0].double().numpy()
-            table["y_fit"] = locs[keep, 1].double().numpy()
-            for b, band in enumerate(self.bands):
-                table[f"flux_{band}"] = fluxes[keep, b].double().numpy() * u.electron
-            tables.append(table)
-        samples = vstack(tables)
-        samples.meta.update({"version": __version__, "n_samples": n_samples, "seed": seed})
-        return samples
+        inputs = self._prepare(choose_background(self, nddata, background))
+        catalogs = draw_catalogs(self.encoder, inputs, n_samples,
+                                 generator=torch.Generator().manual_seed(_seed_int(seed)),
+                                 chunk_tiles=self._chunks(inputs), progress=progress)
+        return samples_table(catalogs, bands=self.bands, seed=seed)
 
+    def _prepare(self, nddata):
+        """The encoder's input (`starnet.inference.prepare_image`) of an image."""
+        return prepare_image(nddata, bands=self.bands, psfs=self.psfs,
+                             stamp_size=self.stamp_size)
 
-class _ProgressBar:
-    """Context manager giving a ``progress(done, total)`` callback that drives a tqdm
-    bar, or does nothing when ``enabled`` is false."""
-
-    def __init__(self, enabled, description):
-        self.bar = tqdm(desc=description, disable=not enabled, leave=False, delay=2.0)
-
-    def __enter__(self):
-        return self.update
-
-    def update(self, done, total):
-        self.bar.total = total
-        self.bar.update(done - self.bar.n)
-
-    def __exit__(self, *exc):
-        self.bar.close()
-
-
-#: Width (pixels) of the window over which the background factor of an image larger
-#: than 256 pixels is smoothed when it is fitted (`_chosen_background`).
-_FIT_SMOOTHING = 64.0
-
-#: The 95 % quantile of the standard normal.
-_Z95 = 1.6448536269514722
-
-
-def _table_to_lists(table):
-    """A table of numbers as a JSON-ready dict of lists of floats, column by column."""
-    return {name: [float(v) for v in table[name]] for name in table.colnames}
-
-
-def _sigmoid_sd(mean, sd):
-    """Standard deviation of sigmoid(z), z ~ Normal(mean, sd^2), by Gauss-Hermite quadrature."""
-    nodes, weights = _GAUSS_HERMITE
-    weights = weights / weights.sum()
-    values = 1 / (1 + np.exp(-(mean[..., None] + sd[..., None] * nodes)))
-    first = (values * weights).sum(-1)
-    second = (values**2 * weights).sum(-1)
-    return np.sqrt(np.clip(second - first**2, 0, None))
-
-
-def _zero_points(meta, bands):
-    """Magnitude zero points: 22.5 + 2.5 log10(nelec_per_nmgy), or 0 (instrumental)."""
-    calibration = meta.get("nelec_per_nmgy")
-    if calibration is None:
-        return np.zeros(len(bands))
-    calibration = np.asarray(calibration, dtype=float)
-    if calibration.size not in (1, len(bands)):
-        raise ValueError(f"meta['nelec_per_nmgy'] needs one value or one per band "
-                         f"({len(bands)}: {bands}), got {calibration.size}")
-    calibration = np.broadcast_to(calibration.reshape(-1), (len(bands),))
-    if not np.all(np.isfinite(calibration) & (calibration > 0)):
-        raise ValueError(f"meta['nelec_per_nmgy'] must be positive and finite, got "
-                         f"{calibration.tolist()}")
-    return 22.5 + 2.5 * np.log10(calibration)
+    def _chunks(self, inputs):
+        """Side in tiles of the blocks in which ``inputs`` are encoded, or None."""
+        return chunk_tiles(inputs.shape, chunk_size=self.chunk_size,
+                           tile_size=self.grid.tile_size)

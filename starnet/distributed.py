@@ -15,6 +15,7 @@ import os
 import numpy as np
 from astropy.table import vstack
 
+from .background import choose_background
 from .deblender import StarNetDeblender
 from .images import StarFieldImage, with_changes
 
@@ -92,7 +93,7 @@ def catalog_mosaic(nddata, model, *, block_size=1024, background=None, client=No
     catalog : `~astropy.table.QTable`
     """
     deblender = StarNetDeblender.from_name_or_path(model)
-    nddata = deblender._chosen_background(nddata, background)
+    nddata = choose_background(deblender, nddata, background)
     encoder = deblender.encoder
     tile = deblender.grid.tile_size
     # an even number of tiles keeps every block on the image's checkerboard colours
@@ -126,7 +127,7 @@ def catalog_mosaic(nddata, model, *, block_size=1024, background=None, client=No
 
 
 def _catalog(nddata, deblender):
-    return deblender(nddata, background="given", progress_bar=False)
+    return deblender(nddata, background="given", progress=False)
 
 
 def _cut(nddata, bounds):

@@ -20,8 +20,8 @@ from astropy.nddata import Cutout2D, NDData, NDDataRef, VarianceUncertainty
 
 from .validation import check_image_data, check_image_meta, check_mask
 
-__all__ = ["StarFieldImage", "cutout", "electrons_per_unit", "image_psfs", "read_image",
-           "ElectronImage", "with_changes"]
+__all__ = ["StarFieldImage", "as_background", "cutout", "electrons_per_unit", "image_psfs",
+           "read_image", "ElectronImage", "with_changes"]
 
 
 #: The largest excess of an uncertainty's variance over the Poisson variance of the
@@ -213,6 +213,36 @@ def image_psfs(nddata, n_bands):
     return psfs
 
 
+def as_background(background, n_bands, shape=None, dtype=float):
+    """Validate a background: scalar, one value per band, or a (n_bands, rows, cols) map.
+
+    Returns an array of ``dtype`` (float64 by default; a map already of that type is not
+    copied) of shape (n_bands,) or (n_bands, rows, cols), in electrons.
+    """
+    if isinstance(background, u.Quantity):
+        background = background.to_value(u.electron)
+    background = np.asarray(background, dtype=dtype)
+    if background.ndim == 0:
+        background = np.full(n_bands, float(background))
+    if background.ndim == 1 and background.size != n_bands:
+        raise ValueError(f"background has {background.size} values but there are {n_bands} "
+                         "bands; give a scalar, one value per band or a (bands, rows, cols) map")
+    if background.ndim == 3:
+        wrong_size = shape is not None and background.shape[1:] != tuple(shape)
+        if background.shape[0] != n_bands or wrong_size:
+            raise ValueError(f"background map has shape {background.shape}, expected "
+                             f"({n_bands}, rows, cols) matching the image {tuple(shape or ())}"
+                             " (a part of an image needs the same part of its background "
+                             "map: slice a starnet.images.StarFieldImage, or use "
+                             "starnet.images.cutout)")
+    elif background.ndim != 1:
+        raise ValueError("background must be a scalar, one value per band or a "
+                         f"(bands, rows, cols) map, got an array of shape {background.shape}")
+    if not np.all(np.isfinite(background)) or np.any(background <= 0):
+        raise ValueError("background must be finite and positive (electrons per pixel)")
+    return background
+
+
 @dataclass
 class ElectronImage:
     """An image read by `read_image`: arrays in electrons, float32."""
@@ -259,8 +289,6 @@ def read_image(nddata, bands):
         and finite; if the uncertainty holds negative variances or variances far above
         any noise of the pixels (`_MAX_EXCESS`).
     """
-    from .simulate import as_background
-
     meta = check_image_meta(nddata)
     if list(meta["bands"]) != list(bands):
         raise ValueError(f"the image has bands {list(meta['bands'])} but the model was "

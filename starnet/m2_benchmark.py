@@ -21,7 +21,7 @@ from .baselines import CatalogSampler, daophot_catalog
 from .datasets import load_m2, load_m2_daophot
 from .deblender import StarNetDeblender
 from .matching import match_catalogs, metrics_by_magnitude, position_columns
-from .simulate import as_background
+from .images import as_background
 from .validation import check_seed
 
 __all__ = ["run_m2_benchmark", "main"]
@@ -206,11 +206,11 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
             if index == 0 and refine_sweeps > 0:
                 start = time.perf_counter()
                 sampler = CatalogSampler(prior=deblender.prior)
-                modal = deblender(fitted, background="given", progress_bar=False)
+                modal = deblender(fitted, background="given", progress=False)
                 refined = sampler.sample(fitted, n_samples=1, n_sweeps=refine_sweeps,
                                          burn_in=0.0, init=modal, seed=seed)
                 draws = deblender.sample(fitted, n_samples=min(n_samples, 50), seed=seed,
-                                         background="given", progress_bar=False)
+                                         background="given", progress=False)
                 chains = sampler.sample(fitted, n_samples=1, n_sweeps=refine_sweeps,
                                         burn_in=0.0, init=draws, seed=seed)
                 _, _, inside = _inside_region(chains["x_fit"], chains["y_fit"], region)

@@ -8,7 +8,7 @@ from scipy.optimize import minimize_scalar
 from .baselines.daophot import _PRF_OVERSAMPLING, _pixel_integrated, daophot_catalog
 from .prior import StarFieldPrior
 from .psf import as_psf, pixel_stamps, psf_fwhm
-from .simulate import as_background
+from .images import as_background
 from .validation import check_image_meta
 
 __all__ = ["PriorEstimate", "estimate_prior", "flux_noise"]

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from astropy import units as u
 
-from .images import StarFieldImage
+from .images import StarFieldImage, as_background
 from .prior import StarCatalogBatch, StarFieldPrior, batch_to_table, _seed_int
 from .psf import as_psf, pixel_stamps
 from .validation import check_memory, check_shape
@@ -223,36 +223,6 @@ def add_noise(expected, *, noise="gaussian", generator=None):
     if noise == "poisson":
         return torch.poisson(expected, generator=generator)
     raise ValueError(f"noise must be 'gaussian', 'poisson' or None, got {noise!r}")
-
-
-def as_background(background, n_bands, shape=None, dtype=float):
-    """Validate a background: scalar, one value per band, or a (n_bands, rows, cols) map.
-
-    Returns an array of ``dtype`` (float64 by default; a map already of that type is not
-    copied) of shape (n_bands,) or (n_bands, rows, cols), in electrons.
-    """
-    if isinstance(background, u.Quantity):
-        background = background.to_value(u.electron)
-    background = np.asarray(background, dtype=dtype)
-    if background.ndim == 0:
-        background = np.full(n_bands, float(background))
-    if background.ndim == 1 and background.size != n_bands:
-        raise ValueError(f"background has {background.size} values but there are {n_bands} "
-                         "bands; give a scalar, one value per band or a (bands, rows, cols) map")
-    if background.ndim == 3:
-        wrong_size = shape is not None and background.shape[1:] != tuple(shape)
-        if background.shape[0] != n_bands or wrong_size:
-            raise ValueError(f"background map has shape {background.shape}, expected "
-                             f"({n_bands}, rows, cols) matching the image {tuple(shape or ())}"
-                             " (a part of an image needs the same part of its background "
-                             "map: slice a starnet.images.StarFieldImage, or use "
-                             "starnet.images.cutout)")
-    elif background.ndim != 1:
-        raise ValueError("background must be a scalar, one value per band or a "
-                         f"(bands, rows, cols) map, got an array of shape {background.shape}")
-    if not np.all(np.isfinite(background)) or np.any(background <= 0):
-        raise ValueError("background must be finite and positive (electrons per pixel)")
-    return background
 
 
 def simulate_starfield(shape, *, prior=None, psf, background, noise="gaussian", seed=None,

@@ -227,3 +227,10 @@ class TileGrid:
         locs = self.to_pixels(tiles.locs, origin).reshape(n_images, -1, 2)
         fluxes = tiles.fluxes.reshape(n_images, -1, tiles.fluxes.shape[-1])
         return locs, fluxes, mask
+
+
+def inside_image(locs, shape):
+    """Which ``(x, y)`` positions ``locs`` (..., 2) lie on an image of ``shape``."""
+    rows, cols = shape
+    return ((locs[..., 0] >= -0.5) & (locs[..., 0] < cols - 0.5)
+            & (locs[..., 1] >= -0.5) & (locs[..., 1] < rows - 0.5))

@@ -10,16 +10,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from astropy.table import QTable
-from tqdm.auto import tqdm
 
 from .denormals import zero_negligible_weights
 from .encoder import conditioning_map
 from .matching import match_catalogs
 from .model_files import read_checkpoint, write_checkpoint
 from .prior import StarCatalogBatch, batch_to_table, catalog_table
+from .progress import progress_bar
 from .psf_family import PSFBank
 from .simulate import add_noise
-from .tiles import TileGrid
+from .tiles import TileGrid, inside_image
 from .validation import check_range, check_training_settings, check_writable
 
 __all__ = ["TrainingSettings", "SimulatedBatches", "TrainingBatch", "train_encoder",
@@ -309,8 +309,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         started = time.perf_counter()
         losses, dropped = [], 0
         n_steps = schedule.steps_in_next_epoch()
-        steps = tqdm(range(n_steps), disable=not progress, leave=False,
-                     desc=f"epoch {len(history) + 1}")
+        steps = progress_bar(range(n_steps), enabled=progress,
+                             description=f"epoch {len(history) + 1}")
         for step in steps:
             rate = schedule.rate(step, time.perf_counter() - started)
             for group in optimizer.param_groups:
@@ -338,9 +338,9 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         history.append(row)
         schedule.record(row)
         if progress:
-            tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.3f}, "
-                       f"validation loss {row['val_loss']:.3f}, F1 {row['val_f1']:.3f}, "
-                       f"{row['images_per_second']:.1f} images/s, rate {rate:.1e}")
+            steps.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.3f}, "
+                        f"validation loss {row['val_loss']:.3f}, F1 {row['val_f1']:.3f}, "
+                        f"{row['images_per_second']:.1f} images/s, rate {rate:.1e}")
         if checkpoint is not None:
             write_checkpoint(checkpoint, {"encoder": encoder.state_dict(),
                                           "optimizer": optimizer.state_dict(),
@@ -444,13 +444,6 @@ def _training_loss(encoder, batch, tiles, generator):
     log_prob = encoder.tile_posterior(features, conditioning).log_prob(tiles)
     scored = ~decided
     return -(log_prob * scored).sum() / scored.sum()
-
-
-def inside_image(locs, shape):
-    """Which ``(x, y)`` positions ``locs`` (..., 2) lie on an image of ``shape``."""
-    rows, cols = shape
-    return ((locs[..., 0] >= -0.5) & (locs[..., 0] < cols - 0.5)
-            & (locs[..., 1] >= -0.5) & (locs[..., 1] < rows - 0.5))
 
 
 @torch.no_grad()

@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from astropy import units as u
 from astropy.table import QTable
-from tqdm.auto import tqdm
+from astropy.utils.decorators import deprecated_renamed_argument
 
+from .images import as_background
 from .matching import position_columns
 from .prior import _seed_int
+from .progress import progress_bar
 from .psf import PowerLawPSF
-from .simulate import StarFieldRenderer, as_background
+from .simulate import StarFieldRenderer
 
 __all__ = ["WakeFit", "fit_psf", "fit_psf_to_catalogs", "expected_log_likelihood"]
 
@@ -171,8 +173,9 @@ def fit_psf(deblender, nddata, *, psf=None, n_samples=8, seed=0, **kwargs):
     return fit_psf_to_catalogs(nddata, samples, psf=start, seed=seed, **kwargs)
 
 
+@deprecated_renamed_argument("progress_bar", "progress", "0.1")
 def fit_psf_to_catalogs(nddata, samples, *, psf=None, n_steps=200, learning_rate=0.02,
-                        fit_background=True, stamp_size=25, seed=0, progress_bar=False):
+                        fit_background=True, stamp_size=25, seed=0, progress=False):
     """Fit power-law PSFs and background factors to an image, given catalogs.
 
     The PSF parameters of each band (``sigma1``, ``sigma2``, ``sigmap``, ``beta``,
@@ -201,7 +204,8 @@ def fit_psf_to_catalogs(nddata, samples, *, psf=None, n_steps=200, learning_rate
         Width of the rendered stamps.
     seed : int, optional
         Seed of the order in which catalogs are used.
-    progress_bar : bool, optional
+    progress : bool, optional
+        Show a progress bar (``progress_bar``: its deprecated name).
 
     Returns
     -------
@@ -227,7 +231,7 @@ def fit_psf_to_catalogs(nddata, samples, *, psf=None, n_steps=200, learning_rate
 
     rows = []
     order = np.random.default_rng(_seed_int(seed)).integers(len(draws), size=n_steps)
-    for step, k in enumerate(tqdm(order, disable=not progress_bar, desc="wake phase")):
+    for step, k in enumerate(progress_bar(order, enabled=progress, description="wake phase")):
         loss = loss_of(*draws[k])
         optimizer.zero_grad()
         loss.backward()

@@ -13,7 +13,7 @@ from photutils.psf import ImagePSF, IterativePSFPhotometry
 from .. import __version__
 from ..validation import check_image_meta
 from ..psf import _is_pixel_integrated, as_psf, pixel_stamps, psf_fwhm
-from ..simulate import as_background
+from ..images import as_background
 
 __all__ = ["daophot_catalog"]
 

@@ -517,11 +517,17 @@ def test_warns_when_the_image_psf_is_not_the_models():
     import warnings
     from starnet.datasets import load_m2
     image, _ = load_m2()                      # the KL PSF
+    from starnet.inference import check_psfs
+
+    def check(model):
+        check_psfs(image.meta["psf"], model.psfs, bands=model.bands,
+                   stamp_size=model.stamp_size)
+
     with pytest.warns(UserWarning, match="differs from the PSF the model"):
-        StarNetDeblender.pretrained("sdss-m2-powerlaw")._check_psfs(image.meta["psf"])
+        check(StarNetDeblender.pretrained("sdss-m2-powerlaw"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        StarNetDeblender.pretrained("sdss-m2")._check_psfs(image.meta["psf"])
+        check(StarNetDeblender.pretrained("sdss-m2"))
 
 
 def test_flux_quantiles_are_those_of_the_log_normal(trained, image):

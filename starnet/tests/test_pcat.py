@@ -199,7 +199,7 @@ def test_table_like_deblender_sample_and_seeds():
     image, truth = simulate_starfield((16, 16), prior=prior, psf=PSF, background=background,
                                       seed=3, stamp_size=7)
     theirs = deblender.sample(image, n_samples=3, seed=0, background="given",
-                              progress_bar=False)
+                              progress=False)
     sampler = CatalogSampler(prior=prior, stamp_size=7)
     ours = sampler.sample(image, n_samples=3, n_sweeps=30, seed=0)
     assert ours.colnames == theirs.colnames

@@ -1,0 +1,535 @@
+"""Inference on tensors: an image's posterior, its modal catalog, draws and star counts.
+
+The path from an image to what `~starnet.StarNetDeblender` returns, without a
+deblender object: every function takes the encoder (`~starnet.encoder.StarNetEncoder`)
+and tensors, and returns tensors or numpy arrays. The deblender chooses the background
+(`starnet.background.choose_background`), calls these functions and makes tables of
+their results (`starnet.catalogs`).
+
+1. `prepare_image` reads an `~astropy.nddata.NDData` into an `EncoderInput`: the
+   tensors the encoder is called with (the image and its background, in electrons),
+   checked against the model (bands, sky level, PSF), and the image's meta.
+2. `encode_blocks` (independent tiles, block by block, so that memory stays that of a
+   block) and `encode` (the whole image: the posterior of independent tiles, or the
+   tile features of a checkerboard model) are the only calls of the network: in
+   evaluation mode, without gradients, with denormal numbers flushed and progress
+   reported (`starnet.progress`). `chunk_tiles` sets the size of the blocks.
+3. `modal_catalog` gives the rows of the modal catalog and the posterior pmf of the
+   number of stars; `draw_catalogs` catalogs drawn from the posterior (`modal` and
+   `draw` for a posterior already encoded); `count_pmfs` the posterior pmfs of the
+   number of stars in regions of the image (`region_tiles`).
+
+Where a new input goes. Beside the pixels and the background, an encoder may read a
+mask of missing pixels and PSF descriptors (the ``mask`` and ``psf`` arguments of
+`~starnet.encoder.StarNetEncoder`; in training, `starnet.training.TrainingBatch`
+carries them). In inference each such input is a field of `EncoderInput`, filled from
+the image by `prepare_image` (a mask from its bad pixels; descriptors of its PSFs by
+`starnet.psf_family.psf_descriptor`) and handed to the network by `encode` and
+`encode_blocks`, its only two calls; the encoder makes its input tensor from them
+(`~starnet.encoder.normalize_image`). A ``device`` enters in the same two functions:
+the inputs go to it there, and the results come back to the CPU before the rest of
+this module reads them.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .denormals import flush_denormals
+from .images import image_psfs, read_image
+from .posterior import TiledPosterior, _full_pmf, convolve_counts, count_distribution, support
+from .progress import progress_callback
+from .psf import as_psf, pixel_stamps
+from .tiles import TileCatalog, TileGrid, inside_image
+from .validation import check_background
+
+__all__ = ["EncoderInput", "prepare_image", "check_psfs", "chunk_tiles", "encode",
+           "encode_blocks", "modal", "draw", "modal_catalog", "draw_catalogs", "count_pmfs",
+           "region_tiles", "tile_count_pmf"]
+
+_GAUSS_HERMITE = np.polynomial.hermite_e.hermegauss(32)
+
+
+@dataclass
+class EncoderInput:
+    """What the encoder sees of an image (`prepare_image`).
+
+    Attributes
+    ----------
+    image : `torch.Tensor`, shape (1, bands, rows, cols)
+        Pixels in electrons, background included; masked or non-finite pixels hold the
+        background.
+    background : `torch.Tensor`, shape (1, bands, 1, 1) or (1, bands, rows, cols)
+        Background in electrons.
+    meta : dict
+        The image's meta, with ``background_median`` (per band, electrons),
+        ``pedestal`` and ``electrons_per_unit`` (`starnet.images.read_image`).
+    """
+
+    image: torch.Tensor
+    background: torch.Tensor
+    meta: dict
+
+    @property
+    def shape(self):
+        """``(rows, cols)`` of the image."""
+        return tuple(self.image.shape[-2:])
+
+
+def prepare_image(nddata, *, bands, psfs, stamp_size, check_sky=True):
+    """The encoder's input from an image, checked against the model.
+
+    Parameters
+    ----------
+    nddata : `~astropy.nddata.NDData`
+        The image, as `~starnet.StarNetDeblender.__call__` takes it.
+    bands : list of str
+        The model's bands.
+    psfs : list
+        The model's PSFs, one per band (see `check_psfs`).
+    stamp_size : int
+        The model's stamp width (see `check_psfs`).
+    check_sky : bool, optional
+        Check the pixels against the declared background
+        (`starnet.validation.check_background`).
+
+    Returns
+    -------
+    inputs : `EncoderInput`
+        Pixels and background in electrons (`starnet.images.read_image`); masked or
+        non-finite pixels are replaced by the background, with a warning.
+    """
+    image = read_image(nddata, bands)
+    data, background, bad = image.data, image.background, image.bad
+    if check_sky:
+        check_background(data, background, bands, bad=bad)
+    if bad.any():
+        warnings.warn(f"{int(bad.sum())} masked or non-finite pixels are replaced by the "
+                      "background; stars there are not detected", UserWarning)
+        data = np.where(bad, background, data)
+    del bad
+    check_psfs(image_psfs(nddata, len(bands)), psfs, bands=bands, stamp_size=stamp_size)
+    with warnings.catch_warnings():
+        # the caller's arrays may be read-only; they are only read
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        medians = np.median(background.reshape(len(bands), -1), axis=1)
+        meta = dict(image.meta, background_median=[float(m) for m in medians],
+                    pedestal=image.pedestal, electrons_per_unit=image.electrons_per_unit)
+        return EncoderInput(torch.from_numpy(data)[None], torch.from_numpy(background)[None],
+                            meta)
+
+
+def check_psfs(psfs, model_psfs, *, bands, stamp_size):
+    """Warn when an image's PSFs place more than 2 % of the light differently from the
+    model's.
+
+    Parameters
+    ----------
+    psfs : PSF or list of PSF
+        The image's PSFs (one for all bands, or one per band).
+    model_psfs : list
+        The model's PSFs, one per band.
+    bands : list of str
+        The model's bands.
+    stamp_size : int
+        The model's stamp width; the PSFs are compared on stamps of at most 15 pixels.
+    """
+    psfs = list(psfs) if isinstance(psfs, (list, tuple)) else [psfs] * len(bands)
+    if len(psfs) != len(bands):
+        raise ValueError(f"meta['psf'] has {len(psfs)} PSFs for {len(bands)} bands")
+    for band, model_psf, image_psf in zip(bands, model_psfs, psfs):
+        size = min(stamp_size, 15)
+        ours = pixel_stamps(model_psf, size, [0.0], [0.0])[0]
+        theirs = pixel_stamps(as_psf(image_psf), size, [0.0], [0.0])[0]
+        ours, theirs = ours / ours.sum(), theirs / theirs.sum()
+        difference = np.abs(ours - theirs).sum() / 2
+        # 3.4 % (r) and 4.9 % (i) between the SDSS power law and KL PSFs of M2
+        # biased the count by +40 % (docs/psf.rst)
+        if difference > 0.02:
+            warnings.warn(f"the image's PSF in band {band} differs from the PSF the model "
+                          f"was trained with ({difference:.1%} of the light is placed "
+                          "differently; 3 to 5 % made the count 40 % too high on "
+                          "simulated M2 images); results may be biased", UserWarning)
+
+
+def chunk_tiles(shape, *, chunk_size, tile_size):
+    """Side of the blocks in tiles for an image of ``shape``, or None (one block).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(rows, cols)`` of the image.
+    chunk_size : int
+        Images larger than this many pixels on a side are encoded in square blocks of
+        this size.
+    tile_size : int
+        Side of a tile in pixels.
+
+    Returns
+    -------
+    int or None
+    """
+    if max(shape) > chunk_size:
+        return max(chunk_size // tile_size, 1)
+    return None
+
+
+@torch.no_grad()
+def encode(encoder, inputs, *, chunk_tiles=None, progress=False):
+    """The whole image through the network.
+
+    Parameters
+    ----------
+    encoder : `~starnet.encoder.StarNetEncoder`
+    inputs : `EncoderInput`
+    chunk_tiles : int, optional
+        Compute in square blocks of this many tiles (same result, bounded memory).
+    progress : bool, optional
+        Show a progress bar over the blocks.
+
+    Returns
+    -------
+    state : `~starnet.posterior.TiledPosterior` or `torch.Tensor`
+        The posterior of every tile (independent tiles), or the tile features of a
+        checkerboard model, decided later by `modal` or `draw`.
+    """
+    encoder.eval()
+    with flush_denormals(), progress_callback(progress, "encoding blocks") as report:
+        if encoder.n_colors == 1:
+            return encoder(inputs.image, inputs.background, chunk_tiles=chunk_tiles,
+                           progress=report)
+        return encoder.features(inputs.image, inputs.background, chunk_tiles=chunk_tiles,
+                                progress=report)
+
+
+def encode_blocks(encoder, inputs, *, chunk_tiles=None, progress=False):
+    """The posterior of independent tiles, block by block.
+
+    See `~starnet.encoder.StarNetEncoder.blocks`: the result equals `encode`'s, while
+    memory stays that of a block beside the image.
+
+    Parameters
+    ----------
+    encoder : `~starnet.encoder.StarNetEncoder`
+        With ``n_colors`` = 1.
+    inputs : `EncoderInput`
+    chunk_tiles : int, optional
+        Side of the blocks in tiles (default: one block).
+    progress : bool, optional
+        Show a progress bar over the blocks.
+
+    Yields
+    ------
+    block : tuple
+        ``(rows, cols, posterior)`` as `~starnet.encoder.StarNetEncoder.blocks` yields
+        them: the block's slices of the tile grid and its tiles' posterior.
+    """
+    encoder.eval()
+    with torch.no_grad(), flush_denormals(), \
+            progress_callback(progress, "encoding blocks") as report:
+        yield from encoder.blocks(inputs.image, inputs.background, chunk_tiles,
+                                  progress=report)
+
+
+@torch.no_grad()
+def modal(encoder, state, *, chunk_tiles=None):
+    """The posterior of every tile and the modal catalog, from `encode`'s ``state``.
+
+    Parameters
+    ----------
+    encoder : `~starnet.encoder.StarNetEncoder`
+    state : `~starnet.posterior.TiledPosterior` or `torch.Tensor`
+        From `encode`.
+    chunk_tiles : int, optional
+        As for `encode`.
+
+    Returns
+    -------
+    posterior : `~starnet.posterior.TiledPosterior`
+        For a checkerboard model, each tile's given the modal choices before it.
+    mode : `~starnet.tiles.TileCatalog`
+    """
+    if isinstance(state, TiledPosterior):
+        return state, state.mode()
+    with flush_denormals():
+        return encoder.decide(state, lambda q: q.mode(), chunk_tiles=chunk_tiles)
+
+
+@torch.no_grad()
+def draw(encoder, state, n_samples, *, generator, chunk_tiles=None, progress=False):
+    """Catalogs drawn from the posterior of `encode`'s ``state``, as tile variables.
+
+    Parameters
+    ----------
+    encoder : `~starnet.encoder.StarNetEncoder`
+    state : `~starnet.posterior.TiledPosterior` or `torch.Tensor`
+        From `encode`.
+    n_samples : int
+        Number of catalogs.
+    generator : `torch.Generator`
+        Source of the draws.
+    chunk_tiles : int, optional
+        As for `encode`.
+    progress : bool, optional
+        Show a progress bar over the draws.
+
+    Returns
+    -------
+    draws : `~starnet.tiles.TileCatalog`
+        One image of tile variables per draw.
+    """
+    def sample(q):
+        return q.sample(generator=generator)
+
+    n_tiles = state.count_logits[0, ..., 0].numel() if isinstance(
+        state, TiledPosterior) else state.shape[-2] * state.shape[-1]
+    batch = int(np.clip(2_000_000 // n_tiles, 1, 64))
+    draws = []
+    with flush_denormals(), progress_callback(progress, "posterior draws") as report:
+        for start in range(0, n_samples, batch):
+            size = min(batch, n_samples - start)
+            if isinstance(state, TiledPosterior):
+                draws.append(sample(state.expand(size)))
+            else:
+                expanded = state.expand(size, *state.shape[1:])
+                draws.append(encoder.decide(expanded, sample, chunk_tiles=chunk_tiles)[1])
+            report(start + size, n_samples)
+    return TileCatalog.concatenate(draws)
+
+
+def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False):
+    """The modal catalog of an image and the posterior of its number of stars.
+
+    The modal catalog holds the most probable count in each tile, with the modes of
+    the positions and fluxes. Independent tiles are encoded block by block
+    (`encode_blocks`): only the rows and the count pmf of each block are kept.
+
+    Parameters
+    ----------
+    encoder : `~starnet.encoder.StarNetEncoder`
+    inputs : `EncoderInput`
+    chunk_tiles : int, optional
+        As for `encode`.
+    progress : bool, optional
+        Show a progress bar over the blocks.
+
+    Returns
+    -------
+    rows : dict of `numpy.ndarray`
+        The stars inside the image, by tile then slot: ``locs`` (n, 2) pixel ``(x,
+        y)``, ``sd`` (n, 2) their posterior standard deviations, ``fluxes`` (n, bands)
+        electrons, ``flux_sd`` (n, bands) the standard deviations of the log fluxes,
+        ``detection`` (n,) the posterior probability that the tile holds at least as
+        many stars as the star's rank by flux in the tile.
+    offset : int
+        The smallest count of ``pmf``.
+    pmf : `numpy.ndarray`
+        ``pmf[k]`` = q(N = ``offset`` + k); for a checkerboard model, given the modal
+        choices of the tiles decided before each tile.
+    """
+    grid = _grid(encoder)
+    shape = inputs.shape
+    if encoder.n_colors == 1:
+        parts, block_pmfs = [], []
+        for rows, cols, posterior in encode_blocks(encoder, inputs, chunk_tiles=chunk_tiles,
+                                                   progress=progress):
+            parts.append(_modal_rows(grid, posterior, posterior.mode(),
+                                     (rows.start, cols.start), shape))
+            block_pmfs.append(support(tile_count_pmf(posterior)))
+        offset, pmf = convolve_counts(block_pmfs)
+    else:
+        state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress)
+        posterior, mode = modal(encoder, state, chunk_tiles=chunk_tiles)
+        parts = [_modal_rows(grid, posterior, mode, (0, 0), shape)]
+        offset, pmf = 0, tile_count_pmf(posterior)
+        del state, posterior, mode
+    rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    order = np.argsort(rows.pop("key"), kind="stable")   # by tile, as one-shot
+    n_tiles = int(np.prod(grid.grid_shape(shape)))
+    pmf = pmf[:max(n_tiles * grid.max_sources + 1 - offset, 0)]
+    return {key: value[order] for key, value in rows.items()}, offset, pmf / pmf.sum()
+
+
+def draw_catalogs(encoder, inputs, n_samples, *, generator, chunk_tiles=None,
+                  progress=False):
+    """Whole catalogs drawn from the posterior of an image.
+
+    Parameters
+    ----------
+    encoder : `~starnet.encoder.StarNetEncoder`
+    inputs : `EncoderInput`
+    n_samples, generator, chunk_tiles
+        As for `draw`.
+    progress : bool, optional
+        Show progress bars over the blocks and the draws.
+
+    Returns
+    -------
+    catalogs : list of tuple
+        One ``(locs, fluxes)`` per draw: the pixel ``(x, y)`` (n, 2) and fluxes (n,
+        bands; electrons) of its stars inside the image, as `numpy.ndarray`.
+    """
+    state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress)
+    draws = draw(encoder, state, n_samples, generator=generator, chunk_tiles=chunk_tiles,
+                 progress=progress)
+    all_locs, all_fluxes, all_masks = _grid(encoder).from_tiles(draws)
+    catalogs = []
+    for locs, fluxes, mask in zip(all_locs, all_fluxes, all_masks):
+        keep = mask & inside_image(locs, inputs.shape)
+        catalogs.append((locs[keep].double().numpy(), fluxes[keep].double().numpy()))
+    return catalogs
+
+
+def count_pmfs(encoder, inputs, regions=None, *, chunk_tiles=None, progress=False,
+               n_samples=200):
+    """Posterior pmfs of the number of stars in the image or in regions of it.
+
+    Parameters
+    ----------
+    encoder : `~starnet.encoder.StarNetEncoder`
+    inputs : `EncoderInput`
+    regions : sequence of array of bool, shape (rows, cols), optional
+        Pixels of each region (see `region_tiles`); default: the whole image.
+    chunk_tiles : int, optional
+        As for `encode`.
+    progress : bool, optional
+        Show a progress bar over the blocks.
+    n_samples : int, optional
+        Posterior draws behind the pmfs of a checkerboard model.
+
+    Returns
+    -------
+    pmfs : list of `numpy.ndarray`
+        One per region: ``pmf[k]`` = q(N = k), exact for independent tiles (the
+        convolution of the tiles' count distributions, block by block), the
+        frequencies of ``n_samples`` posterior draws for a checkerboard model.
+    """
+    grid = _grid(encoder)
+    shape = inputs.shape
+    tile_maps = [None] if regions is None else [
+        region_tiles(region, shape, tile_size=grid.tile_size) for region in regions]
+    if encoder.n_colors != 1:
+        state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress)
+        return _sampled_count_pmfs(encoder, state, tile_maps, n_samples, chunk_tiles)
+    # the pmf of a region is the convolution of those of its parts in the blocks
+    parts = [[] for _ in tile_maps]
+    for rows, cols, posterior in encode_blocks(encoder, inputs, chunk_tiles=chunk_tiles,
+                                               progress=progress):
+        for part, tiles in zip(parts, tile_maps):
+            part.append(support(tile_count_pmf(
+                posterior, None if tiles is None else tiles[rows, cols])))
+    n_tiles = int(np.prod(grid.grid_shape(shape)))
+    pmfs = []
+    for part, tiles in zip(parts, tile_maps):
+        n_selected = n_tiles if tiles is None else int(tiles.sum())
+        pmfs.append(_full_pmf(*convolve_counts(part), n_selected * grid.max_sources + 1))
+    return pmfs
+
+
+def region_tiles(region, shape, *, tile_size):
+    """Boolean map of the tiles whose central pixel a pixel region holds.
+
+    Parameters
+    ----------
+    region : array of bool, shape (rows, cols)
+        Pixels of the region.
+    shape : tuple of int
+        ``(rows, cols)`` of the image.
+    tile_size : int
+        Side of a tile in pixels; the central pixel of a tile of even size is the one
+        above and left of its centre.
+
+    Returns
+    -------
+    tiles : `numpy.ndarray` of bool, shape (tile_rows, tile_cols)
+    """
+    if region.dtype != bool or region.shape != tuple(shape):
+        raise ValueError(f"region must be a boolean array of the image's shape "
+                         f"{tuple(shape)} (or a stack of them), got {region.dtype} "
+                         f"{region.shape}")
+    rows = np.minimum(np.arange(0, shape[0], tile_size) + (tile_size - 1) // 2, shape[0] - 1)
+    cols = np.minimum(np.arange(0, shape[1], tile_size) + (tile_size - 1) // 2, shape[1] - 1)
+    return region[np.ix_(rows, cols)]
+
+
+def tile_count_pmf(posterior, tiles=None):
+    """pmf of the total count of independent tiles with a posterior's count probabilities.
+
+    Parameters
+    ----------
+    posterior : `~starnet.posterior.TiledPosterior`
+        Of one image (for a checkerboard model: given the modal choices before each
+        tile).
+    tiles : array of bool, shape (tile_rows, tile_cols), optional
+        The tiles counted; default: all.
+
+    Returns
+    -------
+    pmf : `numpy.ndarray`
+        ``pmf[k]`` = probability of ``k`` stars (`~starnet.posterior.count_distribution`).
+    """
+    probs = posterior.count_probs[0]
+    if tiles is not None:
+        probs = probs[torch.from_numpy(tiles)]
+    return count_distribution(probs.reshape(-1, probs.shape[-1]).double().numpy())
+
+
+def _grid(encoder):
+    return TileGrid(tile_size=encoder.tile_size, max_sources=encoder.max_sources)
+
+
+def _sampled_count_pmfs(encoder, state, tile_maps, n_samples, chunk_tiles):
+    """Posterior pmfs of a checkerboard model's number of stars in the tiles of each
+    boolean tile map (None: all tiles), from ``n_samples`` draws."""
+    generator = torch.Generator().manual_seed(0)
+    counts = draw(encoder, state, n_samples, generator=generator,
+                  chunk_tiles=chunk_tiles).counts
+    pmfs = []
+    for tiles in tile_maps:
+        selected = counts if tiles is None else counts[:, torch.from_numpy(tiles)]
+        totals = selected.reshape(n_samples, -1).sum(dim=1).numpy()
+        pmfs.append(np.bincount(totals, minlength=int(totals.max()) + 1) / len(totals))
+    return pmfs
+
+
+def _modal_rows(grid, posterior, mode, origin, shape):
+    """Catalog rows (numpy arrays) of the modal catalog ``mode`` of the tiles of
+    ``posterior``, a block of the tile grid starting at tile ``origin`` (row, col)
+    of an image of ``shape``: the stars inside the image, with ``key``, their rank
+    in the one-shot catalog's order (by tile, then slot)."""
+    locs, fluxes, mask = grid.from_tiles(mode, origin)
+    loc_mean, loc_sd, _, flux_sd = (
+        p.reshape(1, -1, p.shape[-1]) for p in posterior.row_parameters(mode.counts))
+    # detection probability of the k-th brightest star of a tile: q(count >= k)
+    at_least = torch.flip(torch.cumsum(torch.flip(posterior.count_probs, [-1]), -1), [-1])
+    slot = torch.arange(grid.max_sources)
+    brightness = mode.fluxes[..., 0].masked_fill(slot >= mode.counts[..., None], -1.0)
+    rank = torch.argsort(torch.argsort(-brightness, dim=-1), dim=-1)
+    detection = at_least[..., 1:].gather(-1, rank).reshape(1, -1)
+    keep = mask[0] & inside_image(locs[0], shape)
+    tile_rows, tile_cols = mode.counts.shape[-2:]
+    grid_cols = grid.grid_shape(tuple(shape))[1]
+    tile = ((torch.arange(origin[0], origin[0] + tile_rows)[:, None] * grid_cols
+             + torch.arange(origin[1], origin[1] + tile_cols)[None, :]))
+    key = (tile[..., None] * grid.max_sources + slot).reshape(-1)[keep]
+    if keep.any():
+        sd = _sigmoid_sd(loc_mean[0][keep].double().numpy(),
+                         loc_sd[0][keep].double().numpy()) * grid.tile_size
+    else:
+        sd = np.zeros((0, 2))
+    return {"key": key.numpy(), "locs": locs[0][keep].double().numpy(),
+            "fluxes": fluxes[0][keep].double().numpy(), "sd": sd,
+            "flux_sd": flux_sd[0][keep].double().numpy(),
+            "detection": detection[0, keep].double().numpy()}
+
+
+def _sigmoid_sd(mean, sd):
+    """Standard deviation of sigmoid(z), z ~ Normal(mean, sd^2), by Gauss-Hermite quadrature."""
+    nodes, weights = _GAUSS_HERMITE
+    weights = weights / weights.sum()
+    values = 1 / (1 + np.exp(-(mean[..., None] + sd[..., None] * nodes)))
+    first = (values * weights).sum(-1)
+    second = (values**2 * weights).sum(-1)
+    return np.sqrt(np.clip(second - first**2, 0, None))

@@ -1,0 +1,88 @@
+"""starnet.inference on its own: an encoder and tensors, no deblender."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from astropy.utils.exceptions import AstropyDeprecationWarning
+
+from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender, simulate_starfield
+from starnet.encoder import StarNetEncoder
+from starnet.inference import (chunk_tiles, count_pmfs, draw_catalogs, modal_catalog,
+                               prepare_image, region_tiles)
+
+BANDS = ["r", "i"]
+BACKGROUND = [686.0, 1123.0]
+PSF = PowerLawPSF(sigma1=1.0, sigma2=2.5, sigmap=3.0, beta=3.0, b=0.1, p0=0.01)
+PRIOR = StarFieldPrior(mu=0.05, bands=BANDS)
+SHAPE = (27, 30)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    image, _ = simulate_starfield(SHAPE, prior=PRIOR, psf=PSF, background=BACKGROUND,
+                                  seed=1, stamp_size=7)
+    return prepare_image(image, bands=BANDS, psfs=[PSF, PSF], stamp_size=7)
+
+
+def encoder(n_colors=1):
+    torch.manual_seed(0)
+    return StarNetEncoder(n_bands=2, hidden=8, tile_hidden=16, n_colors=n_colors)
+
+
+def test_blocks_give_the_one_shot_catalog_and_count(inputs):
+    """The modal catalog and count pmf of an untrained encoder, block by block, equal
+    the one-shot results; the pmf of the whole image is that of `count_pmfs`."""
+    network = encoder()
+    assert inputs.shape == SHAPE and inputs.image.shape == (1, 2, *SHAPE)
+    assert chunk_tiles(SHAPE, chunk_size=256, tile_size=2) is None
+    assert chunk_tiles(SHAPE, chunk_size=8, tile_size=2) == 4
+    whole, whole_offset, whole_pmf = modal_catalog(network, inputs)
+    rows, offset, pmf = modal_catalog(network, inputs, chunk_tiles=4)
+    assert len(rows["locs"]) == len(whole["locs"]) > 0
+    for key in whole:
+        np.testing.assert_allclose(rows[key], whole[key], rtol=2e-6, atol=1e-7, err_msg=key)
+    full = np.zeros(offset + len(pmf))
+    full[offset:] = pmf
+    [counted] = count_pmfs(network, inputs, chunk_tiles=4)
+    np.testing.assert_allclose(counted[:len(full)], full, atol=1e-9)
+    assert whole_offset + len(whole_pmf) == offset + len(pmf)
+
+
+def test_regions_that_partition_the_image_partition_its_tiles(inputs):
+    left = np.zeros(SHAPE, bool)
+    left[:, :13] = True
+    tiles = [region_tiles(region, SHAPE, tile_size=2) for region in (left, ~left)]
+    assert tiles[0].shape == (14, 15)
+    np.testing.assert_array_equal(tiles[0] ^ tiles[1], True)
+    with pytest.raises(ValueError, match="boolean array of the image's shape"):
+        region_tiles(left[:, 1:], SHAPE, tile_size=2)
+    pmf_left, pmf_right = count_pmfs(encoder(n_colors=2), inputs, [left, ~left],
+                                     n_samples=5)
+    assert pmf_left.sum() == pytest.approx(1) and pmf_right.sum() == pytest.approx(1)
+
+
+def test_draws_keep_the_stars_inside_the_image(inputs):
+    draws = draw_catalogs(encoder(), inputs, 3, generator=torch.Generator().manual_seed(0))
+    assert len(draws) == 3
+    for locs, fluxes in draws:
+        assert locs.shape[1] == 2 and fluxes.shape == (len(locs), 2)
+        assert np.all((locs >= -0.5) & (locs < np.array(SHAPE[::-1]) - 0.5))
+
+
+def test_progress_bar_is_a_deprecated_name_of_progress():
+    deblender = StarNetDeblender(prior=PRIOR, psf=PSF, background=BACKGROUND, hidden=8,
+                                 tile_hidden=16, stamp_size=7)
+    image, _ = simulate_starfield((16, 16), prior=PRIOR, psf=PSF, background=BACKGROUND,
+                                  seed=2, stamp_size=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # an untrained model's catalog
+        expected = deblender(image, progress=False)
+        with pytest.warns(AstropyDeprecationWarning, match='"progress_bar" was deprecated'):
+            catalog = deblender(image, progress_bar=False)
+        with pytest.warns(AstropyDeprecationWarning):
+            deblender.sample(image, n_samples=2, progress_bar=False)
+        with pytest.warns(AstropyDeprecationWarning):
+            deblender.count_posterior(image, progress_bar=False)
+    np.testing.assert_array_equal(catalog["x_fit"], expected["x_fit"])
