@@ -15,20 +15,25 @@ the same images; the last column is the time over ``DAOStarFinder``'s on the sam
 in the same run. StarNet runs with the image's background (``background="given"``) and,
 as ``deblender(image)`` does by default, with the background fitted by the model's
 background encoder first (``"fit"``; ``starnet, fitted bg``). A job that passes
-``--timeout`` seconds is stopped and reported as such.
+``--timeout`` seconds is stopped and reported as such. starnet chooses its threads
+(`starnet.threads.choose_threads`) unless ``--threads`` is given; ``--busy`` runs every
+job beside a process that keeps one core busy (a Python busy loop, started and stopped
+by the benchmark), as on a laptop with other work or a shared node.
 
 Speed figures in the documentation come from the bundled model; another model is
 refused unless ``--allow-other-model`` is given.
 
 Run::
 
-    python benchmarks/bench_inference.py [--threads 2]
+    python benchmarks/bench_inference.py [--threads 2] [--busy]
     python benchmarks/bench_inference.py --sizes "1000 x 1000" "3000 x 3000" "6000 x 6000"
 """
 
 import argparse
 import multiprocessing as mp
 import resource
+import subprocess
+import sys
 import time
 from queue import Empty
 
@@ -68,7 +73,8 @@ def _job(method, size, model, threads, repeats, queue):
     from starnet import StarNetDeblender
     from starnet.datasets import load_sdss_frame
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)   # photutils jobs; starnet gets it per call
     # starnet gets the PSF of its model (KL); photutils the power law, which has a FWHM
     image = load_sdss_frame(2583, 2, 136, ("r", "i"), cutout=SIZES[size],
                             psf="kl" if method == "starnet" else "powerlaw")
@@ -80,7 +86,8 @@ def _job(method, size, model, threads, repeats, queue):
         background = "fit" if method == "starnet, fitted bg" else "given"
 
         def run():
-            return len(deblender(image, background=background, progress=False))
+            return len(deblender(image, background=background, progress=False,
+                                 threads=threads))
     else:
         from photutils.detection import DAOStarFinder
         data = image.data[0] - image.meta["background"][0]
@@ -107,8 +114,16 @@ def _job(method, size, model, threads, repeats, queue):
     queue.put((min(times), peak / 1024, (peak - base) / 1024, n_found))
 
 
-def measure(method, size, model, threads, repeats, timeout):
-    """(seconds, peak MB, job MB, stars) of one job, or None when it passes ``timeout``."""
+def measure(method, size, model, threads, repeats, timeout, *, busy=False):
+    """(seconds, peak MB, job MB, stars) of one job, or None when it passes ``timeout``;
+    with ``busy``, beside a process that keeps one core busy."""
+    if busy:
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            return measure(method, size, model, threads, repeats, timeout)
+        finally:
+            hog.kill()
+            hog.wait()
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_job,
@@ -128,7 +143,12 @@ def main(argv=None):
     parser.add_argument("--model", default=BUNDLED)
     parser.add_argument("--allow-other-model", action="store_true",
                         help="measure a model other than the bundled one")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: starnet's own choice, "
+                             "starnet.threads.choose_threads)")
+    parser.add_argument("--busy", action="store_true",
+                        help="run every job beside a process that keeps one core busy "
+                             "(started and stopped by the benchmark)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="calls per job; the best time is reported")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=DEFAULT_SIZES,
@@ -140,7 +160,9 @@ def main(argv=None):
     if args.model != BUNDLED and not args.allow_other_model:
         parser.error(f"speed figures are measured with the bundled model {BUNDLED!r}; pass "
                      "--allow-other-model to measure another")
-    print(f"model {args.model}, {args.threads} threads, best of {args.repeats} calls")
+    threads = "threads chosen by starnet" if args.threads is None else f"{args.threads} threads"
+    print(f"model {args.model}, {threads}, best of {args.repeats} calls"
+          + (", one core kept busy by another process" if args.busy else ""))
     print(f"{'image':>16} {'method':>22} {'seconds':>9} {'peak MB':>9} {'job MB':>8} "
           f"{'stars':>7} {'x DAO':>6}")
     for size in args.sizes:
@@ -150,7 +172,7 @@ def main(argv=None):
         finder_seconds = None
         for method in methods:
             result = measure(method, size, args.model, args.threads, args.repeats,
-                             args.timeout)
+                             args.timeout, busy=args.busy)
             if result is None:
                 print(f"{size:>16} {method:>22} {'> ' + str(int(args.timeout)):>9}", flush=True)
                 continue

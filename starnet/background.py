@@ -27,7 +27,7 @@ from .images import with_changes
 from .inference import prepare_image
 from .prior import _seed_int
 from .progress import progress_bar
-from .validation import check_positive_int
+from .validation import check_positive_int, keep_finite
 
 __all__ = ["BackgroundEncoder", "train_background_encoder", "fit_background",
            "choose_background", "combine_cells"]
@@ -135,9 +135,8 @@ def train_background_encoder(encoder, batches, *, n_steps=2000, batch_size=16,
         If ``n_steps`` or ``batch_size`` is not a positive integer.
     RuntimeError
         If the loss or the weights become non-finite (the encoder keeps the weights
-        of the step before: `starnet.training.keep_finite`).
+        of the step before: `starnet.validation.keep_finite`).
     """
-    from .training import keep_finite   # training imports model_files, which imports us
 
     n_steps = check_positive_int(n_steps, "n_steps")
     batch_size = check_positive_int(batch_size, "batch_size")

@@ -150,6 +150,9 @@ def main(argv=None):
                               "it from the pixels when the model can; see below)")
     catalog.add_argument("--no-progress", action="store_true",
                          help="no progress bar (it shows the blocks of a large image)")
+    catalog.add_argument("--threads", type=int, default=None, metavar="N",
+                         help="CPU threads (default: the cores other processes leave free; "
+                              "one for images under 512 x 512 pixels)")
     catalog.set_defaults(run=_catalog)
 
     train = commands.add_parser(
@@ -183,11 +186,13 @@ def _catalog(parser, args):
     if suffix not in _FORMATS:
         parser.error(f"the output must end in {', '.join(_FORMATS)}; got {output.name}")
     _check_output(parser, output, args.overwrite)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be a positive number of threads; got {args.threads}")
     try:
         deblender = StarNetDeblender.from_name_or_path(args.model)
         image = _read_image(args, deblender)
         table = deblender(image, background="given" if args.no_background_fit else None,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, threads=args.threads)
     except _USER_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     table.meta.update(_provenance(args))

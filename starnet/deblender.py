@@ -20,6 +20,7 @@ from .psf import as_psf, psf_fwhm, psf_to_dict
 from .simulate import StarFieldRenderer
 from .tiles import TileGrid
 from .training import SimulatedBatches, TrainingSettings, train_encoder
+from .threads import choose_threads, torch_threads
 from .validation import check_draws_memory, check_image_meta, check_positive_int
 
 __all__ = ["StarNetDeblender"]
@@ -391,7 +392,7 @@ class StarNetDeblender:
 
     # ----------------------------------------------------------------- inference
     @deprecated_renamed_argument("progress_bar", "progress", "0.1")
-    def __call__(self, nddata, *, background=None, progress=True):
+    def __call__(self, nddata, *, background=None, progress=True, threads=None):
         """Modal catalog of an image.
 
         Parameters
@@ -415,6 +416,11 @@ class StarNetDeblender:
             Show a progress bar (tqdm) over the blocks of an image larger than
             ``chunk_size`` pixels on a side, when the work lasts more than 2 seconds
             (``progress_bar``: its deprecated name).
+        threads : int, optional
+            CPU threads of torch for this call. Default: one for images under 512 x 512
+            pixels, else the cores of this process that other processes leave free
+            (`starnet.threads.choose_threads`; on a busy machine fewer threads are much
+            faster than torch's default of every core).
 
         Returns
         -------
@@ -452,10 +458,12 @@ class StarNetDeblender:
             ``background_fit``: the fitted factor, or None), the model settings and the
             package version.
         """
-        nddata = choose_background(self, nddata, background)
-        inputs = self._prepare(nddata)
-        rows, offset, pmf = modal_catalog(self.encoder, inputs, chunk_tiles=self._chunks(inputs),
-                                          progress=progress)
+        with self._threads(threads, nddata):
+            nddata = choose_background(self, nddata, background)
+            inputs = self._prepare(nddata)
+            rows, offset, pmf = modal_catalog(self.encoder, inputs,
+                                              chunk_tiles=self._chunks(inputs),
+                                              progress=progress)
         meta = inputs.meta
         del inputs
         return modal_table(rows, offset, pmf, nddata=nddata, meta=meta, bands=self.bands,
@@ -464,7 +472,8 @@ class StarNetDeblender:
                            fwhm=max(psf_fwhm(psf) for psf in self.psfs))
 
     @deprecated_renamed_argument("progress_bar", "progress", "0.1")
-    def count_posterior(self, nddata, *, region=None, background=None, progress=True):
+    def count_posterior(self, nddata, *, region=None, background=None, progress=True,
+                        threads=None):
         """Posterior probabilities of the number of stars in the image or in regions of it.
 
         Parameters
@@ -480,6 +489,8 @@ class StarNetDeblender:
         background : {None, 'fit', 'given'}, optional
             As for `__call__`.
         progress : bool, optional
+            As for `__call__`.
+        threads : int, optional
             As for `__call__`.
 
         Returns
@@ -510,13 +521,14 @@ class StarNetDeblender:
         ...       f"{np.searchsorted(cdf, 0.95)}); true {len(truth)}")
         152.0 (141, 163); true 164
         """
-        inputs = self._prepare(choose_background(self, nddata, background))
         region = None if region is None else np.asarray(region)
         single = region is None or region.ndim == 2
-        pmfs = count_pmfs(self.encoder, inputs,
-                          None if region is None else region[None] if single else region,
-                          chunk_tiles=self._chunks(inputs), progress=progress,
-                          n_samples=self.n_count_samples)
+        with self._threads(threads, nddata):
+            inputs = self._prepare(choose_background(self, nddata, background))
+            pmfs = count_pmfs(self.encoder, inputs,
+                              None if region is None else region[None] if single else region,
+                              chunk_tiles=self._chunks(inputs), progress=progress,
+                              n_samples=self.n_count_samples)
         return pmfs[0] if single else pmfs
 
     def render(self, catalog, shape):
@@ -568,7 +580,8 @@ class StarNetDeblender:
         return self._cached_renderer
 
     @deprecated_renamed_argument("progress_bar", "progress", "0.1")
-    def sample(self, nddata, *, n_samples=100, seed=None, background=None, progress=True):
+    def sample(self, nddata, *, n_samples=100, seed=None, background=None, progress=True,
+               threads=None):
         """Whole catalogs drawn from the posterior.
 
         Parameters
@@ -583,6 +596,8 @@ class StarNetDeblender:
             As for `__call__`.
         progress : bool, optional
             Show the progress of the encoding (as for `__call__`) and of the draws.
+        threads : int, optional
+            As for `__call__`.
 
         Returns
         -------
@@ -608,11 +623,17 @@ class StarNetDeblender:
         n_samples = check_positive_int(n_samples, "n_samples")
         check_draws_memory(n_samples, np.shape(nddata.data), tile_size=self.grid.tile_size,
                            max_sources=self.grid.max_sources, n_bands=len(self.bands))
-        inputs = self._prepare(choose_background(self, nddata, background))
-        catalogs = draw_catalogs(self.encoder, inputs, n_samples,
-                                 generator=torch.Generator().manual_seed(_seed_int(seed)),
-                                 chunk_tiles=self._chunks(inputs), progress=progress)
+        with self._threads(threads, nddata):
+            inputs = self._prepare(choose_background(self, nddata, background))
+            catalogs = draw_catalogs(self.encoder, inputs, n_samples,
+                                     generator=torch.Generator().manual_seed(_seed_int(seed)),
+                                     chunk_tiles=self._chunks(inputs), progress=progress)
         return samples_table(catalogs, bands=self.bands, seed=seed)
+
+    @staticmethod
+    def _threads(threads, nddata):
+        """The torch threads of a call on ``nddata`` (`starnet.threads`)."""
+        return torch_threads(choose_threads(threads, n_pixels=np.size(nddata.data)))
 
     def _prepare(self, nddata):
         """The encoder's input (`starnet.inference.prepare_image`) of an image."""

@@ -35,6 +35,7 @@ from .background import BackgroundEncoder
 from .encoder import StarNetEncoder
 from .prior import StarFieldPrior
 from .psf import psf_from_dict, psf_to_dict
+from .training_settings import TrainingSettings
 
 __all__ = ["write_atomically", "describe_model", "weights_checksum", "metadata_checksum",
            "write_model", "read_model", "write_checkpoint", "read_checkpoint"]
@@ -431,8 +432,6 @@ def _check_metadata(path, metadata):
     """Check the keys and JSON types of a model file's metadata, and that its prior,
     PSFs and background describe a model (`StarFieldPrior.from_dict`,
     `~starnet.psf.psf_from_dict`)."""
-    from .training import TrainingSettings   # training imports this module
-
     unknown = sorted(set(metadata) - set(_METADATA))
     missing = [key for key in _METADATA if key not in metadata and key not in _OPTIONAL]
     wrong = []

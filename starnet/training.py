@@ -2,8 +2,6 @@
 
 import math
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,96 +18,11 @@ from .progress import progress_bar
 from .psf_family import PSFBank
 from .simulate import add_noise
 from .tiles import TileGrid, inside_image
-from .validation import check_range, check_training_settings, check_writable
+from .training_settings import TrainingSettings
+from .validation import check_range, check_training_settings, check_writable, keep_finite
 
 __all__ = ["TrainingSettings", "SimulatedBatches", "TrainingBatch", "train_encoder",
-           "cosine_rate", "keep_finite"]
-
-
-@dataclass
-class TrainingSettings:
-    """Settings of a forward-KL fit.
-
-    Attributes
-    ----------
-    image_shape : tuple of int
-        ``(rows, cols)`` of the simulated training images.
-    batch_size : int
-        Images per gradient step.
-    batches_per_epoch : int
-        Gradient steps per epoch.
-    n_epochs : int
-        Number of epochs (validation, history row and checkpoint after each).
-    n_steps : int or None
-        Gradient steps of the whole fit; when given, it replaces ``n_epochs *
-        batches_per_epoch`` (the last epoch may be shorter).
-    max_time : float or None
-        Seconds of training (validation included); the fit ends after the step that
-        passes it, and the learning rate decays over whichever of the steps and the time
-        runs out first. A resumed fit counts the time of the epochs it resumes.
-    learning_rate, weight_decay : float
-        Settings of Adam with decoupled weight decay (`torch.optim.AdamW`; the reference
-        M2 code used Adam with L2 decay, 1e-3 and 1e-5, which drives the weights of dead
-        units into the denormal range, where a CPU is 100 times slower: see
-        `starnet.denormals`). When training resumes from a checkpoint, the optimiser's
-        state is restored but these settings are used.
-    final_learning_rate : float or None
-        The rate decays by a cosine (`cosine_rate`), step by step, from
-        ``learning_rate`` to this at the end of the fit. On the M2 model the decay took
-        the 90 % count coverage from 0.41 to 0.93 (docs/calibration.rst). ``None``
-        keeps the rate constant.
-    margin : float
-        Stars are simulated this many pixels beyond the image edges too, so the encoder
-        learns what light from outside looks like at the edges.
-    n_validation : int
-        Images of the fixed simulated validation set, scored at the end of each epoch.
-    background_range : tuple of float
-        Each training image's background is the model's background times a factor drawn
-        uniformly from this range (``(1, 1)``: exactly the model's background). A range
-        teaches the encoder to read the background from its input, so that the
-        background of an image can be fitted after training (see
-        `starnet.background.fit_background`).
-    psf_variant_range : tuple of float
-        With PSF variants (``StarNetDeblender.psf_variants``), each training image's
-        star light, band by band, is ``R_0 + sum_k t_k (R_k - R_0)`` where ``R_0`` is
-        rendered with the model's PSF, ``R_k`` with variant ``k`` and ``t_k`` is drawn
-        uniformly from this range: the encoder learns to read stars through any PSF
-        between them, so that a PSF error of that size is not taken for stars.
-    density_range : tuple of float or None
-        ``None``: every training image has the prior's ``mu`` stars per pixel. A range
-        ``(low, high)``: each image's density is drawn log-uniformly from it, so that
-        the encoder reads the local density from the pixels (as it reads the
-        background) and a sparse field is not catalogued as if it were crowded.
-    seed : int
-        Seed of the training images and of the validation set (the network's initial
-        weights are seeded by `~starnet.StarNetDeblender`).
-    """
-
-    image_shape: tuple = (64, 64)
-    batch_size: int = 16
-    batches_per_epoch: int = 50
-    n_epochs: int = 10
-    n_steps: int = None
-    max_time: float = None
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-5
-    final_learning_rate: float = 1e-5
-    margin: float = 6.0
-    n_validation: int = 8
-    background_range: tuple = (1.0, 1.0)
-    psf_variant_range: tuple = (0.0, 0.0)
-    density_range: tuple = None
-    seed: int = 0
-
-    def __post_init__(self):
-        check_training_settings(self)
-
-    def to_dict(self):
-        settings = asdict(self)
-        for name in ("image_shape", "background_range", "psf_variant_range", "density_range"):
-            if settings[name] is not None:
-                settings[name] = list(settings[name])
-        return settings
+           "cosine_rate"]
 
 
 class TrainingBatch(NamedTuple):
@@ -389,33 +302,6 @@ class _Schedule:
     def record(self, row):
         self.steps_done += row["steps"]
         self.seconds_done += row["seconds"]
-
-
-@contextmanager
-def keep_finite(network, where, learning_rate):
-    """Stop a training step that makes the loss or the weights of ``network`` non-finite.
-
-    The block gets ``check(loss)``, which returns a finite loss and raises otherwise;
-    after the block, the weights are checked. On a failure ``network`` is given back
-    the weights it had before the step (the last finite ones) and a RuntimeError
-    names the step (``where``) and the ``learning_rate``.
-    """
-    before = {name: value.detach().clone() for name, value in network.state_dict().items()}
-
-    def check(loss):
-        if not bool(torch.isfinite(loss)):
-            fail(f"the loss is {loss.item()}")
-        return loss
-
-    def fail(what):
-        network.load_state_dict(before)
-        raise RuntimeError(f"training diverged at {where}: {what}. The network keeps the "
-                           "weights of the step before (the last finite ones); lower the "
-                           f"learning rate ({learning_rate:g}) and train again")
-
-    yield check
-    if not all(bool(torch.isfinite(p).all()) for p in network.parameters()):
-        fail("the weights became non-finite")
 
 
 def cosine_rate(progress, initial, final):

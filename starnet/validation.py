@@ -7,9 +7,11 @@ warning) that says what was wrong and what was expected, before any work starts.
 import numbers
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from astropy.nddata import NDData
 from scipy.ndimage import uniform_filter
 
@@ -386,3 +388,30 @@ def check_range(value, name, *, positive):
         raise ValueError(f"{name} must be (low, high) with {'0 < ' if positive else ''}"
                          f"low <= high, got {value!r}")
     return low, high
+
+
+@contextmanager
+def keep_finite(network, where, learning_rate):
+    """Stop a training step that makes the loss or the weights of ``network`` non-finite.
+
+    The block gets ``check(loss)``, which returns a finite loss and raises otherwise;
+    after the block, the weights are checked. On a failure ``network`` is given back
+    the weights it had before the step (the last finite ones) and a RuntimeError
+    names the step (``where``) and the ``learning_rate``.
+    """
+    before = {name: value.detach().clone() for name, value in network.state_dict().items()}
+
+    def check(loss):
+        if not bool(torch.isfinite(loss)):
+            fail(f"the loss is {loss.item()}")
+        return loss
+
+    def fail(what):
+        network.load_state_dict(before)
+        raise RuntimeError(f"training diverged at {where}: {what}. The network keeps the "
+                           "weights of the step before (the last finite ones); lower the "
+                           f"learning rate ({learning_rate:g}) and train again")
+
+    yield check
+    if not all(bool(torch.isfinite(p).all()) for p in network.parameters()):
+        fail("the weights became non-finite")

@@ -375,3 +375,17 @@ def test_catalog_with_mask_weight_background_map_and_psf_files(model_path, tmp_p
     assert len(written) == len(expected)
     np.testing.assert_allclose(written["x_fit"], expected["x_fit"], atol=1e-4)
     assert written.meta["background"] == pytest.approx(expected.meta["background"])
+
+
+def test_catalog_threads_option(model_path, tmp_path, capsys):
+    _image_file(tmp_path / "image.fits")
+    args = ["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+            "--background", str(SKY), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--threads", "0", "-o", str(tmp_path / "zero.ecsv")])
+    assert exit_.value.code == 2
+    assert "--threads must be a positive number of threads; got 0" in capsys.readouterr().err
+    assert main([*args, "--threads", "1", "-o", str(tmp_path / "one.ecsv")]) == 0
+    assert main([*args, "--threads", "2", "-o", str(tmp_path / "two.ecsv")]) == 0
+    one, two = QTable.read(tmp_path / "one.ecsv"), QTable.read(tmp_path / "two.ecsv")
+    np.testing.assert_allclose(np.asarray(one["x_fit"]), np.asarray(two["x_fit"]), atol=1e-4)

@@ -203,7 +203,7 @@ def test_zero_inverse_variance_masks_the_pixels(tmp_path):
     weight[:, 10:30, 10:30] = 0.0
     image = with_changes(image, data=data, uncertainty=InverseVariance(weight))
     with pytest.warns(UserWarning, match="800 masked or non-finite pixels"):
-        catalog = deblender(image, background="given", progress_bar=False)
+        catalog = deblender(image, background="given", progress=False)
     inside = ((catalog["x_fit"] > 11) & (catalog["x_fit"] < 28)
               & (catalog["y_fit"] > 11) & (catalog["y_fit"] < 28))
     assert len(catalog) > 0 and not inside.any()
@@ -487,7 +487,7 @@ def test_a_billion_posterior_catalogs_are_refused_before_encoding(monkeypatch):
     deblender = StarNetDeblender.pretrained("sdss-m2")
     image, _ = simulate_starfield((20, 20), psf=deblender.psfs, seed=0,
                                   background=deblender.background)
-    monkeypatch.setattr(deblender, "_encode", _never)
+    monkeypatch.setattr(deblender, "_prepare", _never)
     with pytest.raises(MemoryLimitError, match="1000000000 posterior catalogs of an image of "
                                                "20 x 20 pixels would need"):
         deblender.sample(image, n_samples=10**9)

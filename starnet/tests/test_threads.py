@@ -46,3 +46,30 @@ def test_torch_threads_restores_on_error():
             assert torch.get_num_threads() == 1
             raise RuntimeError
     assert torch.get_num_threads() == before
+
+
+def test_deblender_calls_run_on_the_threads_asked_and_restore_them(monkeypatch):
+    """Each call runs under the number of threads it is given (or chooses) and leaves
+    torch's setting as it found it; the catalog does not depend on it."""
+    import numpy as np
+    from starnet import StarNetDeblender, simulate_starfield
+    deblender = StarNetDeblender.pretrained("sdss-m2")
+    image, _ = simulate_starfield((24, 24), psf=deblender.psfs,
+                                  background=deblender.background, seed=3)
+    seen = []
+    original = threads.torch_threads
+
+    def spy(n):
+        seen.append(n)
+        return original(n)
+
+    import starnet.deblender
+    monkeypatch.setattr(starnet.deblender, "torch_threads", spy)
+    before = torch.get_num_threads()
+    one = deblender(image, background="given", threads=1, progress=False)
+    two = deblender(image, background="given", threads=2, progress=False)
+    deblender.sample(image, n_samples=2, seed=0, background="given", threads=1, progress=False)
+    deblender.count_posterior(image, background="given", progress=False)   # small: one
+    assert seen == [1, 2, 1, 1]
+    assert torch.get_num_threads() == before
+    np.testing.assert_allclose(np.asarray(one["x_fit"]), np.asarray(two["x_fit"]), atol=1e-4)
