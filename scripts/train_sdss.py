@@ -42,7 +42,7 @@ from starnet.defects import FrameDefects
 from starnet.encoder import StarNetEncoder
 from starnet.psf import kl_psf_from_psfield, psf_fwhm
 from starnet.psf_family import DESCRIPTOR_SIZE, PSFBank, photofield_psfs
-from starnet.training import SimulatedBatches, TrainingSettings, train_encoder
+from starnet.training import SimulatedBatches, TrainingSettings, cosine_rate, train_encoder
 
 SDSS = files("starnet") / "datasets" / "data" / "sdss"
 
@@ -153,7 +153,9 @@ def main(argv=None):
         # one epoch more than the checkpoint holds, on the schedule of all the steps
         settings.n_steps = min(done + args.batches_per_epoch, total_steps)
         settings.final_learning_rate = None
-        settings.learning_rate = float(_rate(done, total_steps, args))
+        # the rate of this epoch on the cosine decay over all the steps
+        settings.learning_rate = cosine_rate(done / total_steps, args.learning_rate,
+                                             args.final_learning_rate)
         history = train_encoder(encoder, batches, settings, checkpoint=args.checkpoint,
                                 model_description=description, progress=False)
         row = history[-1]
@@ -169,13 +171,6 @@ def main(argv=None):
                 "description": description,
                 "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])},
                args.output)
-
-
-def _rate(done, total, args):
-    """Cosine decay of the rate over all the steps, constant within an epoch."""
-    progress = done / total
-    return args.final_learning_rate + 0.5 * (args.learning_rate - args.final_learning_rate) \
-        * (1 + np.cos(np.pi * progress))
 
 
 if __name__ == "__main__":
