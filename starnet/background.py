@@ -284,7 +284,8 @@ def fit_background(deblender, nddata, *, smoothing=None):
         raise ValueError(f"smoothing must be a positive width in pixels, got {smoothing}")
     # the given background's level is what we estimate; its shape we keep
     inputs = prepare_image(nddata, bands=deblender.bands, psfs=deblender.psfs,
-                           stamp_size=deblender.stamp_size, check_sky=False)
+                           stamp_size=deblender.stamp_size, encoder=deblender.encoder,
+                           check_sky=False)
     image, given, read = inputs.image, inputs.background, inputs.meta
     del inputs
     nominal = torch.as_tensor(np.asarray(deblender.background, dtype=np.float32))

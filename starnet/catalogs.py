@@ -36,6 +36,9 @@ CATALOG_FLAGS = {
                       "within one PSF FWHM of the position"),
     4: ("low_detection", "detection probability (column detection_prob) below 0.5"),
     8: ("blend", "another star of the catalog lies within one PSF FWHM"),
+    16: ("saturated", "a saturated pixel (at or above meta['saturation'] in some band) "
+                      "lies within one PSF FWHM: light is missing, so the flux is a "
+                      "lower limit"),
 }
 
 _BIT = {name: bit for bit, (name, _) in CATALOG_FLAGS.items()}
@@ -58,13 +61,21 @@ def decode_flags(flags):
             for value in values.tolist()]
 
 
-def catalog_flags(x, y, detection_prob, *, shape, tile_size, padding, fwhm, bad=None):
+def catalog_flags(x, y, detection_prob, *, shape, tile_size, padding, fwhm, bad=None,
+                  saturated=None):
     """The ``flags`` column (`CATALOG_FLAGS`) of stars at pixel positions ``x``, ``y``.
 
     ``shape``: (rows, cols) of the image; the tiles of ``tile_size`` pixels start at
     pixel 0 and the network sees ``padding`` pixels around each; ``fwhm``: the PSF's
-    FWHM in pixels; ``bad``: boolean (rows, cols) map of the masked or non-finite
-    pixels, or None.
+    FWHM in pixels; ``bad`` and ``saturated``: boolean (rows, cols) maps of the masked
+    or non-finite pixels and of the saturated ones, or None.
+
+    >>> import numpy as np
+    >>> saturated = np.zeros((20, 20), dtype=bool)
+    >>> saturated[10, 10] = True
+    >>> catalog_flags([10.0, 16.0], [11.0, 10.0], [1.0, 1.0], shape=(20, 20), tile_size=2,
+    ...               padding=0, fwhm=3.0, saturated=saturated).tolist()
+    [16, 0]
     """
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
@@ -74,19 +85,26 @@ def catalog_flags(x, y, detection_prob, *, shape, tile_size, padding, fwhm, bad=
         edge = (tile * tile_size - padding < 0) | ((tile + 1) * tile_size + padding > size)
         flags[edge] |= _BIT["edge"]
     xy = np.column_stack([x, y])
-    if bad is not None and bad.any() and len(xy):
-        # the nearest bad pixel of a star not on one is on the boundary of a bad region
-        rows, cols = np.nonzero(bad & ~binary_erosion(bad))
-        distance, _ = cKDTree(np.column_stack([cols, rows])).query(xy)
-        row = np.clip(np.round(y).astype(int), 0, shape[0] - 1)
-        col = np.clip(np.round(x).astype(int), 0, shape[1] - 1)
-        flags[(distance <= fwhm) | bad[row, col]] |= _BIT["bad_pixels"]
+    for pixels, name in ((bad, "bad_pixels"), (saturated, "saturated")):
+        if pixels is not None and pixels.any() and len(xy):
+            flags[_near(pixels, x, y, fwhm)] |= _BIT[name]
     flags[np.asarray(detection_prob) < 0.5] |= _BIT["low_detection"]
     if len(xy) > 1:
         pairs = cKDTree(xy).query_pairs(fwhm, output_type="ndarray")
         close = np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T) < fwhm
         flags[pairs[close].reshape(-1)] |= _BIT["blend"]
     return flags
+
+
+def _near(pixels, x, y, distance):
+    """Which of the positions ``x``, ``y`` lie on or within ``distance`` pixels of a
+    pixel of the boolean map ``pixels``."""
+    # the nearest pixel of a region to a position outside it is on its boundary
+    rows, cols = np.nonzero(pixels & ~binary_erosion(pixels))
+    nearest, _ = cKDTree(np.column_stack([cols, rows])).query(np.column_stack([x, y]))
+    row = np.clip(np.round(y).astype(int), 0, pixels.shape[0] - 1)
+    col = np.clip(np.round(x).astype(int), 0, pixels.shape[1] - 1)
+    return (nearest <= distance) | pixels[row, col]
 
 
 def modal_table(rows, offset, pmf, *, nddata, meta, bands, tile_size, max_sources, padding,
@@ -142,7 +160,8 @@ def modal_table(rows, offset, pmf, *, nddata, meta, bands, tile_size, max_source
     table["detection_prob"] = rows["detection"]
     table["flags"] = catalog_flags(
         locs[:, 0], locs[:, 1], rows["detection"], shape=nddata.data.shape[-2:],
-        tile_size=tile_size, bad=bad_pixel_map(nddata), padding=padding, fwhm=fwhm)
+        tile_size=tile_size, bad=bad_pixel_map(nddata), padding=padding, fwhm=fwhm,
+        saturated=meta.get("saturated_pixels"))
     if getattr(nddata, "wcs", None) is not None:
         table["sky_centroid"] = nddata.wcs.pixel_to_world(table["x_fit"], table["y_fit"])
     fit = meta.get("background_fit")

@@ -9,6 +9,7 @@ from astropy.utils.decorators import deprecated_renamed_argument
 
 from .background import BackgroundEncoder, choose_background, train_background_encoder
 from .catalogs import modal_table, samples_table
+from .defects import FrameDefects
 from .encoder import StarNetEncoder
 from .images import as_background, image_psfs, read_image
 from .inference import chunk_tiles, count_pmfs, draw_catalogs, modal_catalog, prepare_image
@@ -17,6 +18,7 @@ from .model_io import (bundled_model_path, bundled_models, deblender_arguments, 
                        restore_deblender, write_deblender)
 from .prior import StarFieldPrior, _seed_int
 from .psf import as_psf, psf_fwhm, psf_to_dict
+from .psf_family import DESCRIPTOR_SIZE, PSFBank
 from .simulate import StarFieldRenderer
 from .tiles import TileGrid
 from .training import SimulatedBatches, TrainingSettings, train_encoder
@@ -55,6 +57,20 @@ class StarNetDeblender:
         tiles colour by colour, each seeing its decided neighbours, which removes the
         double counting of stars on tile boundaries (see
         `~starnet.encoder.StarNetEncoder`).
+    reads_psf : bool, optional
+        The encoder reads the image's PSFs (``meta['psf']``, a
+        `~photutils.psf.GriddedPSFModel` where the PSF varies over the image) through
+        their descriptors (`starnet.psf_family`), so that one model serves any PSF of
+        its training family; ``psf`` is then the PSF it is trained with by `fit`.
+    reads_mask : bool, optional
+        The encoder reads the mask of missing pixels (masked, non-finite or saturated:
+        ``meta['saturation']``), so that they widen the posterior instead of reading
+        as empty sky; `fit` then adds saturated stars, bad columns, cosmic rays and
+        edges to the training images (`starnet.defects.FrameDefects`).
+    context_cells : int, optional
+        Side in tiles of the cells of the encoder's context branch, which tells each
+        tile the density of stars around it (0: none; see
+        `~starnet.encoder.StarNetEncoder`).
     seed : int, optional
         Seed of the encoder's initial weights.
 
@@ -74,7 +90,8 @@ class StarNetDeblender:
     """
 
     def __init__(self, *, prior, psf, background, tile_size=2, max_sources=3, stamp_size=25,
-                 hidden=32, tile_hidden=128, n_colors=1, seed=0):
+                 hidden=32, tile_hidden=128, n_colors=1, reads_psf=False, reads_mask=False,
+                 context_cells=0, seed=0):
         self.prior = prior
         psfs = list(psf) if isinstance(psf, (list, tuple)) else [psf] * prior.n_bands
         if len(psfs) != prior.n_bands:
@@ -93,7 +110,10 @@ class StarNetDeblender:
             torch.manual_seed(_seed_int(seed))
             self.encoder = StarNetEncoder(n_bands=prior.n_bands, tile_size=tile_size,
                                           max_sources=max_sources, hidden=hidden,
-                                          tile_hidden=tile_hidden, n_colors=n_colors)
+                                          tile_hidden=tile_hidden, n_colors=n_colors,
+                                          mask_channel=reads_mask,
+                                          psf_features=DESCRIPTOR_SIZE if reads_psf else 0,
+                                          context_cells=context_cells)
         self.encoder.eval()
         self.training_settings = None
         self.training_history = None
@@ -256,14 +276,23 @@ class StarNetDeblender:
         return self.background_history
 
     def _batches(self, shape, settings):
-        """The simulated training images of ``shape`` for ``settings``."""
+        """The simulated training images of ``shape`` for ``settings``: for an encoder
+        that reads the PSF, through a bank of the model's PSF and its variants, each
+        told to the encoder; for one that reads the mask, with frame defects."""
+        defects = FrameDefects() if self.encoder.mask_channel else None
+        if self.encoder.psf_features:
+            bank = PSFBank([self.psfs, *self.psf_variants], stamp_size=self.stamp_size)
+            return SimulatedBatches(self.prior, bank, self.background, shape,
+                                    margin=settings.margin,
+                                    background_range=settings.background_range,
+                                    density_range=settings.density_range, defects=defects)
         variants = [StarFieldRenderer(psfs, stamp_size=self.stamp_size)
                     for psfs in self.psf_variants]
         return SimulatedBatches(self.prior, self._renderer(), self.background, shape,
                                 margin=settings.margin,
                                 background_range=settings.background_range,
                                 variants=variants, variant_range=settings.psf_variant_range,
-                                density_range=settings.density_range)
+                                density_range=settings.density_range, defects=defects)
 
     # --------------------------------------------------------------- persistence
     def save(self, path, *, overwrite=False):
@@ -443,7 +472,8 @@ class StarNetDeblender:
             * ``detection_prob``: posterior probability that the tile holds at least as
               many stars as this star's rank by flux in the tile;
             * ``flags``: integer bit flags, 0 = none: 1 ``edge``, 2 ``bad_pixels``, 4
-              ``low_detection``, 8 ``blend`` (`starnet.catalogs.CATALOG_FLAGS` says what
+              ``low_detection``, 8 ``blend``, 16 ``saturated`` (the flux is then a lower
+              limit; `starnet.catalogs.CATALOG_FLAGS` says what
               each means, with the FWHM of the model's widest PSF and the window of
               ``receptive_field`` pixels the network sees for a tile;
               `starnet.catalogs.decode_flags` names them);
@@ -638,7 +668,7 @@ class StarNetDeblender:
     def _prepare(self, nddata):
         """The encoder's input (`starnet.inference.prepare_image`) of an image."""
         return prepare_image(nddata, bands=self.bands, psfs=self.psfs,
-                             stamp_size=self.stamp_size)
+                             stamp_size=self.stamp_size, encoder=self.encoder)
 
     def _chunks(self, inputs):
         """Side in tiles of the blocks in which ``inputs`` are encoded, or None."""

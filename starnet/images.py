@@ -21,7 +21,7 @@ from astropy.nddata import Cutout2D, NDData, NDDataRef, VarianceUncertainty
 from .validation import check_image_data, check_image_meta, check_mask
 
 __all__ = ["StarFieldImage", "as_background", "cutout", "electrons_per_unit", "image_psfs",
-           "read_image", "ElectronImage", "with_changes"]
+           "read_image", "ElectronImage", "saturation_levels", "with_changes"]
 
 
 #: The largest excess of an uncertainty's variance over the Poisson variance of the
@@ -253,6 +253,7 @@ class ElectronImage:
     pedestal: np.ndarray
     electrons_per_unit: np.ndarray
     meta: dict
+    saturated: np.ndarray = None
 
 
 def read_image(nddata, bands):
@@ -266,7 +267,9 @@ def read_image(nddata, bands):
     in the images the model was trained on, and the mean is only shifted by what the
     background takes up. A variance below the Poisson one gets a warning. A pixel whose
     variance is infinite or NaN (an `~astropy.nddata.InverseVariance` of 0: no
-    information) is bad, as a masked one.
+    information) is bad, as a masked one. So is a saturated pixel: one at or above the
+    saturation level of its band (`saturation_levels`: ``meta['saturation']`` or the
+    FITS keyword ``SATURATE``, in the image's unit).
 
     Parameters
     ----------
@@ -279,8 +282,9 @@ def read_image(nddata, bands):
     image : `ElectronImage`
         ``data`` (bands, rows, cols), ``background`` (bands, 1, 1) or (bands, rows,
         cols), ``bad`` (masked or non-finite pixels, or without a finite variance),
-        ``pedestal`` and ``electrons_per_unit`` of the image's unit (bands,), and
-        ``meta``.
+        ``pedestal`` and ``electrons_per_unit`` of the image's unit (bands,),
+        ``meta``, and ``saturated`` (the saturated pixels, also bad; None without a
+        saturation level).
 
     Raises
     ------
@@ -313,6 +317,12 @@ def read_image(nddata, bands):
     bad = ~np.isfinite(data)
     if nddata.mask is not None:
         bad |= check_mask(nddata.mask, data.shape)
+    saturated = None
+    levels = saturation_levels(meta, scale, len(bands))
+    if levels is not None:
+        with np.errstate(invalid="ignore"):
+            saturated = data >= levels.astype(np.float32)[:, None, None]
+        bad |= saturated
     if nddata.uncertainty is not None:
         variance = _variance(nddata.uncertainty, scale[:, None, None], data.shape)
         bad |= ~np.isfinite(variance)    # zero inverse variance, NaN: no information
@@ -323,7 +333,33 @@ def read_image(nddata, bands):
         data = data + pedestal[:, None, None]
         background = background + pedestal[:, None, None]
     return ElectronImage(data=data, background=background, bad=bad, pedestal=pedestal,
-                         electrons_per_unit=np.asarray(scale, dtype=float), meta=meta)
+                         electrons_per_unit=np.asarray(scale, dtype=float), meta=meta,
+                         saturated=saturated)
+
+
+def saturation_levels(meta, scale, n_bands):
+    """The saturation level of each band in electrons, or None when the image gives none.
+
+    The level is ``meta['saturation']`` (or the FITS keyword ``SATURATE`` or
+    ``SATURATION`` copied into the meta): a number or one per band, in the image's unit
+    (converted by ``scale`` electrons per unit) or a `~astropy.units.Quantity` in
+    electrons. A pixel at or above it holds less light than fell on it.
+
+    >>> saturation_levels({"saturation": [5e4, 6e4]}, 2.0, 2)
+    array([100000., 120000.])
+    """
+    value = None
+    for key in ("saturation", "SATURATE", "SATURATION"):
+        if meta.get(key) is not None:
+            value = meta[key]
+            break
+    if value is None:
+        return None
+    if isinstance(value, u.Quantity):
+        value, scale = value.to_value(u.electron), 1.0
+    levels = _per_band(_positive(value, "saturation", "the image's unit"), n_bands,
+                       "meta['saturation']")
+    return levels * scale
 
 
 def _check_some_good(bad, bands):

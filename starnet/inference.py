@@ -19,16 +19,14 @@ their results (`starnet.catalogs`).
    `draw` for a posterior already encoded); `count_pmfs` the posterior pmfs of the
    number of stars in regions of the image (`region_tiles`).
 
-Where a new input goes. Beside the pixels and the background, an encoder may read a
-mask of missing pixels and PSF descriptors (the ``mask`` and ``psf`` arguments of
-`~starnet.encoder.StarNetEncoder`; in training, `starnet.training.TrainingBatch`
-carries them). In inference each such input is a field of `EncoderInput`, filled from
-the image by `prepare_image` (a mask from its bad pixels; descriptors of its PSFs by
-`starnet.psf_family.psf_descriptor`) and handed to the network by `encode` and
-`encode_blocks`, its only two calls; the encoder makes its input tensor from them
-(`~starnet.encoder.normalize_image`). A ``device`` enters in the same two functions:
-the inputs go to it there, and the results come back to the CPU before the rest of
-this module reads them.
+The inputs beside the pixels. An encoder may read a mask of missing pixels and PSF
+descriptors (the ``mask`` and ``psf`` arguments of `~starnet.encoder.StarNetEncoder`;
+in training, `starnet.training.TrainingBatch` carries them). In inference they are
+fields of `EncoderInput`, filled by `prepare_image` for the encoder they are for (the
+mask from the image's masked, non-finite and saturated pixels; descriptors of its PSFs,
+a map where a `~photutils.psf.GriddedPSFModel` varies, by
+`starnet.psf_family.image_descriptors`) and handed to the network by `encode` and
+`encode_blocks`, its only two calls (`EncoderInput.network_inputs`).
 """
 
 import warnings
@@ -42,6 +40,7 @@ from .images import image_psfs, read_image
 from .posterior import TiledPosterior, _full_pmf, convolve_counts, count_distribution, support
 from .progress import progress_callback
 from .psf import as_psf, pixel_stamps
+from .psf_family import image_descriptors
 from .tiles import TileCatalog, TileGrid, inside_image
 from .validation import check_background
 
@@ -65,12 +64,27 @@ class EncoderInput:
         Background in electrons.
     meta : dict
         The image's meta, with ``background_median`` (per band, electrons),
-        ``pedestal`` and ``electrons_per_unit`` (`starnet.images.read_image`).
+        ``pedestal``, ``electrons_per_unit`` (`starnet.images.read_image`) and
+        ``saturated_pixels`` (a (rows, cols) map of the pixels saturated in any band,
+        or None).
+    mask : `torch.Tensor` of bool, shape (1, bands, rows, cols), optional
+        The missing pixels (masked, non-finite or saturated), for an encoder with
+        ``mask_channel``.
+    psf : `torch.Tensor`, optional
+        The PSF descriptors of each band (`starnet.psf_family.image_descriptors`), for
+        an encoder with ``psf_features``.
     """
 
     image: torch.Tensor
     background: torch.Tensor
     meta: dict
+    mask: torch.Tensor = None
+    psf: torch.Tensor = None
+
+    @property
+    def network_inputs(self):
+        """The keyword arguments of the encoder beside the image and background."""
+        return {"mask": self.mask, "psf": self.psf}
 
     @property
     def shape(self):
@@ -78,7 +92,7 @@ class EncoderInput:
         return tuple(self.image.shape[-2:])
 
 
-def prepare_image(nddata, *, bands, psfs, stamp_size, check_sky=True):
+def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, check_sky=True):
     """The encoder's input from an image, checked against the model.
 
     Parameters
@@ -91,6 +105,11 @@ def prepare_image(nddata, *, bands, psfs, stamp_size, check_sky=True):
         The model's PSFs, one per band (see `check_psfs`).
     stamp_size : int
         The model's stamp width (see `check_psfs`).
+    encoder : `~starnet.encoder.StarNetEncoder`, optional
+        The network the input is for: one with ``mask_channel`` is given the mask of
+        missing pixels, one with ``psf_features`` the descriptors of the image's PSFs
+        (`starnet.psf_family.image_descriptors`) instead of a check of them against the
+        model's.
     check_sky : bool, optional
         Check the pixels against the declared background
         (`starnet.validation.check_background`).
@@ -98,27 +117,40 @@ def prepare_image(nddata, *, bands, psfs, stamp_size, check_sky=True):
     Returns
     -------
     inputs : `EncoderInput`
-        Pixels and background in electrons (`starnet.images.read_image`); masked or
-        non-finite pixels are replaced by the background, with a warning.
+        Pixels and background in electrons (`starnet.images.read_image`); masked,
+        non-finite or saturated pixels are replaced by the background (with a warning
+        unless the encoder reads the mask).
     """
     image = read_image(nddata, bands)
     data, background, bad = image.data, image.background, image.bad
     if check_sky:
         check_background(data, background, bands, bad=bad)
+    reads_mask = encoder is not None and encoder.mask_channel
+    mask = torch.from_numpy(np.ascontiguousarray(bad))[None] if reads_mask else None
     if bad.any():
-        warnings.warn(f"{int(bad.sum())} masked or non-finite pixels are replaced by the "
-                      "background; stars there are not detected", UserWarning)
+        if not reads_mask:
+            warnings.warn(f"{int(bad.sum())} masked, non-finite or saturated pixels are "
+                          "replaced by the background; stars there are not detected",
+                          UserWarning)
         data = np.where(bad, background, data)
     del bad
-    check_psfs(image_psfs(nddata, len(bands)), psfs, bands=bands, stamp_size=stamp_size)
+    psf = None
+    if encoder is not None and encoder.psf_features:
+        psf = image_descriptors(image_psfs(nddata, len(bands)), data.shape[1:],
+                                tile_size=encoder.tile_size)
+    else:
+        check_psfs(image_psfs(nddata, len(bands)), psfs, bands=bands, stamp_size=stamp_size)
+    saturated = None if image.saturated is None else image.saturated.any(axis=0)
     with warnings.catch_warnings():
         # the caller's arrays may be read-only; they are only read
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         medians = np.median(background.reshape(len(bands), -1), axis=1)
         meta = dict(image.meta, background_median=[float(m) for m in medians],
-                    pedestal=image.pedestal, electrons_per_unit=image.electrons_per_unit)
+                    pedestal=image.pedestal, electrons_per_unit=image.electrons_per_unit,
+                    saturated_pixels=saturated if saturated is not None and saturated.any()
+                    else None)
         return EncoderInput(torch.from_numpy(data)[None], torch.from_numpy(background)[None],
-                            meta)
+                            meta, mask, psf)
 
 
 def check_psfs(psfs, model_psfs, *, bands, stamp_size):
@@ -199,9 +231,9 @@ def encode(encoder, inputs, *, chunk_tiles=None, progress=False):
     with flush_denormals(), progress_callback(progress, "encoding blocks") as report:
         if encoder.n_colors == 1:
             return encoder(inputs.image, inputs.background, chunk_tiles=chunk_tiles,
-                           progress=report)
+                           progress=report, **inputs.network_inputs)
         return encoder.features(inputs.image, inputs.background, chunk_tiles=chunk_tiles,
-                                progress=report)
+                                progress=report, **inputs.network_inputs)
 
 
 def encode_blocks(encoder, inputs, *, chunk_tiles=None, progress=False):
@@ -230,7 +262,7 @@ def encode_blocks(encoder, inputs, *, chunk_tiles=None, progress=False):
     with torch.no_grad(), flush_denormals(), \
             progress_callback(progress, "encoding blocks") as report:
         yield from encoder.blocks(inputs.image, inputs.background, chunk_tiles,
-                                  progress=report)
+                                  progress=report, **inputs.network_inputs)
 
 
 @torch.no_grad()

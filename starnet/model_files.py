@@ -33,12 +33,14 @@ import torch
 
 from .background import BackgroundEncoder
 from .encoder import StarNetEncoder
+from .psf_family import DESCRIPTOR_SIZE
 from .prior import StarFieldPrior
 from .psf import psf_from_dict, psf_to_dict
 from .training_settings import TrainingSettings
 
-__all__ = ["write_atomically", "describe_model", "weights_checksum", "metadata_checksum",
-           "write_model", "read_model", "write_checkpoint", "read_checkpoint"]
+__all__ = ["write_atomically", "describe_model", "encoder_inputs", "read_encoder_inputs",
+           "weights_checksum", "metadata_checksum", "write_model", "read_model",
+           "write_checkpoint", "read_checkpoint"]
 
 _MODEL_FORMAT = "starnet-deblender-1"
 _CHECKPOINT_FORMAT = "starnet-checkpoint-1"
@@ -53,9 +55,12 @@ _METADATA = {"format": str, "starnet_version": str, "prior": dict, "psf": list,
              "hidden": int, "tile_hidden": int, "training_settings": (dict, None),
              "training_history": (dict, None), "psf_variants": list, "n_colors": int,
              "log_flux_offset": (int, float), "provenance": dict, "background_encoder": dict,
-             "weights_sha256": str, "sha256": str}
+             "encoder_inputs": dict, "weights_sha256": str, "sha256": str}
 _OPTIONAL = ("psf_variants", "n_colors", "log_flux_offset", "provenance",
-             "background_encoder", "weights_sha256", "sha256")
+             "background_encoder", "encoder_inputs", "weights_sha256", "sha256")
+#: What an encoder reads beside the pixels (`encoder_inputs`), with the defaults of a
+#: model file without them.
+_INPUTS = {"reads_psf": False, "reads_mask": False, "context_cells": 0}
 
 
 def write_atomically(path, write, *, overwrite=True):
@@ -178,7 +183,7 @@ def describe_model(deblender):
     ([686.0], 8)
     """
     encoder = deblender.encoder
-    return {
+    description = {
         "prior": deblender.prior.to_dict(), "psf": [psf_to_dict(p) for p in deblender.psfs],
         "background": [float(b) for b in deblender.background],
         "psf_variants": [[psf_to_dict(p) for p in psfs] for psfs in deblender.psf_variants],
@@ -187,6 +192,22 @@ def describe_model(deblender):
         "tile_hidden": encoder.head.in_channels, "n_colors": encoder.n_colors,
         "log_flux_offset": encoder.log_flux_offset,
     }
+    inputs = encoder_inputs(encoder)
+    if inputs != _INPUTS:       # files of models that read only pixels stay as they were
+        description["encoder_inputs"] = inputs
+    return description
+
+
+def encoder_inputs(encoder):
+    """What ``encoder`` reads beside the pixels, as the `~starnet.StarNetDeblender`
+    arguments ``reads_psf``, ``reads_mask`` and ``context_cells``.
+
+    Returns
+    -------
+    dict
+    """
+    return {"reads_psf": bool(encoder.psf_features), "reads_mask": encoder.mask_channel,
+            "context_cells": encoder.context_cells}
 
 
 def weights_checksum(state):
@@ -474,6 +495,22 @@ def _check_metadata(path, metadata):
                          f"describe a model ({type(error).__name__}: {error})") from error
 
 
+def read_encoder_inputs(metadata):
+    """The ``encoder_inputs`` of a model file's metadata, checked, with defaults for a
+    file without them (`encoder_inputs`)."""
+    inputs = dict(_INPUTS, **metadata.get("encoder_inputs", {}))
+    unknown = sorted(set(inputs) - set(_INPUTS))
+    if unknown:
+        raise ValueError(f"unknown encoder inputs {unknown}; expected some of {list(_INPUTS)}")
+    for key in ("reads_psf", "reads_mask"):
+        if not isinstance(inputs[key], bool):
+            raise ValueError(f"encoder input {key!r} must be true or false, got {inputs[key]!r}")
+    cells = inputs["context_cells"]
+    if isinstance(cells, bool) or not isinstance(cells, int) or cells < 0:
+        raise ValueError(f"encoder input 'context_cells' must be an integer >= 0, got {cells!r}")
+    return inputs
+
+
 def _check_tensors(path, state):
     if "weights" not in state:
         raise ValueError(f"{path} holds no encoder weights (expected a file written by "
@@ -524,11 +561,15 @@ def _expected_shapes(path, metadata):
                  if isinstance(value, bool) or not isinstance(value, int) or value < 1}
         if wrong:
             raise ValueError(f"sizes must be positive integers, got {wrong}")
+        inputs = read_encoder_inputs(metadata)
         with torch.device("meta"):
             networks = {"weights": StarNetEncoder(
                 n_bands=n_bands, tile_size=sizes["tile_size"],
                 max_sources=sizes["max_sources"], hidden=sizes["hidden"],
-                tile_hidden=sizes["tile_hidden"], n_colors=sizes["n_colors"])}
+                tile_hidden=sizes["tile_hidden"], n_colors=sizes["n_colors"],
+                mask_channel=inputs["reads_mask"],
+                psf_features=DESCRIPTOR_SIZE if inputs["reads_psf"] else 0,
+                context_cells=inputs["context_cells"])}
             if options is not None:
                 networks["background_weights"] = BackgroundEncoder(
                     n_bands=n_bands, cell_size=sizes["cell_size"],

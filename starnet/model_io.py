@@ -25,7 +25,7 @@ from astropy.table import QTable
 from . import __version__
 from .background import BackgroundEncoder
 from .denormals import zero_negligible_weights
-from .model_files import describe_model, write_model
+from .model_files import describe_model, read_encoder_inputs, write_model
 from .prior import StarFieldPrior
 from .psf import as_psf, psf_from_dict
 from .training import TrainingSettings
@@ -81,7 +81,7 @@ def deblender_arguments(metadata):
                 background=metadata["background"], tile_size=metadata["tile_size"],
                 max_sources=metadata["max_sources"], stamp_size=metadata["stamp_size"],
                 hidden=metadata["hidden"], tile_hidden=metadata["tile_hidden"],
-                n_colors=metadata.get("n_colors", 1))
+                n_colors=metadata.get("n_colors", 1), **read_encoder_inputs(metadata))
 
 
 def restore_deblender(deblender, metadata, state):

@@ -15,15 +15,16 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from astropy.io import fits
-from photutils.psf import ImagePSF
+from photutils.psf import GriddedPSFModel, ImagePSF
+from scipy.interpolate import RegularGridInterpolator
 from scipy.ndimage import gaussian_filter
 from scipy.special import ive
 
 from .psf import PowerLawPSF, pixel_stamps, psf_fwhm
 from .simulate import StarFieldRenderer
 
-__all__ = ["DESCRIPTOR_SIZE", "psf_descriptor", "widened_psf", "photofield_psfs", "PSFBank",
-           "gaussian_blur"]
+__all__ = ["DESCRIPTOR_SIZE", "psf_descriptor", "image_descriptors", "widened_psf",
+           "photofield_psfs", "PSFBank", "gaussian_blur"]
 
 #: Outer radii (pixels) of the annuli of the profile part of `psf_descriptor`.
 ANNULI = (0.5, 1.2, 1.6, 2.5, 3.5, 4.5, 6.0, 8.0, 10.0, 12.5)
@@ -80,6 +81,81 @@ def psf_descriptor(psf, *, size=25):
     ixx, iyy, ixy = (np.sum(core * dx * dx), np.sum(core * dy * dy), np.sum(core * dx * dy))
     shape = [5 * (ixx - iyy) / (ixx + iyy), 5 * 2 * ixy / (ixx + iyy)]
     return np.asarray(profile + shape, dtype=np.float32)
+
+
+def image_descriptors(psfs, shape, *, tile_size):
+    """The PSF input of an encoder with ``psf_features`` for an image: one descriptor per
+    band, or a map of them over the tiles where a band's PSF varies.
+
+    A `~photutils.psf.GriddedPSFModel` (photutils' PSF that varies over an image) is
+    described at each of its grid points and interpolated bilinearly to the centre of
+    every tile (the nearest grid value beyond the grid); any other PSF is one descriptor
+    for the whole image.
+
+    Parameters
+    ----------
+    psfs : list
+        One PSF per band: anything `psf_descriptor` takes, or a
+        `~photutils.psf.GriddedPSFModel`.
+    shape : tuple of int
+        ``(rows, cols)`` of the image.
+    tile_size : int
+        Side of the encoder's tiles in pixels.
+
+    Returns
+    -------
+    `torch.Tensor` of float32
+        Shape (1, bands DESCRIPTOR_SIZE) when no PSF varies, else (1, bands
+        DESCRIPTOR_SIZE, tile_rows, tile_cols).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from photutils.psf import CircularGaussianPRF, GriddedPSFModel
+    >>> from starnet.psf_family import image_descriptors
+    >>> from astropy.nddata import NDData
+    >>> y, x = np.mgrid[-12:13, -12:13]
+    >>> stamps = [CircularGaussianPRF(fwhm=f)(x, y) for f in (2.5, 2.5, 3.5, 3.5)]
+    >>> grid = [(0, 0), (0, 40), (40, 0), (40, 40)]                 # (x, y) of each stamp
+    >>> varying = GriddedPSFModel(NDData(np.array(stamps), meta={"grid_xypos": grid,
+    ...                                                           "oversampling": 1}))
+    >>> tuple(image_descriptors([varying], (40, 40), tile_size=2).shape)
+    (1, 12, 20, 20)
+    >>> tuple(image_descriptors([CircularGaussianPRF(fwhm=3.0)], (40, 40), tile_size=2).shape)
+    (1, 12)
+    """
+    per_band = [_gridded_descriptors(psf, shape, tile_size) if isinstance(psf, GriddedPSFModel)
+                else psf_descriptor(psf) for psf in psfs]
+    if all(d.ndim == 1 for d in per_band):
+        return torch.from_numpy(np.concatenate(per_band))[None]
+    grid = (-(-shape[0] // tile_size), -(-shape[1] // tile_size))
+    maps = [d if d.ndim == 3 else np.broadcast_to(d[:, None, None], (len(d), *grid))
+            for d in per_band]
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(maps)))[None]
+
+
+def _gridded_descriptors(psf, shape, tile_size):
+    """Descriptors (DESCRIPTOR_SIZE, tile_rows, tile_cols) of a GriddedPSFModel at the
+    tile centres of an image of ``shape``."""
+    oversampling = np.atleast_1d(psf.oversampling)
+    described = np.stack([psf_descriptor(ImagePSF(stamp, oversampling=oversampling))
+                          for stamp in np.asarray(psf.data)])
+    xs, ys = (np.unique(psf.grid_xypos[:, k]) for k in (0, 1))
+    if len(xs) * len(ys) != len(described):
+        raise ValueError("the GriddedPSFModel's grid points must form a regular grid")
+    values = np.zeros((len(ys), len(xs), described.shape[1]))
+    for (x, y), d in zip(psf.grid_xypos, described):
+        values[np.searchsorted(ys, y), np.searchsorted(xs, x)] = d
+    rows = np.arange(-(-shape[0] // tile_size)) * tile_size + (tile_size - 1) / 2
+    cols = np.arange(-(-shape[1] // tile_size)) * tile_size + (tile_size - 1) / 2
+    if len(ys) == 1 or len(xs) == 1:      # a line or a point: interpolate along it only
+        values = np.broadcast_to(values, (max(len(ys), 2), max(len(xs), 2), values.shape[2]))
+        ys = ys if len(ys) > 1 else ys[0] + np.array([0.0, 1.0])
+        xs = xs if len(xs) > 1 else xs[0] + np.array([0.0, 1.0])
+    interpolate = RegularGridInterpolator((ys, xs), values)
+    points = np.stack(np.meshgrid(np.clip(rows, ys[0], ys[-1]), np.clip(cols, xs[0], xs[-1]),
+                                  indexing="ij"), axis=-1)
+    return interpolate(points).transpose(2, 0, 1).astype(np.float32)
 
 
 def widened_psf(psf, factor, *, size=25, oversampling=4):

@@ -15,7 +15,7 @@ def test_flag_bits_are_distinct_powers_of_two():
     bits = list(CATALOG_FLAGS)
     assert bits == [1 << k for k in range(len(bits))]
     assert [name for name, _ in CATALOG_FLAGS.values()] == [
-        "edge", "bad_pixels", "low_detection", "blend"]
+        "edge", "bad_pixels", "low_detection", "blend", "saturated"]
     assert decode_flags(np.array([15, 0, 2])) == [
         ["edge", "bad_pixels", "low_detection", "blend"], [], ["bad_pixels"]]
 

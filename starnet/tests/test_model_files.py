@@ -278,6 +278,23 @@ def test_load_refuses_impossible_sizes(saved, change):
         StarNetDeblender.load(saved)
 
 
+@pytest.mark.parametrize('inputs, expected', [
+    (dict(context_cells='four'), "'context_cells' must be an integer"),
+    (dict(reads_psf='yes'), "'reads_psf' must be true or false"),
+    (dict(reads_colour=True), r"unknown encoder inputs \['reads_colour'\]")])
+def test_load_refuses_impossible_encoder_inputs(saved, inputs, expected):
+    rewrite(saved, lambda metadata, state: metadata.update(encoder_inputs=inputs))
+    with pytest.raises(ValueError, match=expected):
+        StarNetDeblender.load(saved)
+
+
+def test_load_refuses_weights_of_another_encoder_input(saved):
+    """A file of a pixels-only network whose metadata says it reads the mask."""
+    rewrite(saved, lambda metadata, state: metadata.update(encoder_inputs={'reads_mask': True}))
+    with pytest.raises(ValueError, match="'pixel_layers.0.weight' has shape"):
+        StarNetDeblender.load(saved)
+
+
 def test_load_refuses_background_weights_without_their_metadata(tmp_path):
     bundled = resources.files('starnet') / 'models' / 'sdss-m2.pt'
     path = tmp_path / 'model.pt'

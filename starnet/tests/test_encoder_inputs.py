@@ -1,0 +1,149 @@
+"""What an encoder reads beside the pixels: the image's PSFs (a map where they vary),
+its mask of missing pixels and saturation, through the deblender and its model file."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from astropy.nddata import NDData
+from photutils.psf import CircularGaussianPRF, GriddedPSFModel
+
+from starnet import StarFieldPrior, StarNetDeblender, simulate_starfield
+from starnet.catalogs import decode_flags
+from starnet.inference import modal_catalog, prepare_image
+from starnet.model_files import read_model
+from starnet.psf_family import DESCRIPTOR_SIZE, image_descriptors, psf_descriptor
+
+PRIOR = StarFieldPrior(mu=0.03, f_min=1000.0, bands=["r"])
+NARROW, WIDE = CircularGaussianPRF(fwhm=2.5), CircularGaussianPRF(fwhm=3.5)
+BACKGROUND = [700.0]
+
+
+def gridded(fwhms, xs, ys):
+    """A GriddedPSFModel with a Gaussian of ``fwhms[k]`` at each (x, y) of the grid."""
+    y, x = np.mgrid[-12:13, -12:13]
+    points = [(px, py) for py in ys for px in xs]
+    stamps = [CircularGaussianPRF(fwhm=f)(x, y) for f in fwhms]
+    return GriddedPSFModel(NDData(np.array(stamps), meta={"grid_xypos": points,
+                                                          "oversampling": 1}))
+
+
+@pytest.fixture(scope="module")
+def deblender():
+    """A small deblender that reads the PSF, the mask and its context, briefly trained."""
+    model = StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
+                             tile_hidden=16, stamp_size=15, reads_psf=True, reads_mask=True,
+                             context_cells=4)
+    model.psf_variants = [[WIDE]]
+    model.fit(n_epochs=1, batches_per_epoch=3, batch_size=2, image_shape=(24, 24),
+              n_validation=2, progress=False)
+    return model
+
+
+def image_with(psf, *, seed=0, shape=(40, 40), **meta):
+    image, truth = simulate_starfield(shape, prior=PRIOR, psf=NARROW, background=BACKGROUND,
+                                      seed=seed, stamp_size=15)
+    image.meta.update(psf=[psf], **meta)
+    return image, truth
+
+
+def test_a_constant_grid_is_the_descriptor_of_its_psf():
+    """A GriddedPSFModel whose stamps are all the same PSF gives that PSF's descriptor
+    at every tile; one that widens from left to right gives tiles between its ends."""
+    same = image_descriptors([gridded([3.0] * 4, [0, 40], [0, 40])], (40, 40), tile_size=2)
+    expected = psf_descriptor(CircularGaussianPRF(fwhm=3.0))
+    assert same.shape == (1, DESCRIPTOR_SIZE, 20, 20)
+    np.testing.assert_allclose(same[0].numpy(), np.broadcast_to(
+        expected[:, None, None], (DESCRIPTOR_SIZE, 20, 20)), atol=2e-3)
+    varying = image_descriptors([gridded([2.5, 3.5, 2.5, 3.5], [0, 40], [0, 40])], (40, 40),
+                                tile_size=2)[0, 0].numpy()     # the core annulus
+    narrow, wide = (psf_descriptor(p)[0] for p in (NARROW, WIDE))
+    assert varying[:, 0] == pytest.approx(np.full(20, varying[0, 0]))      # along columns
+    assert narrow > varying[5, 0] > varying[5, 10] > varying[5, -1] > wide
+
+
+def test_the_encoder_reads_the_psf_it_is_told(deblender):
+    """The same pixels told two PSFs give two posteriors; a per-tile map of one PSF
+    gives the posterior of that PSF given once for the image."""
+    image, _ = image_with(NARROW)
+    told_narrow = deblender._prepare(image)
+    assert told_narrow.psf.shape == (1, DESCRIPTOR_SIZE)
+    image.meta["psf"] = [WIDE]
+    told_wide = deblender._prepare(image)
+    with torch.no_grad():
+        q_narrow = deblender.encoder(told_narrow.image, told_narrow.background,
+                                     **told_narrow.network_inputs)
+        q_wide = deblender.encoder(told_wide.image, told_wide.background,
+                                   **told_wide.network_inputs)
+    assert not torch.allclose(q_narrow.count_logits, q_wide.count_logits)
+    image.meta["psf"] = [gridded([2.5] * 4, [0, 40], [0, 40])]
+    as_map = deblender._prepare(image)
+    assert as_map.psf.shape == (1, DESCRIPTOR_SIZE, 20, 20)
+    with torch.no_grad():
+        q_map = deblender.encoder(as_map.image, as_map.background, **as_map.network_inputs)
+    torch.testing.assert_close(q_map.count_logits, q_narrow.count_logits, atol=5e-3, rtol=0)
+
+
+def test_blocks_equal_one_shot_with_a_psf_map_and_a_mask(deblender):
+    """Encoded in blocks (with a halo for the context branch), a varying PSF and a mask
+    give the one-shot catalog and count."""
+    image, _ = image_with(gridded([2.5, 3.5, 2.5, 3.5], [0, 48], [0, 48]), shape=(48, 48))
+    image.mask = np.zeros((1, 48, 48), dtype=bool)
+    image.mask[0, :, 20] = True             # a bad column
+    inputs = deblender._prepare(image)
+    assert inputs.mask.shape == (1, 1, 48, 48) and int(inputs.mask.sum()) == 48
+    whole, whole_offset, whole_pmf = modal_catalog(deblender.encoder, inputs)
+    rows, offset, pmf = modal_catalog(deblender.encoder, inputs, chunk_tiles=8)
+    for key in whole:
+        np.testing.assert_allclose(rows[key], whole[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    assert (whole_offset, len(whole_pmf)) == (offset, len(pmf))
+    np.testing.assert_allclose(pmf, whole_pmf, atol=1e-6)
+
+
+def test_saturated_pixels_are_masked_and_their_stars_flagged(deblender):
+    """Pixels at the saturation level are missing data for the encoder (no warning: it
+    reads the mask), and stars within a FWHM of them carry the saturated flag."""
+    image, truth = image_with(NARROW, seed=3)
+    brightest = np.argmax(truth["flux_r"])
+    x, y = (int(round(float(truth[c][brightest]))) for c in ("x", "y"))
+    level = float(image.data[0, y, x]) - 1.0        # its peak pixel saturates
+    image.meta["saturation"] = level
+    inputs = deblender._prepare(image)
+    saturated = inputs.meta["saturated_pixels"]
+    np.testing.assert_array_equal(saturated, image.data[0] >= level)
+    np.testing.assert_array_equal(inputs.mask[0, 0].numpy(), saturated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)      # no "replaced" warning
+        catalog = deblender(image, background="given", progress=False)
+    near = np.hypot(catalog["x_fit"] - x, catalog["y_fit"] - y) <= 1.0
+    flagged = np.array(["saturated" in names for names in decode_flags(catalog["flags"])])
+    assert flagged[near].all()
+    assert not flagged[np.hypot(catalog["x_fit"] - x, catalog["y_fit"] - y) > 8].any()
+
+
+def test_a_model_that_does_not_read_the_mask_warns_of_saturated_pixels():
+    plain = StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
+                             tile_hidden=16, stamp_size=15)
+    image, _ = image_with(NARROW, saturation=900.0)
+    n_saturated = int((image.data >= 900.0).sum())
+    assert n_saturated > 0
+    with pytest.warns(UserWarning, match=f"{n_saturated} masked, non-finite or saturated"):
+        inputs = prepare_image(image, bands=["r"], psfs=[NARROW], stamp_size=15,
+                               encoder=plain.encoder)
+    assert inputs.mask is None and inputs.psf is None
+    assert float(inputs.image.max()) < 900.0
+
+
+def test_the_model_file_records_the_inputs_and_loads_the_same_model(deblender, tmp_path):
+    path = tmp_path / "model.pt"
+    deblender.save(path)
+    metadata, _ = read_model(path)
+    assert metadata["encoder_inputs"] == {"reads_psf": True, "reads_mask": True,
+                                          "context_cells": 4}
+    loaded = StarNetDeblender.load(path)
+    assert loaded.encoder.config() == deblender.encoder.config()
+    image, _ = image_with(WIDE, seed=5)
+    first = deblender(image, background="given", progress=False)
+    again = loaded(image, background="given", progress=False)
+    np.testing.assert_array_equal(first["x_fit"], again["x_fit"])
