@@ -24,13 +24,15 @@ from pathlib import Path
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
+from astropy.nddata import NDData
 from astropy.utils.data import download_file
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy.ndimage import map_coordinates
-from photutils.psf import ImagePSF
+from photutils.psf import GriddedPSFModel, ImagePSF
 
 from ..images import StarFieldImage
 from ..psf import PowerLawPSF, as_psf, kl_psf_from_psfield, pixel_stamps
+from .fpm import read_fpm_mask
 
 __all__ = ["SDSS_BANDS", "SAS_URL", "load_sdss_frame"]
 
@@ -50,6 +52,9 @@ def _file_name_and_url(kind, run, camcol, field, band=None):
         return name, f"{SAS_URL}/boss/photoObj/frames/301/{run}/{camcol}/{name}"
     if kind == "psField":
         name = f"psField-{run:06d}-{camcol}-{field:04d}.fit"
+        return name, f"{SAS_URL}/boss/photo/redux/301/{run}/objcs/{camcol}/{name}"
+    if kind == "fpM":
+        name = f"fpM-{run:06d}-{band}{camcol}-{field:04d}.fit.gz"
         return name, f"{SAS_URL}/boss/photo/redux/301/{run}/objcs/{camcol}/{name}"
     name = f"photoField-{run:06d}-{camcol}.fits"
     return name, f"{SAS_URL}/boss/photoObj/301/{run}/{name}"
@@ -196,6 +201,13 @@ def _check_cutout(cutout, shape):
     return tuple(ranges)
 
 
+def _frame_pixels(frame, wcs_out, rows, cols):
+    """Frame positions ``(x, y)`` of the pixels (rows, cols) of ``wcs_out``."""
+    yy, xx = np.mgrid[rows, cols]
+    ra, dec = wcs_out.all_pix2world(xx, yy, 0)
+    return frame.wcs.all_world2pix(ra, dec, 0)
+
+
 def _resample(frame, gain, wcs_out, rows, cols, band):
     """Bilinearly resample a frame onto pixels (rows, cols) of ``wcs_out``.
 
@@ -203,9 +215,7 @@ def _resample(frame, gain, wcs_out, rows, cols, band):
     mask of pixels that fall outside ``frame`` (they get the nearest edge
     value), and the frame columns the pixels map to.
     """
-    yy, xx = np.mgrid[rows, cols]
-    ra, dec = wcs_out.all_pix2world(xx, yy, 0)
-    x, y = frame.wcs.all_world2pix(ra, dec, 0)
+    x, y = _frame_pixels(frame, wcs_out, rows, cols)
     n_rows, n_cols = frame.shape
     outside = (x < 0) | (x > n_cols - 1) | (y < 0) | (y > n_rows - 1)
     if outside.all():
@@ -222,20 +232,21 @@ def _resample(frame, gain, wcs_out, rows, cols, band):
     return signal, sky, outside, x
 
 
-_PSF_KINDS = ("powerlaw", "kl")
+_PSF_KINDS = ("powerlaw", "kl", "kl-grid")
+
+#: Largest spacing in pixels of the points of a ``psf='kl-grid'`` PSF.
+PSF_GRID_STEP = 256
 
 
 def _check_psf_kind(psf):
     if not isinstance(psf, str) or psf not in _PSF_KINDS:
-        msg = f"psf must be 'powerlaw' or 'kl'; got {psf!r}"
+        msg = f"psf must be 'powerlaw', 'kl' or 'kl-grid'; got {psf!r}"
         raise ValueError(msg)
     return psf
 
 
-def _cutout_centre(wcs_first, frame, rows, cols, first):
-    """Frame (row, col) of the cutout's centre, in the frame of one band."""
-    row = 0.5 * (rows.start + rows.stop - 1)
-    col = 0.5 * (cols.start + cols.stop - 1)
+def _frame_position(wcs_first, frame, row, col, first):
+    """Frame (row, col) of the first band's pixel (row, col), in the frame of one band."""
     if first:
         return row, col
     ra, dec = wcs_first.all_pix2world(col, row, 0)
@@ -243,13 +254,48 @@ def _cutout_centre(wcs_first, frame, rows, cols, first):
     return float(y), float(x)
 
 
-def _resampling_fractions(wcs_first, frame, rows, cols):
-    """Fractional (x, y) of another band's frame position of the cutout's central pixel."""
-    row = (rows.start + rows.stop - 1) // 2
-    col = (cols.start + cols.stop - 1) // 2
-    ra, dec = wcs_first.all_pix2world(col, row, 0)
-    x, y = frame.wcs.all_world2pix(ra, dec, 0)
-    return float(x) % 1, float(y) % 1
+def _kl_psf(psfield, band, wcs_first, frame, row, col, first, *, pixel=None):
+    """SDSS's KL PSF of ``band`` at the first band's position (row, col); for a band
+    resampled onto the first band's pixels, blurred by the resampling at ``pixel``
+    (row, col; default: the position)."""
+    frame_row, frame_col = _frame_position(wcs_first, frame, row, col, first)
+    kl = kl_psf_from_psfield(psfield, band=band, row=frame_row, col=frame_col)
+    if first:
+        return kl
+    frame_row, frame_col = _frame_position(wcs_first, frame, *(pixel or (row, col)), first)
+    return resampled_psf(kl, frame_col % 1, frame_row % 1)
+
+
+def _kl_psf_grid(psfield, band, wcs_first, frame, rows, cols, first):
+    """A `~photutils.psf.GriddedPSFModel` of the KL PSF of ``band`` over the cutout:
+    `_kl_psf` at a regular grid of points at most `PSF_GRID_STEP` pixels apart, the
+    corners included, in the cutout's pixel coordinates."""
+    ys, xs = (np.linspace(0, n - 1, max(2, -(-(n - 1) // PSF_GRID_STEP) + 1))
+              for n in (rows.stop - rows.start, cols.stop - cols.start))
+    stamps, points = [], []
+    for y in ys:
+        for x in xs:
+            psf = _kl_psf(psfield, band, wcs_first, frame, rows.start + y, cols.start + x,
+                          first)
+            stamps.append(psf.data)
+            points.append((x, y))
+    return GriddedPSFModel(NDData(np.array(stamps), meta={"grid_xypos": points,
+                                                          "oversampling": 1}))
+
+
+def _fpm_mask(path, planes, frame, wcs_first, rows, cols, first):
+    """The fpM mask of one band on the first band's pixels (rows, cols): a pixel is
+    masked when a frame pixel it is interpolated from is."""
+    mask = read_fpm_mask(path, planes=planes)
+    if first:
+        return mask[rows, cols]
+    x, y = _frame_pixels(frame, wcs_first, rows, cols)
+    masked = np.zeros(x.shape, dtype=bool)
+    for row in (np.floor(y), np.ceil(y)):
+        for col in (np.floor(x), np.ceil(x)):
+            masked |= mask[np.clip(row.astype(int), 0, mask.shape[0] - 1),
+                           np.clip(col.astype(int), 0, mask.shape[1] - 1)]
+    return masked
 
 
 def resampled_psf(psf, fx, fy, *, size=27):
@@ -294,7 +340,7 @@ def resampled_psf(psf, fx, fy, *, size=27):
 
 
 def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
-                    include_sky=True, psf="powerlaw", cache_dir=None):
+                    include_sky=True, psf="powerlaw", fpm_planes=None, cache_dir=None):
     """
     Load SDSS frames of several bands as one image in electrons.
 
@@ -325,7 +371,18 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
         the bilinear resampling there (`resampled_psf`, 27 x 27). The KL PSF
         is the one SDSS measured on the frame's stars; it varies (slowly)
         across the frame, as does the resampling blur, so the PSF at the
-        centre describes a small cutout best.
+        centre describes a small cutout best. ``'kl-grid'``: the KL PSF (with
+        the resampling blur) at points at most `PSF_GRID_STEP` pixels apart
+        over the cutout, corners included, as a
+        `~photutils.psf.GriddedPSFModel` per band: the PSF that varies over a
+        frame, for a model that reads the PSF (``reads_psf``).
+    fpm_planes : sequence of str, optional
+        Mask the pixels of these types of the SDSS fpM mask files
+        (`starnet.datasets.fpm.read_fpm_mask`; e.g. ``("SATUR", "INTERP",
+        "CR")``: saturated pixels and those PHOTO interpolated over, whose values
+        are invented) in ``mask``; for the bands resampled onto the first band's
+        pixels, every pixel interpolated from a masked one. None: no fpM file is
+        read.
     cache_dir : str or path-like, optional
         Directory searched for files that are not bundled with starnet, and
         where downloaded files are kept. `None` uses astropy's download
@@ -347,7 +404,8 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
         paper did with its shift. ``wcs`` is the first band's WCS for the
         cutout. ``mask`` (same shape as ``data``) is `True` where a pixel
         falls outside the frame of its band; such pixels carry the nearest
-        edge value. ``meta`` holds:
+        edge value, and (with ``fpm_planes``) where the fpM files mask it.
+        ``meta`` holds:
 
         - ``'bands'``: list of the band names;
         - ``'psf'``: one PSF per band, from the psField file: a
@@ -423,14 +481,20 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
 
     sky = np.stack(skies)
     data = np.stack(signals) + sky if include_sky else np.stack(signals)
-    if psf == "kl":
-        psfs = []
+    if fpm_planes is not None:
         for k, (band, frame) in enumerate(zip(bands, frames)):
-            row, col = _cutout_centre(first.wcs, frame, rows, cols, k == 0)
-            kl = kl_psf_from_psfield(psfield, band=band, row=row, col=col)
-            if k > 0:   # resampled onto the first band's pixels: blurred
-                kl = resampled_psf(kl, *_resampling_fractions(first.wcs, frame, rows, cols))
-            psfs.append(kl)
+            path = _locate("fpM", run, camcol, field, band=band, cache_dir=cache_dir)
+            masks[k] = masks[k] | _fpm_mask(path, tuple(fpm_planes), frame, first.wcs,
+                                            rows, cols, k == 0)
+    if psf == "kl":
+        # at the cutout's centre, with the resampling fractions of its central pixel
+        centre = (0.5 * (rows.start + rows.stop - 1), 0.5 * (cols.start + cols.stop - 1))
+        pixel = ((rows.start + rows.stop - 1) // 2, (cols.start + cols.stop - 1) // 2)
+        psfs = [_kl_psf(psfield, band, first.wcs, frame, *centre, k == 0, pixel=pixel)
+                for k, (band, frame) in enumerate(zip(bands, frames))]
+    elif psf == "kl-grid":
+        psfs = [_kl_psf_grid(psfield, band, first.wcs, frame, rows, cols, k == 0)
+                for k, (band, frame) in enumerate(zip(bands, frames))]
     else:
         psfs = [PowerLawPSF.from_psfield(psfield, band=b) for b in bands]
     meta = {"bands": list(bands),
