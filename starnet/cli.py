@@ -129,7 +129,8 @@ def main(argv=None):
                          help="output catalog, .ecsv or .fits")
     catalog.add_argument("--model", default="sdss-m2",
                          help="bundled model name or model file (default: sdss-m2)")
-    catalog.add_argument("--overwrite", action="store_true", help="replace the output")
+    catalog.add_argument("--overwrite", action="store_true",
+                         help="replace the outputs (-o, --residual, --quicklook)")
     catalog.add_argument("--background", nargs="+", metavar="B",
                          help="FITS image: background per band in the image's unit per "
                               "pixel (one value per band, or one for all), or a FITS file "
