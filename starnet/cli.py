@@ -9,6 +9,7 @@
 """
 
 import argparse
+import contextlib
 import gzip
 import io
 import json
@@ -32,11 +33,12 @@ from . import __version__, m2_benchmark
 from .datasets import load_sdss_frame
 from .deblender import StarNetDeblender
 from .prior import StarFieldPrior
-from .images import StarFieldImage, electrons_per_unit
+from .images import StarFieldImage
 from .model_files import write_atomically
 from .psf import PowerLawPSF, psf_from_dict
 from .training import TrainingSettings
 from .validation import check_memory
+from .visualization import quicklook, residual_image
 
 __all__ = ["main"]
 
@@ -57,12 +59,14 @@ IMAGE is either
   the image's centre, or the power law for a model trained on it); or
 * a FITS file whose first image HDU (or --hdu) holds the image, sky included, with
   shape (bands, rows, cols) or (rows, cols) for a one-band model, bands in the
-  model's order, in electrons or a unit (BUNIT) that converts to them: ADU with
-  the gain (--gain or GAIN), counts per second with the exposure time (--exptime
-  or EXPTIME). --background is then required (numbers or a FITS map, in the
-  image's unit); --mask and --weight (inverse variance) give bad pixels and the
-  noise; the PSFs are the model's unless --psf gives PSF images; the WCS is read
-  from the header when it has one.
+  model's order, in the unit of --unit, else of the header's BUNIT, else (with a
+  warning) electrons. Units (any case): electrons (e-, electron, electrons), ADU
+  (adu, DN, counts) with the gain (--gain or GAIN, electrons per ADU), and either
+  per second (e-/s, electrons/s, adu/s, ...) with the exposure time (--exptime or
+  EXPTIME). --background is then required (numbers or a FITS map, in the image's
+  unit); --mask and --weight (inverse variance) give bad pixels and the noise; the
+  PSFs are the model's unless --psf gives PSF images; the WCS is read from the
+  header when it has one.
 
 When the model has a background encoder (the bundled ones do), the background is
 estimated from the pixels (starnet.background.fit_background: a factor on the
@@ -78,6 +82,12 @@ FITS: the metadata are header keywords (NSTARS, DATE, STARNETV, MODEL, INPUT, BA
 BKG1, BKGFIT, ...; see the card comments), units are TUNIT cards where FITS knows
 them (mag, deg); fluxes stay in electrons, which astropy's QTable.read restores
 (FITS has no electron unit: the TTYPE card comments say it for other readers).
+
+To check the catalog by eye: --residual FILE.fits writes the image minus the light
+of the catalog's stars minus the background used, in electrons (NaN at bad pixels;
+pure noise where the catalog explains the image), and --quicklook FILE.png a
+picture of the catalog over the image, the residual and the posterior of the number
+of stars (starnet.visualization). Existing files are only replaced with --overwrite.
 """
 
 
@@ -119,7 +129,8 @@ def main(argv=None):
                          help="output catalog, .ecsv or .fits")
     catalog.add_argument("--model", default="sdss-m2",
                          help="bundled model name or model file (default: sdss-m2)")
-    catalog.add_argument("--overwrite", action="store_true", help="replace the output")
+    catalog.add_argument("--overwrite", action="store_true",
+                         help="replace the outputs (-o, --residual, --quicklook)")
     catalog.add_argument("--background", nargs="+", metavar="B",
                          help="FITS image: background per band in the image's unit per "
                               "pixel (one value per band, or one for all), or a FITS file "
@@ -135,6 +146,9 @@ def main(argv=None):
                               "noise of each pixel, read as starnet.images.read_image says")
     catalog.add_argument("--psf", nargs="+", metavar="FITS",
                          help="FITS image: a PSF image per band (default: the model's)")
+    catalog.add_argument("--unit",
+                         help="FITS image: unit of the pixels, e.g. e-, adu, e-/s "
+                              "(default: BUNIT, else electrons; see below)")
     catalog.add_argument("--gain", type=float,
                          help="electrons per ADU of an image in ADU (default: GAIN)")
     catalog.add_argument("--exptime", type=float,
@@ -153,6 +167,12 @@ def main(argv=None):
     catalog.add_argument("--threads", type=int, default=None, metavar="N",
                          help="CPU threads (default: the cores other processes leave free; "
                               "one for images under 512 x 512 pixels)")
+    catalog.add_argument("--residual", metavar="FITS",
+                         help="also write the residual image (image - catalog's light - "
+                              "background, electrons) to this FITS file")
+    catalog.add_argument("--quicklook", metavar="PNG",
+                         help="also write a picture of the catalog, the residual and the "
+                              "count posterior to this PNG file")
     catalog.set_defaults(run=_catalog)
 
     train = commands.add_parser(
@@ -177,7 +197,24 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     subparser = {"catalog": catalog, "train": train, "benchmark": m2}[args.command]
-    return args.run(subparser, args)
+    with _one_line_warnings(parser.prog):
+        return args.run(subparser, args)
+
+
+@contextlib.contextmanager
+def _one_line_warnings(prog):
+    """Warnings shown as ``<prog>: warning: <message>``, one line each, without the
+    category and source line of Python's format (`warnings.formatwarning` is restored
+    on leaving)."""
+    def one_line(message, *args, **kwargs):
+        return f"{prog}: warning: {' '.join(str(message).split())}\n"
+
+    original = warnings.formatwarning
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
 
 
 def _catalog(parser, args):
@@ -186,6 +223,12 @@ def _catalog(parser, args):
     if suffix not in _FORMATS:
         parser.error(f"the output must end in {', '.join(_FORMATS)}; got {output.name}")
     _check_output(parser, output, args.overwrite)
+    for option, name, suffixes in (("--residual", args.residual, _RESIDUAL_SUFFIXES),
+                                   ("--quicklook", args.quicklook, (".png",))):
+        if name is not None:
+            if not name.lower().endswith(suffixes):
+                parser.error(f"{option} must end in {', '.join(suffixes)}; got {name}")
+            _check_output(parser, Path(name), args.overwrite)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be a positive number of threads; got {args.threads}")
     try:
@@ -211,7 +254,50 @@ def _catalog(parser, args):
     print(f"{len(table)} stars in the modal catalog written to {output}; posterior "
           f"number of stars {meta['n_stars_mean']:.0f} (5 %: {meta['n_stars_q05']}, "
           f"95 %: {meta['n_stars_q95']})")
+    if args.residual is None and args.quicklook is None:
+        return 0
+    try:
+        residual = residual_image(deblender, image, table)
+        if args.residual is not None:
+            suffix = ".fits.gz" if args.residual.lower().endswith(".gz") else ".fits"
+            write_atomically(args.residual, _residual_writer(residual, suffix),
+                             overwrite=args.overwrite)
+            print(f"residual image written to {args.residual}")
+        if args.quicklook is not None:
+            quicklook(deblender, image, table, args.quicklook, residual=residual,
+                      overwrite=args.overwrite)
+            print(f"quicklook written to {args.quicklook}")
+    except _USER_ERRORS as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     return 0
+
+
+_RESIDUAL_SUFFIXES = (".fits", ".fit", ".fits.gz")
+
+
+def _residual_writer(residual, suffix):
+    """A ``write(file)`` for `~starnet.model_files.write_atomically` of the residual
+    image (`starnet.visualization.residual_image`) as FITS: (rows, cols) for one band,
+    else (bands, rows, cols), in electrons, with the image's WCS."""
+    data = np.asarray(residual.data, dtype=np.float32)
+    header = residual.wcs.to_header() if residual.wcs is not None else fits.Header()
+    header["BUNIT"] = ("electron", "image - catalog's star light - background")
+    for k, band in enumerate(residual.meta["bands"], 1):
+        header[f"BAND{k}"] = (band, f"name of band {k}")
+    hdul = fits.HDUList([fits.PrimaryHDU(data[0] if len(data) == 1 else data, header)])
+
+    def write(file):
+        _write_fits(hdul, file, suffix)
+    return write
+
+
+def _write_fits(hdul, file, suffix):
+    """Write an HDU list into an open binary file, gzipped for ``.fits.gz``."""
+    if suffix == ".fits.gz":
+        with gzip.GzipFile(fileobj=file, mode="wb") as compressed:
+            hdul.writeto(compressed)
+    else:
+        hdul.writeto(file)
 
 
 def _provenance(args):
@@ -293,11 +379,7 @@ def _catalog_writer(table, suffix):
             file.write(text.getvalue().encode("utf-8"))
             return
         with _fits_catalog(table) as hdul:
-            if suffix == ".fits.gz":
-                with gzip.GzipFile(fileobj=file, mode="wb") as compressed:
-                    hdul.writeto(compressed)
-            else:
-                hdul.writeto(file)
+            _write_fits(hdul, file, suffix)
     return write
 
 
@@ -409,7 +491,8 @@ def _read_image(args, deblender):
         given = [option for option, value in (
             ("--background", args.background), ("--nelec-per-nmgy", args.nelec_per_nmgy),
             ("--hdu", args.hdu), ("--mask", args.mask), ("--weight", args.weight),
-            ("--psf", args.psf), ("--gain", args.gain), ("--exptime", args.exptime))
+            ("--psf", args.psf), ("--unit", args.unit), ("--gain", args.gain),
+            ("--exptime", args.exptime))
             if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} are for FITS images; an SDSS frame carries "
@@ -436,15 +519,10 @@ def _read_image(args, deblender):
             "background": _background(args.background, data.shape, deblender.bands)}
     if args.psf:
         meta["psf"] = [_read_fits(Path(name), None, "PSF")[0] for name in args.psf]
-    for key, option in (("gain", args.gain), ("exptime", args.exptime)):
-        value = option if option is not None else header.get(key.upper())
-        if value is not None:
-            meta[key] = float(value)
     if args.nelec_per_nmgy:
         meta["nelec_per_nmgy"] = _per_band(args.nelec_per_nmgy, n_bands, "--nelec-per-nmgy")
-    unit = header.get("BUNIT")
-    unit = u.electron if unit is None else u.Unit(unit, parse_strict="silent")
-    electrons_per_unit(unit, meta)    # a unit that cannot become electrons fails here
+    unit = _image_unit(args, header, path)
+    meta.update(_calibration(unit, args, header))
     mask = uncertainty = None
     if args.mask:
         mask = _pixel_map(args.mask, "--mask", data.shape, deblender.bands) != 0
@@ -464,6 +542,69 @@ def _read_image(args, deblender):
                              f"{data.shape[1]} x {data.shape[2]} pixels")
         image = image[:, r0:r1, c0:c1]
     return image
+
+
+#: Units of FITS images (BUNIT or --unit, any case, spaces ignored), by name; each may
+#: be a rate, per second.
+_UNITS = {"e-": u.electron, "e": u.electron, "electron": u.electron,
+          "electrons": u.electron, "adu": u.adu, "dn": u.adu, "count": u.adu,
+          "counts": u.adu}
+
+#: A unit name, per second or not: "e-", "e-/s", "electrons / sec", "electron s-1".
+_UNIT_TEXT = re.compile(r"(?P<name>[a-z-]+)(?P<rate>/(s|sec|second)|s(\*\*|\^)?-1)?")
+
+
+def _image_unit(args, header, path):
+    """The unit of a FITS image: ``--unit``, else the header's BUNIT, else electrons
+    (with a warning that says so)."""
+    if args.unit is not None:
+        return _parse_unit(args.unit, "--unit")
+    if not str(header.get("BUNIT", "")).strip():
+        warnings.warn(f"{path.name} has no BUNIT keyword: its pixels are taken as "
+                      "electrons (--unit states their unit, e.g. --unit adu)", UserWarning)
+        return u.electron
+    return _parse_unit(header["BUNIT"], "BUNIT")
+
+
+def _parse_unit(text, source):
+    """The astropy unit of a FITS unit name (`_UNITS`, or one of them per second)."""
+    match = _UNIT_TEXT.fullmatch("".join(str(text).lower().split()))
+    if match is None or match["name"] not in _UNITS:
+        raise ValueError(f"{source} = {text!r} is not a unit starnet reads: it needs "
+                         "electrons, or ADU with the gain, or either per second with the "
+                         "exposure time; accepted (any case): e-, electron(s), adu, DN, "
+                         "counts, each also per second (e.g. e-/s, electrons/s, adu/s)")
+    unit = _UNITS[match["name"]]
+    return unit / u.s if match["rate"] else unit
+
+
+def _calibration(unit, args, header):
+    """The meta entries ``gain`` and ``exptime`` that convert ``unit`` to electrons,
+    from ``--gain`` and ``--exptime`` or the header's GAIN and EXPTIME."""
+    rate = unit.is_equivalent(u.electron / u.s) or unit.is_equivalent(u.adu / u.s)
+    needs = []
+    if unit.is_equivalent(u.adu) or unit.is_equivalent(u.adu / u.s):
+        needs.append(("gain", args.gain, "electrons per ADU"))
+    if rate:
+        needs.append(("exptime", args.exptime, "seconds"))
+    meta = {}
+    for key, option, what in needs:
+        keyword = key.upper()
+        if option is None and keyword not in header:
+            raise ValueError(f"the image is in {unit}: give its {key} in {what} with "
+                             f"--{key} (or the header keyword {keyword})")
+        source = f"--{key}" if option is not None else f"the header's {keyword}"
+        value = option if option is not None else header[keyword]
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = np.nan
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{source} must be a positive number of {what}; got "
+                             f"{option if option is not None else header[keyword]!r}"
+                             + ("" if option is not None else f" (give --{key})"))
+        meta[key] = value
+    return meta
 
 
 def _read_fits(path, hdu, what):

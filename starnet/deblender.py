@@ -594,12 +594,21 @@ class StarNetDeblender:
         >>> print(light.shape, np.allclose(image.data, light + deblender.background[:, None, None]))
         (2, 20, 20) True
         """
-        x = catalog["x_fit"] if "x_fit" in catalog.colnames else catalog["x"]
-        y = catalog["y_fit"] if "y_fit" in catalog.colnames else catalog["y"]
+        pairs = [("x_fit", "y_fit"), ("x", "y")]
+        positions = next((pair for pair in pairs if set(pair) <= set(catalog.colnames)), None)
+        flux_names = [f"flux_{band}" for band in self.bands]
+        lacking = [name for name in flux_names if name not in catalog.colnames]
+        if positions is None or lacking:
+            lacking = ([] if positions else ["x_fit, y_fit (or x, y)"]) + lacking
+            raise ValueError(f"render needs the positions x_fit, y_fit (or x, y) in pixels "
+                             f"and the fluxes {', '.join(flux_names)} in electrons (the "
+                             f"model's bands); the catalog lacks {', '.join(lacking)} (its "
+                             f"columns: {', '.join(catalog.colnames)})")
+        x, y = (catalog[name] for name in positions)
         locs = torch.tensor(np.stack([np.asarray(x), np.asarray(y)], axis=-1),
                             dtype=torch.float32).reshape(1, -1, 2)
-        fluxes = torch.tensor(np.stack([u.Quantity(catalog[f"flux_{band}"], u.electron).value
-                                        for band in self.bands], axis=-1),
+        fluxes = torch.tensor(np.stack([u.Quantity(catalog[name], u.electron).value
+                                        for name in flux_names], axis=-1),
                               dtype=torch.float32).reshape(1, -1, len(self.bands))
         mask = torch.ones(locs.shape[:2], dtype=torch.bool)
         return self._renderer().render(locs, fluxes, mask, tuple(shape))[0].double().numpy()

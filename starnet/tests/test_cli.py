@@ -1,5 +1,10 @@
 import json
+import os
+import subprocess
+import sys
+import warnings
 from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +14,7 @@ from astropy.nddata import InverseVariance, NDData
 from astropy.table import QTable
 from astropy.wcs import WCS
 
+import starnet
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
 from starnet.m2_benchmark import FIGURES, RESULTS_FILE, _in_region
 from starnet.cli import SDSS_FRAME, main
@@ -29,9 +35,11 @@ def model_path(tmp_path_factory):
 
 
 def _image_file(path, *, shape=(16, 16), header=None):
+    """An image in electrons (BUNIT 'electron' unless ``header`` says otherwise)."""
     # a sky with its Poisson noise (a noiseless image fails the sky check)
     data = np.random.default_rng(0).normal(SKY, SKY ** 0.5, shape).astype(np.float32)
     data[..., 4:15, 3:14] += (3e4 * pixel_stamps(PSF, 11, [0.2], [-0.3])[0]).astype(np.float32)
+    header = fits.Header({"BUNIT": "electron"}) if header is None else header
     fits.PrimaryHDU(data, header=header).writeto(path)
     return data
 
@@ -389,3 +397,172 @@ def test_catalog_threads_option(model_path, tmp_path, capsys):
     assert main([*args, "--threads", "2", "-o", str(tmp_path / "two.ecsv")]) == 0
     one, two = QTable.read(tmp_path / "one.ecsv"), QTable.read(tmp_path / "two.ecsv")
     np.testing.assert_allclose(np.asarray(one["x_fit"]), np.asarray(two["x_fit"]), atol=1e-4)
+
+
+#: BUNIT values as FITS files write them, the header keywords they need, and the
+#: electrons per unit that these give.
+_UNIT_CASES = [
+    ("e-", {}, 1.0), ("ELECTRONS", {}, 1.0), ("electron", {}, 1.0), ("Electrons", {}, 1.0),
+    ("electrons/s", {"EXPTIME": 50.0}, 50.0), ("e-/s", {"EXPTIME": 50.0}, 50.0),
+    ("electron s-1", {"EXPTIME": 50.0}, 50.0), ("adu", {"GAIN": 4.0}, 4.0),
+    ("ADU", {"GAIN": 4.0}, 4.0), ("DN", {"GAIN": 4.0}, 4.0), ("counts", {"GAIN": 4.0}, 4.0),
+    ("ADU/s", {"GAIN": 4.0, "EXPTIME": 50.0}, 200.0),
+]
+
+
+@pytest.mark.parametrize("bunit, keywords, scale", _UNIT_CASES)
+def test_catalog_reads_units_as_fits_writes_them(model_path, tmp_path, bunit, keywords,
+                                                 scale):
+    """The image in its unit gives the catalog of the same image in electrons."""
+    data = _image_file(tmp_path / "electrons.fits")
+    fits.PrimaryHDU(data / scale, header=fits.Header({"BUNIT": bunit, **keywords})).writeto(
+        tmp_path / "image.fits")
+    written = _catalog_of(model_path, tmp_path, str(tmp_path / "image.fits"),
+                          "--background", str(SKY / scale))
+    expected = _api_catalog(model_path, data, unit=u.electron)
+    assert len(written) == len(expected) > 0
+    np.testing.assert_allclose(written["x_fit"], expected["x_fit"], atol=1e-4)
+    np.testing.assert_allclose(written["flux_r"].value, expected["flux_r"].value, rtol=1e-4)
+
+
+def _catalog_error(model_path, tmp_path, image, *options):
+    """The one-line error (exit status 1) of cataloguing ``image``."""
+    out = tmp_path / "out.ecsv"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["catalog", str(image), "--model", str(model_path), "--background", "100",
+              "-o", str(out), *options])
+    assert exit_info.value.code == 1 and not out.exists()
+    return exit_info
+
+
+def test_catalog_refuses_an_unknown_bunit_naming_it_and_the_accepted_ones(
+        model_path, tmp_path, capsys):
+    _image_file(tmp_path / "jy.fits", header=fits.Header({"BUNIT": "Jy/beam"}))
+    _catalog_error(model_path, tmp_path, tmp_path / "jy.fits")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "BUNIT = 'Jy/beam' is not a unit starnet reads" in err
+    for accepted in ("e-", "electron(s)", "adu", "DN", "counts", "e-/s"):
+        assert accepted in err
+    _catalog_error(model_path, tmp_path, tmp_path / "jy.fits", "--unit", "furlong")
+    assert "--unit = 'furlong' is not a unit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keywords, options, message", [
+    ({"BUNIT": "adu"}, [], "the image is in adu: give its gain in electrons per ADU with "
+                           "--gain (or the header keyword GAIN)"),
+    ({"BUNIT": "e-/s"}, [], "give its exptime in seconds with --exptime"),
+    ({"BUNIT": "adu/s", "EXPTIME": 9.0}, [], "--gain"),
+    ({"BUNIT": "DN"}, ["--gain", "-2"], "--gain must be a positive number of electrons per "
+                                        "ADU; got -2.0"),
+    ({"BUNIT": "DN", "GAIN": "unknown"}, [], "the header's GAIN must be a positive number "
+                                             "of electrons per ADU; got 'unknown' (give "
+                                             "--gain)"),
+    ({"BUNIT": "e-/s", "EXPTIME": 0.0}, [], "the header's EXPTIME must be a positive"),
+])
+def test_catalog_asks_for_gain_and_exposure_time_by_its_options(model_path, tmp_path, capsys,
+                                                                keywords, options, message):
+    _image_file(tmp_path / "image.fits", header=fits.Header(keywords))
+    _catalog_error(model_path, tmp_path, tmp_path / "image.fits", *options)
+    err = capsys.readouterr().err
+    assert message in err and "meta[" not in err
+
+
+def test_catalog_without_bunit_warns_and_unit_option_states_it(model_path, tmp_path):
+    data = _image_file(tmp_path / "plain.fits", header=fits.Header())
+    expected = _api_catalog(model_path, data, unit=u.electron)
+    with pytest.warns(UserWarning, match=r"plain.fits has no BUNIT keyword: its pixels are "
+                                         r"taken as electrons \(--unit states"):
+        written = _catalog_of(model_path, tmp_path, str(tmp_path / "plain.fits"),
+                              "--background", str(SKY))
+    np.testing.assert_allclose(written["flux_r"].value, expected["flux_r"].value, rtol=1e-4)
+    # --unit states the unit of a file without BUNIT (no warning) and overrides a BUNIT
+    fits.PrimaryHDU(data / 4.0).writeto(tmp_path / "adu.fits")
+    fits.PrimaryHDU(data / 4.0, header=fits.Header({"BUNIT": "e-"})).writeto(
+        tmp_path / "wrong.fits")
+    for name in ("adu.fits", "wrong.fits"):
+        written = _catalog_of(model_path, tmp_path, str(tmp_path / name), "--unit", "ADU",
+                              "--gain", "4", "--background", str(SKY / 4.0))
+        np.testing.assert_allclose(written["flux_r"].value, expected["flux_r"].value,
+                                   rtol=1e-4)
+
+
+def test_cli_prints_warnings_in_one_line_without_source(model_path, tmp_path):
+    """Run as a command: each warning is one line ``starnet: warning: ...`` on stderr."""
+    _image_file(tmp_path / "plain.fits", header=fits.Header())
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:2, :3] = 1
+    fits.PrimaryHDU(mask).writeto(tmp_path / "mask.fits")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(starnet.__file__).parents[1]),
+                                           os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "starnet.cli", "catalog", str(tmp_path / "plain.fits"),
+         "--model", str(model_path), "--background", str(SKY), "--mask",
+         str(tmp_path / "mask.fits"), "--no-progress", "-o", str(tmp_path / "out.ecsv")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines == [
+        "starnet: warning: plain.fits has no BUNIT keyword: its pixels are taken as electrons "
+        "(--unit states their unit, e.g. --unit adu)",
+        "starnet: warning: 6 masked or non-finite pixels are replaced by the background; "
+        "stars there are not detected"]
+    assert "stars in the modal catalog" in result.stdout
+
+
+def test_main_restores_the_warning_format(model_path, tmp_path):
+    _image_file(tmp_path / "image.fits")
+    before = warnings.formatwarning
+    _catalog_of(model_path, tmp_path, str(tmp_path / "image.fits"), "--background", str(SKY))
+    assert warnings.formatwarning is before
+
+
+def test_catalog_writes_residual_and_quicklook(model_path, tmp_path, capsys):
+    header = fits.Header({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRPIX1": 8.0,
+                          "CRPIX2": 8.0, "CRVAL1": 323.34, "CRVAL2": -0.81,
+                          "CDELT1": -1.1e-4, "CDELT2": 1.1e-4, "BUNIT": "adu", "GAIN": 2.0})
+    data = _image_file(tmp_path / "electrons.fits", shape=(20, 20))
+    fits.PrimaryHDU(data / 2.0, header=header).writeto(tmp_path / "image.fits")
+    residual, picture = tmp_path / "residual.fits.gz", tmp_path / "quicklook.png"
+
+    def run(catalog, *options):
+        return main(["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+                     "--background", str(SKY / 2.0), "--no-progress", "-o",
+                     str(tmp_path / catalog), "--residual", str(residual), "--quicklook",
+                     str(picture), *options])
+
+    assert run("c.ecsv") == 0
+    out = capsys.readouterr().out
+    assert f"residual image written to {residual}" in out
+    assert f"quicklook written to {picture}" in out
+    # the image in electrons minus the catalog's light minus the background
+    catalog = QTable.read(tmp_path / "c.ecsv")
+    light = StarNetDeblender.load(model_path).render(catalog, (20, 20))[0]
+    with fits.open(residual) as hdul:
+        written, written_header = hdul[0].data, hdul[0].header
+    assert written.shape == (20, 20) and written_header["BUNIT"] == "electron"
+    np.testing.assert_allclose(written, data - light - SKY, atol=0.05)
+    assert WCS(written_header).wcs.crval.tolist() == [323.34, -0.81]
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # existing outputs are refused before any work and kept; --overwrite replaces them
+    residual.write_bytes(b"keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        run("d.ecsv")
+    assert exit_info.value.code == 1
+    assert f"{residual} exists; pass --overwrite" in capsys.readouterr().err
+    assert residual.read_bytes() == b"keep me" and not (tmp_path / "d.ecsv").exists()
+    assert run("d.ecsv", "--overwrite") == 0
+    with fits.open(residual) as hdul:
+        np.testing.assert_allclose(hdul[0].data, written)
+
+
+@pytest.mark.parametrize("option, name", [("--residual", "r.png"), ("--quicklook", "q.fits")])
+def test_catalog_residual_and_quicklook_names(model_path, tmp_path, capsys, option, name):
+    _image_file(tmp_path / "image.fits")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+              "--background", str(SKY), "-o", str(tmp_path / "c.ecsv"), option,
+              str(tmp_path / name)])
+    assert exit_info.value.code == 2
+    assert f"{option} must end in" in capsys.readouterr().err
