@@ -46,6 +46,9 @@ SDSS_FRAME = re.compile(r"frame-(?P<band>[ugriz])-(?P<run>\d{6})-(?P<camcol>\d)-
                         r"(?P<field>\d{4})\.fits\.bz2$")
 """File names of SDSS frames: frame-<band>-<run>-<camcol>-<field>.fits.bz2."""
 
+FPM_MASKED = ("SATUR", "INTERP", "CR")
+"""The fpM mask types whose pixels a model that reads the mask is told are missing."""
+
 _FORMATS = {".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits", ".fits.gz": "fits"}
 
 _CATALOG_HELP = """\
@@ -56,7 +59,10 @@ IMAGE is either
   read with starnet.datasets.load_sdss_frame (from IMAGE's folder, else the
   bundled data or the SDSS archive), converted to
   electrons, with the SDSS sky as background and the psField PSFs (the KL PSF at
-  the image's centre, or the power law for a model trained on it); or
+  the image's centre, or the power law for a model trained on it; for a model that
+  reads the PSF, such as sdss, the KL PSF as it varies over the image) and, for a
+  model that reads the mask, the saturated, interpolated and cosmic-ray pixels of
+  the fpM-<run>-<band><camcol>-<field>.fit.gz files in IMAGE's folder; or
 * a FITS file whose first image HDU (or --hdu) holds the image, sky included, with
   shape (bands, rows, cols) or (rows, cols) for a one-band model, bands in the
   model's order, in the unit of --unit, else of the header's BUNIT, else (with a
@@ -503,10 +509,23 @@ def _read_image(args, deblender):
             raise ValueError(f"{path.name} is a frame of band {frame['band']}, which the "
                              f"model (bands {deblender.bands}) does not use")
         run, camcol, field = (int(frame[key]) for key in ("run", "camcol", "field"))
-        # the PSF the model was trained with: the psField power law or the KL PSF
-        psf = "powerlaw" if all(isinstance(p, PowerLawPSF) for p in deblender.psfs) else "kl"
+        # a model that reads the PSF gets the KL PSF as it varies over the frame; another,
+        # the PSF it was trained with: the psField power law or the KL PSF
+        psf = ("kl-grid" if deblender.encoder.psf_features
+               else "powerlaw" if all(isinstance(p, PowerLawPSF) for p in deblender.psfs)
+               else "kl")
+        # a model that reads the mask gets the fpM masks beside the frame
+        masks = [path.parent / f"fpM-{run:06d}-{band}{camcol}-{field:04d}.fit.gz"
+                 for band in deblender.bands]
+        planes = None
+        if deblender.encoder.mask_channel:
+            if all(mask.is_file() for mask in masks):
+                planes = FPM_MASKED
+            else:
+                warnings.warn(f"no fpM mask files ({', '.join(m.name for m in masks)}) beside "
+                              f"{path.name}: saturated and interpolated pixels are not masked")
         return load_sdss_frame(run, camcol, field, deblender.bands, cutout=cutout,
-                               cache_dir=path.parent, psf=psf)
+                               cache_dir=path.parent, psf=psf, fpm_planes=planes)
 
     data, header = _read_fits(path, args.hdu, "image")
     n_bands = len(deblender.bands)

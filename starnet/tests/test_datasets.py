@@ -202,9 +202,52 @@ def test_sdss_frame_kl_psf_at_cutout_centre():
                       .meta["psf"][0], PowerLawPSF)
 
 
+def test_sdss_frame_kl_psf_grid_holds_the_kl_psf_at_its_points():
+    """psf='kl-grid': a GriddedPSFModel whose stamps are the KL PSF at its points (the
+    cutout's corners, at most PSF_GRID_STEP apart), in the cutout's pixels; in i, with
+    the resampling blur of each point."""
+    from photutils.psf import GriddedPSFModel
+    from starnet.datasets.sdss import PSF_GRID_STEP, resampled_psf
+    psfield = DATA / "sdss" / "psField-002583-2-0136.fit"
+    rows, cols = (100, 400), (300, 900)
+    image = load_sdss_frame(2583, 2, 136, cutout=(rows, cols), psf="kl-grid")
+    r, i = image.meta["psf"]
+    assert isinstance(r, GriddedPSFModel) and isinstance(i, GriddedPSFModel)
+    xs, ys = np.unique(r.grid_xypos[:, 0]), np.unique(r.grid_xypos[:, 1])
+    assert xs[0] == ys[0] == 0 and (xs[-1], ys[-1]) == (599, 299)
+    assert np.diff(xs).max() <= PSF_GRID_STEP and np.diff(ys).max() <= PSF_GRID_STEP
+    corner = np.flatnonzero((r.grid_xypos[:, 0] == 599) & (r.grid_xypos[:, 1] == 299))[0]
+    np.testing.assert_allclose(r.data[corner], kl_psf_from_psfield(
+        psfield, band="r", row=rows[1] - 1, col=cols[1] - 1).data, rtol=1e-12)
+    first = np.flatnonzero((i.grid_xypos[:, 0] == 0) & (i.grid_xypos[:, 1] == 0))[0]
+    wcs_r = load_sdss_frame(2583, 2, 136, ("r",), cutout=((0, 1), (0, 1))).wcs
+    i_frame = load_sdss_frame(2583, 2, 136, ("i",), cutout=((0, 1), (0, 1))).wcs
+    ra, dec = wcs_r.all_pix2world(cols[0], rows[0], 0)
+    x, y = i_frame.all_world2pix(ra, dec, 0)
+    kl = kl_psf_from_psfield(psfield, band="i", row=float(y), col=float(x))
+    np.testing.assert_allclose(i.data[first], resampled_psf(kl, float(x) % 1,
+                                                            float(y) % 1).data, rtol=1e-12)
+
+
+def test_sdss_frame_fpm_masks_saturated_pixels():
+    """fpm_planes: the r fpM's saturated pixels are masked in r, and in i every pixel
+    resampled from a saturated i pixel; the bright stars' cores are among them."""
+    from starnet.datasets.fpm import read_fpm_mask
+    cutout = ((0, 1489), (0, 2048))
+    image = load_sdss_frame(2583, 2, 136, cutout=cutout, fpm_planes=["SATUR"])
+    plain = load_sdss_frame(2583, 2, 136, cutout=cutout)
+    saturated_r = read_fpm_mask(DATA / "sdss" / "fpM-002583-r2-0136.fit.gz",
+                                planes=["SATUR"])
+    np.testing.assert_array_equal(image.mask[0], plain.mask[0] | saturated_r)
+    added = image.mask[1] & ~plain.mask[1]
+    assert 0.5 < added.sum() / read_fpm_mask(DATA / "sdss" / "fpM-002583-i2-0136.fit.gz",
+                                             planes=["SATUR"]).sum() < 4
+    assert np.median(image.data[1][added]) > 10 * np.median(image.data[1])
+
+
 @pytest.mark.parametrize("psf", ["image", "KL", None])
 def test_sdss_frame_bad_psf_choice(psf):
-    with pytest.raises(ValueError, match="psf must be 'powerlaw' or 'kl'"):
+    with pytest.raises(ValueError, match="psf must be 'powerlaw', 'kl' or 'kl-grid'"):
         load_sdss_frame(2583, 2, 136, ("r",), cutout=((0, 20), (0, 40)), psf=psf)
 
 
