@@ -35,7 +35,9 @@ CATALOG_FLAGS = {
     2: ("bad_pixels", "a masked or non-finite pixel (replaced by the background) lies "
                       "within one PSF FWHM of the position"),
     4: ("low_detection", "detection probability (column detection_prob) below 0.5"),
-    8: ("blend", "another star of the catalog lies within one PSF FWHM"),
+    8: ("blend", "another star of the catalog at least as bright (in the first band) "
+                 "lies within one PSF FWHM: its light overlaps the star's core, which "
+                 "widens the star's posterior"),
     16: ("saturated", "a saturated pixel (at or above meta['saturation'] in some band) "
                       "lies within one PSF FWHM: light is missing, so the flux is a "
                       "lower limit"),
@@ -62,13 +64,14 @@ def decode_flags(flags):
 
 
 def catalog_flags(x, y, detection_prob, *, shape, tile_size, padding, fwhm, bad=None,
-                  saturated=None):
+                  saturated=None, flux=None):
     """The ``flags`` column (`CATALOG_FLAGS`) of stars at pixel positions ``x``, ``y``.
 
     ``shape``: (rows, cols) of the image; the tiles of ``tile_size`` pixels start at
     pixel 0 and the network sees ``padding`` pixels around each; ``fwhm``: the PSF's
     FWHM in pixels; ``bad`` and ``saturated``: boolean (rows, cols) maps of the masked
-    or non-finite pixels and of the saturated ones, or None.
+    or non-finite pixels and of the saturated ones, or None; ``flux``: the stars'
+    fluxes in the first band (None: every neighbour within the FWHM makes a blend).
 
     >>> import numpy as np
     >>> saturated = np.zeros((20, 20), dtype=bool)
@@ -91,8 +94,15 @@ def catalog_flags(x, y, detection_prob, *, shape, tile_size, padding, fwhm, bad=
     flags[np.asarray(detection_prob) < 0.5] |= _BIT["low_detection"]
     if len(xy) > 1:
         pairs = cKDTree(xy).query_pairs(fwhm, output_type="ndarray")
-        close = np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T) < fwhm
-        flags[pairs[close].reshape(-1)] |= _BIT["blend"]
+        pairs = pairs[np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T) < fwhm]
+        if flux is None:
+            blended = pairs.reshape(-1)
+        else:     # the fainter star of each pair (both when they are as bright)
+            flux = np.asarray(flux, dtype=float)
+            first, second = pairs.T
+            blended = np.concatenate([first[flux[second] >= flux[first]],
+                                      second[flux[first] >= flux[second]]])
+        flags[blended] |= _BIT["blend"]
     return flags
 
 
@@ -161,7 +171,7 @@ def modal_table(rows, offset, pmf, *, nddata, meta, bands, tile_size, max_source
     table["flags"] = catalog_flags(
         locs[:, 0], locs[:, 1], rows["detection"], shape=nddata.data.shape[-2:],
         tile_size=tile_size, bad=bad_pixel_map(nddata), padding=padding, fwhm=fwhm,
-        saturated=meta.get("saturated_pixels"))
+        saturated=meta.get("saturated_pixels"), flux=rows["fluxes"][:, 0])
     if getattr(nddata, "wcs", None) is not None:
         table["sky_centroid"] = nddata.wcs.pixel_to_world(table["x_fit"], table["y_fit"])
     fit = meta.get("background_fit")

@@ -29,6 +29,14 @@ def test_catalog_flags_each_bit():
     flags = catalog_flags(x, y, prob, shape=(40, 30), tile_size=4, padding=5, fwhm=2.0)
     # star 0 and star 8 are 1.5 pixels apart: a blend
     assert_array_equal(flags, [8, 1, 0, 0, 1, 1, 0, 1 | 4, 8])
+    # with fluxes, only the fainter of the two is blended by the other
+    for flux, blended in (([2.0] * 8 + [1.0], 8), ([1.0] * 8 + [2.0], 0)):
+        flags = catalog_flags(x, y, prob, shape=(40, 30), tile_size=4, padding=5, fwhm=2.0,
+                              flux=flux)
+        assert np.flatnonzero(flags & 8).tolist() == [blended]
+    flags = catalog_flags(x, y, prob, shape=(40, 30), tile_size=4, padding=5, fwhm=2.0,
+                          flux=np.ones(9))
+    assert np.flatnonzero(flags & 8).tolist() == [0, 8]
     bad = np.zeros((40, 30), bool)
     bad[20, 17] = True   # 2 pixels from star 0, 0.5 from star 8
     flags = catalog_flags(x, y, prob, shape=(40, 30), tile_size=4, padding=5, fwhm=2.0,
