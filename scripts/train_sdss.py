@@ -33,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from astropy.table import QTable
 from photutils.psf import CircularGaussianPRF, MoffatPSF
 
-from starnet import StarFieldPrior
+from starnet import StarFieldPrior, StarNetDeblender
 from starnet.datasets import load_m2
 from starnet.datasets.sdss import resampled_psf
 from starnet.defects import FrameDefects
@@ -87,6 +88,17 @@ def _moffat_alpha(fwhm, beta):
     return fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
 
 
+def simulated_batches(args, prior, sky):
+    """The training images: PSFs from the bank of `psf_members`, M2's sky, defects."""
+    members, _ = psf_members(n_kl=args.n_kl, n_analytic=args.n_analytic, seed=args.seed)
+    bank = PSFBank(members, width_error=args.width_error)
+    return SimulatedBatches(
+        prior, bank, sky, (args.image_size,) * 2, margin=6.0,
+        background_range=tuple(args.background_range),
+        density_range=tuple(args.density_range), density_gradient=args.density_gradient,
+        defects=None if args.no_defects else FrameDefects())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="starnet/models/sdss.pt")
@@ -115,19 +127,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     started = time.time()
-    members, held = psf_members(n_kl=args.n_kl, n_analytic=args.n_analytic, seed=args.seed)
-    bank = PSFBank(members, width_error=args.width_error)
-    print(f"PSF bank: {len(bank)} members in {time.time() - started:.0f} s "
-          f"(fields held out: {held})", flush=True)
+    fields = photofield_psfs(SDSS / "photoField-002583-2.fits", ("r", "i"))
+    held = holdout_fields(fields)
+    n_members = len(fields) - len(held) + args.n_kl + args.n_analytic   # psf_members'
     image, _ = load_m2(border=3)
     sky = np.median(np.asarray(image.meta["background"]).reshape(2, -1), axis=1)
     prior = StarFieldPrior(mu=0.12, f_min=1000.0, f_max=args.f_max, alpha=0.5,
                            bands=("r", "i"))
-    batches = SimulatedBatches(
-        prior, bank, sky, (args.image_size,) * 2, margin=6.0,
-        background_range=tuple(args.background_range),
-        density_range=tuple(args.density_range), density_gradient=args.density_gradient,
-        defects=None if args.no_defects else FrameDefects())
+    batches = None
     torch.manual_seed(args.seed)
     encoder = StarNetEncoder(n_bands=2, hidden=args.hidden, tile_hidden=args.tile_hidden,
                              mask_channel=True, psf_features=DESCRIPTOR_SIZE,
@@ -140,7 +147,7 @@ def main(argv=None):
         density_range=tuple(args.density_range), seed=args.seed)
     Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     description = {"script": "train_sdss", "encoder": encoder.config(),
-                   "prior": prior.to_dict(), "bank_members": len(bank),
+                   "prior": prior.to_dict(), "bank_members": n_members,
                    "width_error": args.width_error, "holdout_fields": held}
     total_steps = args.steps
     while True:
@@ -150,6 +157,10 @@ def main(argv=None):
                        torch.load(args.checkpoint, weights_only=True)["history"])
         if done >= total_steps:
             break
+        if batches is None:
+            batches = simulated_batches(args, prior, sky)
+            print(f"PSF bank: {len(batches.renderer)} members in "
+                  f"{time.time() - started:.0f} s (fields held out: {held})", flush=True)
         # one epoch more than the checkpoint holds, on the schedule of all the steps
         settings.n_steps = min(done + args.batches_per_epoch, total_steps)
         settings.final_learning_rate = None
@@ -167,10 +178,37 @@ def main(argv=None):
             print("stopped on time; run again to resume", flush=True)
             return
     print(f"trained {total_steps} steps; writing {args.output}", flush=True)
-    torch.save({"config": encoder.config(), "weights": encoder.state_dict(),
-                "description": description,
-                "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])},
-               args.output)
+    checkpoint = torch.load(args.checkpoint, weights_only=True)
+    encoder.load_state_dict(checkpoint["encoder"])
+    settings.n_steps, settings.learning_rate = total_steps, args.learning_rate
+    settings.final_learning_rate = args.final_learning_rate
+    command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
+    write_model_file(encoder, image.meta["psf"], prior, sky, settings, checkpoint["history"],
+                     dict(description, command=command), args.output,
+                     overwrite=args.overwrite)
+
+
+def write_model_file(encoder, psfs, prior, sky, settings, history, provenance, path, *,
+                     overwrite):
+    """The package's model file of the trained ``encoder``: a `StarNetDeblender` whose
+    PSF and background (those `fit` would train with) are M2's, with the background
+    encoder of the bundled ``sdss-m2`` (trained on images of the same bands and sky)."""
+    config = encoder.config()
+    deblender = StarNetDeblender(
+        prior=prior, psf=psfs, background=sky, tile_size=config["tile_size"],
+        max_sources=config["max_sources"], hidden=config["hidden"],
+        tile_hidden=config["tile_hidden"], reads_psf=True, reads_mask=True,
+        context_cells=config.get("context_cells", 0))
+    deblender.encoder.load_state_dict(encoder.state_dict())
+    deblender.encoder.log_flux_offset = encoder.log_flux_offset
+    deblender.training_settings = settings
+    deblender.training_history = QTable(rows=[tuple(row.values()) for row in history],
+                                        names=list(history[0]))
+    specialist = StarNetDeblender.pretrained("sdss-m2")
+    deblender.background_encoder = specialist.background_encoder
+    deblender.background_history = specialist.background_history
+    deblender.provenance = dict(provenance, background_encoder="that of sdss-m2")
+    deblender.save(path, overwrite=overwrite)
 
 
 if __name__ == "__main__":
