@@ -173,6 +173,9 @@ def main(argv=None):
     catalog.add_argument("--threads", type=int, default=None, metavar="N",
                          help="CPU threads (default: the cores other processes leave free; "
                               "one for images under 512 x 512 pixels)")
+    catalog.add_argument("--device", default=None, metavar="DEVICE",
+                         help="where the network runs: cpu (default), cuda (a GPU, which "
+                              "must be there), cuda:N or auto (a GPU if there is one)")
     catalog.add_argument("--residual", metavar="FITS",
                          help="also write the residual image (image - catalog's light - "
                               "background, electrons) to this FITS file")
@@ -241,7 +244,8 @@ def _catalog(parser, args):
         deblender = StarNetDeblender.from_name_or_path(args.model)
         image = _read_image(args, deblender)
         table = deblender(image, background="given" if args.no_background_fit else None,
-                          progress=not args.no_progress, threads=args.threads)
+                          progress=not args.no_progress, threads=args.threads,
+                          device=args.device)
     except _USER_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     table.meta.update(_provenance(args))

@@ -1,5 +1,6 @@
 """StarNetDeblender: catalogs with posterior uncertainties from images of crowded star fields."""
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -10,6 +11,7 @@ from astropy.utils.decorators import deprecated_renamed_argument
 from .background import BackgroundEncoder, choose_background, train_background_encoder
 from .catalogs import modal_table, samples_table
 from .defects import FrameDefects
+from .devices import as_device, on_device
 from .encoder import StarNetEncoder
 from .images import as_background, image_psfs, read_image
 from .inference import chunk_tiles, count_pmfs, draw_catalogs, modal_catalog, prepare_image
@@ -421,7 +423,8 @@ class StarNetDeblender:
 
     # ----------------------------------------------------------------- inference
     @deprecated_renamed_argument("progress_bar", "progress", "0.1")
-    def __call__(self, nddata, *, background=None, progress=True, threads=None):
+    def __call__(self, nddata, *, background=None, progress=True, threads=None,
+                 device=None):
         """Modal catalog of an image.
 
         Parameters
@@ -450,6 +453,11 @@ class StarNetDeblender:
             pixels, else the cores of this process that other processes leave free
             (`starnet.threads.choose_threads`; on a busy machine fewer threads are much
             faster than torch's default of every core).
+        device : str or `torch.device`, optional
+            Where the network runs: ``'cpu'`` (default), ``'cuda'`` (a GPU, which
+            must be there: a clear error otherwise) or ``'auto'`` (a GPU when torch
+            sees one, else the CPU); the catalog is made on the CPU
+            (`starnet.devices`).
 
         Returns
         -------
@@ -488,7 +496,7 @@ class StarNetDeblender:
             ``background_fit``: the fitted factor, or None), the model settings and the
             package version.
         """
-        with self._threads(threads, nddata):
+        with self._running(nddata, threads, device):
             nddata = choose_background(self, nddata, background)
             inputs = self._prepare(nddata)
             rows, offset, pmf = modal_catalog(self.encoder, inputs,
@@ -503,7 +511,7 @@ class StarNetDeblender:
 
     @deprecated_renamed_argument("progress_bar", "progress", "0.1")
     def count_posterior(self, nddata, *, region=None, background=None, progress=True,
-                        threads=None):
+                        threads=None, device=None):
         """Posterior probabilities of the number of stars in the image or in regions of it.
 
         Parameters
@@ -520,7 +528,7 @@ class StarNetDeblender:
             As for `__call__`.
         progress : bool, optional
             As for `__call__`.
-        threads : int, optional
+        threads, device : optional
             As for `__call__`.
 
         Returns
@@ -553,7 +561,7 @@ class StarNetDeblender:
         """
         region = None if region is None else np.asarray(region)
         single = region is None or region.ndim == 2
-        with self._threads(threads, nddata):
+        with self._running(nddata, threads, device):
             inputs = self._prepare(choose_background(self, nddata, background))
             pmfs = count_pmfs(self.encoder, inputs,
                               None if region is None else region[None] if single else region,
@@ -620,7 +628,7 @@ class StarNetDeblender:
 
     @deprecated_renamed_argument("progress_bar", "progress", "0.1")
     def sample(self, nddata, *, n_samples=100, seed=None, background=None, progress=True,
-               threads=None):
+               threads=None, device=None):
         """Whole catalogs drawn from the posterior.
 
         Parameters
@@ -635,7 +643,7 @@ class StarNetDeblender:
             As for `__call__`.
         progress : bool, optional
             Show the progress of the encoding (as for `__call__`) and of the draws.
-        threads : int, optional
+        threads, device : optional
             As for `__call__`.
 
         Returns
@@ -662,17 +670,24 @@ class StarNetDeblender:
         n_samples = check_positive_int(n_samples, "n_samples")
         check_draws_memory(n_samples, np.shape(nddata.data), tile_size=self.grid.tile_size,
                            max_sources=self.grid.max_sources, n_bands=len(self.bands))
-        with self._threads(threads, nddata):
+        with self._running(nddata, threads, device):
             inputs = self._prepare(choose_background(self, nddata, background))
             catalogs = draw_catalogs(self.encoder, inputs, n_samples,
                                      generator=torch.Generator().manual_seed(_seed_int(seed)),
                                      chunk_tiles=self._chunks(inputs), progress=progress)
         return samples_table(catalogs, bands=self.bands, seed=seed)
 
-    @staticmethod
-    def _threads(threads, nddata):
-        """The torch threads of a call on ``nddata`` (`starnet.threads`)."""
-        return torch_threads(choose_threads(threads, n_pixels=np.size(nddata.data)))
+    @contextlib.contextmanager
+    def _running(self, nddata, threads, device):
+        """The torch threads of a call on ``nddata`` (`starnet.threads`), with the
+        encoder on ``device`` (`starnet.devices`)."""
+        if as_device(device).type != "cpu" and self.encoder.n_colors != 1:
+            raise ValueError("device= runs models of independent tiles (n_colors=1) on a "
+                             "GPU; this checkerboard model runs on the CPU only")
+        n_pixels = np.size(nddata.data)
+        with torch_threads(choose_threads(threads, n_pixels=n_pixels)), \
+                on_device(self.encoder, device):
+            yield
 
     def _prepare(self, nddata):
         """The encoder's input (`starnet.inference.prepare_image`) of an image."""

@@ -27,6 +27,12 @@ mask from the image's masked, non-finite and saturated pixels; descriptors of it
 a map where a `~photutils.psf.GriddedPSFModel` varies, by
 `starnet.psf_family.image_descriptors`) and handed to the network by `encode` and
 `encode_blocks`, its only two calls (`EncoderInput.network_inputs`).
+
+The device. `encode` and `encode_blocks` run the network where its weights are
+(`starnet.devices.on_device` puts them on a GPU for a call): the inputs go there, and
+the posteriors come back to the CPU, where the rest of this module reads them. (The
+tile features of a checkerboard model stay on the device, with the network that
+decides its tiles.)
 """
 
 import warnings
@@ -85,6 +91,23 @@ class EncoderInput:
     def network_inputs(self):
         """The keyword arguments of the encoder beside the image and background."""
         return {"mask": self.mask, "psf": self.psf}
+
+    def to(self, device):
+        """The same input with its tensors on ``device`` (the meta stays).
+
+        Parameters
+        ----------
+        device : `torch.device`
+
+        Returns
+        -------
+        `EncoderInput`
+        """
+        if self.image.device == device:
+            return self
+        return EncoderInput(self.image.to(device), self.background.to(device), self.meta,
+                            *(None if t is None else t.to(device)
+                              for t in (self.mask, self.psf)))
 
     @property
     def shape(self):
@@ -228,10 +251,11 @@ def encode(encoder, inputs, *, chunk_tiles=None, progress=False):
         checkerboard model, decided later by `modal` or `draw`.
     """
     encoder.eval()
+    inputs = inputs.to(_device(encoder))
     with flush_denormals(), progress_callback(progress, "encoding blocks") as report:
         if encoder.n_colors == 1:
             return encoder(inputs.image, inputs.background, chunk_tiles=chunk_tiles,
-                           progress=report, **inputs.network_inputs)
+                           progress=report, **inputs.network_inputs).to("cpu")
         return encoder.features(inputs.image, inputs.background, chunk_tiles=chunk_tiles,
                                 progress=report, **inputs.network_inputs)
 
@@ -259,10 +283,13 @@ def encode_blocks(encoder, inputs, *, chunk_tiles=None, progress=False):
         them: the block's slices of the tile grid and its tiles' posterior.
     """
     encoder.eval()
+    inputs = inputs.to(_device(encoder))
     with torch.no_grad(), flush_denormals(), \
             progress_callback(progress, "encoding blocks") as report:
-        yield from encoder.blocks(inputs.image, inputs.background, chunk_tiles,
-                                  progress=report, **inputs.network_inputs)
+        for rows, cols, posterior in encoder.blocks(inputs.image, inputs.background,
+                                                    chunk_tiles, progress=report,
+                                                    **inputs.network_inputs):
+            yield rows, cols, posterior.to("cpu")
 
 
 @torch.no_grad()
@@ -506,6 +533,11 @@ def tile_count_pmf(posterior, tiles=None):
     if tiles is not None:
         probs = probs[torch.from_numpy(tiles)]
     return count_distribution(probs.reshape(-1, probs.shape[-1]).double().numpy())
+
+
+def _device(encoder):
+    """The device of ``encoder``'s weights."""
+    return next(encoder.parameters()).device
 
 
 def _grid(encoder):

@@ -106,6 +106,19 @@ class TiledPosterior:
         return TiledPosterior(*(torch.cat([getattr(q, name) for q in posteriors], dim=dim)
                                 for name in TiledPosterior._FIELDS))
 
+    def to(self, device):
+        """The same posterior with its parameters on ``device``.
+
+        Parameters
+        ----------
+        device : str or `torch.device`
+
+        Returns
+        -------
+        `TiledPosterior`
+        """
+        return TiledPosterior(*(getattr(self, name).to(device) for name in self._FIELDS))
+
     def expand(self, n_images):
         """The posterior of a single image repeated ``n_images`` times (no copy).
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from astropy import units as u
 from astropy.io import fits
 from astropy.nddata import InverseVariance, NDData
@@ -397,6 +398,14 @@ def test_catalog_threads_option(model_path, tmp_path, capsys):
     assert main([*args, "--threads", "2", "-o", str(tmp_path / "two.ecsv")]) == 0
     one, two = QTable.read(tmp_path / "one.ecsv"), QTable.read(tmp_path / "two.ecsv")
     np.testing.assert_allclose(np.asarray(one["x_fit"]), np.asarray(two["x_fit"]), atol=1e-4)
+    assert main([*args, "--device", "cpu", "-o", str(tmp_path / "cpu.ecsv")]) == 0
+    on_cpu = QTable.read(tmp_path / "cpu.ecsv")
+    np.testing.assert_allclose(np.asarray(on_cpu["x_fit"]), np.asarray(two["x_fit"]), atol=1e-4)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, "--device", "cuda", "-o", str(tmp_path / "gpu.ecsv")])
+        assert exit_.value.code == 1
+        assert "torch sees no CUDA GPU" in capsys.readouterr().err
 
 
 #: BUNIT values as FITS files write them, the header keywords they need, and the

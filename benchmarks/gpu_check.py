@@ -1,0 +1,94 @@
+"""The GPU check: a catalog made on a GPU equals the CPU one, and how long each takes.
+
+One prepared script for a machine with a CUDA GPU (the project's CI has none; run it
+where one is lent). For each bundled model and two images cut from the bundled M2 frame
+(the paper's 100 x 100 region and the 1000 x 1000 cut-out rows 300:1300, cols 500:1500,
+background given), it makes the catalog with ``device="cpu"`` and ``device="cuda"`` and
+prints
+
+- whether the two catalogs hold the same stars: their numbers, the largest difference
+  of position (pixels) and of log flux, and of the posterior mean count;
+- the best of ``--repeats`` calls on each device (the first call on the GPU also pays
+  for moving the network and CUDA's start-up, so it is left out).
+
+It exits with status 1 if a catalog differs beyond float32 tolerance (positions
+1e-3 px, log fluxes 1e-3, mean count 1e-4 relative; a star whose count probabilities
+tie within rounding may differ), else 0.
+
+Run::
+
+    python benchmarks/gpu_check.py [--repeats 3]
+"""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+from starnet import StarNetDeblender
+from starnet.datasets import load_sdss_frame
+
+CUTS = {"100 x 100": ((630, 730), (310, 410)), "1000 x 1000": ((300, 1300), (500, 1500))}
+
+
+def timed(deblender, image, device, repeats):
+    """The catalog and the best time of ``repeats`` calls (after one warm-up call)."""
+    catalog = deblender(image, background="given", progress=False, device=device)
+    best = np.inf
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        catalog = deblender(image, background="given", progress=False, device=device)
+        best = min(best, time.perf_counter() - started)
+    return catalog, best
+
+
+def compare(cpu, gpu, band):
+    """Largest differences between two catalogs of the same image (matched by tile
+    order, which both keep)."""
+    if len(cpu) != len(gpu):
+        return {"stars": (len(cpu), len(gpu)), "position": np.inf, "log flux": np.inf}
+    position = np.max(np.hypot(cpu["x_fit"] - gpu["x_fit"], cpu["y_fit"] - gpu["y_fit"]),
+                      initial=0.0)
+    flux = np.max(np.abs(np.log(np.asarray(cpu[f"flux_{band}"].value)
+                                / np.asarray(gpu[f"flux_{band}"].value))), initial=0.0)
+    return {"stars": (len(cpu), len(gpu)), "position": float(position),
+            "log flux": float(flux)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA GPU: this check runs where torch sees one")
+    print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
+          f"CPU threads {torch.get_num_threads()}")
+    print(f"{'model':>9} {'image':>12} {'stars':>12} {'max dx px':>10} {'max dlogf':>10} "
+          f"{'dN/N':>9} {'CPU s':>8} {'GPU s':>8}")
+    failed = False
+    for name in StarNetDeblender.available():
+        deblender = StarNetDeblender.pretrained(name)
+        for label, cutout in CUTS.items():
+            image = load_sdss_frame(2583, 2, 136, deblender.bands, cutout=cutout,
+                                    psf="kl-grid" if deblender.encoder.psf_features
+                                    else "kl")
+            cpu, cpu_seconds = timed(deblender, image, "cpu", args.repeats)
+            gpu, gpu_seconds = timed(deblender, image, "cuda", args.repeats)
+            difference = compare(cpu, gpu, deblender.bands[0])
+            count = abs(cpu.meta["n_stars_mean"] / gpu.meta["n_stars_mean"] - 1)
+            ok = (difference["position"] < 1e-3 and difference["log flux"] < 1e-3
+                  and count < 1e-4)
+            failed |= not ok
+            print(f"{name:>9} {label:>12} {'%d/%d' % difference['stars']:>12} "
+                  f"{difference['position']:10.2e} {difference['log flux']:10.2e} "
+                  f"{count:9.1e} {cpu_seconds:8.3f} {gpu_seconds:8.3f}"
+                  f"{'' if ok else '  DIFFERS'}", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
