@@ -20,8 +20,10 @@ background encoder first (``"fit"``; ``starnet, fitted bg``). A job that passes
 job beside a process that keeps one core busy (a Python busy loop, started and stopped
 by the benchmark), as on a laptop with other work or a shared node.
 
-Speed figures in the documentation come from the bundled model; another model is
-refused unless ``--allow-other-model`` is given.
+Speed figures in the documentation come from the bundled models (``--model``; a model
+that reads the PSF is given the KL PSF as it varies over the image, a
+`~photutils.psf.GriddedPSFModel`); another model is refused unless
+``--allow-other-model`` is given.
 
 Run::
 
@@ -75,14 +77,17 @@ def _job(method, size, model, threads, repeats, queue):
 
     if threads is not None:
         torch.set_num_threads(threads)   # photutils jobs; starnet gets it per call
-    # starnet gets the PSF of its model (KL); photutils the power law, which has a FWHM
-    image = load_sdss_frame(2583, 2, 136, ("r", "i"), cutout=SIZES[size],
-                            psf="kl" if method == "starnet" else "powerlaw")
+    # starnet gets the PSF of its model (KL; for a model that reads the PSF, the KL PSF as
+    # it varies over the image); photutils the power law, which has a FWHM
+    deblender = (StarNetDeblender.from_name_or_path(model) if method.startswith("starnet")
+                 else None)
+    psf = ("powerlaw" if deblender is None
+           else "kl-grid" if deblender.encoder.psf_features else "kl")
+    image = load_sdss_frame(2583, 2, 136, ("r", "i"), cutout=SIZES[size], psf=psf)
     if size in MIRRORED:
         image = _mirrored(image, MIRRORED[size])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if method.startswith("starnet"):
-        deblender = StarNetDeblender.from_name_or_path(model)
+    if deblender is not None:
         background = "fit" if method == "starnet, fitted bg" else "given"
 
         def run():
@@ -157,9 +162,11 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=300,
                         help="seconds after which a job is stopped and reported as such")
     args = parser.parse_args(argv)
-    if args.model != BUNDLED and not args.allow_other_model:
-        parser.error(f"speed figures are measured with the bundled model {BUNDLED!r}; pass "
-                     "--allow-other-model to measure another")
+    from starnet import StarNetDeblender
+    if args.model not in StarNetDeblender.available() and not args.allow_other_model:
+        parser.error(f"speed figures are measured with the bundled models "
+                     f"{StarNetDeblender.available()}; pass --allow-other-model to measure "
+                     "another")
     threads = "threads chosen by starnet" if args.threads is None else f"{args.threads} threads"
     print(f"model {args.model}, {threads}, best of {args.repeats} calls"
           + (", one core kept busy by another process" if args.busy else ""))

@@ -115,7 +115,7 @@ class EncoderInput:
         return tuple(self.image.shape[-2:])
 
 
-def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, check_sky=True):
+def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, checks=True):
     """The encoder's input from an image, checked against the model.
 
     Parameters
@@ -133,9 +133,11 @@ def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, check_sky=Tr
         missing pixels, one with ``psf_features`` the descriptors of the image's PSFs
         (`starnet.psf_family.image_descriptors`) instead of a check of them against the
         model's.
-    check_sky : bool, optional
+    checks : bool, optional
         Check the pixels against the declared background
-        (`starnet.validation.check_background`).
+        (`starnet.validation.check_background`) and the image's PSFs against the
+        model's, and warn of the pixels replaced (False: the background fit, which
+        precedes a call that does these).
 
     Returns
     -------
@@ -146,12 +148,12 @@ def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, check_sky=Tr
     """
     image = read_image(nddata, bands)
     data, background, bad = image.data, image.background, image.bad
-    if check_sky:
+    if checks:
         check_background(data, background, bands, bad=bad)
     reads_mask = encoder is not None and encoder.mask_channel
     mask = torch.from_numpy(np.ascontiguousarray(bad))[None] if reads_mask else None
     if bad.any():
-        if not reads_mask:
+        if checks and not reads_mask:
             warnings.warn(f"{int(bad.sum())} masked, non-finite or saturated pixels are "
                           "replaced by the background; stars there are not detected",
                           UserWarning)
@@ -161,7 +163,7 @@ def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, check_sky=Tr
     if encoder is not None and encoder.psf_features:
         psf = image_descriptors(image_psfs(nddata, len(bands)), data.shape[1:],
                                 tile_size=encoder.tile_size)
-    else:
+    elif checks:
         check_psfs(image_psfs(nddata, len(bands)), psfs, bands=bands, stamp_size=stamp_size)
     saturated = None if image.saturated is None else image.saturated.any(axis=0)
     with warnings.catch_warnings():

@@ -515,8 +515,8 @@ def test_cli_prints_warnings_in_one_line_without_source(model_path, tmp_path):
     assert lines == [
         "starnet: warning: plain.fits has no BUNIT keyword: its pixels are taken as electrons "
         "(--unit states their unit, e.g. --unit adu)",
-        "starnet: warning: 6 masked or non-finite pixels are replaced by the background; "
-        "stars there are not detected"]
+        "starnet: warning: 6 masked, non-finite or saturated pixels are replaced by the "
+        "background; stars there are not detected"]
     assert "stars in the modal catalog" in result.stdout
 
 

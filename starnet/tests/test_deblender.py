@@ -103,10 +103,13 @@ def test_catalog_flags(trained):
     assert not np.any(flags & 2)
     # low detection probability (4)
     np.testing.assert_array_equal(flags & 4 > 0, catalog['detection_prob'] < 0.5)
-    # blend (8): another star closer than the PSF's FWHM
+    # blend (8): another star at least as bright (band r) closer than the PSF's FWHM
     distance = np.hypot(x[:, None] - x, y[:, None] - y) + np.diag(np.full(len(x), np.inf))
-    np.testing.assert_array_equal(flags & 8 > 0, distance.min(axis=1) < PSF.fwhm)
-    assert (flags & 8).any()
+    flux = np.asarray(catalog['flux_r'])
+    brighter = flux[None, :] >= flux[:, None]
+    np.testing.assert_array_equal(flags & 8 > 0,
+                                  ((distance < PSF.fwhm) & brighter).any(axis=1))
+    assert (flags & 8).any() and ((distance < PSF.fwhm).any(axis=1) & ~(flags & 8 > 0)).any()
 
 
 def test_magnitudes_and_errors(trained, image):
@@ -305,10 +308,10 @@ def test_bad_pixels_are_replaced_by_background(trained, image):
     near = distance <= PSF.fwhm
     assert 0 < near.sum() < len(expected)
     with_nan = np.where(bad, np.nan, image.data)
-    with pytest.warns(UserWarning, match='4 masked or non-finite pixels'):
+    with pytest.warns(UserWarning, match='4 masked, non-finite or saturated pixels'):
         result = trained(like(image, data=with_nan))
     hot = np.where(bad, 1e7, image.data)
-    with pytest.warns(UserWarning, match='4 masked or non-finite pixels'):
+    with pytest.warns(UserWarning, match='4 masked, non-finite or saturated pixels'):
         masked = trained(like(image, data=hot, mask=bad))
     for catalog in (result, masked):
         np.testing.assert_array_equal(catalog['flags'] ^ expected['flags'], np.where(near, 2, 0))

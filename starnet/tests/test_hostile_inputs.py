@@ -29,7 +29,7 @@ from starnet.cli import main
 from starnet.images import read_image, with_changes
 from starnet.matching import match_catalogs
 from starnet.model_files import metadata_checksum, write_atomically
-from starnet.psf import pixel_stamps
+from starnet.tests.test_cli import _image_file
 from starnet.training import TrainingSettings
 from starnet.validation import BackgroundMismatchWarning, MemoryLimitError, check_background
 
@@ -47,13 +47,6 @@ def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     _tiny_deblender().save(path)
     return path
-
-
-def _image_file(path, *, shape=(16, 16)):
-    data = np.random.default_rng(0).normal(SKY, SKY ** 0.5, shape).astype(np.float32)
-    data[..., 4:15, 3:14] += (3e4 * pixel_stamps(PSF, 11, [0.2], [-0.3])[0]).astype(np.float32)
-    fits.PrimaryHDU(data).writeto(path)
-    return data
 
 
 @contextmanager
@@ -202,7 +195,7 @@ def test_zero_inverse_variance_masks_the_pixels(tmp_path):
     weight = 1 / data
     weight[:, 10:30, 10:30] = 0.0
     image = with_changes(image, data=data, uncertainty=InverseVariance(weight))
-    with pytest.warns(UserWarning, match="800 masked or non-finite pixels"):
+    with pytest.warns(UserWarning, match="800 masked, non-finite or saturated pixels"):
         catalog = deblender(image, background="given", progress=False)
     inside = ((catalog["x_fit"] > 11) & (catalog["x_fit"] < 28)
               & (catalog["y_fit"] > 11) & (catalog["y_fit"] < 28))
