@@ -12,6 +12,7 @@ from astropy.table import QTable
 from .denormals import zero_negligible_weights
 from .encoder import conditioning_map
 from .matching import match_catalogs
+from .posterior import count_distribution
 from .model_files import read_checkpoint, write_checkpoint
 from .prior import StarCatalogBatch, batch_to_table, catalog_table
 from .progress import progress_bar
@@ -213,6 +214,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         for row in history:    # rows of checkpoints written before these columns
             row.setdefault("steps", settings.batches_per_epoch)
             row.setdefault("learning_rate", float("nan"))
+            row.setdefault("val_count_bias", float("nan"))
+            row.setdefault("val_coverage", float("nan"))
     for group in optimizer.param_groups:  # the settings, also when resuming (an Adam
         group["weight_decay"] = settings.weight_decay  # checkpoint would restore L2 decay)
         group["decoupled_weight_decay"] = True
@@ -253,6 +256,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         if progress:
             steps.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.3f}, "
                         f"validation loss {row['val_loss']:.3f}, F1 {row['val_f1']:.3f}, "
+                        f"count bias {row['val_count_bias']:+.1%}, 90 % count interval "
+                        f"covers {row['val_coverage']:.0%}, "
                         f"{row['images_per_second']:.1f} images/s, rate {rate:.1e}")
         if checkpoint is not None:
             write_checkpoint(checkpoint, {"encoder": encoder.state_dict(),
@@ -358,4 +363,52 @@ def _validate(encoder, grid, validation, bands):
     ppv = matched_est / max(n_est, 1)
     f1 = 2 * tpr * ppv / (tpr + ppv) if tpr + ppv > 0 else 0.0
     encoder.train()
-    return {"val_loss": loss, "val_f1": f1, "val_tpr": tpr, "val_ppv": ppv}
+    return {"val_loss": loss, "val_f1": f1, "val_tpr": tpr, "val_ppv": ppv,
+            **_count_calibration(encoder, features, tiles)}
+
+
+def _count_calibration(encoder, features, tiles):
+    """Relative bias of the posterior mean number of stars in the validation images, and
+    the fraction of them whose 90 % interval holds the true (tiled) number; NaN for a
+    checkerboard model, whose count pmf is not that of independent tiles."""
+    if encoder.n_colors != 1:
+        return {"val_count_bias": float("nan"), "val_coverage": float("nan")}
+    return count_calibration(encoder.tile_posterior(features).count_probs.double().numpy(),
+                             tiles.counts.sum(dim=(1, 2)).numpy())
+
+
+def count_calibration(probs, true):
+    """Bias and 90 % coverage of the count posteriors of independent tiles.
+
+    Parameters
+    ----------
+    probs : `numpy.ndarray`, shape (n_images, tile_rows, tile_cols, max_sources + 1)
+        Each tile's probabilities of 0 .. max_sources stars.
+    true : `numpy.ndarray` of int, shape (n_images,)
+        The true number of stars of each image.
+
+    Returns
+    -------
+    dict
+        ``val_count_bias``: (sum of the posterior means - sum of ``true``) / sum of
+        ``true``; ``val_coverage``: the fraction of images whose 90 % interval (5 to
+        95 % quantiles) holds ``true``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from starnet.training import count_calibration
+    >>> probs = np.tile([0.5, 0.5, 0.0, 0.0], (1, 10, 10, 1))    # 50 stars expected
+    >>> count_calibration(probs, np.array([50]))
+    {'val_count_bias': 0.0, 'val_coverage': 1.0}
+    >>> count_calibration(probs, np.array([70]))["val_coverage"]    # 50 +- 5
+    0.0
+    """
+    means, covered = [], []
+    for image_probs, n in zip(probs, true):
+        pmf = count_distribution(image_probs.reshape(-1, image_probs.shape[-1]))
+        cdf = np.cumsum(pmf)
+        means.append(np.dot(np.arange(len(pmf)), pmf))
+        covered.append(np.searchsorted(cdf, 0.05) <= n <= np.searchsorted(cdf, 0.95))
+    return {"val_count_bias": float((np.sum(means) - true.sum()) / max(true.sum(), 1)),
+            "val_coverage": float(np.mean(covered))}

@@ -369,6 +369,8 @@ def test_fit_history_and_weights_change():
                  'images_per_second', 'seconds']:
         assert np.all(np.isfinite(history[name])), name
     assert np.all((history['val_f1'] >= 0) & (history['val_f1'] <= 1))
+    assert np.all((history['val_coverage'] >= 0) & (history['val_coverage'] <= 1))
+    assert np.all(np.isfinite(history['val_count_bias']) & (history['val_count_bias'] >= -1))
     assert deblender.training_history is history
     assert deblender.training_settings.n_epochs == 2
     assert not deblender.encoder.training
