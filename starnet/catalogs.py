@@ -38,9 +38,9 @@ CATALOG_FLAGS = {
     8: ("blend", "another star of the catalog at least as bright (in the first band) "
                  "lies within one PSF FWHM: its light overlaps the star's core, which "
                  "widens the star's posterior"),
-    16: ("saturated", "a saturated pixel (at or above meta['saturation'] in some band) "
-                      "lies within one PSF FWHM: light is missing, so the flux is a "
-                      "lower limit"),
+    16: ("saturated", "a saturated pixel (at or above meta['saturation'], or marked in "
+                      "meta['saturated'], in some band) lies within one PSF FWHM: light "
+                      "is missing, so the flux is a lower limit"),
 }
 
 _BIT = {name: bit for bit, (name, _) in CATALOG_FLAGS.items()}

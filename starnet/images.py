@@ -269,7 +269,8 @@ def read_image(nddata, bands):
     variance is infinite or NaN (an `~astropy.nddata.InverseVariance` of 0: no
     information) is bad, as a masked one. So is a saturated pixel: one at or above the
     saturation level of its band (`saturation_levels`: ``meta['saturation']`` or the
-    FITS keyword ``SATURATE``, in the image's unit).
+    FITS keyword ``SATURATE``, in the image's unit), or marked in ``meta['saturated']``
+    (a boolean map, (rows, cols) or (bands, rows, cols)).
 
     Parameters
     ----------
@@ -322,6 +323,10 @@ def read_image(nddata, bands):
     if levels is not None:
         with np.errstate(invalid="ignore"):
             saturated = data >= levels.astype(np.float32)[:, None, None]
+    if meta.get("saturated") is not None:      # a map of them, such as SDSS's fpM SATUR
+        marked = check_mask(meta["saturated"], data.shape)
+        saturated = marked if saturated is None else saturated | marked
+    if saturated is not None:
         bad |= saturated
     if nddata.uncertainty is not None:
         variance = _variance(nddata.uncertainty, scale[:, None, None], data.shape)

@@ -418,7 +418,10 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
         - ``'nelec_per_nmgy'``: array ``(n_bands,)``, ``gain /
           calibration`` averaged over the frame columns of the cutout;
         - ``'run'``, ``'camcol'``, ``'field'``; ``'cutout'``: the
-          ``(slice, slice)`` of the first band's frame.
+          ``(slice, slice)`` of the first band's frame;
+        - with ``fpm_planes`` holding ``'SATUR'``, ``'saturated'``: the fpM's
+          saturated pixels (a boolean map like ``mask``), which the catalog
+          flags (`starnet.catalogs.CATALOG_FLAGS`), when there are any.
 
     Raises
     ------
@@ -481,11 +484,16 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
 
     sky = np.stack(skies)
     data = np.stack(signals) + sky if include_sky else np.stack(signals)
+    saturated = None
     if fpm_planes is not None:
+        saturated = np.zeros(data.shape, dtype=bool)
         for k, (band, frame) in enumerate(zip(bands, frames)):
             path = _locate("fpM", run, camcol, field, band=band, cache_dir=cache_dir)
             masks[k] = masks[k] | _fpm_mask(path, tuple(fpm_planes), frame, first.wcs,
                                             rows, cols, k == 0)
+            if "SATUR" in fpm_planes:
+                saturated[k] = _fpm_mask(path, ("SATUR",), frame, first.wcs, rows, cols,
+                                         k == 0)
     if psf == "kl":
         # at the cutout's centre, with the resampling fractions of its central pixel
         centre = (0.5 * (rows.start + rows.stop - 1), 0.5 * (cols.start + cols.stop - 1))
@@ -504,5 +512,7 @@ def load_sdss_frame(run, camcol, field, bands=("r", "i"), *, cutout=None,
             "nelec_per_nmgy": np.array(nelec),
             "run": run, "camcol": camcol, "field": field,
             "cutout": (rows, cols)}
+    if saturated is not None and saturated.any():
+        meta["saturated"] = saturated
     return StarFieldImage(data, unit=u.electron, wcs=first.wcs[rows, cols],
                           mask=np.stack(masks), meta=meta)

@@ -239,6 +239,7 @@ def test_sdss_frame_fpm_masks_saturated_pixels():
     saturated_r = read_fpm_mask(DATA / "sdss" / "fpM-002583-r2-0136.fit.gz",
                                 planes=["SATUR"])
     np.testing.assert_array_equal(image.mask[0], plain.mask[0] | saturated_r)
+    np.testing.assert_array_equal(image.meta["saturated"][0], saturated_r)
     added = image.mask[1] & ~plain.mask[1]
     assert 0.5 < added.sum() / read_fpm_mask(DATA / "sdss" / "fpM-002583-i2-0136.fit.gz",
                                              planes=["SATUR"]).sum() < 4

@@ -122,6 +122,24 @@ def test_saturated_pixels_are_masked_and_their_stars_flagged(deblender):
     assert not flagged[np.hypot(catalog["x_fit"] - x, catalog["y_fit"] - y) > 8].any()
 
 
+def test_a_map_of_saturated_pixels_is_read_as_a_level_is(deblender):
+    """meta['saturated'] (as load_sdss_frame gives SDSS's fpM SATUR) marks the same
+    pixels as the level that saturates them."""
+    image, _ = image_with(NARROW, seed=3)
+    level = float(np.sort(image.data[0].ravel())[-5])
+    by_level = deblender._prepare(dict_meta(image, saturation=level))
+    by_map = deblender._prepare(dict_meta(image, saturated=image.data >= level))
+    np.testing.assert_array_equal(by_map.meta["saturated_pixels"],
+                                  by_level.meta["saturated_pixels"])
+    assert int(by_map.meta["saturated_pixels"].sum()) == 5
+    torch.testing.assert_close(by_map.mask, by_level.mask)
+
+
+def dict_meta(image, **meta):
+    """``image`` with ``meta`` added to its meta."""
+    return NDData(image.data, unit=image.unit, meta=dict(image.meta, **meta))
+
+
 def test_a_model_that_does_not_read_the_mask_warns_of_saturated_pixels():
     plain = StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
                              tile_hidden=16, stamp_size=15)
