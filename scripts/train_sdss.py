@@ -202,8 +202,10 @@ def write_model_file(encoder, psfs, prior, sky, settings, history, provenance, p
     deblender.encoder.load_state_dict(encoder.state_dict())
     deblender.encoder.log_flux_offset = encoder.log_flux_offset
     deblender.training_settings = settings
-    deblender.training_history = QTable({name: [row.get(name, np.nan) for row in history]
-                                         for name in history[0]})
+    counts = ("epoch", "steps", "dropped_stars")      # kept as numbers in the checkpoint
+    deblender.training_history = QTable({
+        name: [int(row[name]) if name in counts else row.get(name, np.nan) for row in history]
+        for name in history[0]})
     specialist = StarNetDeblender.pretrained("sdss-m2")
     deblender.background_encoder = specialist.background_encoder
     deblender.background_history = specialist.background_history
