@@ -380,7 +380,7 @@ class StarNetDeblender:
         --------
         >>> from starnet import StarNetDeblender
         >>> print(StarNetDeblender.available())
-        ['sdss-m2', 'sdss-m2-powerlaw']
+        ['sdss', 'sdss-m2', 'sdss-m2-powerlaw']
         >>> deblender = StarNetDeblender.pretrained("sdss-m2")
         >>> print(deblender.bands, deblender.prior.mu, deblender.training_settings.density_range)
         ['r', 'i'] 0.12 (0.001, 0.2)
