@@ -2,12 +2,16 @@
 
 import contextlib
 import dataclasses
+import warnings
 
 import numpy as np
 import torch
 from astropy import units as u
+from astropy.nddata import NDData
 from astropy.utils.decorators import deprecated_renamed_argument
+from photutils.utils import NoDetectionsWarning
 
+from .baselines import daophot_catalog
 from .background import BackgroundEncoder, choose_background, train_background_encoder
 from .catalogs import modal_table, samples_table
 from .defects import FrameDefects
@@ -19,10 +23,10 @@ from .model_files import describe_model, read_model
 from .model_io import (bundled_model_path, bundled_models, deblender_arguments, model_path,
                        restore_deblender, write_deblender)
 from .prior import StarFieldPrior, _seed_int
-from .psf import as_psf, psf_fwhm, psf_to_dict
+from .psf import as_psf, choose_stamp_size, psf_fwhm, psf_to_dict, stamp_light
 from .psf_family import DESCRIPTOR_SIZE, PSFBank
 from .simulate import StarFieldRenderer
-from .tiles import TileGrid
+from .tiles import TileGrid, choose_tile_size
 from .training import SimulatedBatches, TrainingSettings, train_encoder
 from .threads import choose_threads, torch_threads
 from .validation import check_draws_memory, check_image_meta, check_positive_int
@@ -47,11 +51,16 @@ class StarNetDeblender:
     background : float or sequence of float
         Background per band in electrons per pixel, used to simulate training images.
     tile_size : int, optional
-        Side of a tile in pixels (paper for M2: 2).
+        Side of a tile in pixels (paper for M2: 2). Default: from the narrowest PSF's
+        FWHM and the prior's density (`starnet.tiles.choose_tile_size`: tiles no wider
+        than the PSF that hold at most half a star on average).
     max_sources : int, optional
         Largest number of stars per tile (paper: 3).
     stamp_size : int, optional
-        Width of the PSF stamp used to render training images.
+        Width of the PSF stamp used to render training images; the light beyond it is
+        put inside it. Default: the smallest odd width from 25 to 41 pixels that holds
+        99.5 % of every band's light (`starnet.psf.choose_stamp_size`). A stamp that
+        holds less than 99 % is reported by a warning.
     hidden, tile_hidden : int, optional
         Width of the encoder (channels at pixel and at tile resolution).
     n_colors : {1, 2, 4}, optional
@@ -91,7 +100,8 @@ class StarNetDeblender:
     ['id', 'x_fit', 'y_fit', 'x_err', 'y_err']
     """
 
-    def __init__(self, *, prior, psf, background, tile_size=2, max_sources=3, stamp_size=25,
+    def __init__(self, *, prior, psf, background, tile_size=None, max_sources=3,
+                 stamp_size=None,
                  hidden=32, tile_hidden=128, n_colors=1, reads_psf=False, reads_mask=False,
                  context_cells=0, seed=0):
         self.prior = prior
@@ -106,8 +116,13 @@ class StarNetDeblender:
             raise ValueError("the training background must be one value per band; "
                              "images may carry background maps")
         self.background = background
+        if tile_size is None:
+            tile_size = choose_tile_size(min(psf_fwhm(p) for p in self.psfs), prior.mu)
         self.grid = TileGrid(tile_size=tile_size, max_sources=max_sources)
+        if stamp_size is None:
+            stamp_size = choose_stamp_size(self.psfs, light=0.995, largest=41)
         self.stamp_size = int(stamp_size)
+        _check_stamp_light(self.psfs, self.stamp_size, self.bands)
         with torch.random.fork_rng():
             torch.manual_seed(_seed_int(seed))
             self.encoder = StarNetEncoder(n_bands=prior.n_bands, tile_size=tile_size,
@@ -187,7 +202,8 @@ class StarNetDeblender:
         return list(self.prior.bands)
 
     # ------------------------------------------------------------------ training
-    def fit(self, *, settings=None, checkpoint=None, progress=True, **kwargs):
+    def fit(self, *, settings=None, checkpoint=None, progress=True, threads=None,
+            compare_photutils=True, **kwargs):
         """Fit the encoder by the expected forward KL on images simulated from the model.
 
         The learning rate decays by a cosine from ``learning_rate`` to
@@ -208,12 +224,21 @@ class StarNetDeblender:
             ``weight_decay``) may change.
         progress : bool, optional
             Show a progress bar.
+        threads : int, optional
+            CPU threads of torch; default: the cores other processes leave free when
+            the fit starts (`starnet.threads.choose_threads`: on a 2-core machine with
+            one core busy, one thread trains faster than two).
+        compare_photutils : bool, optional
+            Catalog the validation images with photutils' DAOPHOT-like pipeline
+            (`starnet.baselines.daophot_catalog`) once, and report its F1 beside the
+            model's (the ``baseline_f1`` column; a fit that ends below it warns).
+            Only for models that are told neither the PSF nor a mask.
 
         Returns
         -------
         history : `~astropy.table.QTable`
-            Loss, validation F1, throughput, steps and rate per epoch (also kept as
-            ``training_history``).
+            Loss, validation F1 (and photutils' on the same images), count calibration,
+            throughput, steps and rate per epoch (also kept as ``training_history``).
 
         Examples
         --------
@@ -229,11 +254,25 @@ class StarNetDeblender:
             raise TypeError(f"unknown training settings {unknown}")
         settings = dataclasses.replace(settings, **kwargs)
         batches = self._batches(settings.image_shape, settings)
-        history = train_encoder(self.encoder, batches, settings, checkpoint=checkpoint,
-                                model_description=describe_model(self), progress=progress)
+        baseline = None
+        if compare_photutils and not (self.encoder.psf_features or self.encoder.mask_channel):
+            baseline = self._photutils_catalog
+        with torch_threads(choose_threads(threads)):
+            history = train_encoder(self.encoder, batches, settings, checkpoint=checkpoint,
+                                    model_description=describe_model(self),
+                                    progress=progress, baseline=baseline)
         self.training_settings = settings
         self.training_history = history
         return history
+
+    def _photutils_catalog(self, data, background):
+        """photutils' DAOPHOT-like catalog of one image (arrays in electrons) of this
+        model's bands, PSFs and ``background`` (one value per band)."""
+        image = NDData(data, unit=u.electron, meta={"bands": self.bands, "psf": self.psfs,
+                                                    "background": list(background)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoDetectionsWarning)
+            return daophot_catalog(image, band=self.bands[0])
 
     def fit_background_encoder(self, *, n_steps=2000, batch_size=16, image_shape=(64, 64),
                                seed=0, progress=True, **kwargs):
@@ -698,3 +737,14 @@ class StarNetDeblender:
         """Side in tiles of the blocks in which ``inputs`` are encoded, or None."""
         return chunk_tiles(inputs.shape, chunk_size=self.chunk_size,
                            tile_size=self.grid.tile_size)
+
+
+def _check_stamp_light(psfs, stamp_size, bands):
+    """Warn when the training stamp leaves out more than 1 % of a band's light."""
+    for band, psf in zip(bands, psfs):
+        held = stamp_light(psf, stamp_size)
+        if held < 0.99:
+            warnings.warn(f"the {stamp_size}-pixel PSF stamp holds {held:.1%} of the light "
+                          f"of band {band}'s PSF; training images put the rest inside the "
+                          "stamp (give a larger odd stamp_size to keep more of the wings)",
+                          UserWarning)

@@ -29,7 +29,8 @@ from photutils.psf import GriddedPSFModel, ImagePSF
 from scipy.optimize import brentq
 
 __all__ = ['PowerLawPSF', 'kl_psf_from_psfield', 'pixel_stamps', 'as_psf',
-           'psf_fwhm', 'psf_to_dict', 'psf_from_dict']
+           'psf_fwhm', 'stamp_light', 'choose_stamp_size', 'psf_to_dict',
+           'psf_from_dict']
 
 SDSS_BANDS = 'ugriz'
 _SHAPE_NAMES = ('sigma1', 'sigma2', 'sigmap', 'beta', 'b', 'p0')
@@ -548,6 +549,80 @@ def psf_fwhm(psf, *, step=0.05):
     values = model(grid[None, :], grid[:, None])
     area = np.count_nonzero(values >= values.max() / 2) * step**2
     return 2 * np.sqrt(area / np.pi)
+
+
+def stamp_light(psf, size):
+    """
+    Fraction of a PSF's light inside a ``size`` x ``size`` pixel stamp centred on it.
+
+    Training images are rendered with stamps of this size, renormalised to the
+    star's flux: what the stamp leaves out is put in the core instead (see
+    `~starnet.simulate.StarFieldRenderer`). The whole light is that of a stamp of
+    255 pixels (or of the whole array of an image PSF).
+
+    Parameters
+    ----------
+    psf : `PowerLawPSF`, `~photutils.psf.ImagePSF`, 2-D model or ndarray
+        Anything `as_psf` accepts.
+    size : int
+        Odd stamp width, pixels.
+
+    Examples
+    --------
+    A Moffat PSF of FWHM 3.5 pixels with photutils' ``alpha = 3`` has wide wings:
+
+    >>> from photutils.psf import MoffatPSF
+    >>> from starnet.psf import stamp_light
+    >>> moffat = MoffatPSF(alpha=3.0, beta=2.367)
+    >>> print(f"{stamp_light(moffat, 25):.3f} {stamp_light(moffat, 41):.3f}")
+    0.986 0.996
+    """
+    return _enclosed_light(psf, [size])[0]
+
+
+def _enclosed_light(psf, sizes):
+    model = as_psf(psf)
+    whole = 255
+    if isinstance(model, ImagePSF):
+        whole = max(whole, *(2 * (np.array(model.data.shape) // (2 * model.oversampling))
+                             + 1))
+    stamp = pixel_stamps(model, int(whole), [0.0], [0.0])[0]
+    centre = whole // 2
+    total = stamp.sum()
+    return [float(stamp[centre - s // 2:centre + s // 2 + 1,
+                        centre - s // 2:centre + s // 2 + 1].sum() / total) for s in sizes]
+
+
+def choose_stamp_size(psfs, *, light=0.995, smallest=25, largest=65):
+    """
+    The smallest odd stamp width, from ``smallest`` up, that holds ``light`` of
+    every PSF's light (at most ``largest``).
+
+    Parameters
+    ----------
+    psfs : PSF or list of PSF
+        Anything `as_psf` accepts, or one per band.
+    light : float, optional
+        Fraction of the light to hold.
+    smallest, largest : int, optional
+        Odd bounds of the width, pixels.
+
+    Examples
+    --------
+    >>> from photutils.psf import CircularGaussianPRF, MoffatPSF
+    >>> from starnet.psf import choose_stamp_size
+    >>> choose_stamp_size(CircularGaussianPRF(fwhm=4.0)), choose_stamp_size(
+    ...     MoffatPSF(alpha=3.0, beta=2.367))
+    (25, 39)
+    """
+    psfs = list(psfs) if isinstance(psfs, (list, tuple)) else [psfs]
+    if not 0 < light < 1:
+        raise ValueError(f"light must be a fraction between 0 and 1, got {light!r}")
+    sizes = list(range(int(smallest), int(largest) + 1, 2))
+    if not sizes or sizes[0] % 2 == 0:
+        raise ValueError(f"need odd smallest <= largest, got {smallest} and {largest}")
+    held = np.min([_enclosed_light(psf, sizes) for psf in psfs], axis=0)
+    return sizes[int(np.argmax(held >= light))] if np.any(held >= light) else sizes[-1]
 
 
 def _is_pixel_integrated(model):

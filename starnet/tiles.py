@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TileGrid", "TileCatalog"]
+__all__ = ["TileGrid", "TileCatalog", "choose_tile_size"]
 
 
 @dataclass
@@ -227,6 +227,40 @@ class TileGrid:
         locs = self.to_pixels(tiles.locs, origin).reshape(n_images, -1, 2)
         fluxes = tiles.fluxes.reshape(n_images, -1, tiles.fluxes.shape[-1])
         return locs, fluxes, mask
+
+
+def choose_tile_size(fwhm, mu, *, stars_per_tile=0.5):
+    """Side in pixels of the tiles of a model for a PSF of ``fwhm`` at ``mu`` stars/px.
+
+    A tile should be no wider than the PSF, so that close pairs fall in different
+    tiles, and hold few stars, so that the count lost above ``max_sources`` is small:
+    the largest whole number of pixels, at most the FWHM (and at least one), whose
+    tiles hold ``stars_per_tile`` stars or fewer on average. SDSS around M2 (FWHM 2.6
+    pixels, 0.12 stars per pixel) gets the paper's 2; a 4-pixel Gaussian at 0.02 stars
+    per pixel gets 4.
+
+    Parameters
+    ----------
+    fwhm : float
+        FWHM of the narrowest band's PSF, pixels (`starnet.psf.psf_fwhm`).
+    mu : float
+        Stars per pixel of the prior.
+    stars_per_tile : float, optional
+        Largest mean number of stars per tile.
+
+    Examples
+    --------
+    >>> from starnet.tiles import choose_tile_size
+    >>> choose_tile_size(2.6, 0.12), choose_tile_size(4.0, 0.02), choose_tile_size(3.5, 0.05)
+    (2, 4, 3)
+    """
+    if not (fwhm > 0 and mu > 0 and stars_per_tile > 0):
+        raise ValueError(f"fwhm, mu and stars_per_tile must be positive; got {fwhm}, {mu} "
+                         f"and {stars_per_tile}")
+    size = max(1, int(math.floor(fwhm)))
+    while size > 1 and mu * size ** 2 > stars_per_tile:
+        size -= 1
+    return size
 
 
 def inside_image(locs, shape):

@@ -2,6 +2,7 @@
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -165,7 +166,7 @@ class SimulatedBatches:
 
 
 def train_encoder(encoder, batches, settings, *, checkpoint=None, model_description=None,
-                  progress=True):
+                  progress=True, baseline=None):
     """Fit ``encoder`` by minimising the expected forward KL on simulated batches.
 
     Parameters
@@ -185,6 +186,12 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         (`starnet.model_files.describe_model`), checked on resume when given.
     progress : bool
         Show a progress bar.
+    baseline : callable, optional
+        ``baseline(data, background)`` catalogs one validation image (arrays of shape
+        (bands, rows, cols), electrons) with another method, as a table with ``x_fit``,
+        ``y_fit`` and ``flux_<band>`` columns. Its F1 on the validation images, matched
+        as the model's, is the ``baseline_f1`` column, printed after each epoch; a fit
+        that ends below it warns.
 
     Returns
     -------
@@ -216,6 +223,9 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
             row.setdefault("learning_rate", float("nan"))
             row.setdefault("val_count_bias", float("nan"))
             row.setdefault("val_coverage", float("nan"))
+            row.setdefault("baseline_f1", float("nan"))
+    baseline_f1 = (float("nan") if baseline is None
+                   else _baseline_f1(baseline, validation, batches.prior.bands))
     for group in optimizer.param_groups:  # the settings, also when resuming (an Adam
         group["weight_decay"] = settings.weight_decay  # checkpoint would restore L2 decay)
         group["decoupled_weight_decay"] = True
@@ -250,12 +260,14 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
                **_validate(encoder, grid, validation, batches.prior.bands),
                "images_per_second": len(losses) * settings.batch_size / training_seconds,
                "seconds": time.perf_counter() - started, "steps": len(losses),
-               "learning_rate": rate, "dropped_stars": dropped}
+               "learning_rate": rate, "dropped_stars": dropped, "baseline_f1": baseline_f1}
         history.append(row)
         schedule.record(row)
         if progress:
             steps.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.3f}, "
-                        f"validation loss {row['val_loss']:.3f}, F1 {row['val_f1']:.3f}, "
+                        f"validation loss {row['val_loss']:.3f}, F1 {row['val_f1']:.3f}"
+                        + ("" if np.isnan(baseline_f1) else f" (photutils {baseline_f1:.3f})")
+                        + ", "
                         f"count bias {row['val_count_bias']:+.1%}, 90 % count interval "
                         f"covers {row['val_coverage']:.0%}, "
                         f"{row['images_per_second']:.1f} images/s, rate {rate:.1e}")
@@ -267,6 +279,12 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
                              settings=settings, model=model_description)
     encoder.eval()
     zero_negligible_weights(encoder)
+    if history and history[-1]["val_f1"] < baseline_f1:
+        warnings.warn(f"after {sum(row['steps'] for row in history)} steps the model's "
+                      f"validation F1 ({history[-1]['val_f1']:.3f}) is below photutils' on "
+                      f"the same images ({baseline_f1:.3f}): train longer (fit again with "
+                      "the same checkpoint and a larger budget) before trusting it",
+                      UserWarning)
     return QTable(rows=history, names=list(history[0])) if history else QTable()
 
 
@@ -337,6 +355,33 @@ def _training_loss(encoder, batch, tiles, generator):
     return -(log_prob * scored).sum() / scored.sum()
 
 
+def _pooled_f1(estimates, validation, bands):
+    """F1 of catalogs (one table per validation image) against the validation truth,
+    over all their stars inside the images."""
+    catalogs = validation.catalogs
+    truth_mask = catalogs.mask & inside_image(catalogs.locs, validation.images.shape[-2:])
+    matched_true = matched_est = n_true = n_est = 0
+    for i, estimate in enumerate(estimates):
+        truth = batch_to_table(catalogs, i, bands, mask=truth_mask[i])
+        match = match_catalogs(estimate, truth, band=bands[0])
+        matched_true += match.n_matched_true
+        matched_est += match.n_matched_estimated
+        n_true += match.n_true
+        n_est += match.n_estimated
+    tpr = matched_true / max(n_true, 1)
+    ppv = matched_est / max(n_est, 1)
+    return (2 * tpr * ppv / (tpr + ppv) if tpr + ppv > 0 else 0.0), tpr, ppv
+
+
+def _baseline_f1(baseline, validation, bands):
+    """F1 of ``baseline`` on the validation images (see `train_encoder`)."""
+    images = validation.images.numpy().astype(float)
+    background = validation.background.numpy()
+    estimates = [baseline(images[i], background[i].reshape(len(bands), -1).mean(axis=1))
+                 for i in range(len(images))]
+    return _pooled_f1(estimates, validation, bands)[0]
+
+
 @torch.no_grad()
 def _validate(encoder, grid, validation, bands):
     """Validation loss and detection F1 of the modal catalogs against the truth."""
@@ -347,21 +392,9 @@ def _validate(encoder, grid, validation, bands):
     loss = -encoder.joint_log_prob(features, tiles).mean().item()
     _, mode = encoder.decide(features, lambda q: q.mode())
     locs, fluxes, mask = grid.from_tiles(mode)
-    rows, cols = images.shape[-2:]
-    truth_mask = catalogs.mask & inside_image(catalogs.locs, (rows, cols))
-    mask = mask & inside_image(locs, (rows, cols))
-    matched_true = matched_est = n_true = n_est = 0
-    for i in range(images.shape[0]):
-        truth = batch_to_table(catalogs, i, bands, mask=truth_mask[i])
-        estimate = catalog_table(locs[i][mask[i]], fluxes[i][mask[i]], bands)
-        match = match_catalogs(estimate, truth, band=bands[0])
-        matched_true += match.n_matched_true
-        matched_est += match.n_matched_estimated
-        n_true += match.n_true
-        n_est += match.n_estimated
-    tpr = matched_true / max(n_true, 1)
-    ppv = matched_est / max(n_est, 1)
-    f1 = 2 * tpr * ppv / (tpr + ppv) if tpr + ppv > 0 else 0.0
+    mask = mask & inside_image(locs, images.shape[-2:])
+    f1, tpr, ppv = _pooled_f1([catalog_table(locs[i][mask[i]], fluxes[i][mask[i]], bands)
+                               for i in range(images.shape[0])], validation, bands)
     encoder.train()
     return {"val_loss": loss, "val_f1": f1, "val_tpr": tpr, "val_ppv": ppv,
             **_count_calibration(encoder, features, tiles)}

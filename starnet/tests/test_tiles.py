@@ -174,3 +174,21 @@ def test_from_tiles_mask_follows_counts():
                                 + [True] * 2 + [False])
     # tile (1, 0), position (0.25, 0.25) of the tile: x = 0.5 - 0.5, y = 2.5 - 0.5
     np.testing.assert_allclose(locs[0, 6].numpy(), [0.0, 2.0])
+
+
+@pytest.mark.parametrize("fwhm, mu, expected", [(2.6, 0.12, 2), (4.0, 0.02, 4), (3.5, 0.05, 3),
+                                                (3.5, 0.2, 1), (0.8, 0.001, 1), (9.0, 0.001, 9)])
+def test_tiles_are_no_wider_than_the_psf_and_hold_half_a_star(fwhm, mu, expected):
+    from starnet.tiles import choose_tile_size
+    size = choose_tile_size(fwhm, mu)
+    assert size == expected
+    assert size <= max(fwhm, 1) and (size == 1 or mu * size ** 2 <= 0.5)
+
+
+def test_default_tiles_follow_the_psf_and_the_density():
+    from photutils.psf import CircularGaussianPRF
+    from starnet import StarFieldPrior, StarNetDeblender
+    prior = StarFieldPrior(mu=0.02, f_min=350.0, bands=["r"])
+    deblender = StarNetDeblender(prior=prior, psf=CircularGaussianPRF(fwhm=4.0),
+                                 background=[500.0])
+    assert deblender.grid.tile_size == 4

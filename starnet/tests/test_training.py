@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,37 @@ def test_conditioned_encoder_trains_on_a_bank_with_defects():
                                 n_epochs=2, n_validation=8, learning_rate=3e-3)
     history = training.train_encoder(encoder, batches, settings, progress=False)
     assert history["val_loss"][1] < history["val_loss"][0]
+
+
+def test_fit_reports_photutils_beside_the_model_and_warns_below_it():
+    """Two steps cannot beat photutils on sparse bright fields, where photutils finds
+    most stars: the fit warns, and the column holds photutils' F1 (the same in every
+    epoch); without the comparison the column is NaN and nothing is said."""
+    prior = StarFieldPrior(mu=0.01, f_min=5000.0, bands=["r"])
+    deblender = StarNetDeblender(prior=prior, psf=NARROW, background=[686.0], hidden=8,
+                                 tile_hidden=16, stamp_size=7)
+    fit = dict(n_steps=4, batches_per_epoch=2, batch_size=2, image_shape=(40, 40),
+               n_validation=4, progress=False)
+    with pytest.warns(UserWarning, match="below photutils' on the same images"):
+        history = deblender.fit(**fit)
+    assert np.all(history["baseline_f1"] == history["baseline_f1"][0])
+    assert history["baseline_f1"][0] > 0.5 > history["val_f1"][-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        history = deblender.fit(compare_photutils=False, **fit)
+    assert np.all(np.isnan(history["baseline_f1"]))
+
+
+def test_fit_trains_on_the_threads_it_is_given(monkeypatch):
+    """``threads=`` sets torch's threads for the fit and restores them after."""
+    seen = []
+    real = training.train_encoder
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("starnet.deblender.train_encoder", spy)
+    before = torch.get_num_threads()
+    _budget_deblender().fit(n_steps=1, threads=1, compare_photutils=False, **SMALL_FIT)
+    assert seen == [1] and torch.get_num_threads() == before
