@@ -213,17 +213,23 @@ def main(argv=None):
 @contextlib.contextmanager
 def _one_line_warnings(prog):
     """Warnings shown as ``<prog>: warning: <message>``, one line each, without the
-    category and source line of Python's format (`warnings.formatwarning` is restored
-    on leaving)."""
-    def one_line(message, *args, **kwargs):
-        return f"{prog}: warning: {' '.join(str(message).split())}\n"
+    category and source line of Python's format, and each message once (a command
+    that catalogs several images would repeat them). `warnings.showwarning` is
+    restored on leaving."""
+    shown = set()
 
-    original = warnings.formatwarning
-    warnings.formatwarning = one_line
+    def show_once(message, category, filename, lineno, file=None, line=None):
+        text = f"{prog}: warning: {' '.join(str(message).split())}\n"
+        if text not in shown:
+            shown.add(text)
+            (sys.stderr if file is None else file).write(text)
+
+    original = warnings.showwarning
+    warnings.showwarning = show_once
     try:
         yield
     finally:
-        warnings.formatwarning = original
+        warnings.showwarning = original
 
 
 def _catalog(parser, args):

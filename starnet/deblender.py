@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 
 import numpy as np
@@ -60,7 +61,7 @@ class StarNetDeblender:
         Width of the PSF stamp used to render training images; the light beyond it is
         put inside it. Default: the smallest odd width from 25 to 41 pixels that holds
         99.5 % of every band's light (`starnet.psf.choose_stamp_size`). A stamp that
-        holds less than 99 % is reported by a warning.
+        holds less than 99 % is reported by a warning when the model is fitted.
     hidden, tile_hidden : int, optional
         Width of the encoder (channels at pixel and at tile resolution).
     n_colors : {1, 2, 4}, optional
@@ -122,7 +123,6 @@ class StarNetDeblender:
         if stamp_size is None:
             stamp_size = choose_stamp_size(self.psfs, light=0.995, largest=41)
         self.stamp_size = int(stamp_size)
-        _check_stamp_light(self.psfs, self.stamp_size, self.bands)
         with torch.random.fork_rng():
             torch.manual_seed(_seed_int(seed))
             self.encoder = StarNetEncoder(n_bands=prior.n_bands, tile_size=tile_size,
@@ -230,9 +230,10 @@ class StarNetDeblender:
             one core busy, one thread trains faster than two).
         compare_photutils : bool, optional
             Catalog the validation images with photutils' DAOPHOT-like pipeline
-            (`starnet.baselines.daophot_catalog`) once, and report its F1 beside the
-            model's (the ``baseline_f1`` column; a fit that ends below it warns).
-            Only for models that are told neither the PSF nor a mask.
+            (`starnet.baselines.daophot_catalog`, detection thresholds of 3 and 8 sky
+            sigmas) once, and report the better F1 beside the model's (the
+            ``baseline_f1`` column; a fit that ends below it warns). Only for models
+            that are told neither the PSF nor a mask.
 
         Returns
         -------
@@ -253,26 +254,29 @@ class StarNetDeblender:
         if unknown:
             raise TypeError(f"unknown training settings {unknown}")
         settings = dataclasses.replace(settings, **kwargs)
+        _check_stamp_light(self.psfs, self.stamp_size, self.bands)
         batches = self._batches(settings.image_shape, settings)
-        baseline = None
+        baselines = []
         if compare_photutils and not (self.encoder.psf_features or self.encoder.mask_channel):
-            baseline = self._photutils_catalog
+            baselines = [functools.partial(self._photutils_catalog, threshold=threshold)
+                         for threshold in (3.0, 8.0)]
         with torch_threads(choose_threads(threads)):
             history = train_encoder(self.encoder, batches, settings, checkpoint=checkpoint,
                                     model_description=describe_model(self),
-                                    progress=progress, baseline=baseline)
+                                    progress=progress, baselines=baselines)
         self.training_settings = settings
         self.training_history = history
         return history
 
-    def _photutils_catalog(self, data, background):
+    def _photutils_catalog(self, data, background, *, threshold):
         """photutils' DAOPHOT-like catalog of one image (arrays in electrons) of this
-        model's bands, PSFs and ``background`` (one value per band)."""
+        model's bands, PSFs and ``background`` (one value per band), detected above
+        ``threshold`` sky sigmas."""
         image = NDData(data, unit=u.electron, meta={"bands": self.bands, "psf": self.psfs,
                                                     "background": list(background)})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NoDetectionsWarning)
-            return daophot_catalog(image, band=self.bands[0])
+            return daophot_catalog(image, band=self.bands[0], threshold=threshold)
 
     def fit_background_encoder(self, *, n_steps=2000, batch_size=16, image_shape=(64, 64),
                                seed=0, progress=True, **kwargs):

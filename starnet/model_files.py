@@ -171,6 +171,12 @@ def describe_model(deblender):
     The model file's metadata holds it, and so does a training checkpoint, which is
     resumed only by a deblender with the same description.
 
+    Parameters
+    ----------
+    deblender : `~starnet.StarNetDeblender`, str or path
+        A deblender, or a model file (read with `read_model`; the description is
+        taken from its metadata).
+
     Examples
     --------
     >>> from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
@@ -181,7 +187,19 @@ def describe_model(deblender):
     >>> description = describe_model(deblender)
     >>> description["background"], description["hidden"]
     ([686.0], 8)
+
+    A model file:
+
+    >>> from importlib import resources
+    >>> describe_model(resources.files("starnet") / "models" / "sdss-m2.pt")["tile_size"]
+    2
     """
+    if isinstance(deblender, (str, os.PathLike)) or hasattr(deblender, "read_bytes"):
+        metadata, _ = read_model(deblender)
+        keys = ("prior", "psf", "background", "psf_variants", "tile_size", "max_sources",
+                "stamp_size", "hidden", "tile_hidden", "n_colors", "log_flux_offset",
+                "encoder_inputs")
+        return {key: metadata[key] for key in keys if key in metadata}
     encoder = deblender.encoder
     description = {
         "prior": deblender.prior.to_dict(), "psf": [psf_to_dict(p) for p in deblender.psfs],

@@ -166,7 +166,7 @@ class SimulatedBatches:
 
 
 def train_encoder(encoder, batches, settings, *, checkpoint=None, model_description=None,
-                  progress=True, baseline=None):
+                  progress=True, baselines=()):
     """Fit ``encoder`` by minimising the expected forward KL on simulated batches.
 
     Parameters
@@ -186,12 +186,12 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         (`starnet.model_files.describe_model`), checked on resume when given.
     progress : bool
         Show a progress bar.
-    baseline : callable, optional
-        ``baseline(data, background)`` catalogs one validation image (arrays of shape
-        (bands, rows, cols), electrons) with another method, as a table with ``x_fit``,
-        ``y_fit`` and ``flux_<band>`` columns. Its F1 on the validation images, matched
-        as the model's, is the ``baseline_f1`` column, printed after each epoch; a fit
-        that ends below it warns.
+    baselines : sequence of callable, optional
+        Each ``baseline(data, background)`` catalogs one validation image (arrays of
+        shape (bands, rows, cols), electrons) with another method (photutils), as a
+        table with ``x_fit``, ``y_fit`` and ``flux_<band>`` columns. The best of their
+        F1 on the validation images, matched as the model's, is the ``baseline_f1``
+        column, printed after each epoch; a fit that ends below it warns.
 
     Returns
     -------
@@ -224,8 +224,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
             row.setdefault("val_count_bias", float("nan"))
             row.setdefault("val_coverage", float("nan"))
             row.setdefault("baseline_f1", float("nan"))
-    baseline_f1 = (float("nan") if baseline is None
-                   else _baseline_f1(baseline, validation, batches.prior.bands))
+    baseline_f1 = max((_baseline_f1(baseline, validation, batches.prior.bands)
+                       for baseline in baselines), default=float("nan"))
     for group in optimizer.param_groups:  # the settings, also when resuming (an Adam
         group["weight_decay"] = settings.weight_decay  # checkpoint would restore L2 decay)
         group["decoupled_weight_decay"] = True

@@ -355,3 +355,13 @@ def test_load_refuses_what_is_not_a_model_file(saved, make, expected):
 def test_load_of_a_missing_file_says_so(tmp_path):
     with pytest.raises(FileNotFoundError):
         StarNetDeblender.load(tmp_path / 'missing.pt')
+
+
+@pytest.mark.parametrize("name", ["sdss-m2", "sdss"])
+def test_a_model_file_is_described_as_its_deblender(name):
+    """describe_model of a file (path or str) is that of the deblender it loads as."""
+    from starnet.model_files import describe_model
+    from starnet.model_io import bundled_model_path
+    path = bundled_model_path(name)
+    expected = describe_model(StarNetDeblender.load(path))
+    assert describe_model(path) == expected == describe_model(str(path))
