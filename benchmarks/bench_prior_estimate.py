@@ -5,10 +5,10 @@ by photutils (not by starnet's simulator) with Poisson noise and stars in an 8-p
 margin, and the prior is estimated from each as docs/training.rst says: ``f_min`` = 2.5
 times `~starnet.prior_estimate.flux_noise`, ``f_max`` fitted, the crowding bias
 corrected by ``--corrections`` simulated images (0: the fit of the catalogue alone).
-The true ``mu`` is the sky's density of stars above that ``f_min``. Printed per sky: the mean estimate and its
-standard error over the fields against the truth, the mean and rms of the pulls
-``(estimate - truth) / stated error`` (unbiased, honest errors: mean near 0, rms near
-1), and the fraction of fields within one stated error.
+The true ``mu`` is the sky's density of stars above that ``f_min``. Printed per sky:
+the mean estimate and its standard error over the fields against the truth, the mean
+and rms of the pulls ``(estimate - truth) / stated error`` (unbiased, honest errors:
+mean near 0, rms near 1), and the fraction of fields within one stated error.
 
 * ``new-user``: issue 27's field, a photutils ``MoffatPSF(alpha=3, beta=2.367)`` (FWHM
   3.5 px), sky 300 e-, 0.05 stars/px from 300 to 1e5 e-, index 1.0, 200 x 200 px; also
