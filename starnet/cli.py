@@ -214,22 +214,23 @@ def main(argv=None):
 def _one_line_warnings(prog):
     """Warnings shown as ``<prog>: warning: <message>``, one line each, without the
     category and source line of Python's format, and each message once (a command
-    that catalogs several images would repeat them). `warnings.showwarning` is
+    that catalogs several images would repeat them). `warnings.formatwarning` is
     restored on leaving."""
     shown = set()
 
-    def show_once(message, category, filename, lineno, file=None, line=None):
+    def one_line(message, *args, **kwargs):
         text = f"{prog}: warning: {' '.join(str(message).split())}\n"
-        if text not in shown:
-            shown.add(text)
-            (sys.stderr if file is None else file).write(text)
+        if text in shown:
+            return ""
+        shown.add(text)
+        return text
 
-    original = warnings.showwarning
-    warnings.showwarning = show_once
+    original = warnings.formatwarning
+    warnings.formatwarning = one_line
     try:
         yield
     finally:
-        warnings.showwarning = original
+        warnings.formatwarning = original
 
 
 def _catalog(parser, args):

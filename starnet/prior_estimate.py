@@ -9,7 +9,7 @@ from scipy.optimize import minimize_scalar
 
 from .baselines.daophot import _PRF_OVERSAMPLING, _pixel_integrated, daophot_catalog
 from .prior import StarFieldPrior
-from .psf import as_psf, pixel_stamps, psf_fwhm
+from .psf import as_psf, choose_stamp_size, pixel_stamps, psf_fwhm
 from .images import as_background
 from .simulate import simulate_starfield
 from .validation import check_image_meta, check_seed
@@ -78,7 +78,8 @@ def estimate_prior(nddata, *, f_min, f_max=None, complete_above=None, threshold=
     neighbours add their light and blends are measured as one star, which steepens
     ``alpha`` and raises the count above the limit. The bias is measured and
     removed by simulation (a parametric bootstrap): ``corrections`` images of the
-    same shape, PSF and background are simulated from the first estimate, fitted in
+    same shape, PSF and background (with stars beyond the edges too, and the PSF's
+    wings to 99.5 % of its light) are simulated from the first estimate, fitted in
     the same way, and each parameter is moved by the difference between the
     simulated fits and the estimate they came from (``mu`` by its ratio). On
     photutils-rendered fields of issue 27's survey (Moffat PSF, 0.05 stars per
@@ -152,11 +153,14 @@ def estimate_prior(nddata, *, f_min, f_max=None, complete_above=None, threshold=
     shape = np.shape(nddata.data)[-2:]
     estimate = _fit_bright(nddata, bands, psfs[0], f_min, f_max, complete_above, threshold)
     if corrections:
+        # neighbours beyond the edges and the PSF's wings crowd the image's stars too
+        margin = 2 * psf_fwhm(psfs[0])
+        stamp_size = choose_stamp_size(psfs, light=0.995)
         simulated = []
         for _ in range(corrections):
             image, _ = simulate_starfield(shape, prior=estimate.prior, psf=psfs,
                                           background=background, noise="poisson",
-                                          seed=rng)
+                                          margin=margin, stamp_size=stamp_size, seed=rng)
             simulated.append(_fit_bright(image, bands, psfs[0], f_min,
                                          estimate.prior.f_max, complete_above, threshold))
         ratio = np.mean([fit.prior.mu for fit in simulated]) / estimate.prior.mu

@@ -142,8 +142,8 @@ def daophot_catalog(nddata, *, band="r", threshold=8.0, fwhm=None, min_separatio
     if not min_separation >= 0:
         raise ValueError(f"min_separation must be >= 0 pixels, got {min_separation!r}")
     sky_sigma = float(np.sqrt(np.median(background)))
-    finder = DAOStarFinder(threshold=threshold * sky_sigma, fwhm=fwhm,
-                           min_separation=min_separation)
+    finder = _InsideFinder(DAOStarFinder(threshold=threshold * sky_sigma, fwhm=fwhm,
+                                         min_separation=min_separation))
     local = None if local_background is None else LocalBackground(
         *local_background, bkg_estimator=MMMBackground())
     photometry = IterativePSFPhotometry(prf, fit_shape, finder, maxiters=maxiters,
@@ -244,3 +244,21 @@ def _catalog(result, band, shape, zero_point, settings):
     for name in ("qfit", "cfit", "flags", "iter_detected"):
         table[name] = np.asarray(result[name])[keep]
     return table
+
+
+class _InsideFinder:
+    """A photutils finder whose detections are kept only where their centroids lie on
+    the image: a centroid pulled 1.5 pixels beyond an edge makes photutils 3.0 fail
+    ("truth value of an array ... is ambiguous" in ``overlap_slices``)."""
+
+    def __init__(self, finder):
+        self.finder = finder
+
+    def __call__(self, data, mask=None):
+        sources = self.finder(data, mask=mask)
+        if sources is None:
+            return None
+        rows, cols = np.shape(data)
+        x, y = np.asarray(sources["x_centroid"]), np.asarray(sources["y_centroid"])
+        inside = (x >= -0.5) & (x < cols - 0.5) & (y >= -0.5) & (y < rows - 0.5)
+        return sources[inside] if inside.any() else None
