@@ -133,7 +133,7 @@ def estimate_prior(nddata, *, f_min, f_max=None, complete_above=None, threshold=
     >>> estimate = estimate_prior(image, f_min=700.0)
     >>> print(f"mu {estimate.prior.mu:.4f} +- {estimate.mu_err:.4f}, "
     ...       f"alpha {estimate.prior.alpha:.2f} +- {estimate.alpha_err:.2f}")
-    mu 0.0097 +- 0.0010, alpha 0.59 +- 0.06
+    mu 0.0095 +- 0.0010, alpha 0.57 +- 0.06
     """
     meta = check_image_meta(nddata)
     bands = list(meta["bands"])
