@@ -121,7 +121,7 @@ class StarNetDeblender:
             tile_size = choose_tile_size(min(psf_fwhm(p) for p in self.psfs), prior.mu)
         self.grid = TileGrid(tile_size=tile_size, max_sources=max_sources)
         if stamp_size is None:
-            stamp_size = choose_stamp_size(self.psfs, light=0.995, largest=41)
+            stamp_size = choose_stamp_size(self.psfs, largest=41)
         self.stamp_size = int(stamp_size)
         with torch.random.fork_rng():
             torch.manual_seed(_seed_int(seed))

@@ -141,11 +141,12 @@ def estimate_prior(nddata, *, f_min, f_max=None, complete_above=None, threshold=
     psfs = list(psfs) if isinstance(psfs, (list, tuple)) else [psfs] * len(bands)
     background = as_background(meta["background"], len(bands)).reshape(len(bands), -1)
     background = np.median(background, axis=1)
-    if not 0 < f_min < (np.inf if f_max is None else f_max):
+    upper = np.inf if f_max is None else f_max
+    if not 0 < f_min < upper:
         raise ValueError(f"need 0 < f_min < f_max, got f_min={f_min}, f_max={f_max}")
     if complete_above is None:
         complete_above = max(2 * f_min, 20 * flux_noise(psfs[0], background[0]))
-    if not f_min <= complete_above < (np.inf if f_max is None else f_max):
+    if not f_min <= complete_above < upper:
         raise ValueError(f"complete_above={complete_above} must lie in [f_min, f_max)")
     if isinstance(corrections, bool) or not isinstance(corrections, numbers.Integral) \
             or corrections < 0:
@@ -156,7 +157,7 @@ def estimate_prior(nddata, *, f_min, f_max=None, complete_above=None, threshold=
     if corrections:
         # neighbours beyond the edges and the PSF's wings crowd the image's stars too
         margin = 2 * psf_fwhm(psfs[0])
-        stamp_size = choose_stamp_size(psfs, light=0.995)
+        stamp_size = choose_stamp_size(psfs)
         simulated = []
         for _ in range(corrections):
             image, _ = simulate_starfield(shape, prior=estimate.prior, psf=psfs,
