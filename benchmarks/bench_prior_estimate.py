@@ -15,8 +15,11 @@ mean near 0, rms near 1), and the fraction of fields within one stated error.
   fitted with the old fixed ``f_max=1e6`` (``--old-f-max``).
 * ``decam``: the training guide's Gaussian of FWHM 4 px, sky 500 e-, 0.02 stars/px
   from 350 e- to 1e6, index 0.6, 300 x 300 px.
-* ``sdss``: M2's r KL PSF (bundled ``sdss-m2``), sky 686 e-, 0.03 stars/px from 1000 to
-  1e6 e-, index 0.5, 200 x 200 px.
+* ``sdss``: M2's r KL PSF (bundled ``sdss-m2``), sky 686 e-, 0.06 stars/px from 250 to
+  1e6 e- (0.03 above 1000 e-), index 0.5, 200 x 200 px. Each sky's stars reach below
+  the ``f_min`` of the estimate, as a real sky's do (``estimate_prior`` assumes it);
+  ``sdss-gap`` is the same sky without its stars under 1000 e-, the case its docstring
+  warns of.
 
 Run (about 45 minutes on one core; ``--corrections 0 --old-f-max``, the estimates
 before the correction and with the old fixed ``f_max``, about 15)::
@@ -42,6 +45,7 @@ MARGIN = 8
 
 def skies():
     """name -> (PSF, sky e-/px, prior of the sky's stars, image side)."""
+    sdss_psf = StarNetDeblender.pretrained("sdss-m2").psfs[0]
     return {
         "new-user": (MoffatPSF(alpha=3.0, beta=2.367), 300.0,
                      StarFieldPrior(mu=0.05, f_min=300.0, f_max=1e5, alpha=1.0,
@@ -49,9 +53,12 @@ def skies():
         "decam": (CircularGaussianPRF(fwhm=4.0), 500.0,
                   StarFieldPrior(mu=0.02, f_min=350.0, f_max=1e6, alpha=0.6,
                                  bands=["r"]), 300),
-        "sdss": (StarNetDeblender.pretrained("sdss-m2").psfs[0], 686.0,
-                 StarFieldPrior(mu=0.03, f_min=1000.0, f_max=1e6, alpha=0.5,
+        "sdss": (sdss_psf, 686.0,
+                 StarFieldPrior(mu=0.06, f_min=250.0, f_max=1e6, alpha=0.5,
                                 bands=["r"]), 200),
+        "sdss-gap": (sdss_psf, 686.0,
+                     StarFieldPrior(mu=0.03, f_min=1000.0, f_max=1e6, alpha=0.5,
+                                    bands=["r"]), 200),
     }
 
 
@@ -85,7 +92,8 @@ def summary(name, values, errors, truth):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-fields", type=int, default=20)
-    parser.add_argument("--skies", nargs="+", default=list(skies()))
+    parser.add_argument("--skies", nargs="+", default=["new-user", "decam", "sdss"],
+                        choices=list(skies()))
     parser.add_argument("--old-f-max", action="store_true",
                         help="also fit the new-user fields with f_max=1e6")
     parser.add_argument("--corrections", type=int, default=3,

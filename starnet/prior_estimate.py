@@ -31,7 +31,8 @@ class PriorEstimate:
         Flux (electrons, reference band) above which detection was taken to be complete.
     alpha_err, mu_err : float
         Standard errors of the fitted ``alpha`` and ``mu`` (from the Fisher information
-        of ``alpha`` and the Poisson error of ``n_bright``).
+        of ``alpha`` and the Poisson error of ``n_bright``, and the error of the bias
+        correction when there is one).
     """
 
     prior: StarFieldPrior
@@ -132,8 +133,8 @@ def estimate_prior(nddata, *, f_min, f_max=None, complete_above=None, threshold=
     ...                               seed=1)
     >>> estimate = estimate_prior(image, f_min=700.0)
     >>> print(f"mu {estimate.prior.mu:.4f} +- {estimate.mu_err:.4f}, "
-    ...       f"alpha {estimate.prior.alpha:.2f} +- {estimate.alpha_err:.2f}")
-    mu 0.0095 +- 0.0010, alpha 0.57 +- 0.06
+    ...       f"alpha {estimate.prior.alpha:.1f} +- {estimate.alpha_err:.2f}")
+    mu 0.0094 +- 0.0012, alpha 0.6 +- 0.07
     """
     meta = check_image_meta(nddata)
     bands = list(meta["bands"])
@@ -163,15 +164,33 @@ def estimate_prior(nddata, *, f_min, f_max=None, complete_above=None, threshold=
             image, _ = simulate_starfield(shape, prior=estimate.prior, psf=psfs,
                                           background=background, noise="poisson",
                                           margin=margin, stamp_size=stamp_size, seed=rng)
-            simulated.append(_fit_bright(image, bands, psfs[0], f_min,
-                                         estimate.prior.f_max, complete_above, threshold))
-        ratio = np.mean([fit.prior.mu for fit in simulated]) / estimate.prior.mu
-        shift = np.mean([fit.prior.alpha for fit in simulated]) - estimate.prior.alpha
-        prior = estimate.prior
-        estimate = dataclasses.replace(estimate, prior=StarFieldPrior(
-            mu=prior.mu / ratio, f_min=f_min, f_max=prior.f_max,
-            alpha=max(prior.alpha - shift, 1e-3), bands=bands), mu_err=estimate.mu_err / ratio)
+            # the same estimator as the image's: f_max fitted unless it was given
+            simulated.append(_fit_bright(image, bands, psfs[0], f_min, f_max,
+                                         complete_above, threshold))
+        estimate = _corrected(estimate, simulated)
     return estimate
+
+
+def _corrected(estimate, simulated):
+    """``estimate`` less the bias of the fits of images simulated from it.
+
+    ``mu`` is divided by the ratio of the simulated fits' mean to ``estimate``'s, and
+    ``alpha`` moved by their difference; the errors add the correction's own (the
+    simulated fits' errors over the square root of their number).
+    """
+    prior, n = estimate.prior, len(simulated)
+    mu_sims = np.array([fit.prior.mu for fit in simulated])
+    ratio = mu_sims.mean() / prior.mu
+    shift = np.mean([fit.prior.alpha for fit in simulated]) - prior.alpha
+    mu = prior.mu / ratio
+    relative_mu_err = np.sqrt((estimate.mu_err / prior.mu) ** 2
+                              + np.mean(([fit.mu_err for fit in simulated] / mu_sims) ** 2) / n)
+    alpha_err = np.sqrt(estimate.alpha_err ** 2
+                        + np.mean([fit.alpha_err ** 2 for fit in simulated]) / n)
+    corrected = StarFieldPrior(mu=mu, f_min=prior.f_min, f_max=prior.f_max,
+                               alpha=max(prior.alpha - shift, 1e-3), bands=prior.bands)
+    return dataclasses.replace(estimate, prior=corrected, mu_err=float(mu * relative_mu_err),
+                               alpha_err=float(alpha_err))
 
 
 def _fit_bright(nddata, bands, psf, f_min, f_max, complete_above, threshold):
