@@ -11,7 +11,7 @@ from photutils.psf import CircularGaussianPRF, MoffatPSF
 from starnet import StarFieldPrior, simulate_starfield
 from starnet.baselines.daophot import _pixel_integrated
 from starnet.psf import psf_fwhm
-from starnet.prior_estimate import estimate_prior, flux_noise
+from starnet.prior_estimate import PriorEstimate, _corrected, estimate_prior, flux_noise
 
 PSF = CircularGaussianPRF(fwhm=4.0)
 TRUTH = StarFieldPrior(mu=0.01, f_min=700.0, alpha=0.6, bands=["r"])
@@ -55,6 +55,30 @@ def test_simulated_bias_correction_removes_the_crowding_bias():
     assert abs(corrected.prior.alpha - 1.0) < corrected.alpha_err
     assert abs(corrected.prior.mu - true_mu) < corrected.mu_err
     assert corrected.prior.f_max == pytest.approx(1e5, rel=0.3)
+
+
+def _estimate(mu, mu_err, alpha, alpha_err):
+    prior = StarFieldPrior(mu=mu, f_min=300.0, f_max=1e5, alpha=alpha, bands=["r"])
+    return PriorEstimate(prior=prior, n_bright=100, complete_above=3000.0,
+                         alpha_err=alpha_err, mu_err=mu_err)
+
+
+def test_correction_removes_the_simulated_bias_and_adds_its_error():
+    """The bootstrap correction: ``mu`` divided by the simulated fits' mean over the
+    estimate they came from, ``alpha`` moved by the difference, and the correction's
+    own error (the simulated fits' over the square root of their number) added in
+    quadrature; fits that reproduce the estimate leave it where it is."""
+    observed = _estimate(0.02, 0.002, 0.6, 0.03)
+    simulated = [_estimate(0.021, 0.0021, 0.62, 0.04), _estimate(0.023, 0.0023, 0.64, 0.02)]
+    corrected = _corrected(observed, simulated)
+    assert corrected.prior.mu == pytest.approx(0.02 / 1.1)
+    assert corrected.prior.alpha == pytest.approx(0.57)
+    assert corrected.mu_err / corrected.prior.mu == pytest.approx(np.sqrt(0.1 ** 2 + 0.1 ** 2 / 2))
+    assert corrected.alpha_err == pytest.approx(np.sqrt(0.03 ** 2 + (0.04 ** 2 + 0.02 ** 2) / 4))
+    assert corrected.prior.f_max == 1e5 and corrected.n_bright == 100
+    unbiased = _corrected(observed, [_estimate(0.019, 0.002, 0.58, 0.03),
+                                     _estimate(0.021, 0.002, 0.62, 0.03)])
+    assert unbiased.prior.mu == pytest.approx(0.02) and unbiased.prior.alpha == pytest.approx(0.6)
 
 
 def test_flux_noise_of_a_wide_gaussian_is_the_analytic_value():
