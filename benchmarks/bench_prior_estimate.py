@@ -21,8 +21,9 @@ mean near 0, rms near 1), and the fraction of fields within one stated error.
   ``sdss-gap`` is the same sky without its stars under 1000 e-, the case its docstring
   warns of.
 
-Run (about 45 minutes on one core; ``--corrections 0 --old-f-max``, the estimates
-before the correction and with the old fixed ``f_max``, about 15)::
+Run (about 75 minutes on one core beside another job; ``--corrections 0
+--old-f-max``, the estimates before the correction and with the old fixed ``f_max``,
+about 20)::
 
     python benchmarks/bench_prior_estimate.py --n-fields 20
 """
