@@ -46,9 +46,9 @@ def evaluate_on_simulations(deblender, *, n_images=20, shape=(100, 100), seed=0,
     n_images : int, optional
     shape : tuple of int, optional
         ``(rows, cols)`` of the images.
-    seed : int, optional
+    seed : int, `numpy.random.Generator` or None, optional
         Image ``k`` is simulated with seed ``seed + k`` (the same catalogs for every
-        ``background_factor``).
+        ``background_factor``); a generator or None draws the first seed.
     margin : float, optional
     levels : sequence of float, optional
         Nominal levels of the central intervals of the star count.
@@ -79,12 +79,13 @@ def evaluate_on_simulations(deblender, *, n_images=20, shape=(100, 100), seed=0,
     else:
         psfs = list(psf) if isinstance(psf, (list, tuple)) else [psf] * len(deblender.bands)
         renderer = StarFieldRenderer(psfs, stamp_size=deblender.stamp_size)
-    rng = np.random.default_rng(_seed_int(seed))
+    first_seed = _seed_int(seed)
+    rng = np.random.default_rng(first_seed)
     rows, pits, n_included = [], [], 0
     for k in range(n_images):
         image, truth = simulate_starfield(
             shape, prior=deblender.prior, psf=renderer.psfs, renderer=renderer,
-            background=deblender.background * background_factor, seed=seed + k,
+            background=deblender.background * background_factor, seed=first_seed + k,
             margin=margin, stamp_size=deblender.stamp_size)
         inside = ((truth["x"] >= -0.5) & (truth["x"] < shape[1] - 0.5)
                   & (truth["y"] >= -0.5) & (truth["y"] < shape[0] - 0.5))

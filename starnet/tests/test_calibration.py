@@ -163,6 +163,21 @@ def test_bundled_model_count_calibration_as_documented():
     assert abs(coverage.meta["relative_bias"] - DOCS_BIAS) < 3 * error
 
 
+def test_simulations_seeded_by_a_generator_repeat_with_its_state():
+    """A numpy Generator seeds the simulations as an int does: the same state gives the
+    same images and PITs, another state other images."""
+    deblender = StarNetDeblender.pretrained("sdss-m2")
+
+    def run(seed):
+        return evaluate_on_simulations(deblender, n_images=2, shape=(24, 24), seed=seed)
+
+    first, again = run(np.random.default_rng(5)), run(np.random.default_rng(5))
+    assert list(first["n_true"]) == list(again["n_true"])
+    assert list(first["count_pit"]) == list(again["count_pit"])
+    other = [run(np.random.default_rng(6)), run(None)]
+    assert all(list(o["n_stars_mean"]) != list(first["n_stars_mean"]) for o in other)
+
+
 def _draws_around(truth, n_draws, sd, flux_sd, found, rng):
     """Draws of a catalog: each true star (where ``found[star, draw]``) at its position
     plus Normal(0, sd) and its flux times a log-normal factor, plus a star far away."""
