@@ -20,6 +20,7 @@ and `model_path` find their files (`~starnet.StarNetDeblender.pretrained`,
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from astropy.table import QTable
 
 from . import __version__
@@ -118,9 +119,9 @@ def restore_deblender(deblender, metadata, state):
         deblender.background_encoder.load_state_dict(state["background_weights"])
         zero_negligible_weights(deblender.background_encoder)
         deblender.background_encoder.eval()
-        deblender.background_history = QTable(options["history"])
+        deblender.background_history = _lists_to_table(options["history"])
     if metadata["training_history"] is not None:
-        deblender.training_history = QTable(metadata["training_history"])
+        deblender.training_history = _lists_to_table(metadata["training_history"])
 
 
 def bundled_models():
@@ -186,6 +187,20 @@ def model_path(model):
                             f"pretrained model (pretrained: {available})")
 
 
+# history columns that count things: whole numbers, also in files that stored them as floats
+_COUNT_COLUMNS = ("epoch", "steps", "dropped_stars")
+
+
 def _table_to_lists(table):
-    """A table of numbers as a JSON-ready dict of lists of floats, column by column."""
-    return {name: [float(v) for v in table[name]] for name in table.colnames}
+    """A table of numbers as a JSON-ready dict of lists (ints stay ints), column by column."""
+    return {name: [v.item() if isinstance(v, np.generic) else v for v in table[name]]
+            for name in table.colnames}
+
+
+def _lists_to_table(columns):
+    """The history table of `_table_to_lists`'s dict, with whole-number counts as ints."""
+    table = QTable(columns)
+    for name in _COUNT_COLUMNS:
+        if name in table.colnames and np.all(np.mod(table[name], 1) == 0):
+            table[name] = np.asarray(table[name], dtype=np.int64)
+    return table

@@ -5,6 +5,7 @@ import sys
 import zipfile
 from importlib import resources
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,6 +189,19 @@ def test_resume_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     tiny_deblender().save(path)
     with pytest.raises(ValueError, match='is not a starnet training checkpoint'):
         tiny_deblender().fit(n_epochs=1, checkpoint=path, **FIT)
+
+
+def test_training_history_survives_save_and_load(tmp_path):
+    """The history read back equals the fitted one, its counts still whole numbers."""
+    deblender = tiny_deblender(seed=4)
+    history = deblender.fit(n_epochs=2, **FIT)
+    deblender.save(tmp_path / 'model.pt')
+    loaded = StarNetDeblender.load(tmp_path / 'model.pt').training_history
+    assert loaded.colnames == history.colnames
+    for name in history.colnames:
+        np.testing.assert_array_equal(loaded[name], history[name])
+    assert loaded['epoch'].tolist() == [1, 2] and loaded['epoch'].dtype.kind == 'i'
+    assert loaded['steps'].dtype.kind == 'i'
 
 
 # ------------------------------------------------------------ verified loading
