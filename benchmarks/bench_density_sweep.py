@@ -1,6 +1,7 @@
 """Count calibration and F1 across star densities, on fields rendered by photutils.
 
-Fields are drawn from the M2 prior (Pareto index 0.5 above 1000 e-, r and i) at each
+Fields are drawn from the M2 prior (Pareto index 0.5 from 1000 e- to ``--f-max``, 1e6
+by default, r and i) at each
 density of ``--densities`` (stars per pixel), with stars in a 6-pixel margin too,
 rendered by photutils' ``make_model_image`` (not by starnet's renderer) through
 ``--psf`` over the M2 sky with Poisson noise, and catalogued with the background given.
@@ -83,6 +84,8 @@ def main(argv=None):
     parser.add_argument("--n-fields", type=int, default=100)
     parser.add_argument("--psf", default="m2")
     parser.add_argument("--told-scale", type=float, default=1.0)
+    parser.add_argument("--f-max", type=float, default=1e6,
+                        help="the fields' brightest flux, e- (default 1e6: the M2 prior)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -99,12 +102,12 @@ def main(argv=None):
         told = list(deblender.psfs) if args.told_scale == 1.0 else told
     rng = np.random.default_rng(args.seed)
     print(f"model {args.model}; fields rendered by photutils with PSF {args.psf!r}"
-          f" (told scale {args.told_scale}); background given; {args.n_fields} fields "
-          "per density")
+          f" (told scale {args.told_scale}); fluxes 1000 to {args.f_max:.0e} e-; background "
+          f"given; {args.n_fields} fields per density")
     print(f"{'stars/px':>8} {'size':>5} {'fields':>6} {'true N':>8} {'bias':>7} "
           f"{'90% cover':>10} {'F1':>6} {'s/field':>8}")
     for density in args.densities:
-        prior = StarFieldPrior(mu=density, f_min=1000.0, f_max=1e6, alpha=0.5,
+        prior = StarFieldPrior(mu=density, f_min=1000.0, f_max=args.f_max, alpha=0.5,
                                bands=("r", "i"))
         size = 100 if density * 100 * 100 >= 300 else 200
         estimates, truths, covered, f1s = [], [], 0, []
