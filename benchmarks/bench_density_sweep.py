@@ -1,10 +1,10 @@
 """Count calibration and F1 across star densities, on fields rendered by photutils.
 
 Fields are drawn from the M2 prior (Pareto index 0.5 from 1000 e- to ``--f-max``, 1e6
-by default, r and i) at each
-density of ``--densities`` (stars per pixel), with stars in a 6-pixel margin too,
-rendered by photutils' ``make_model_image`` (not by starnet's renderer) through
-``--psf`` over the M2 sky with Poisson noise, and catalogued with the background given.
+by default, r and i) at each density of ``--densities`` (stars per pixel), with stars
+in a 6-pixel margin too, rendered by photutils' ``make_model_image`` (not by starnet's
+renderer) through ``--psf`` over the M2 sky with Poisson noise, and catalogued with the
+background given.
 For each density the table gives the fields, the mean true count, the count bias of the
 posterior mean (sum over fields of the estimate minus the truth, over the truth), the
 fraction of fields whose 90 % count interval holds the truth (with its binomial

@@ -19,9 +19,8 @@ import numpy as np
 from photutils.detection import DAOStarFinder
 
 from starnet import StarNetDeblender
+from starnet.catalogs import decode_flags
 from starnet.datasets import load_sdss_frame
-
-SATURATED = 16      # the ``saturated`` bit of starnet.catalogs.CATALOG_FLAGS
 
 
 def main(argv=None):
@@ -46,7 +45,7 @@ def main(argv=None):
     deblender = StarNetDeblender.from_name_or_path(args.model)
     catalog = deblender(frame, progress=False, threads=args.threads)
     seconds = time.perf_counter() - started
-    flagged = (np.asarray(catalog["flags"]) & SATURATED) > 0
+    flagged = np.array(["saturated" in names for names in decode_flags(catalog["flags"])])
     fx, fy = np.asarray(catalog["x_fit"])[flagged], np.asarray(catalog["y_fit"])[flagged]
     print(f"model {args.model}: {len(catalog)} stars, N {catalog.meta['n_stars_mean']:.0f} "
           f"({catalog.meta['n_stars_q05']:.0f}, {catalog.meta['n_stars_q95']:.0f}), "
