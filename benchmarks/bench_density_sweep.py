@@ -15,7 +15,8 @@ Images are 100 x 100 where that holds at least 300 stars, else 200 x 200.
 N`` (the photoField power law of field N of run 2583 camcol 2, i resampled as the
 frames are) or ``moffat`` (alpha 3 in photutils' sense of the power index, FWHM 3.5 px,
 both bands). ``--told-scale`` tells the model a PSF whose FWHM is that many times the
-rendering one (a PSF-reading model only).
+rendering one (a PSF-reading model only). A model that reads the prior is told the
+fields' prior (its upper flux and Pareto index), or an upper flux of ``--told-f-max``.
 
 Run::
 
@@ -86,6 +87,9 @@ def main(argv=None):
     parser.add_argument("--told-scale", type=float, default=1.0)
     parser.add_argument("--f-max", type=float, default=1e6,
                         help="the fields' brightest flux, e- (default 1e6: the M2 prior)")
+    parser.add_argument("--told-f-max", type=float, default=None,
+                        help="the upper flux a prior-reading model is told (default: "
+                        "--f-max)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -102,13 +106,18 @@ def main(argv=None):
         told = list(deblender.psfs) if args.told_scale == 1.0 else told
     rng = np.random.default_rng(args.seed)
     print(f"model {args.model}; fields rendered by photutils with PSF {args.psf!r}"
-          f" (told scale {args.told_scale}); fluxes 1000 to {args.f_max:.0e} e-; background "
+          f" (told scale {args.told_scale}); fluxes 1000 to {args.f_max:.0e} e-"
+          f"{'' if args.told_f_max is None else f' (told {args.told_f_max:.0e})'}; background "
           f"given; {args.n_fields} fields per density")
     print(f"{'stars/px':>8} {'size':>5} {'fields':>6} {'true N':>8} {'bias':>7} "
           f"{'90% cover':>10} {'F1':>6} {'s/field':>8}")
     for density in args.densities:
         prior = StarFieldPrior(mu=density, f_min=1000.0, f_max=args.f_max, alpha=0.5,
                                bands=("r", "i"))
+        if deblender.encoder.prior_features:
+            deblender.prior = StarFieldPrior(mu=density, f_min=1000.0, alpha=0.5,
+                                             f_max=args.told_f_max or args.f_max,
+                                             bands=("r", "i"))
         size = 100 if density * 100 * 100 >= 300 else 200
         estimates, truths, covered, f1s = [], [], 0, []
         started = time.perf_counter()

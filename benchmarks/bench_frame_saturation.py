@@ -5,7 +5,8 @@ The whole SDSS frame of M2 (run 2583, camcol 2, field 136, r and i) with the fpM
 (default call, background fitted). DAOStarFinder's r peaks at or above ``--peak``
 electrons (sky included) are the candidates; for each the table says whether the fpM
 marks a saturated pixel within 3 px, and how far the nearest star flagged
-``saturated`` lies.
+``saturated`` lies. A model that reads the prior is told an upper flux of ``--f-max``
+(default: the model's prior).
 
 Run::
 
@@ -28,6 +29,8 @@ def main(argv=None):
     parser.add_argument("--model", default="sdss")
     parser.add_argument("--peak", type=float, default=205000.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--f-max", type=float, default=None,
+                        help="the upper flux told to a model that reads the prior, e-")
     args = parser.parse_args(argv)
 
     frame = load_sdss_frame(2583, 2, 136, psf="kl-grid",
@@ -43,14 +46,22 @@ def main(argv=None):
 
     started = time.perf_counter()
     deblender = StarNetDeblender.from_name_or_path(args.model)
+    if args.f_max is not None:
+        deblender.prior = deblender.prior.replace(f_max=args.f_max)
     catalog = deblender(frame, progress=False, threads=args.threads)
     seconds = time.perf_counter() - started
     flagged = np.array(["saturated" in names for names in decode_flags(catalog["flags"])])
     fx, fy = np.asarray(catalog["x_fit"])[flagged], np.asarray(catalog["y_fit"])[flagged]
-    print(f"model {args.model}: {len(catalog)} stars, N {catalog.meta['n_stars_mean']:.0f} "
+    print(f"model {args.model} (prior f_max {deblender.prior.f_max:.2g}): {len(catalog)} "
+          f"stars, N {catalog.meta['n_stars_mean']:.0f} "
           f"({catalog.meta['n_stars_q05']:.0f}, {catalog.meta['n_stars_q95']:.0f}), "
           f"{flagged.sum()} flagged saturated, {seconds:.0f} s")
 
+    flux = np.asarray(catalog["flux_r"].value)
+    edges = [3e5, 6e5, 1e6, 2e6, 4e6, np.inf]
+    counts = np.histogram(flux, edges)[0]
+    print(f"brightest r flux {flux.max():.3g} e-; stars per r flux bin "
+          + ", ".join(f"{lo:.0e}-{hi:.0e}: {n}" for lo, hi, n in zip(edges, edges[1:], counts)))
     any_satur = satur.any(0)
     marked = hit = 0
     print(f"{'x':>6} {'y':>6} {'peak e-':>9} {'fpM SATUR':>9} {'flagged star, px':>16}")

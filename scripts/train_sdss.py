@@ -11,6 +11,9 @@ density of stars. Training images draw
   random pixel fraction, as `starnet.datasets.load_sdss_frame` makes it; each rendered
   with a width error of up to ``--width-error`` that the encoder is not told;
 - a density log-uniform in ``--density-range`` with a gradient across the image;
+- a flux distribution: a Pareto index uniform in ``--alpha-range`` and an upper flux
+  log-uniform in ``--f-max-range``, both told to the encoder (which reads the prior: the
+  count of a crowded field follows the bright end of the prior, docs/sdss_model.rst);
 - saturation at a random full well with bleed trails, bad columns, cosmic rays and chip
   edges, masked;
 - the M2 sky times a factor in ``--background-range``.
@@ -20,6 +23,7 @@ Run (the command is recorded in the model's metadata; training resumes from
 
     python scripts/train_sdss.py --steps 60000 --output starnet/models/sdss.pt
 
+``--init`` starts from the weights of a model file (new inputs start at zero weight).
 ``--steps`` fixes the schedule (cosine decay of the rate over the steps); with
 ``--stop-after-minutes`` the run stops after the epoch that passes that time and a
 later run with the same arguments resumes the schedule where it stopped.
@@ -42,6 +46,7 @@ from starnet.datasets.sdss import resampled_psf
 from starnet.defects import FrameDefects
 from starnet.encoder import StarNetEncoder
 from starnet.psf import kl_psf_from_psfield, psf_fwhm
+from starnet.prior import PRIOR_FEATURES
 from starnet.psf_family import DESCRIPTOR_SIZE, PSFBank, photofield_psfs
 from starnet.training import SimulatedBatches, TrainingSettings, cosine_rate, train_encoder
 
@@ -96,7 +101,30 @@ def simulated_batches(args, prior, sky):
         prior, bank, sky, (args.image_size,) * 2, margin=6.0,
         background_range=tuple(args.background_range),
         density_range=tuple(args.density_range), density_gradient=args.density_gradient,
-        defects=None if args.no_defects else FrameDefects())
+        defects=None if args.no_defects else FrameDefects(),
+        f_max_range=tuple(args.f_max_range), alpha_range=tuple(args.alpha_range))
+
+
+def warm_start(encoder, path):
+    """Copy the weights of the model file ``path`` into ``encoder``: tensors of equal
+    shape whole; a first layer with fewer inputs into its leading input channels, the
+    others left at zero (so the new inputs enter as training needs them)."""
+    source = StarNetDeblender.load(path).encoder
+    encoder.log_flux_offset = source.log_flux_offset
+    state = source.state_dict()
+    own = encoder.state_dict()
+    for name, tensor in state.items():
+        target = own[name]
+        if target.shape == tensor.shape:
+            target.copy_(tensor)
+        elif target.ndim == 4 and target.shape[0] == tensor.shape[0] \
+                and target.shape[2:] == tensor.shape[2:] and target.shape[1] > tensor.shape[1]:
+            target.zero_()
+            target[:, :tensor.shape[1]] = tensor
+        else:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the encoder "
+                             f"{tuple(target.shape)}")
+    encoder.load_state_dict(own)
 
 
 def main(argv=None):
@@ -111,9 +139,14 @@ def main(argv=None):
     parser.add_argument("--tile-hidden", type=int, default=64)
     parser.add_argument("--context-cells", type=int, default=4,
                         help="tiles per side of the context cells (0: no context branch)")
-    parser.add_argument("--density-range", type=float, nargs=2, default=(0.001, 0.2))
+    parser.add_argument("--density-range", type=float, nargs=2, default=(0.001, 0.3))
     parser.add_argument("--density-gradient", type=float, default=1.0)
-    parser.add_argument("--f-max", type=float, default=1e7)
+    parser.add_argument("--f-max", type=float, default=1e6,
+                        help="the upper flux of the model's declared prior")
+    parser.add_argument("--f-max-range", type=float, nargs=2, default=(3e5, 2e7))
+    parser.add_argument("--alpha-range", type=float, nargs=2, default=(0.35, 0.75))
+    parser.add_argument("--init", default=None,
+                        help="a model file whose weights the training starts from")
     parser.add_argument("--background-range", type=float, nargs=2, default=(0.5, 2.0))
     parser.add_argument("--width-error", type=float, default=0.03)
     parser.add_argument("--n-kl", type=int, default=48)
@@ -138,7 +171,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     encoder = StarNetEncoder(n_bands=2, hidden=args.hidden, tile_hidden=args.tile_hidden,
                              mask_channel=True, psf_features=DESCRIPTOR_SIZE,
-                             context_cells=args.context_cells)
+                             prior_features=PRIOR_FEATURES, context_cells=args.context_cells)
+    if args.init and not Path(args.checkpoint).exists():
+        warm_start(encoder, args.init)
     settings = TrainingSettings(
         image_shape=(args.image_size,) * 2, batch_size=args.batch_size,
         batches_per_epoch=args.batches_per_epoch, n_steps=args.steps,
@@ -148,7 +183,9 @@ def main(argv=None):
     Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     description = {"script": "train_sdss", "encoder": encoder.config(),
                    "prior": prior.to_dict(), "bank_members": n_members,
-                   "width_error": args.width_error, "holdout_fields": held}
+                   "width_error": args.width_error, "holdout_fields": held,
+                   "f_max_range": list(args.f_max_range), "alpha_range": list(args.alpha_range),
+                   "density_range": list(args.density_range), "init": args.init}
     total_steps = args.steps
     while True:
         done = 0
@@ -197,7 +234,7 @@ def write_model_file(encoder, psfs, prior, sky, settings, history, provenance, p
     deblender = StarNetDeblender(
         prior=prior, psf=psfs, background=sky, tile_size=config["tile_size"],
         max_sources=config["max_sources"], hidden=config["hidden"],
-        tile_hidden=config["tile_hidden"], reads_psf=True, reads_mask=True,
+        tile_hidden=config["tile_hidden"], reads_psf=True, reads_mask=True, reads_prior=True,
         context_cells=config.get("context_cells", 0))
     deblender.encoder.load_state_dict(encoder.state_dict())
     deblender.encoder.log_flux_offset = encoder.log_flux_offset

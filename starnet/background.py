@@ -285,7 +285,7 @@ def fit_background(deblender, nddata, *, smoothing=None):
     # the given background's level is what we estimate; its shape we keep
     inputs = prepare_image(nddata, bands=deblender.bands, psfs=deblender.psfs,
                            stamp_size=deblender.stamp_size, encoder=deblender.encoder,
-                           checks=False)
+                           prior=deblender.prior, checks=False)
     image, given, read = inputs.image, inputs.background, inputs.meta
     del inputs
     nominal = torch.as_tensor(np.asarray(deblender.background, dtype=np.float32))

@@ -94,7 +94,8 @@ def evaluate_on_simulations(deblender, *, n_images=20, shape=(100, 100), seed=0,
         match = match_catalogs(catalog, truth, band=band)
         tiles, true_counts = _truth_tiles(deblender, truth, shape)
         inputs = prepare_image(image, bands=deblender.bands, psfs=deblender.psfs,
-                               stamp_size=deblender.stamp_size, encoder=deblender.encoder)
+                               stamp_size=deblender.stamp_size, encoder=deblender.encoder,
+                               prior=deblender.prior)
         chunks = chunk_tiles(inputs.shape, chunk_size=deblender.chunk_size,
                              tile_size=deblender.grid.tile_size)
         posterior, _ = modal(deblender.encoder,

@@ -80,6 +80,12 @@ background the model was trained with; on images larger than 256 pixels a factor
 that varies over 64 pixels), which on M2 lifts F1 from 0.47 to 0.57;
 --no-background-fit keeps the given background.
 
+A model that reads the prior (sdss) counts the faint stars of a crowded field from
+the bright ones through the prior's flux distribution: --f-max (the brightest flux a
+star of the field may have, electrons in the first band) and --alpha (its Pareto
+index) tell it the field's, within the range it was trained over (starnet describe
+shows its provenance); the model's prior otherwise.
+
 The catalog (columns as StarNetDeblender's: x_fit, y_fit, flux_<band>, mag_<band>,
 flags, ...) is written as ECSV (.ecsv) or FITS (.fits, .fit, .fits.gz). Its metadata
 hold the posterior of the number of stars, the date (UTC), the starnet version, the
@@ -163,6 +169,11 @@ def main(argv=None):
                          help="FITS image: electrons per nanomaggy per band, for "
                               "magnitudes 22.5 - 2.5 log10(flux / C) (default: "
                               "instrumental magnitudes)")
+    catalog.add_argument("--f-max", type=float, metavar="E",
+                         help="the prior's upper flux in electrons, for a model that reads "
+                              "the prior (default: the model's; see below)")
+    catalog.add_argument("--alpha", type=float, metavar="A",
+                         help="the prior's Pareto index, for a model that reads the prior")
     catalog.add_argument("--cutout", metavar="R0:R1,C0:C1",
                          help="catalog only these rows and columns of the image")
     catalog.add_argument("--no-background-fit", action="store_true",
@@ -249,6 +260,12 @@ def _catalog(parser, args):
         parser.error(f"--threads must be a positive number of threads; got {args.threads}")
     try:
         deblender = StarNetDeblender.from_name_or_path(args.model)
+        told = {key: value for key, value in (("f_max", args.f_max), ("alpha", args.alpha))
+                if value is not None}
+        if told and not deblender.encoder.prior_features:
+            raise ValueError(f"model {args.model} does not read the prior; --f-max and "
+                             "--alpha are for one that does (such as sdss)")
+        deblender.prior = deblender.prior.replace(**told)
         image = _read_image(args, deblender)
         table = deblender(image, background="given" if args.no_background_fit else None,
                           progress=not args.no_progress, threads=args.threads,

@@ -23,7 +23,7 @@ from .inference import chunk_tiles, count_pmfs, draw_catalogs, modal_catalog, pr
 from .model_files import describe_model, read_model
 from .model_io import (bundled_model_path, bundled_models, deblender_arguments, model_path,
                        restore_deblender, write_deblender)
-from .prior import StarFieldPrior, _seed_int
+from .prior import PRIOR_FEATURES, StarFieldPrior, _seed_int
 from .psf import as_psf, choose_stamp_size, psf_fwhm, psf_to_dict, stamp_light
 from .psf_family import DESCRIPTOR_SIZE, PSFBank
 from .simulate import StarFieldRenderer
@@ -79,6 +79,11 @@ class StarNetDeblender:
         ``meta['saturation']``), so that they widen the posterior instead of reading
         as empty sky; `fit` then adds saturated stars, bad columns, cosmic rays and
         edges to the training images (`starnet.defects.FrameDefects`).
+    reads_prior : bool, optional
+        The encoder is told the upper flux and Pareto index of ``prior``
+        (`starnet.prior.prior_descriptor`), so that one model counts the faint stars of a
+        crowded field under the flux distribution a user declares: change ``prior``
+        (within the family the model was trained over) and the posterior follows.
     context_cells : int, optional
         Side in tiles of the cells of the encoder's context branch, which tells each
         tile the density of stars around it (0: none; see
@@ -104,7 +109,7 @@ class StarNetDeblender:
     def __init__(self, *, prior, psf, background, tile_size=None, max_sources=3,
                  stamp_size=None,
                  hidden=32, tile_hidden=128, n_colors=1, reads_psf=False, reads_mask=False,
-                 context_cells=0, seed=0):
+                 reads_prior=False, context_cells=0, seed=0):
         self.prior = prior
         psfs = list(psf) if isinstance(psf, (list, tuple)) else [psf] * prior.n_bands
         if len(psfs) != prior.n_bands:
@@ -130,6 +135,7 @@ class StarNetDeblender:
                                           tile_hidden=tile_hidden, n_colors=n_colors,
                                           mask_channel=reads_mask,
                                           psf_features=DESCRIPTOR_SIZE if reads_psf else 0,
+                                          prior_features=PRIOR_FEATURES if reads_prior else 0,
                                           context_cells=context_cells)
         self.encoder.eval()
         self.training_settings = None
@@ -734,8 +740,20 @@ class StarNetDeblender:
 
     def _prepare(self, nddata):
         """The encoder's input (`starnet.inference.prepare_image`) of an image."""
+        if self.encoder.prior_features:
+            self._check_prior_family()
         return prepare_image(nddata, bands=self.bands, psfs=self.psfs,
-                             stamp_size=self.stamp_size, encoder=self.encoder)
+                             stamp_size=self.stamp_size, encoder=self.encoder, prior=self.prior)
+
+    def _check_prior_family(self):
+        """Warn when the prior told to a prior-reading encoder lies outside the family it
+        was trained over (``f_max_range``, ``alpha_range`` of its provenance)."""
+        for name, value in (("f_max", self.prior.f_max), ("alpha", self.prior.alpha)):
+            low, high = self.provenance.get(f"{name}_range", (value, value))
+            if not low * 0.999 <= value <= high * 1.001:
+                warnings.warn(f"the prior's {name} ({value:g}) is outside the range the "
+                              f"model was trained over ({low:g} to {high:g}); its posterior "
+                              "there is an extrapolation", UserWarning)
 
     def _chunks(self, inputs):
         """Side in tiles of the blocks in which ``inputs`` are encoded, or None."""

@@ -121,7 +121,7 @@ class StarNetEncoder(nn.Module):
     right too); training images are simulated with stars beyond their edges, so the
     network learns what edges look like.
 
-    Three optional inputs tell the network where it is:
+    Four optional inputs tell the network where it is:
 
     - ``mask_channel``: a mask of missing pixels (`normalize_image`), so that a masked
       or saturated pixel widens the posterior instead of reading as empty sky.
@@ -130,6 +130,10 @@ class StarNetEncoder(nn.Module):
       the first pixel layer's and the tile layer's channels (feature-wise linear
       modulation); one network then reads stars through any PSF of its training family,
       and a PSF that varies over a frame is a map.
+    - ``prior_features``: a descriptor of the flux distribution of the prior the image
+      is read under (`starnet.prior.prior_descriptor`: its upper flux and Pareto
+      index), which joins the PSF descriptor in the same modulation: the number of
+      faint stars that the visible ones imply in a crowded field follows it.
     - ``context_cells``: a coarse branch over cells of ``context_cells`` x
       ``context_cells`` tiles, from a cheap 1 x 1 pixel projection pooled (mean and
       maximum) per cell and three 3 x 3 convolutions between cells, added to the tile
@@ -165,6 +169,9 @@ class StarNetEncoder(nn.Module):
         Take a mask of missing pixels as input.
     psf_features : int
         Numbers per band of the PSF descriptor taken as input (0: none).
+    prior_features : int
+        Numbers of the prior descriptor taken as input (0: none;
+        `starnet.prior.PRIOR_FEATURES`).
     context_cells : int
         Side in tiles of the context branch's cells (0: no context branch; else >= 4).
     context_hidden : int
@@ -184,7 +191,7 @@ class StarNetEncoder(nn.Module):
 
     def __init__(self, *, n_bands, tile_size=2, max_sources=3, hidden=32, tile_hidden=128,
                  n_colors=1, log_flux_offset=math.log(3000.0), mask_channel=False,
-                 psf_features=0, context_cells=0, context_hidden=32):
+                 psf_features=0, prior_features=0, context_cells=0, context_hidden=32):
         super().__init__()
         if n_colors not in (1, 2, 4):
             raise ValueError(f"n_colors must be 1, 2 or 4, got {n_colors}")
@@ -198,6 +205,7 @@ class StarNetEncoder(nn.Module):
         self.log_flux_offset = log_flux_offset
         self.mask_channel = bool(mask_channel)
         self.psf_features = int(psf_features)
+        self.prior_features = int(prior_features)
         self.context_cells = int(context_cells)
         n_in = (3 if mask_channel else 2) * n_bands
         n_out = max_sources + 1 + self.n_slots * (4 + 2 * n_bands)
@@ -206,9 +214,10 @@ class StarNetEncoder(nn.Module):
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, tile_hidden, tile_size, stride=tile_size), nn.ReLU(inplace=True))
-        if self.psf_features:
+        if self.psf_features or self.prior_features:
             self.psf_embedding = nn.Sequential(
-                nn.Conv2d(n_bands * self.psf_features, 64, 1), nn.ReLU(inplace=True),
+                nn.Conv2d(n_bands * self.psf_features + self.prior_features, 64, 1),
+                nn.ReLU(inplace=True),
                 nn.Conv2d(64, 2 * (hidden + tile_hidden), 1))
             # start as the identity modulation: the PSF enters as training needs it
             nn.init.zeros_(self.psf_embedding[-1].weight)
@@ -247,6 +256,8 @@ class StarNetEncoder(nn.Module):
             config["mask_channel"] = True
         if self.psf_features:
             config["psf_features"] = self.psf_features
+        if self.prior_features:
+            config["prior_features"] = self.prior_features
         if self.context_cells:
             config.update(context_cells=self.context_cells,
                           context_hidden=self.context_layers[0].out_channels)
@@ -284,8 +295,8 @@ class StarNetEncoder(nn.Module):
             return 2 * (row % 2) + col % 2
         return (row + col) % self.n_colors
 
-    def forward(self, image, background, *, mask=None, psf=None, conditioning=None,
-                chunk_tiles=None, progress=None):
+    def forward(self, image, background, *, mask=None, psf=None, prior=None,
+                conditioning=None, chunk_tiles=None, progress=None):
         """Posterior of the catalogs of ``image`` (n_images, n_bands, rows, cols).
 
         ``conditioning`` (a `conditioning_map`) is required when ``n_colors`` > 1: it
@@ -308,6 +319,9 @@ class StarNetEncoder(nn.Module):
             PSF descriptors, shape (n_images, n_bands psf_features) for one PSF per image
             or (n_images, n_bands psf_features, tile_rows, tile_cols) for a map; required
             by an encoder with ``psf_features``.
+        prior : `torch.Tensor`, shape (n_images, prior_features), optional
+            Prior descriptors (`starnet.prior.prior_descriptor`); required by an encoder
+            with ``prior_features``.
         conditioning : `torch.Tensor`, optional
             `conditioning_map` of the decided tiles; required when ``n_colors`` > 1.
         chunk_tiles : int, optional
@@ -323,15 +337,17 @@ class StarNetEncoder(nn.Module):
             # the whole network block by block: neither the network's input nor the tile
             # features of a large image are held at once
             blocks = self.blocks(image, background, chunk_tiles, mask=mask, psf=psf,
-                                 progress=progress)
+                                 prior=prior, progress=progress)
             rows = [TiledPosterior.concatenate([q for _, _, q in row], dim=2)
                     for _, row in itertools.groupby(blocks, key=lambda block: block[0].start)]
             return TiledPosterior.concatenate(rows, dim=1)
-        features = self.features(image, background, mask=mask, psf=psf,
+        features = self.features(image, background, mask=mask, psf=psf, prior=prior,
                                  chunk_tiles=chunk_tiles, progress=progress)
         return self.tile_posterior(features, conditioning, chunk_tiles=chunk_tiles)
 
-    def _check_inputs(self, image, mask, psf):
+    def _check_inputs(self, image, mask, psf, prior):
+        """Check the inputs; return the modulation's input (the PSF descriptors and the
+        prior's, at tile resolution or 1 x 1), or None."""
         if image.ndim != 4 or image.shape[1] != self.n_bands:
             raise ValueError(f"expected images of shape (n_images, {self.n_bands}, rows, cols),"
                              f" got {tuple(image.shape)}")
@@ -351,7 +367,22 @@ class StarNetEncoder(nn.Module):
                                  f"{grid[0]}, {grid[1]}), got {tuple(psf.shape)}")
         elif psf is not None:
             raise ValueError("this encoder takes no PSF (it was built without psf_features)")
-        return psf
+        if not self.prior_features:
+            if prior is not None:
+                raise ValueError("this encoder takes no prior (it was built without "
+                                 "prior_features)")
+            return psf
+        n = self.prior_features
+        if prior is None or prior.ndim != 2 or prior.shape[1] != n \
+                or prior.shape[0] not in (1, image.shape[0]):
+            raise ValueError(f"this encoder reads the prior: give prior, shape (n_images, {n})"
+                             " (starnet.prior.prior_descriptor), got "
+                             f"{None if prior is None else tuple(prior.shape)}")
+        prior = prior.to(image.dtype)[..., None, None]
+        if psf is None:
+            return prior
+        shape = (max(psf.shape[0], prior.shape[0]), -1, *psf.shape[-2:])
+        return torch.cat([psf.expand(shape), prior.expand(shape[:1] + (n,) + shape[2:])], dim=1)
 
     def _input_window(self, image, background, mask, rows, cols):
         """The network's input on pixel rows ``rows`` and columns ``cols`` (``(start,
@@ -369,7 +400,7 @@ class StarNetEncoder(nn.Module):
     def _modulation(self, psf):
         """Scales and shifts of the pixel and tile layers from the PSF descriptors, at
         tile resolution (or 1 x 1); None for an encoder that does not read the PSF."""
-        if not self.psf_features:
+        if psf is None:
             return None
         hidden = self.pixel_layers[0].out_channels
         film = self.psf_embedding(psf)
@@ -405,7 +436,7 @@ class StarNetEncoder(nn.Module):
         n = self.context_cells
         return coarse.repeat_interleave(n, -2).repeat_interleave(n, -1)
 
-    def blocks(self, image, background, chunk_tiles=None, *, mask=None, psf=None,
+    def blocks(self, image, background, chunk_tiles=None, *, mask=None, psf=None, prior=None,
                progress=None):
         """The posterior of independent tiles (``n_colors`` = 1) block by block.
 
@@ -423,7 +454,7 @@ class StarNetEncoder(nn.Module):
             Electrons.
         chunk_tiles : int, optional
             Side of the blocks in tiles (default: one block for the whole grid).
-        mask, psf : `torch.Tensor`, optional
+        mask, psf, prior : `torch.Tensor`, optional
             As in `forward`.
         progress : callable, optional
             Called as ``progress(done, total)`` after each block.
@@ -438,7 +469,7 @@ class StarNetEncoder(nn.Module):
         if self.n_colors != 1:
             raise ValueError("a checkerboard encoder decides its tiles colour by colour over "
                              "the whole image; use features and decide")
-        psf = self._check_inputs(image, mask, psf)
+        psf = self._check_inputs(image, mask, psf, prior)
         size = self.tile_size
         n_rows, n_cols = -(-image.shape[-2] // size), -(-image.shape[-1] // size)
         chunk = max(n_rows, n_cols, 1) if chunk_tiles is None else int(chunk_tiles)
@@ -484,8 +515,8 @@ class StarNetEncoder(nn.Module):
         # the tile layers' reach of 2 tiles into the neighbouring cell (context_cells >= 4)
         return 4 * self.context_cells
 
-    def features(self, image, background, *, mask=None, psf=None, chunk_tiles=None,
-                 progress=None):
+    def features(self, image, background, *, mask=None, psf=None, prior=None,
+                 chunk_tiles=None, progress=None):
         """Tile-resolution features of the images (the part that sees pixels).
 
         Parameters
@@ -494,7 +525,7 @@ class StarNetEncoder(nn.Module):
             Electrons, background included.
         background : `torch.Tensor` broadcasting to ``image``
             Electrons.
-        mask, psf : `torch.Tensor`, optional
+        mask, psf, prior : `torch.Tensor`, optional
             As in `forward`.
         chunk_tiles : int, optional
             Compute in square blocks of this many tiles (same result, bounded memory).
@@ -505,7 +536,7 @@ class StarNetEncoder(nn.Module):
         -------
         `torch.Tensor`, shape (n_images, tile_hidden, tile_rows, tile_cols)
         """
-        psf = self._check_inputs(image, mask, psf)
+        psf = self._check_inputs(image, mask, psf, prior)
         size = self.tile_size
         shape = [n + -n % size for n in image.shape[-2:]]
         x = self._input_window(image, background, mask, (0, shape[0]), (0, shape[1]))

@@ -79,6 +79,10 @@ class EncoderInput:
     psf : `torch.Tensor`, optional
         The PSF descriptors of each band (`starnet.psf_family.image_descriptors`), for
         an encoder with ``psf_features``.
+    prior : `torch.Tensor`, shape (1, prior_features), optional
+        The descriptor of the prior the image is read under
+        (`starnet.prior.StarFieldPrior.descriptor`), for an encoder with
+        ``prior_features``.
     """
 
     image: torch.Tensor
@@ -86,11 +90,12 @@ class EncoderInput:
     meta: dict
     mask: torch.Tensor = None
     psf: torch.Tensor = None
+    prior: torch.Tensor = None
 
     @property
     def network_inputs(self):
         """The keyword arguments of the encoder beside the image and background."""
-        return {"mask": self.mask, "psf": self.psf}
+        return {"mask": self.mask, "psf": self.psf, "prior": self.prior}
 
     def to(self, device):
         """The same input with its tensors on ``device`` (the meta stays).
@@ -107,7 +112,7 @@ class EncoderInput:
             return self
         return EncoderInput(self.image.to(device), self.background.to(device), self.meta,
                             *(None if t is None else t.to(device)
-                              for t in (self.mask, self.psf)))
+                              for t in (self.mask, self.psf, self.prior)))
 
     @property
     def shape(self):
@@ -115,7 +120,7 @@ class EncoderInput:
         return tuple(self.image.shape[-2:])
 
 
-def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, checks=True):
+def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, prior=None, checks=True):
     """The encoder's input from an image, checked against the model.
 
     Parameters
@@ -133,6 +138,9 @@ def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, checks=True)
         missing pixels, one with ``psf_features`` the descriptors of the image's PSFs
         (`starnet.psf_family.image_descriptors`) instead of a check of them against the
         model's.
+    prior : `~starnet.StarFieldPrior`, optional
+        The prior the image is read under; required by an encoder with
+        ``prior_features``, which is told its descriptor.
     checks : bool, optional
         Check the pixels against the declared background
         (`starnet.validation.check_background`) and the image's PSFs against the
@@ -165,6 +173,15 @@ def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, checks=True)
                                 tile_size=encoder.tile_size)
     elif checks:
         check_psfs(image_psfs(nddata, len(bands)), psfs, bands=bands, stamp_size=stamp_size)
+    prior_inputs = None
+    if encoder is not None and encoder.prior_features:
+        if prior is None:
+            raise ValueError("this model reads the prior the image is read under: give "
+                             "prior (a StarFieldPrior)")
+        if list(prior.bands) != list(bands):
+            raise ValueError(f"the prior's bands {list(prior.bands)} are not the model's "
+                             f"{list(bands)}")
+        prior_inputs = prior.descriptor()
     saturated = None if image.saturated is None else image.saturated.any(axis=0)
     with warnings.catch_warnings():
         # the caller's arrays may be read-only; they are only read
@@ -175,7 +192,7 @@ def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, checks=True)
                     saturated_pixels=saturated if saturated is not None and saturated.any()
                     else None)
         return EncoderInput(torch.from_numpy(data)[None], torch.from_numpy(background)[None],
-                            meta, mask, psf)
+                            meta, mask, psf, prior_inputs)
 
 
 def check_psfs(psfs, model_psfs, *, bands, stamp_size):

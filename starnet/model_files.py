@@ -34,7 +34,7 @@ import torch
 from .background import BackgroundEncoder
 from .encoder import StarNetEncoder
 from .psf_family import DESCRIPTOR_SIZE
-from .prior import StarFieldPrior
+from .prior import PRIOR_FEATURES, StarFieldPrior
 from .psf import psf_from_dict, psf_to_dict
 from .training_settings import TrainingSettings
 
@@ -60,7 +60,7 @@ _OPTIONAL = ("psf_variants", "n_colors", "log_flux_offset", "provenance",
              "background_encoder", "encoder_inputs", "weights_sha256", "sha256")
 #: What an encoder reads beside the pixels (`encoder_inputs`), with the defaults of a
 #: model file without them.
-_INPUTS = {"reads_psf": False, "reads_mask": False, "context_cells": 0}
+_INPUTS = {"reads_psf": False, "reads_mask": False, "reads_prior": False, "context_cells": 0}
 
 
 def write_atomically(path, write, *, overwrite=True):
@@ -199,7 +199,10 @@ def describe_model(deblender):
         keys = ("prior", "psf", "background", "psf_variants", "tile_size", "max_sources",
                 "stamp_size", "hidden", "tile_hidden", "n_colors", "log_flux_offset",
                 "encoder_inputs")
-        return {key: metadata[key] for key in keys if key in metadata}
+        description = {key: metadata[key] for key in keys if key in metadata}
+        if "encoder_inputs" in description:     # with the defaults of inputs added since
+            description["encoder_inputs"] = read_encoder_inputs(metadata)
+        return description
     encoder = deblender.encoder
     description = {
         "prior": deblender.prior.to_dict(), "psf": [psf_to_dict(p) for p in deblender.psfs],
@@ -218,13 +221,14 @@ def describe_model(deblender):
 
 def encoder_inputs(encoder):
     """What ``encoder`` reads beside the pixels, as the `~starnet.StarNetDeblender`
-    arguments ``reads_psf``, ``reads_mask`` and ``context_cells``.
+    arguments ``reads_psf``, ``reads_mask``, ``reads_prior`` and ``context_cells``.
 
     Returns
     -------
     dict
     """
     return {"reads_psf": bool(encoder.psf_features), "reads_mask": encoder.mask_channel,
+            "reads_prior": bool(encoder.prior_features),
             "context_cells": encoder.context_cells}
 
 
@@ -520,7 +524,7 @@ def read_encoder_inputs(metadata):
     unknown = sorted(set(inputs) - set(_INPUTS))
     if unknown:
         raise ValueError(f"unknown encoder inputs {unknown}; expected some of {list(_INPUTS)}")
-    for key in ("reads_psf", "reads_mask"):
+    for key in ("reads_psf", "reads_mask", "reads_prior"):
         if not isinstance(inputs[key], bool):
             raise ValueError(f"encoder input {key!r} must be true or false, got {inputs[key]!r}")
     cells = inputs["context_cells"]
@@ -587,6 +591,7 @@ def _expected_shapes(path, metadata):
                 tile_hidden=sizes["tile_hidden"], n_colors=sizes["n_colors"],
                 mask_channel=inputs["reads_mask"],
                 psf_features=DESCRIPTOR_SIZE if inputs["reads_psf"] else 0,
+                prior_features=PRIOR_FEATURES if inputs["reads_prior"] else 0,
                 context_cells=inputs["context_cells"])}
             if options is not None:
                 networks["background_weights"] = BackgroundEncoder(

@@ -9,7 +9,41 @@ from astropy.table import QTable
 
 from .validation import check_seed
 
-__all__ = ["StarFieldPrior", "StarCatalogBatch"]
+__all__ = ["StarFieldPrior", "StarCatalogBatch", "PRIOR_FEATURES", "prior_descriptor"]
+
+#: Numbers of `prior_descriptor`: what an encoder that reads the prior is told of it.
+PRIOR_FEATURES = 2
+
+
+def prior_descriptor(f_max, alpha):
+    """What an encoder that reads the prior is told of the flux distribution it assumes.
+
+    The bright end of the Pareto flux distribution sets how many faint stars each
+    visible one implies, so a count in a crowded field follows it (docs/sdss_model.rst).
+    The descriptor is ``(log10(f_max) - 6, 4 (alpha - 0.5))``, of order one over the
+    priors of SDSS fields.
+
+    Parameters
+    ----------
+    f_max : float or `torch.Tensor`, shape (n_images,)
+        Largest flux of the reference band, electrons.
+    alpha : float or `torch.Tensor`, shape (n_images,)
+        Pareto index.
+
+    Returns
+    -------
+    `torch.Tensor`, shape (n_images, PRIOR_FEATURES) (n_images = 1 for numbers)
+
+    Examples
+    --------
+    >>> from starnet.prior import prior_descriptor
+    >>> prior_descriptor(1e6, 0.5)
+    tensor([[0., 0.]])
+    """
+    f_max = torch.as_tensor(f_max, dtype=torch.float64).reshape(-1)
+    alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1)
+    f_max, alpha = torch.broadcast_tensors(f_max, alpha)
+    return torch.stack([torch.log10(f_max) - 6.0, 4.0 * (alpha - 0.5)], dim=1).float()
 
 
 @dataclass
@@ -131,6 +165,10 @@ class StarFieldPrior:
         rows, cols = shape
         return self.mu * rows * cols
 
+    def descriptor(self):
+        """`prior_descriptor` of this prior's flux distribution, shape (1, PRIOR_FEATURES)."""
+        return prior_descriptor(self.f_max, self.alpha)
+
     def to_dict(self):
         """The prior's settings as a JSON-serialisable dictionary.
 
@@ -166,18 +204,32 @@ class StarFieldPrior:
         """
         return cls(**settings)
 
+    def replace(self, **changes):
+        """A copy of this prior with the keywords in ``changes`` changed.
+
+        Examples
+        --------
+        >>> from starnet import StarFieldPrior
+        >>> StarFieldPrior(bands=["r"]).replace(f_max=5e6).f_max
+        5000000.0
+        """
+        return StarFieldPrior(**dict(self.to_dict(), **changes))
+
     def __repr__(self):
         return (f"StarFieldPrior(mu={self.mu}, f_min={self.f_min}, f_max={self.f_max}, "
                 f"alpha={self.alpha}, color_mean={self.color_mean}, "
                 f"color_sd={self.color_sd}, bands={self.bands})")
 
-    def sample_fluxes(self, n, *, generator=None):
+    def sample_fluxes(self, n, *, f_max=None, alpha=None, generator=None):
         """Sample stars' fluxes in every band.
 
         Parameters
         ----------
         n : int
             Number of stars.
+        f_max, alpha : `torch.Tensor`, shape (n,), optional
+            Each star's upper flux and Pareto index in place of the prior's (training
+            over a family of priors draws one per image).
         generator : `torch.Generator`, optional
             Source of randomness.
 
@@ -188,8 +240,12 @@ class StarFieldPrior:
             ``10 ** (colour / 2.5)`` in the others.
         """
         uniform = torch.rand(n, generator=generator, dtype=torch.float64)
-        tail = 1.0 - (self.f_min / self.f_max) ** self.alpha
-        flux_ref = self.f_min * (1.0 - uniform * tail) ** (-1.0 / self.alpha)
+        f_max = torch.as_tensor(self.f_max if f_max is None else f_max, dtype=torch.float64)
+        alpha = torch.as_tensor(self.alpha if alpha is None else alpha, dtype=torch.float64)
+        if not bool(((f_max > self.f_min) & (alpha > 0)).all()):
+            raise ValueError(f"need f_max > f_min = {self.f_min} and alpha > 0")
+        tail = 1.0 - (self.f_min / f_max) ** alpha
+        flux_ref = self.f_min * (1.0 - uniform * tail) ** (-1.0 / alpha)
         normal = torch.randn(n, self.n_bands - 1, generator=generator, dtype=torch.float64)
         colors = (torch.tensor(self.color_mean, dtype=torch.float64)
                   + torch.tensor(self.color_sd, dtype=torch.float64) * normal)
@@ -240,7 +296,8 @@ class StarFieldPrior:
                 + np.log(2.5 / np.log(10.0)) - positive[..., 1:].log()).sum(dim=-1)
         return torch.where(inside, log_density, torch.tensor(-np.inf, dtype=torch.float64))
 
-    def sample_batch(self, n_images, shape, *, margin=0.0, mu=None, generator=None):
+    def sample_batch(self, n_images, shape, *, margin=0.0, mu=None, f_max=None, alpha=None,
+                     generator=None):
         """Sample a batch of catalogs as padded tensors (used for training).
 
         Parameters
@@ -256,6 +313,8 @@ class StarFieldPrior:
         mu : float or `torch.Tensor` of shape (n_images,), optional
             Stars per pixel of each catalog in place of the prior's ``mu`` (training
             over a range of densities draws one per image).
+        f_max, alpha : `torch.Tensor` of shape (n_images,), optional
+            Each catalog's upper flux and Pareto index in place of the prior's.
         generator : `torch.Generator`, optional
             Source of randomness.
 
@@ -274,7 +333,11 @@ class StarFieldPrior:
         max_stars = int(counts.max()) if n_images else 0
         mask = torch.arange(max_stars)[None, :] < counts[:, None]
         locs = low + extent * torch.rand(n_images, max_stars, 2, generator=generator)
-        fluxes = self.sample_fluxes(n_images * max_stars, generator=generator)
+        per_star = [None if v is None else torch.as_tensor(v, dtype=torch.float64)
+                    .expand(n_images)[:, None].expand(n_images, max_stars).reshape(-1)
+                    for v in (f_max, alpha)]
+        fluxes = self.sample_fluxes(n_images * max_stars, f_max=per_star[0],
+                                    alpha=per_star[1], generator=generator)
         fluxes = fluxes.reshape(n_images, max_stars, self.n_bands) * mask[..., None]
         return StarCatalogBatch(locs=locs * mask[..., None], fluxes=fluxes, mask=mask)
 

@@ -15,7 +15,7 @@ from .encoder import conditioning_map
 from .matching import match_catalogs
 from .posterior import count_distribution
 from .model_files import read_checkpoint, write_checkpoint
-from .prior import StarCatalogBatch, batch_to_table, catalog_table
+from .prior import StarCatalogBatch, batch_to_table, catalog_table, prior_descriptor
 from .progress import progress_bar
 from .psf_family import PSFBank
 from .simulate import add_noise
@@ -35,10 +35,13 @@ class TrainingBatch(NamedTuple):
     catalogs: StarCatalogBatch
     mask: torch.Tensor = None
     psf: torch.Tensor = None
+    prior: torch.Tensor = None
 
-    def encoder_inputs(self):
-        """Keyword arguments of the encoder beside the images and background."""
-        return {"mask": self.mask, "psf": self.psf}
+    def encoder_inputs(self, encoder):
+        """Keyword arguments of ``encoder`` beside the images and background (the prior
+        descriptors only for an encoder that reads them)."""
+        prior = self.prior if encoder.prior_features else None
+        return {"mask": self.mask, "psf": self.psf, "prior": prior}
 
 
 class SimulatedBatches:
@@ -76,11 +79,17 @@ class SimulatedBatches:
     defects : `~starnet.defects.FrameDefects`, optional
         Saturation, bad columns, cosmic rays and edges added to each image, with their
         mask (``TrainingBatch.mask``).
+    f_max_range, alpha_range : tuple of float, optional
+        Ranges from which each image's upper flux (log-uniformly) and Pareto index
+        (uniformly) are drawn in place of the prior's; each image's values are told to
+        an encoder that reads the prior (``TrainingBatch.prior``,
+        `starnet.prior.prior_descriptor`).
     """
 
     def __init__(self, prior, renderer, background, shape, *, margin=0.0,
                  background_range=(1.0, 1.0), variants=(), variant_range=(0.0, 0.0),
-                 density_range=None, density_gradient=0.0, defects=None):
+                 density_range=None, density_gradient=0.0, defects=None, f_max_range=None,
+                 alpha_range=None):
         self.prior = prior
         self.renderer = renderer
         self.background = torch.as_tensor(np.asarray(background, dtype=np.float32))
@@ -95,6 +104,13 @@ class SimulatedBatches:
             raise ValueError(f"density_gradient must be finite and >= 0, got {density_gradient}")
         self.density_gradient = float(density_gradient)
         self.defects = defects
+        self.f_max_range = (None if f_max_range is None
+                            else check_range(f_max_range, "f_max_range", positive=True))
+        self.alpha_range = (None if alpha_range is None
+                            else check_range(alpha_range, "alpha_range", positive=True))
+        if self.f_max_range is not None and self.f_max_range[0] <= prior.f_min:
+            raise ValueError(f"f_max_range must lie above the prior's f_min ({prior.f_min}), "
+                             f"got {f_max_range}")
         if isinstance(renderer, PSFBank) and self.variants:
             raise ValueError("a PSFBank renders its own width errors; give no PSF variants")
 
@@ -109,7 +125,17 @@ class SimulatedBatches:
             low, high = np.log(self.density_range)
             mu = torch.exp(low + (high - low) * torch.rand(n_images, generator=generator,
                                                            dtype=torch.float64))
-        catalogs = self._catalogs(n_images, mu, generator)
+        f_max = torch.full((n_images,), self.prior.f_max, dtype=torch.float64)
+        if self.f_max_range is not None:
+            low, high = np.log(self.f_max_range)
+            f_max = torch.exp(low + (high - low) * torch.rand(n_images, generator=generator,
+                                                              dtype=torch.float64))
+        alpha = torch.full((n_images,), self.prior.alpha, dtype=torch.float64)
+        if self.alpha_range is not None:
+            low, high = self.alpha_range
+            alpha = low + (high - low) * torch.rand(n_images, generator=generator,
+                                                    dtype=torch.float64)
+        catalogs = self._catalogs(n_images, mu, generator, f_max=f_max, alpha=alpha)
         psf = None
         if isinstance(self.renderer, PSFBank):
             members = torch.randint(len(self.renderer), (n_images,), generator=generator)
@@ -134,13 +160,16 @@ class SimulatedBatches:
         mask = None
         if self.defects is not None:
             images, mask = self.defects.apply(images, generator=generator)
-        return TrainingBatch(images, background, catalogs, mask, psf)
+        return TrainingBatch(images, background, catalogs, mask, psf,
+                             prior_descriptor(f_max, alpha))
 
-    def _catalogs(self, n_images, mu, generator):
-        """Catalogs at densities ``mu`` (None: the prior's), with a density gradient."""
+    def _catalogs(self, n_images, mu, generator, *, f_max=None, alpha=None):
+        """Catalogs at densities ``mu`` with upper fluxes ``f_max`` and Pareto indices
+        ``alpha`` (None: the prior's), with a density gradient."""
+        fluxes = {"f_max": f_max, "alpha": alpha}
         if not self.density_gradient:
             return self.prior.sample_batch(n_images, self.shape, margin=self.margin, mu=mu,
-                                           generator=generator)
+                                           generator=generator, **fluxes)
         rows, cols = self.shape
         strength = self.density_gradient / cols * torch.rand(n_images, generator=generator,
                                                              dtype=torch.float64)
@@ -155,7 +184,7 @@ class SimulatedBatches:
         base = torch.as_tensor(self.prior.mu if mu is None else mu, dtype=torch.float64)
         catalogs = self.prior.sample_batch(
             n_images, self.shape, margin=self.margin,
-            mu=base.expand(n_images) * torch.exp(peak) / mean, generator=generator)
+            mu=base.expand(n_images) * torch.exp(peak) / mean, generator=generator, **fluxes)
         centre = torch.tensor([(cols - 1) / 2, (rows - 1) / 2], dtype=torch.float64)
         log_rate = ((catalogs.locs.double() - centre) * slope[:, None, :]).sum(dim=-1)
         keep = torch.rand(catalogs.mask.shape, generator=generator, dtype=torch.float64) \
@@ -344,7 +373,7 @@ def _training_loss(encoder, batch, tiles, generator):
     other tiles are scored. The decided set never depends on the truth, so every
     conditional ``q(z_t | x, z_decided)`` is fitted by the forward KL.
     """
-    features = encoder.features(batch.images, batch.background, **batch.encoder_inputs())
+    features = encoder.features(batch.images, batch.background, **batch.encoder_inputs(encoder))
     if encoder.n_colors == 1:
         return -encoder.tile_posterior(features).log_prob(tiles).mean()
     first = torch.randint(encoder.n_colors, (batch.images.shape[0], 1, 1), generator=generator)
@@ -388,7 +417,7 @@ def _validate(encoder, grid, validation, bands):
     encoder.eval()
     images, catalogs = validation.images, validation.catalogs
     tiles = grid.to_tiles(catalogs.locs, catalogs.fluxes, catalogs.mask, images.shape[-2:])
-    features = encoder.features(images, validation.background, **validation.encoder_inputs())
+    features = encoder.features(images, validation.background, **validation.encoder_inputs(encoder))
     loss = -encoder.joint_log_prob(features, tiles).mean().item()
     _, mode = encoder.decide(features, lambda q: q.mode())
     locs, fluxes, mask = grid.from_tiles(mode)

@@ -157,6 +157,7 @@ def test_fits_cards_of_any_metadata():
     (["--background", "nan"], "--background must be positive numbers"),
     (["--background", str(SKY), "--nelec-per-nmgy", "0"],
      "--nelec-per-nmgy must be positive numbers"),
+    (["--background", str(SKY), "--f-max", "5e6"], "does not read the prior"),
 ])
 def test_catalog_bad_requests(model_path, tmp_path, capsys, extra, message):
     _image_file(tmp_path / "image.fits")

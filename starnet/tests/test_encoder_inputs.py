@@ -1,5 +1,6 @@
 """What an encoder reads beside the pixels: the image's PSFs (a map where they vary),
-its mask of missing pixels and saturation, through the deblender and its model file."""
+its mask of missing pixels and saturation, and the prior it is read under, through the
+deblender and its model file."""
 
 import warnings
 
@@ -31,10 +32,11 @@ def gridded(fwhms, xs, ys):
 
 @pytest.fixture(scope="module")
 def deblender():
-    """A small deblender that reads the PSF, the mask and its context, briefly trained."""
+    """A small deblender that reads the PSF, the mask, the prior and its context, briefly
+    trained."""
     model = StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
                              tile_hidden=16, stamp_size=15, reads_psf=True, reads_mask=True,
-                             context_cells=4)
+                             reads_prior=True, context_cells=4)
     model.psf_variants = [[WIDE]]
     model.fit(n_epochs=1, batches_per_epoch=3, batch_size=2, image_shape=(24, 24),
               n_validation=2, progress=False)
@@ -83,6 +85,37 @@ def test_the_encoder_reads_the_psf_it_is_told(deblender):
     with torch.no_grad():
         q_map = deblender.encoder(as_map.image, as_map.background, **as_map.network_inputs)
     torch.testing.assert_close(q_map.count_logits, q_narrow.count_logits, atol=5e-3, rtol=0)
+
+
+def test_the_encoder_reads_the_prior_it_is_told(deblender):
+    """The same pixels read under two upper fluxes give two posteriors; the prior must
+    be given, with the model's bands."""
+    image, _ = image_with(NARROW)
+    kwargs = dict(bands=["r"], psfs=[NARROW], stamp_size=15, encoder=deblender.encoder)
+    told = [prepare_image(image, prior=StarFieldPrior(mu=0.03, f_max=f_max, bands=["r"]),
+                          **kwargs) for f_max in (1e5, 1e7)]
+    assert told[0].prior.shape == (1, 2)
+    with torch.no_grad():
+        low, high = (deblender.encoder(t.image, t.background, **t.network_inputs)
+                     for t in told)
+    assert not torch.allclose(low.count_logits, high.count_logits)
+    with pytest.raises(ValueError, match="reads the prior"):
+        prepare_image(image, **kwargs)
+    with pytest.raises(ValueError, match="bands"):
+        prepare_image(image, prior=StarFieldPrior(bands=["i"]), **kwargs)
+
+
+def test_a_prior_outside_the_trained_family_is_warned_of(deblender, monkeypatch):
+    image, _ = image_with(NARROW)
+    monkeypatch.setattr(deblender, "provenance", {"f_max_range": [3e5, 2e7],
+                                                  "alpha_range": [0.35, 0.75]})
+    monkeypatch.setattr(deblender, "prior", PRIOR.replace(f_max=5e6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deblender._prepare(image)
+    monkeypatch.setattr(deblender, "prior", PRIOR.replace(f_max=1e8, alpha=0.5))
+    with pytest.warns(UserWarning, match=r"f_max \(1e\+08\) is outside .*\(300000 to 2e\+07\)"):
+        deblender._prepare(image)
 
 
 def test_blocks_equal_one_shot_with_a_psf_map_and_a_mask(deblender):
@@ -158,7 +191,7 @@ def test_the_model_file_records_the_inputs_and_loads_the_same_model(deblender, t
     deblender.save(path)
     metadata, _ = read_model(path)
     assert metadata["encoder_inputs"] == {"reads_psf": True, "reads_mask": True,
-                                          "context_cells": 4}
+                                          "reads_prior": True, "context_cells": 4}
     loaded = StarNetDeblender.load(path)
     assert loaded.encoder.config() == deblender.encoder.config()
     image, _ = image_with(WIDE, seed=5)

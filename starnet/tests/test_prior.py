@@ -219,3 +219,31 @@ def test_validation_errors():
         StarFieldPrior(bands=('r', 'i', 'r'))
     with pytest.raises(ValueError, match='non-empty'):
         StarFieldPrior(bands=())
+
+
+def test_per_image_upper_flux_and_index_give_each_catalog_its_pareto():
+    """Catalogs drawn with their own f_max and alpha: every flux stays below its
+    catalog's f_max, and each group of catalogs follows its truncated Pareto."""
+    prior = StarFieldPrior(f_min=1000.0, bands=('r',))
+    f_max = torch.tensor([1e5, 1e7] * 100, dtype=torch.float64)
+    alpha = torch.tensor([0.4, 0.8] * 100, dtype=torch.float64)
+    batch = prior.sample_batch(200, (20, 20), mu=0.25, f_max=f_max, alpha=alpha,
+                               generator=generator(7))
+    flux = batch.fluxes[..., 0].double()
+    assert bool((flux[batch.mask] <= (f_max[:, None].expand_as(flux)[batch.mask]) * 1.000001)
+                .all())
+    for k, (top, index) in enumerate([(1e5, 0.4), (1e7, 0.8)]):
+        fluxes = flux[k::2][batch.mask[k::2]].numpy()
+        assert stats.kstest(fluxes, truncated_pareto_cdf,
+                            args=(1000.0, top, index)).pvalue > P_MIN
+    with pytest.raises(ValueError, match='f_max > f_min'):
+        prior.sample_fluxes(3, f_max=torch.full((3,), 500.0))
+
+
+def test_prior_descriptor_is_zero_at_the_m2_prior_and_orders_the_bright_end():
+    from starnet.prior import PRIOR_FEATURES, prior_descriptor
+    m2 = StarFieldPrior()
+    assert m2.descriptor().shape == (1, PRIOR_FEATURES)
+    assert torch.equal(m2.descriptor(), torch.zeros(1, PRIOR_FEATURES))
+    both = prior_descriptor(torch.tensor([1e5, 1e7]), 0.75)
+    np.testing.assert_allclose(both.numpy(), [[-1.0, 1.0], [1.0, 1.0]], atol=1e-6)

@@ -228,3 +228,36 @@ def test_fit_trains_on_the_threads_it_is_given(monkeypatch):
     before = torch.get_num_threads()
     _budget_deblender().fit(n_steps=1, threads=1, compare_photutils=False, **SMALL_FIT)
     assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_prior_ranges_give_each_image_its_flux_distribution_and_tell_it():
+    """With f_max_range and alpha_range each image's fluxes stay below the upper flux
+    its descriptor tells, which spans the range log-uniformly; a fixed prior tells its
+    own descriptor; the descriptors reach only an encoder that reads them."""
+    from starnet.encoder import StarNetEncoder
+    from starnet.prior import PRIOR_FEATURES
+    batches = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, (16, 16), margin=2,
+                               density_range=(0.1, 0.3), f_max_range=(1e4, 1e7),
+                               alpha_range=(0.4, 0.8))
+    batch = batches.draw_batch(300, generator=torch.Generator().manual_seed(4))
+    assert batch.prior.shape == (300, PRIOR_FEATURES)
+    f_max = 10 ** (batch.prior[:, 0].double() + 6)
+    alpha = batch.prior[:, 1].double() / 4 + 0.5
+    assert 1e4 <= float(f_max.min()) < 2e4 and 5e6 < float(f_max.max()) <= 1e7 * 1.0001
+    assert abs(float(torch.log10(f_max).mean()) - 5.5) < 0.15       # log-uniform
+    assert 0.4 <= float(alpha.min()) and float(alpha.max()) <= 0.8
+    brightest = (batch.catalogs.fluxes[..., 0].double() * batch.catalogs.mask).amax(dim=1)
+    assert bool((brightest <= f_max * 1.0001).all())
+    # images told a low f_max hold fewer bright stars for their count
+    low = f_max < 1e5
+    assert float(brightest[low].median()) < float(brightest[~low].median())
+    fixed = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, (16, 16))
+    told = fixed.draw_batch(2, generator=torch.Generator().manual_seed(4)).prior
+    torch.testing.assert_close(told, PRIOR.descriptor().expand(2, -1))
+    plain = StarNetEncoder(n_bands=2, hidden=4, tile_hidden=8)
+    reading = StarNetEncoder(n_bands=2, hidden=4, tile_hidden=8,
+                             prior_features=PRIOR_FEATURES)
+    assert batch.encoder_inputs(plain)["prior"] is None
+    assert batch.encoder_inputs(reading)["prior"] is batch.prior
+    with pytest.raises(ValueError, match="f_max_range must lie above"):
+        SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, (16, 16), f_max_range=(500, 1e5))
