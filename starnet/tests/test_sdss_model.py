@@ -17,19 +17,19 @@ SKY = (686.0, 1123.0)
 MOFFAT = MoffatPSF(alpha=3.5 / (2 * np.sqrt(2 ** (1 / 3.0) - 1)), beta=3.0)   # FWHM 3.5 px
 
 
-def photutils_field(seed, *, size=200, density=0.01, margin=6):
-    """An M2-prior field rendered by photutils through a Moffat PSF: (NDData, true
-    number of stars inside the image)."""
-    rng = np.random.default_rng(seed)
+def photutils_field(rng, *, size=200, density=0.01, psfs=(MOFFAT, MOFFAT), margin=6):
+    """An M2-prior field rendered by photutils (by default through a Moffat PSF):
+    (NDData, true number of stars inside the image)."""
     prior = StarFieldPrior(mu=density, f_min=1000.0, f_max=1e6, alpha=0.5, bands=("r", "i"))
     n = rng.poisson(density * (size + 2 * margin) ** 2)
     x, y = (rng.uniform(-0.5 - margin, size - 0.5 + margin, n) for _ in range(2))
-    fluxes = prior.sample_fluxes(n, generator=torch.Generator().manual_seed(seed)).double()
+    generator = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
+    fluxes = prior.sample_fluxes(n, generator=generator).double().numpy()
     data = np.stack([rng.poisson(make_model_image(
-        (size, size), MOFFAT, QTable({"x_0": x, "y_0": y, "flux": fluxes[:, b].numpy()}),
-        model_shape=(25, 25)) + SKY[b]) for b in range(2)]).astype(np.float32)
+        (size, size), psf, QTable({"x_0": x, "y_0": y, "flux": fluxes[:, b]}),
+        model_shape=(25, 25)) + SKY[b]) for b, psf in enumerate(psfs)]).astype(np.float32)
     inside = (x > -0.5) & (x < size - 0.5) & (y > -0.5) & (y < size - 0.5)
-    image = NDData(data, unit="electron", meta={"bands": ["r", "i"], "psf": [MOFFAT] * 2,
+    image = NDData(data, unit="electron", meta={"bands": ["r", "i"], "psf": list(psfs),
                                                 "background": np.array(SKY)})
     return image, int(inside.sum())
 
@@ -42,10 +42,32 @@ def test_the_psf_reading_model_counts_stars_through_a_psf_it_never_saw(name, low
     deblender = StarNetDeblender.pretrained(name)
     estimated, true = 0.0, 0
     for seed in range(3):
-        image, n = photutils_field(seed)
+        image, n = photutils_field(np.random.default_rng(seed))
         # sdss-m2 says that the PSF differs from its own
         with pytest.warns(UserWarning) if name == "sdss-m2" else nullcontext():
             catalog = deblender(image, background="given", progress=False)
         estimated += catalog.meta["n_stars_mean"]
         true += n
     assert low < estimated / true - 1 < high
+
+
+# the 90 % count coverage of docs/sdss_model.rst (bench_density_sweep.py, 100 fields)
+DOCUMENTED_COVERAGE = {0.04: 0.93, 0.12: 0.55}
+
+
+@pytest.mark.parametrize("density", sorted(DOCUMENTED_COVERAGE))
+def test_the_count_interval_holds_its_documented_coverage(density):
+    """24 photutils-rendered M2 fields: the fraction whose 90 % count interval holds the
+    true count is within three binomial standard errors of the documented coverage."""
+    from starnet.datasets import load_m2
+    deblender = StarNetDeblender.pretrained("sdss")
+    psfs = load_m2()[0].meta["psf"]
+    rng = np.random.default_rng(1)
+    n_fields, held = 24, 0
+    for _ in range(n_fields):
+        image, n = photutils_field(rng, size=100, density=density, psfs=psfs)
+        catalog = deblender(image, background="given", progress=False)
+        held += catalog.meta["n_stars_q05"] <= n <= catalog.meta["n_stars_q95"]
+    documented = DOCUMENTED_COVERAGE[density]
+    error = np.sqrt(documented * (1 - documented) / n_fields)
+    assert abs(held / n_fields - documented) <= 3 * error + 1e-9
