@@ -219,7 +219,7 @@ class StarNetEncoder(nn.Module):
                 nn.Conv2d(n_bands * self.psf_features + self.prior_features, 64, 1),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(64, 2 * (hidden + tile_hidden), 1))
-            # start as the identity modulation: the PSF enters as training needs it
+            # start as the identity modulation: the PSF and prior enter as training needs it
             nn.init.zeros_(self.psf_embedding[-1].weight)
             nn.init.zeros_(self.psf_embedding[-1].bias)
         if self.context_cells:
@@ -397,13 +397,14 @@ class StarNetEncoder(nn.Module):
         x = F.pad(x, (0, cols[1] - cols[0] - x.shape[-1], 0, rows[1] - rows[0] - x.shape[-2]))
         return x.contiguous(memory_format=torch.channels_last)
 
-    def _modulation(self, psf):
-        """Scales and shifts of the pixel and tile layers from the PSF descriptors, at
-        tile resolution (or 1 x 1); None for an encoder that does not read the PSF."""
-        if psf is None:
+    def _modulation(self, descriptors):
+        """Scales and shifts of the pixel and tile layers from the PSF and prior
+        descriptors (`_check_inputs`), at tile resolution (or 1 x 1); None for an encoder
+        that reads neither."""
+        if descriptors is None:
             return None
         hidden = self.pixel_layers[0].out_channels
-        film = self.psf_embedding(psf)
+        film = self.psf_embedding(descriptors)
         return torch.split(film, [hidden, hidden, self.head.in_channels,
                                   self.head.in_channels], dim=1)
 
@@ -469,7 +470,7 @@ class StarNetEncoder(nn.Module):
         if self.n_colors != 1:
             raise ValueError("a checkerboard encoder decides its tiles colour by colour over "
                              "the whole image; use features and decide")
-        psf = self._check_inputs(image, mask, psf, prior)
+        descriptors = self._check_inputs(image, mask, psf, prior)
         size = self.tile_size
         n_rows, n_cols = -(-image.shape[-2] // size), -(-image.shape[-1] // size)
         chunk = max(n_rows, n_cols, 1) if chunk_tiles is None else int(chunk_tiles)
@@ -489,7 +490,8 @@ class StarNetEncoder(nn.Module):
                 w0, w1 = max(c0 - halo, 0), min(c1 + halo, n_cols)
                 x = self._input_window(image, background, mask, (h0 * size, h1 * size),
                                        (w0 * size, w1 * size))
-                film = self._modulation(None if psf is None else _window(psf, (h0, h1), (w0, w1)))
+                film = self._modulation(None if descriptors is None
+                                        else _window(descriptors, (h0, h1), (w0, w1)))
                 features = self._pixel_features(x, film)
                 if self.context_cells:
                     k0, k1 = max(r0 - context_halo, 0), min(r1 + context_halo, n_rows)
@@ -536,11 +538,11 @@ class StarNetEncoder(nn.Module):
         -------
         `torch.Tensor`, shape (n_images, tile_hidden, tile_rows, tile_cols)
         """
-        psf = self._check_inputs(image, mask, psf, prior)
+        descriptors = self._check_inputs(image, mask, psf, prior)
         size = self.tile_size
         shape = [n + -n % size for n in image.shape[-2:]]
         x = self._input_window(image, background, mask, (0, shape[0]), (0, shape[1]))
-        film = self._modulation(psf)
+        film = self._modulation(descriptors)
         if film is None or film[0].shape[-1] == 1:
             features = _chunked(lambda window: self._pixel_features(window, film), x,
                                 chunk_tiles, self._pixel_halo(), size, progress=progress)
