@@ -83,8 +83,9 @@ that varies over 64 pixels), which on M2 lifts F1 from 0.47 to 0.57;
 A model that reads the prior (sdss) counts the faint stars of a crowded field from
 the bright ones through the prior's flux distribution: --f-max (the brightest flux a
 star of the field may have, electrons in the first band) and --alpha (its Pareto
-index) tell it the field's, within the range it was trained over (starnet describe
-shows its provenance); the model's prior otherwise.
+index) tell it the field's, within the range it was trained over (f_max_range and
+alpha_range of StarNetDeblender.pretrained("sdss").provenance); the model's prior
+otherwise.
 
 The catalog (columns as StarNetDeblender's: x_fit, y_fit, flux_<band>, mag_<band>,
 flags, ...) is written as ECSV (.ecsv) or FITS (.fits, .fit, .fits.gz). Its metadata
