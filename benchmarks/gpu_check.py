@@ -11,18 +11,29 @@ prints
 - the best of ``--repeats`` calls on each device (the first call on the GPU also pays
   for moving the network and CUDA's start-up, so it is left out).
 
+Then training (``fit(device=)``) of the bundled ``sdss`` model's architecture, warm
+from its weights:
+
+- five steps on each device from the same seed (the same simulated images): their
+  losses must agree to 1e-3 relative;
+- ``--train-steps`` steps on each device (batches of 16 images of 64 x 64, as the
+  bundled model trained), with images per second; the model fitted on the GPU is
+  saved, loaded on the CPU and must catalog the 100 x 100 cut-out.
+
 It exits with status 1 if a catalog differs beyond float32 tolerance (positions
 1e-3 px, log fluxes 1e-3, mean count 1e-4 relative; a star whose count probabilities
-tie within rounding may differ), else 0.
+tie within rounding may differ) or the losses differ, else 0.
 
 Run::
 
-    python benchmarks/gpu_check.py [--repeats 3]
+    python benchmarks/gpu_check.py [--repeats 3] [--train-steps 200]
 """
 
 import argparse
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,9 +70,42 @@ def compare(cpu, gpu, band):
             "log flux": float(flux)}
 
 
+def fitted(device, n_steps, *, batches_per_epoch):
+    """The bundled sdss model after ``n_steps`` more steps on ``device``, and its history."""
+    deblender = StarNetDeblender.pretrained("sdss")
+    history = deblender.fit(n_steps=n_steps, batches_per_epoch=batches_per_epoch,
+                            batch_size=16, image_shape=(64, 64), learning_rate=1e-4,
+                            n_validation=16, progress=False, device=device)
+    return deblender, history
+
+
+def check_training(n_steps):
+    """Losses of the same five steps on each device, then throughput; True if they agree."""
+    losses = [float(fitted(device, 5, batches_per_epoch=5)[1]["train_loss"][0])
+              for device in ("cpu", "cuda")]
+    agree = abs(losses[1] / losses[0] - 1) < 1e-3
+    print(f"five steps from one seed: loss {losses[0]:.5f} (CPU), {losses[1]:.5f} (GPU)"
+          f"{'' if agree else '  DIFFERS'}")
+    print(f"{'device':>7} {'steps':>6} {'images/s':>9} {'val F1':>7}")
+    for device in ("cpu", "cuda"):
+        deblender, history = fitted(device, n_steps, batches_per_epoch=n_steps)
+        print(f"{device:>7} {n_steps:>6} {history['images_per_second'][-1]:9.1f} "
+              f"{history['val_f1'][-1]:7.3f}", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "gpu.pt"
+        deblender.save(path)
+        loaded = StarNetDeblender.load(path)
+    image = load_sdss_frame(2583, 2, 136, loaded.bands, cutout=CUTS["100 x 100"],
+                            psf="kl-grid")
+    print(f"fitted on the GPU, loaded on the CPU: {len(loaded(image, background='given', progress=False))} stars "
+          "in the 100 x 100 cut-out")
+    return agree
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=200)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("no CUDA GPU: this check runs where torch sees one")
@@ -87,6 +131,7 @@ def main(argv=None):
                   f"{difference['position']:10.2e} {difference['log flux']:10.2e} "
                   f"{count:9.1e} {cpu_seconds:8.3f} {gpu_seconds:8.3f}"
                   f"{'' if ok else '  DIFFERS'}", flush=True)
+    failed |= not check_training(args.train_steps)
     sys.exit(1 if failed else 0)
 
 

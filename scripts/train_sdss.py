@@ -108,10 +108,13 @@ def simulated_batches(args, prior, sky):
 def warm_start(encoder, path):
     """Copy the weights of the model file ``path`` into ``encoder``: tensors of equal
     shape whole; a first layer with fewer inputs into its leading input channels, the
-    others left at zero (so the new inputs enter as training needs them)."""
+    others left at zero (so the new inputs enter as training needs them). A wider
+    model is narrowed first (`narrowed_weights`)."""
     source = StarNetDeblender.load(path).encoder
     encoder.log_flux_offset = source.log_flux_offset
     state = source.state_dict()
+    if _widths(source) != _widths(encoder):
+        state = narrowed_weights(state, *_widths(source), *_widths(encoder))
     own = encoder.state_dict()
     for name, tensor in state.items():
         target = own[name]
@@ -125,6 +128,50 @@ def warm_start(encoder, path):
             raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the encoder "
                              f"{tuple(target.shape)}")
     encoder.load_state_dict(own)
+
+
+def _widths(encoder):
+    """``(hidden, tile_hidden)`` of ``encoder``."""
+    return encoder.config()["hidden"], encoder.config()["tile_hidden"]
+
+
+def narrowed_weights(state, hidden, tile_hidden, new_hidden, new_tile_hidden):
+    """The weights of an encoder (``state``) narrowed to ``new_hidden`` pixel and
+    ``new_tile_hidden`` tile channels, to fine-tune a leaner network from a trained one.
+
+    Each layer keeps the channels that carry most: the product of the norm of the
+    filter that makes a channel and of the weights that read it. The PSF and prior
+    modulation keeps the scales and shifts of the channels kept, and the context branch
+    its outputs onto the tile channels kept.
+    """
+    w = dict(state)
+    pixel, tile = "pixel_layers.", "tile_layers."
+
+    def keep(producer, consumer, n):
+        score = (w[producer].flatten(1).norm(dim=1)
+                 * w[consumer].transpose(0, 1).flatten(1).norm(dim=1))
+        return score.argsort(descending=True)[:n].sort().values
+
+    chain = [pixel + "0", pixel + "2", pixel + "4", pixel + "6", tile + "0", tile + "2",
+             tile + "4", "head"]
+    sizes = [new_hidden] * 3 + [new_tile_hidden] * 4
+    kept = [keep(chain[k] + ".weight", chain[k + 1] + ".weight", sizes[k])
+            for k in range(len(sizes))]
+    for k, layer in enumerate(chain):
+        rows = kept[k] if k < len(kept) else slice(None)
+        weight = w[layer + ".weight"][rows]
+        w[layer + ".weight"] = weight if k == 0 else weight[:, kept[k - 1]]
+        w[layer + ".bias"] = w[layer + ".bias"][rows]
+    first, tiles = kept[0], kept[3]
+    if "psf_embedding.2.weight" in w:      # scale and shift of layer 0's and layer 6's channels
+        rows = torch.cat([first, hidden + first, 2 * hidden + tiles,
+                          2 * hidden + tile_hidden + tiles])
+        for name in ("psf_embedding.2.weight", "psf_embedding.2.bias"):
+            w[name] = w[name][rows]
+    if "context_layers.6.weight" in w:
+        for name in ("context_layers.6.weight", "context_layers.6.bias"):
+            w[name] = w[name][tiles]
+    return w
 
 
 def main(argv=None):

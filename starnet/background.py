@@ -72,6 +72,8 @@ class BackgroundEncoder(nn.Module):
             nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1), nn.ReLU(),
             nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1), nn.ReLU(),
             nn.Conv2d(2 * hidden, 2, 1))
+        # channels-last convolutions are 2-3 times faster here on a CPU (oneDNN)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, image, nominal):
         """Mean and standard deviation of ``log s`` per cell, each (n_images, rows, cols).
@@ -82,7 +84,7 @@ class BackgroundEncoder(nn.Module):
         x = normalize_image(image, nominal)
         rows, cols = x.shape[-2:]
         x = F.pad(x, (0, -cols % self.cell_size, 0, -rows % self.cell_size))
-        out = self.layers(x)
+        out = self.layers(x.contiguous(memory_format=torch.channels_last))
         return out[:, 0], torch.exp(out[:, 1].clamp(-6, 2))
 
     def forward_in_strips(self, image, nominal, *, strip_cells=32):
@@ -284,8 +286,7 @@ def fit_background(deblender, nddata, *, smoothing=None):
         raise ValueError(f"smoothing must be a positive width in pixels, got {smoothing}")
     # the given background's level is what we estimate; its shape we keep
     inputs = prepare_image(nddata, bands=deblender.bands, psfs=deblender.psfs,
-                           stamp_size=deblender.stamp_size, encoder=deblender.encoder,
-                           prior=deblender.prior, checks=False)
+                           stamp_size=deblender.stamp_size, checks=False)
     image, given, read = inputs.image, inputs.background, inputs.meta
     del inputs
     nominal = torch.as_tensor(np.asarray(deblender.background, dtype=np.float32))

@@ -209,7 +209,7 @@ class StarNetDeblender:
 
     # ------------------------------------------------------------------ training
     def fit(self, *, settings=None, checkpoint=None, progress=True, threads=None,
-            compare_photutils=True, **kwargs):
+            device=None, compare_photutils=True, **kwargs):
         """Fit the encoder by the expected forward KL on images simulated from the model.
 
         The learning rate decays by a cosine from ``learning_rate`` to
@@ -234,6 +234,11 @@ class StarNetDeblender:
             CPU threads of torch; default: the cores other processes leave free when
             the fit starts (`starnet.threads.choose_threads`: on a 2-core machine with
             one core busy, one thread trains faster than two).
+        device : str or `torch.device`, optional
+            Where the network trains: ``'cpu'`` (the default), ``'cuda'`` for a GPU
+            (an error where torch sees none) or ``'auto'``. The images are simulated on
+            the CPU; the trained encoder is back on the CPU at the end, and a
+            checkpoint written on a GPU resumes on a CPU and the other way round.
         compare_photutils : bool, optional
             Catalog the validation images with photutils' DAOPHOT-like pipeline
             (`starnet.baselines.daophot_catalog`, detection thresholds of 3 and 8 sky
@@ -255,6 +260,7 @@ class StarNetDeblender:
             history = deblender.fit(max_time=120, n_epochs=1000, checkpoint="fit.ckpt")
             print(history["seconds"].sum(), history["val_f1"][-1])
         """
+        as_device(device)         # a missing GPU fails before anything is simulated
         settings = settings or TrainingSettings()
         unknown = [key for key in kwargs if not hasattr(settings, key)]
         if unknown:
@@ -269,7 +275,7 @@ class StarNetDeblender:
         with torch_threads(choose_threads(threads)):
             history = train_encoder(self.encoder, batches, settings, checkpoint=checkpoint,
                                     model_description=describe_model(self),
-                                    progress=progress, baselines=baselines)
+                                    progress=progress, baselines=baselines, device=device)
         self.training_settings = settings
         self.training_history = history
         return history
@@ -336,14 +342,18 @@ class StarNetDeblender:
             return SimulatedBatches(self.prior, bank, self.background, shape,
                                     margin=settings.margin,
                                     background_range=settings.background_range,
-                                    density_range=settings.density_range, defects=defects)
+                                    density_range=settings.density_range, defects=defects,
+                                    f_max_range=settings.f_max_range,
+                                    alpha_range=settings.alpha_range)
         variants = [StarFieldRenderer(psfs, stamp_size=self.stamp_size)
                     for psfs in self.psf_variants]
         return SimulatedBatches(self.prior, self._renderer(), self.background, shape,
                                 margin=settings.margin,
                                 background_range=settings.background_range,
                                 variants=variants, variant_range=settings.psf_variant_range,
-                                density_range=settings.density_range, defects=defects)
+                                density_range=settings.density_range, defects=defects,
+                                f_max_range=settings.f_max_range,
+                                alpha_range=settings.alpha_range)
 
     # --------------------------------------------------------------- persistence
     def save(self, path, *, overwrite=False):
@@ -747,9 +757,12 @@ class StarNetDeblender:
 
     def _check_prior_family(self):
         """Warn when the prior told to a prior-reading encoder lies outside the family it
-        was trained over (``f_max_range``, ``alpha_range`` of its provenance)."""
+        was trained over (``f_max_range``, ``alpha_range`` of its training settings, or
+        of its provenance for a model trained by a script)."""
+        settings = self.training_settings
         for name, value in (("f_max", self.prior.f_max), ("alpha", self.prior.alpha)):
-            low, high = self.provenance.get(f"{name}_range", (value, value))
+            trained = None if settings is None else getattr(settings, f"{name}_range")
+            low, high = trained or self.provenance.get(f"{name}_range", (value, value))
             if not low * 0.999 <= value <= high * 1.001:
                 warnings.warn(f"the prior's {name} ({value:g}) is outside the range the "
                               f"model was trained over ({low:g} to {high:g}); its posterior "

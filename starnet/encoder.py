@@ -45,13 +45,21 @@ def normalize_image(image, background, mask=None):
     (torch.Size([1, 3, 1, 2]), [0.0, 0.0, 1.0])
     """
     excess = image - background
-    channels = torch.cat([torch.asinh(excess / background.sqrt()),
+    channels = torch.cat([_asinh(excess / background.sqrt()),
                           torch.log1p(excess.clamp(min=0)) / 5], dim=1)
     if mask is None:
         return channels
     mask = torch.as_tensor(mask, dtype=torch.bool).expand_as(image)
     channels = channels.masked_fill(torch.cat([mask, mask], dim=1), 0.0)
     return torch.cat([channels, mask.to(channels.dtype)], dim=1)
+
+
+def _asinh(z):
+    """``asinh(z)`` (to float32 rounding) as ``log1p(m + m^2 / (1 + sqrt(1 + m^2)))``
+    with ``m = |z|`` and its sign: 2-3 times faster than `torch.asinh` on a CPU, exact
+    for small ``z`` and without overflow (``m`` capped at 1e30)."""
+    m = z.abs().clamp(max=1e30)
+    return torch.copysign(torch.log1p(m + m * (m / (1 + torch.hypot(m, m.new_ones(()))))), z)
 
 
 def conditioning_map(tiles, decided, log_flux_offset):
@@ -75,7 +83,7 @@ def conditioning_map(tiles, decided, log_flux_offset):
         ``channels = 2 + max_sources (4 + n_bands)`` (`conditioning_channels`).
     """
     max_sources = tiles.locs.shape[-2]
-    present = torch.arange(max_sources) < tiles.counts[..., None]
+    present = torch.arange(max_sources, device=tiles.counts.device) < tiles.counts[..., None]
     # brightest first, as in the training targets (a posterior draw's slots are unordered)
     brightness = torch.where(present, tiles.fluxes[..., 0], -1.0)
     order = torch.argsort(brightness, dim=-1, descending=True)
@@ -276,21 +284,23 @@ class StarNetEncoder(nn.Module):
             return self.receptive_field
         return (2 * self._context_halo() + 1) * self.tile_size
 
-    def tile_colors(self, grid_shape):
+    def tile_colors(self, grid_shape, device=None):
         """Checkerboard colour of each tile, shape ``grid_shape``.
 
         Parameters
         ----------
         grid_shape : tuple of int
             ``(tile_rows, tile_cols)``.
+        device : str or `torch.device`, optional
+            Where the result lives (default: the CPU).
 
         Returns
         -------
         `torch.Tensor` of int64, shape (tile_rows, tile_cols)
             Colour ``0 .. n_colors - 1`` of each tile.
         """
-        row = torch.arange(grid_shape[0])[:, None]
-        col = torch.arange(grid_shape[1])[None, :]
+        row = torch.arange(grid_shape[0], device=device)[:, None]
+        col = torch.arange(grid_shape[1], device=device)[None, :]
         if self.n_colors == 4:
             return 2 * (row % 2) + col % 2
         return (row + col) % self.n_colors
@@ -414,12 +424,7 @@ class StarNetEncoder(nn.Module):
         layers = self.pixel_layers
         h = layers[0](x)
         if film is not None:
-            scale, shift = film[0], film[1]
-            if scale.shape[-1] > 1:
-                size = self.tile_size
-                scale, shift = (f.repeat_interleave(size, -2).repeat_interleave(size, -1)
-                                for f in (scale, shift))
-            h = h * (1 + scale) + shift
+            h = _modulate_pixels(h, film[0], film[1], self.tile_size)
         h = layers[5](layers[4](layers[3](layers[2](layers[1](h)))))
         h = layers[6](h)
         if film is not None:
@@ -616,11 +621,12 @@ class StarNetEncoder(nn.Module):
         if self.n_colors == 1:
             posterior = self.tile_posterior(features, chunk_tiles=chunk_tiles)
             return posterior, choose(posterior)
-        colors = self.tile_colors(features.shape[-2:])[None].expand(features.shape[0], -1, -1)
+        colors = self.tile_colors(features.shape[-2:], features.device)[None].expand(
+            features.shape[0], -1, -1)
         posterior = tiles = None
         for color in range(self.n_colors):
-            conditioning = (torch.zeros(features.shape[0], self.condition.in_channels,
-                                        *features.shape[-2:]) if tiles is None else
+            conditioning = (features.new_zeros(features.shape[0], self.condition.in_channels,
+                                               *features.shape[-2:]) if tiles is None else
                             conditioning_map(tiles, colors < color, self.log_flux_offset))
             step = self.tile_posterior(features, conditioning, chunk_tiles=chunk_tiles)
             chosen = choose(step)
@@ -647,13 +653,27 @@ class StarNetEncoder(nn.Module):
         """
         if self.n_colors == 1:
             return self.tile_posterior(features).log_prob(tiles)
-        colors = self.tile_colors(features.shape[-2:])[None].expand(features.shape[0], -1, -1)
+        colors = self.tile_colors(features.shape[-2:], features.device)[None].expand(
+            features.shape[0], -1, -1)
         total = 0.0
         for color in range(self.n_colors):
             conditioning = conditioning_map(tiles, colors < color, self.log_flux_offset)
             log_prob = self.tile_posterior(features, conditioning).log_prob(tiles)
             total = total + torch.where(colors == color, log_prob, 0.0)
         return total
+
+
+def _modulate_pixels(h, scale, shift, tile_size):
+    """``h * (1 + scale) + shift`` with ``scale`` and ``shift`` given per tile (or 1 x 1)
+    and ``h`` per pixel of those tiles, without copying the modulation to every pixel:
+    a view of ``h`` as tiles of pixels, in its channels-last order."""
+    if scale.shape[-1] == 1 and scale.shape[-2] == 1:
+        return h * (1 + scale) + shift
+    rows, cols = h.shape[-2] // tile_size, h.shape[-1] // tile_size
+    pixels = h.permute(0, 2, 3, 1).unflatten(2, (cols, tile_size)).unflatten(1, (rows, tile_size))
+    scale, shift = (f.permute(0, 2, 3, 1)[:, :, None, :, None, :] for f in (scale, shift))
+    out = torch.addcmul(shift, pixels, 1 + scale)
+    return out.flatten(3, 4).flatten(1, 2).permute(0, 3, 1, 2)
 
 
 def _window(tensor, rows, cols):

@@ -439,7 +439,7 @@ def _load(path, expected):
         if os.fstat(file.fileno()).st_size == 0:
             raise ValueError(f"{path} is empty, expected {expected}")
         try:
-            return torch.load(file, weights_only=True)
+            return torch.load(file, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as error:
             needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
             if needs is None:  # torch's weights-only unpickler wraps every failure

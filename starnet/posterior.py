@@ -143,7 +143,7 @@ class TiledPosterior:
 
     def _row(self, n):
         """Parameters of row ``n`` of the triangular array, each (..., n, dim)."""
-        index = torch.tensor(self._slots[n - 1])
+        index = torch.tensor(self._slots[n - 1], device=self.loc_mean.device)
         return (self.loc_mean[..., index, :], self.loc_sd[..., index, :],
                 self.log_flux_mean[..., index, :], self.log_flux_sd[..., index, :])
 
@@ -177,8 +177,8 @@ class TiledPosterior:
                                        flux_sd[..., None, :, :]).sum(-1))
             jacobian = (torch.log(u[..., :n, :]) + torch.log1p(-u[..., :n, :])).sum((-1, -2))
             jacobian = jacobian + w[..., :n, :].sum((-1, -2))
-            perms = torch.tensor(list(itertools.permutations(range(n))))
-            slot = torch.arange(n)
+            perms = torch.tensor(list(itertools.permutations(range(n))), device=pair.device)
+            slot = torch.arange(n, device=pair.device)
             matched = pair[..., perms, slot].sum(-1)
             row_log_prob = torch.logsumexp(matched, dim=-1) - jacobian
             result = result + torch.where(tiles.counts == n, row_log_prob, 0.0)
@@ -188,9 +188,9 @@ class TiledPosterior:
         """Each of ``params`` (..., n_slots, dim) taken at the slots of row ``counts`` of
         the triangular array: (..., max_sources, dim), valid in the first ``counts``
         slots (the others repeat slot 0)."""
-        table = torch.zeros(self.max_sources + 1, self.max_sources, dtype=torch.long)
-        for n in range(1, self.max_sources + 1):
-            table[n, :n] = torch.tensor(self._slots[n - 1])
+        table = torch.tensor([[0] * self.max_sources] + [
+            list(self._slots[n - 1]) + [0] * (self.max_sources - n)
+            for n in range(1, self.max_sources + 1)], device=counts.device)
         index = table[counts][..., None]
         return tuple(p.gather(-2, index.expand(*index.shape[:-1], p.shape[-1]))
                      for p in params)
@@ -198,7 +198,8 @@ class TiledPosterior:
     def _counts_to_catalog(self, counts, z, w):
         """Tile variables with ``counts`` from row values ``z``, ``w`` of every row."""
         z, w = self._rows(counts, z, w)
-        used = (torch.arange(self.max_sources) < counts[..., None])[..., None]
+        used = (torch.arange(self.max_sources, device=counts.device)
+                < counts[..., None])[..., None]
         locs = torch.where(used, torch.sigmoid(z), 0.5)
         fluxes = torch.where(used, torch.exp(w), 1.0)
         return TileCatalog(counts=counts, locs=locs, fluxes=fluxes, n_dropped=0)

@@ -16,7 +16,6 @@ import torch
 from torch.nn import functional as F
 from astropy.io import fits
 from photutils.psf import GriddedPSFModel, ImagePSF
-from scipy.interpolate import RegularGridInterpolator
 from scipy.ndimage import gaussian_filter
 from scipy.special import ive
 
@@ -152,10 +151,22 @@ def _gridded_descriptors(psf, shape, tile_size):
         values = np.broadcast_to(values, (max(len(ys), 2), max(len(xs), 2), values.shape[2]))
         ys = ys if len(ys) > 1 else ys[0] + np.array([0.0, 1.0])
         xs = xs if len(xs) > 1 else xs[0] + np.array([0.0, 1.0])
-    interpolate = RegularGridInterpolator((ys, xs), values)
-    points = np.stack(np.meshgrid(np.clip(rows, ys[0], ys[-1]), np.clip(cols, xs[0], xs[-1]),
-                                  indexing="ij"), axis=-1)
-    return interpolate(points).transpose(2, 0, 1).astype(np.float32)
+    # bilinear on a regular grid is linear along each axis in turn
+    return np.einsum("ry,yxf,cx->frc", _linear_weights(rows, ys), values,
+                     _linear_weights(cols, xs), optimize=True).astype(np.float32)
+
+
+def _linear_weights(points, knots):
+    """Matrix (points, knots) of linear interpolation between increasing ``knots`` at
+    ``points`` (clipped to the knots' range)."""
+    points = np.clip(points, knots[0], knots[-1])
+    right = np.clip(np.searchsorted(knots, points, side="right"), 1, len(knots) - 1)
+    fraction = (points - knots[right - 1]) / (knots[right] - knots[right - 1])
+    weights = np.zeros((len(points), len(knots)))
+    index = np.arange(len(points))
+    weights[index, right - 1] = 1 - fraction
+    weights[index, right] += fraction
+    return weights
 
 
 def widened_psf(psf, factor, *, size=25, oversampling=4):

@@ -39,6 +39,20 @@ class TileCatalog:
     fluxes: torch.Tensor
     n_dropped: int
 
+    def to(self, device):
+        """The same tile variables with their tensors on ``device``.
+
+        Parameters
+        ----------
+        device : str or `torch.device`
+
+        Returns
+        -------
+        `TileCatalog`
+        """
+        return TileCatalog(counts=self.counts.to(device), locs=self.locs.to(device),
+                           fluxes=self.fluxes.to(device), n_dropped=self.n_dropped)
+
     def where(self, mask, other):
         """Tiles of ``self`` where ``mask`` is true and of ``other`` elsewhere.
 
@@ -150,7 +164,8 @@ class TileGrid:
         inside = (mask & (locs[..., 0] >= -0.5) & (locs[..., 0] < shape[1] - 0.5)
                   & (locs[..., 1] >= -0.5) & (locs[..., 1] < shape[0] - 0.5))
         tile_index = (tile[..., 1] * tile_cols + tile[..., 0]).long()
-        key = torch.arange(n_images)[:, None] * n_tiles + tile_index
+        device = locs.device
+        key = torch.arange(n_images, device=device)[:, None] * n_tiles + tile_index
         key = torch.where(inside, key, n_images * n_tiles).reshape(-1)
 
         # sort stars by tile, brightest first within a tile
@@ -158,18 +173,18 @@ class TileGrid:
         order = by_flux[torch.argsort(key[by_flux], stable=True)]
         sorted_key = key[order]
         first = torch.searchsorted(sorted_key, sorted_key, right=False)
-        rank = torch.arange(sorted_key.numel()) - first
+        rank = torch.arange(sorted_key.numel(), device=device) - first
         valid = sorted_key < n_images * n_tiles
         keep = valid & (rank < self.max_sources)
 
         slots = n_images * n_tiles * self.max_sources
         slot = (sorted_key * self.max_sources + rank)[keep]
-        counts = torch.zeros(n_images * n_tiles, dtype=torch.long)
+        counts = torch.zeros(n_images * n_tiles, dtype=torch.long, device=device)
         counts.scatter_add_(0, sorted_key[keep], torch.ones_like(slot))
         within = (scaled - tile).reshape(-1, 2)[order][keep]
-        tile_locs = torch.full((slots, 2), 0.5)
+        tile_locs = torch.full((slots, 2), 0.5, device=device)
         tile_locs[slot] = within.float()
-        tile_fluxes = torch.ones(slots, n_bands)
+        tile_fluxes = torch.ones(slots, n_bands, device=device)
         tile_fluxes[slot] = fluxes.reshape(-1, n_bands)[order][keep].float()
 
         grid = (n_images, tile_rows, tile_cols)
@@ -196,8 +211,9 @@ class TileGrid:
             Pixel ``(x, y)`` in the image (pixel centres at integers).
         """
         tile_rows, tile_cols = tile_locs.shape[-4:-2]
-        col = torch.arange(origin[1], origin[1] + tile_cols, dtype=tile_locs.dtype)[None, :, None]
-        row = torch.arange(origin[0], origin[0] + tile_rows, dtype=tile_locs.dtype)[:, None, None]
+        like = dict(dtype=tile_locs.dtype, device=tile_locs.device)
+        col = torch.arange(origin[1], origin[1] + tile_cols, **like)[None, :, None]
+        row = torch.arange(origin[0], origin[0] + tile_rows, **like)[:, None, None]
         x = (col + tile_locs[..., 0]) * self.tile_size - 0.5
         y = (row + tile_locs[..., 1]) * self.tile_size - 0.5
         return torch.stack([x, y], dim=-1)
@@ -222,7 +238,7 @@ class TileGrid:
             `True` for the ``counts`` first slots of each tile.
         """
         n_images = tiles.counts.shape[0]
-        slot = torch.arange(self.max_sources)
+        slot = torch.arange(self.max_sources, device=tiles.counts.device)
         mask = (slot < tiles.counts[..., None]).reshape(n_images, -1)
         locs = self.to_pixels(tiles.locs, origin).reshape(n_images, -1, 2)
         fluxes = tiles.fluxes.reshape(n_images, -1, tiles.fluxes.shape[-1])

@@ -9,8 +9,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from astropy.table import QTable
+from tqdm.auto import tqdm
 
 from .denormals import zero_negligible_weights
+from .devices import as_device
 from .encoder import conditioning_map
 from .matching import match_catalogs
 from .posterior import count_distribution
@@ -42,6 +44,12 @@ class TrainingBatch(NamedTuple):
         descriptors only for an encoder that reads them)."""
         prior = self.prior if encoder.prior_features else None
         return {"mask": self.mask, "psf": self.psf, "prior": prior}
+
+    def to(self, device):
+        """The same batch with the encoder's inputs on ``device`` (the catalogs stay)."""
+        return self._replace(**{name: getattr(self, name).to(device) for name in
+                                ("images", "background", "mask", "psf", "prior")
+                                if getattr(self, name) is not None})
 
 
 class SimulatedBatches:
@@ -195,7 +203,7 @@ class SimulatedBatches:
 
 
 def train_encoder(encoder, batches, settings, *, checkpoint=None, model_description=None,
-                  progress=True, baselines=()):
+                  progress=True, baselines=(), device=None):
     """Fit ``encoder`` by minimising the expected forward KL on simulated batches.
 
     Parameters
@@ -221,6 +229,10 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         table with ``x_fit``, ``y_fit`` and ``flux_<band>`` columns. The best of their
         F1 on the validation images, matched as the model's, is the ``baseline_f1``
         column, printed after each epoch; a fit that ends below it warns.
+    device : None, str or `torch.device`, optional
+        Where the network trains (`starnet.devices.as_device`: ``'cuda'`` for a GPU).
+        Images are simulated on the CPU and moved there step by step; the encoder is
+        back on the CPU when the fit ends, and checkpoints load on any machine.
 
     Returns
     -------
@@ -228,18 +240,22 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         One row per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``val_f1``,
         ``val_tpr``, ``val_ppv``, ``images_per_second`` (training steps only),
         ``seconds`` (wall time, validation included), ``steps``, the
-        ``learning_rate`` of its last step and the number of training stars dropped
-        because a tile held more than ``max_sources``.
+        ``learning_rate`` of its last step, the number of training stars dropped
+        because a tile held more than ``max_sources`` and ``schedule_progress``, how far
+        the rate's decay had gone (a resumed fit continues from it).
     """
     check_training_settings(settings)   # fields may have been changed since construction
     if checkpoint is not None:
         check_writable(checkpoint, "checkpoint")
     grid = TileGrid(tile_size=encoder.tile_size, max_sources=encoder.max_sources)
+    device = as_device(device)
+    encoder.to(device)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
     validation = batches.draw_batch(settings.n_validation,
                                     generator=torch.Generator().manual_seed(settings.seed + 1))
+    validation_inputs = validation.to(device)
     history = []
     if checkpoint is not None and Path(checkpoint).exists():
         state = read_checkpoint(checkpoint, settings=settings, model=model_description)
@@ -253,12 +269,15 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
             row.setdefault("val_count_bias", float("nan"))
             row.setdefault("val_coverage", float("nan"))
             row.setdefault("baseline_f1", float("nan"))
+            row.setdefault("schedule_progress", float("nan"))
     baseline_f1 = max((_baseline_f1(baseline, validation, batches.prior.bands)
                        for baseline in baselines), default=float("nan"))
     for group in optimizer.param_groups:  # the settings, also when resuming (an Adam
         group["weight_decay"] = settings.weight_decay  # checkpoint would restore L2 decay)
         group["decoupled_weight_decay"] = True
     schedule = _Schedule(settings, history)
+    if progress and schedule.note:
+        tqdm.write(schedule.note)
     while not schedule.finished():
         encoder.train()
         started = time.perf_counter()
@@ -273,6 +292,7 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
             batch = batches.draw_batch(settings.batch_size, generator=generator)
             tiles = grid.to_tiles(batch.catalogs.locs, batch.catalogs.fluxes,
                                   batch.catalogs.mask, batch.images.shape[-2:])
+            batch, tiles = batch.to(device), tiles.to(device)
             with keep_finite(encoder, f"epoch {len(history) + 1}, step {step + 1}",
                              settings.learning_rate) as check:
                 loss = check(_training_loss(encoder, batch, tiles, generator))
@@ -286,7 +306,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
                 break
         training_seconds = time.perf_counter() - started
         row = {"epoch": len(history) + 1, "train_loss": float(np.mean(losses)),
-               **_validate(encoder, grid, validation, batches.prior.bands),
+               **_validate(encoder, grid, validation, validation_inputs,
+                           batches.prior.bands),
                "images_per_second": len(losses) * settings.batch_size / training_seconds,
                "seconds": time.perf_counter() - started, "steps": len(losses),
                "learning_rate": rate, "dropped_stars": dropped, "baseline_f1": baseline_f1}
@@ -307,6 +328,7 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
                                           "history": history},
                              settings=settings, model=model_description)
     encoder.eval()
+    encoder.to("cpu")
     zero_negligible_weights(encoder)
     if history and history[-1]["val_f1"] < baseline_f1:
         warnings.warn(f"after {sum(row['steps'] for row in history)} steps the model's "
@@ -318,7 +340,16 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
 
 
 class _Schedule:
-    """Budget (steps and time) and learning rate of a fit, resumed from ``history``."""
+    """Budget (steps and time) and learning rate of a fit, resumed from ``history``.
+
+    The rate follows the fraction of the budget used. A fit stopped before the end of
+    its budget and resumed with a larger one would use a smaller fraction than when it
+    stopped, and the rate would rise again; instead it continues from the fraction it
+    had reached (``schedule_progress`` of the last history row) and decays over what the
+    new budget adds. A fit that had ended its decay starts a new one from the rate at
+    the fraction the new budget makes used (a warm restart), as if it had been given
+    that budget from the start; ``note`` says so.
+    """
 
     def __init__(self, settings, history):
         self.settings = settings
@@ -326,13 +357,32 @@ class _Schedule:
         # histories written before rows counted their steps held whole epochs
         self.steps_done = sum(row.get("steps", settings.batches_per_epoch) for row in history)
         self.seconds_done = sum(row["seconds"] for row in history)
+        reached = history[-1].get("schedule_progress", 0.0) if history else 0.0
+        used = self._used(0, 0.0)
+        self.resumed = (reached, used) if used < reached < 1.0 else None
+        self.note = None
+        if self.resumed is not None:
+            self.note = (f"resuming {reached:.0%} through the rate's decay; it continues over "
+                         "the larger budget")
+        elif reached >= 1.0 and used < 1.0 and settings.final_learning_rate is not None:
+            self.note = (f"the checkpoint's fit had ended its rate's decay; the larger budget "
+                         f"({used:.0%} used) restarts it at {self.rate(0, 0.0):.2g}")
+
+    def _used(self, step, seconds):
+        """Fraction of the budget used, steps or time, whichever is further."""
+        used = (self.steps_done + step) / self.total_steps
+        if self.settings.max_time is not None:
+            used = max(used, (self.seconds_done + seconds) / self.settings.max_time)
+        return min(used, 1.0)
 
     def progress(self, step, seconds):
-        """Fraction of the budget used at ``step`` and ``seconds`` into the current epoch."""
-        progress = (self.steps_done + step) / self.total_steps
-        if self.settings.max_time is not None:
-            progress = max(progress, (self.seconds_done + seconds) / self.settings.max_time)
-        return min(progress, 1.0)
+        """Progress of the rate's decay (0 to 1) at ``step`` and ``seconds`` into the
+        current epoch."""
+        used = self._used(step, seconds)
+        if self.resumed is None:
+            return used
+        reached, start = self.resumed
+        return min(reached + (1.0 - reached) * (used - start) / (1.0 - start), 1.0)
 
     def rate(self, step, seconds):
         settings = self.settings
@@ -354,6 +404,7 @@ class _Schedule:
     def record(self, row):
         self.steps_done += row["steps"]
         self.seconds_done += row["seconds"]
+        row["schedule_progress"] = self.progress(0, 0.0)
 
 
 def cosine_rate(progress, initial, final):
@@ -376,8 +427,10 @@ def _training_loss(encoder, batch, tiles, generator):
     features = encoder.features(batch.images, batch.background, **batch.encoder_inputs(encoder))
     if encoder.n_colors == 1:
         return -encoder.tile_posterior(features).log_prob(tiles).mean()
-    first = torch.randint(encoder.n_colors, (batch.images.shape[0], 1, 1), generator=generator)
-    decided = encoder.tile_colors(features.shape[-2:])[None] < first
+    first = torch.randint(encoder.n_colors, (batch.images.shape[0], 1, 1), generator=generator,
+                          device=generator.device)
+    decided = encoder.tile_colors(features.shape[-2:], features.device)[None] \
+        < first.to(features.device)
     conditioning = conditioning_map(tiles, decided, encoder.log_flux_offset)
     log_prob = encoder.tile_posterior(features, conditioning).log_prob(tiles)
     scored = ~decided
@@ -412,15 +465,17 @@ def _baseline_f1(baseline, validation, bands):
 
 
 @torch.no_grad()
-def _validate(encoder, grid, validation, bands):
-    """Validation loss and detection F1 of the modal catalogs against the truth."""
+def _validate(encoder, grid, validation, inputs, bands):
+    """Validation loss and detection F1 of the modal catalogs against the truth
+    (``validation``), the encoder reading ``inputs`` (the same batch on its device)."""
     encoder.eval()
     images, catalogs = validation.images, validation.catalogs
     tiles = grid.to_tiles(catalogs.locs, catalogs.fluxes, catalogs.mask, images.shape[-2:])
-    features = encoder.features(images, validation.background, **validation.encoder_inputs(encoder))
-    loss = -encoder.joint_log_prob(features, tiles).mean().item()
+    features = encoder.features(inputs.images, inputs.background,
+                                **inputs.encoder_inputs(encoder))
+    loss = -encoder.joint_log_prob(features, tiles.to(features.device)).mean().item()
     _, mode = encoder.decide(features, lambda q: q.mode())
-    locs, fluxes, mask = grid.from_tiles(mode)
+    locs, fluxes, mask = grid.from_tiles(mode.to("cpu"))
     mask = mask & inside_image(locs, images.shape[-2:])
     f1, tpr, ppv = _pooled_f1([catalog_table(locs[i][mask[i]], fluxes[i][mask[i]], bands)
                                for i in range(images.shape[0])], validation, bands)
@@ -435,7 +490,7 @@ def _count_calibration(encoder, features, tiles):
     checkerboard model, whose count pmf is not that of independent tiles."""
     if encoder.n_colors != 1:
         return {"val_count_bias": float("nan"), "val_coverage": float("nan")}
-    return count_calibration(encoder.tile_posterior(features).count_probs.double().numpy(),
+    return count_calibration(encoder.tile_posterior(features).count_probs.double().cpu().numpy(),
                              tiles.counts.sum(dim=(1, 2)).numpy())
 
 

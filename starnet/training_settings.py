@@ -29,7 +29,8 @@ class TrainingSettings:
     max_time : float or None
         Seconds of training (validation included); the fit ends after the step that
         passes it, and the learning rate decays over whichever of the steps and the time
-        runs out first. A resumed fit counts the time of the epochs it resumes.
+        runs out first. A resumed fit counts the time of the epochs it resumes; given a
+        larger budget, its rate continues the decay from where it stopped.
     learning_rate, weight_decay : float
         Settings of Adam with decoupled weight decay (`torch.optim.AdamW`; the reference
         M2 code used Adam with L2 decay, 1e-3 and 1e-5, which drives the weights of dead
@@ -63,6 +64,13 @@ class TrainingSettings:
         ``(low, high)``: each image's density is drawn log-uniformly from it, so that
         the encoder reads the local density from the pixels (as it reads the
         background) and a sparse field is not catalogued as if it were crowded.
+    f_max_range, alpha_range : tuple of float or None
+        ``None``: every training image's fluxes follow the prior's ``f_max`` and
+        ``alpha``. Ranges: each image draws its upper flux (log-uniformly) and Pareto
+        index (uniformly) from them, and an encoder that reads the prior
+        (``reads_prior=True``) is told them, so that it learns to read any prior of
+        that family (a model fitted with ranges warns when asked to read a prior
+        outside them).
     seed : int
         Seed of the training images and of the validation set (the network's initial
         weights are seeded by `~starnet.StarNetDeblender`).
@@ -82,6 +90,8 @@ class TrainingSettings:
     background_range: tuple = (1.0, 1.0)
     psf_variant_range: tuple = (0.0, 0.0)
     density_range: tuple = None
+    f_max_range: tuple = None
+    alpha_range: tuple = None
     seed: int = 0
 
     def __post_init__(self):
@@ -89,7 +99,8 @@ class TrainingSettings:
 
     def to_dict(self):
         settings = asdict(self)
-        for name in ("image_shape", "background_range", "psf_variant_range", "density_range"):
+        for name in ("image_shape", "background_range", "psf_variant_range", "density_range",
+                     "f_max_range", "alpha_range"):
             if settings[name] is not None:
                 settings[name] = list(settings[name])
         return settings

@@ -365,8 +365,9 @@ def check_training_settings(settings):
             raise ValueError(f"{name} must be a {kind} number, got {value!r}")
     check_range(settings.background_range, "background_range", positive=True)
     check_range(settings.psf_variant_range, "psf_variant_range", positive=False)
-    if settings.density_range is not None:
-        check_range(settings.density_range, "density_range", positive=True)
+    for name in ("density_range", "f_max_range", "alpha_range"):
+        if getattr(settings, name) is not None:
+            check_range(getattr(settings, name), name, positive=True)
     if settings.seed is None or isinstance(settings.seed, np.random.Generator):
         raise ValueError(f"seed must be an integer >= 0 (saved with the model), got "
                          f"{settings.seed!r}")

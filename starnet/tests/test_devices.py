@@ -59,3 +59,52 @@ def test_on_device_gives_the_network_back_on_the_cpu_after_an_error():
         with on_device(layer, "cpu"):
             raise KeyError("inside")
     assert layer.weight.device.type == "cpu"
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a GPU is there")
+def test_fit_on_a_missing_gpu_fails_before_training(deblender):
+    small = StarNetDeblender(prior=deblender.prior, psf=deblender.psfs,
+                             background=deblender.background, hidden=4, tile_hidden=8)
+    with pytest.raises(RuntimeError, match="torch sees no CUDA GPU"):
+        small.fit(n_steps=1, device="cuda", progress=False)
+
+
+@pytest.mark.parametrize("n_colors", [1, 2])
+def test_training_creates_its_tensors_on_the_device_of_its_inputs(n_colors):
+    """A GPU fit holds the batch on the GPU, so every tensor the loss and the validation
+    create must be made on their inputs' device. Here torch's default device is 'meta'
+    while the inputs are on the CPU: a tensor made without a device (on 'meta') fails
+    when it meets them, or reads garbage, and the loss, its gradient and the validation
+    would differ from those of the plain run."""
+    from starnet import PowerLawPSF, StarFieldPrior
+    from starnet.encoder import StarNetEncoder
+    from starnet.psf_family import DESCRIPTOR_SIZE, PSFBank
+    from starnet.tiles import TileGrid
+    from starnet.training import SimulatedBatches, _training_loss, _validate
+
+    psf = PowerLawPSF(sigma1=0.8, sigma2=2.0, sigmap=3.0, beta=3.0, b=0.05, p0=0.001)
+    prior = StarFieldPrior(mu=0.08, bands=["r"])
+    bank = PSFBank([(psf,)], stamp_size=11)
+    batches = SimulatedBatches(prior, bank, np.array([686.0]), (16, 16), margin=3)
+    batch = batches.draw_batch(4, generator=torch.Generator().manual_seed(0))
+    grid = TileGrid(tile_size=2, max_sources=3)
+    tiles = grid.to_tiles(batch.catalogs.locs, batch.catalogs.fluxes, batch.catalogs.mask,
+                          (16, 16))
+    torch.manual_seed(0)
+    encoder = StarNetEncoder(n_bands=1, hidden=4, tile_hidden=8, n_colors=n_colors,
+                             psf_features=DESCRIPTOR_SIZE)
+
+    def run():
+        encoder.zero_grad()
+        loss = _training_loss(encoder, batch, tiles, torch.Generator().manual_seed(1))
+        loss.backward()
+        return loss.item(), encoder.head.weight.grad.clone(), _validate(
+            encoder, grid, batch, batch, ["r"])
+
+    plain = run()
+    with torch.device("meta"):
+        on_meta = run()
+    assert on_meta[0] == pytest.approx(plain[0], rel=1e-6)
+    torch.testing.assert_close(on_meta[1], plain[1])
+    for key, value in plain[2].items():
+        assert on_meta[2][key] == pytest.approx(value, rel=1e-6, nan_ok=True), key

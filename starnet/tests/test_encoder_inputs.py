@@ -118,6 +118,30 @@ def test_a_prior_outside_the_trained_family_is_warned_of(deblender, monkeypatch)
         deblender._prepare(image)
 
 
+def test_fit_over_prior_ranges_tells_the_encoder_each_images_prior(deblender, monkeypatch):
+    """With f_max_range and alpha_range in the training settings, the fit's images draw
+    their own upper flux and index within them and carry their descriptors; a prior
+    outside the ranges is then warned of, from the settings alone."""
+    from dataclasses import replace
+
+    from starnet.prior import prior_descriptor
+    settings = replace(deblender.training_settings, f_max_range=(1e5, 1e7),
+                       alpha_range=(0.4, 0.7))
+    batch = deblender._batches((24, 24), settings).draw_batch(
+        64, generator=torch.Generator().manual_seed(0))
+    low, high = (prior_descriptor(torch.tensor([f]), torch.tensor([a]))[0]
+                 for f, a in ((1e5, 0.4), (1e7, 0.7)))
+    told = batch.prior.numpy()
+    assert np.all(told >= low.numpy() - 1e-6) and np.all(told <= high.numpy() + 1e-6)
+    assert told[:, 0].std() > 0.3 and told[:, 1].std() > 0.2      # spread over the ranges
+    monkeypatch.setattr(deblender, "training_settings", settings)
+    monkeypatch.setattr(deblender, "provenance", {})
+    monkeypatch.setattr(deblender, "prior", PRIOR.replace(f_max=2e7))
+    image, _ = image_with(NARROW)
+    with pytest.warns(UserWarning, match=r"f_max \(2e\+07\) is outside .*\(100000 to 1e\+07\)"):
+        deblender._prepare(image)
+
+
 def test_blocks_equal_one_shot_with_a_psf_map_and_a_mask(deblender):
     """Encoded in blocks (with a halo for the context branch), a varying PSF and a mask
     give the one-shot catalog and count."""

@@ -138,6 +138,63 @@ def test_resumed_fit_continues_the_step_budget(tmp_path):
     assert list(history["steps"]) == [2, 1, 2, 2]
 
 
+class _Interrupted:
+    """Training batches whose ``n``-th draw is interrupted (as by Ctrl-C)."""
+
+    def __init__(self, batches, n):
+        self.batches, self.n = batches, n
+
+    def __getattr__(self, name):
+        return getattr(self.batches, name)
+
+    def draw_batch(self, *args, **kwargs):
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+        return self.batches.draw_batch(*args, **kwargs)
+
+
+def test_interrupted_fit_resumed_with_a_larger_budget_continues_the_decay(tmp_path):
+    """Killed in its second epoch of a 8-step budget (decay 2/8 done), then resumed with
+    16 steps: the rate goes on from a quarter of the decay over the steps added, instead
+    of rising back to the cosine at 2/16."""
+    checkpoint = tmp_path / "fit.ckpt"
+    rates = dict(learning_rate=1e-2, final_learning_rate=1e-4)
+    deblender = _budget_deblender()
+    batches = deblender._batches
+    # the validation set, two steps of epoch 1, then the second step of epoch 2 fails
+    deblender._batches = lambda *args: _Interrupted(batches(*args), 5)
+    with pytest.raises(KeyboardInterrupt):
+        deblender.fit(n_steps=8, batches_per_epoch=2, checkpoint=checkpoint,
+                      compare_photutils=False, **rates, **SMALL_FIT)
+    history = _budget_deblender().fit(n_steps=16, batches_per_epoch=2, checkpoint=checkpoint,
+                                      compare_photutils=False, **rates, **SMALL_FIT)
+    assert history["schedule_progress"][0] == pytest.approx(2 / 8)
+    progress = [0.25 + 0.75 * (k / 16 - 2 / 16) / (1 - 2 / 16) for k in (3, 5, 15)]
+    np.testing.assert_allclose(np.asarray(history["learning_rate"])[[1, 2, -1]],
+                               [cosine_rate(p, 1e-2, 1e-4) for p in progress], rtol=1e-12)
+    assert history["learning_rate"][1] < history["learning_rate"][0]
+    assert history["schedule_progress"][-1] == pytest.approx(1.0)
+
+
+def test_finished_fit_resumed_with_a_larger_budget_says_it_restarts(tmp_path, capsys):
+    """A fit that ended its decay, given twice the steps, restarts it as if it had had
+    that budget from the start (the rate of step k is the cosine at k / 8), and the
+    progress output says so."""
+    checkpoint = tmp_path / "fit.ckpt"
+    rates = dict(learning_rate=1e-2, final_learning_rate=1e-4)
+    _budget_deblender().fit(n_steps=4, batches_per_epoch=2, checkpoint=checkpoint,
+                            compare_photutils=False, **rates, **SMALL_FIT)
+    capsys.readouterr()
+    history = _budget_deblender().fit(n_steps=8, batches_per_epoch=2, checkpoint=checkpoint,
+                                      compare_photutils=False, **rates,
+                                      **dict(SMALL_FIT, progress=True))
+    assert "had ended its rate's decay; the larger budget (50% used) restarts it at 0.0051" \
+        in capsys.readouterr().out
+    np.testing.assert_allclose(history["learning_rate"][2:],
+                               [cosine_rate(k / 8, 1e-2, 1e-4) for k in (5, 7)], rtol=1e-12)
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(n_steps=0), "n_steps must be a positive integer"),
     (dict(max_time=0), "max_time must be a positive number"),
