@@ -97,8 +97,8 @@ def check_training(n_steps):
         loaded = StarNetDeblender.load(path)
     image = load_sdss_frame(2583, 2, 136, loaded.bands, cutout=CUTS["100 x 100"],
                             psf="kl-grid")
-    print(f"fitted on the GPU, loaded on the CPU: {len(loaded(image, background='given', progress=False))} stars "
-          "in the 100 x 100 cut-out")
+    found = len(loaded(image, background="given", progress=False))
+    print(f"fitted on the GPU, loaded on the CPU: {found} stars in the 100 x 100 cut-out")
     return agree
 
 
