@@ -26,6 +26,15 @@ point-value model (``MoffatPSF``, starnet's ``PowerLawPSF``) at pixel centres
 (``sampled``), whose peak pixel is 4 % (the Moffat) to 11 % (a power law) higher. The
 two are the same for the pixel-integrated KL PSF of ``--psf m2``.
 
+``--star-draws K``: for the first ``--star-fields`` fields of each density, also ``K``
+whole catalogs are drawn (`StarNetDeblender.sample`) and every true star inside the
+image gets the randomised PITs of `starnet.calibration.star_intervals` (matching radius
+1 pixel; a draw without a counterpart gives the star flux 0, so faint stars that most
+draws leave out are counted, not dropped). A second table gives, by true r magnitude
+(M2 zero point), the stars, their mean detection probability and the fraction whose
+x, y and r-flux PITs lie in the central 90 % (a star no draw finds holds neither x nor
+y).
+
 Run::
 
     python benchmarks/bench_density_sweep.py --model sdss-m2 --n-fields 100
@@ -38,13 +47,15 @@ from importlib.resources import files
 import numpy as np
 import torch
 from astropy.nddata import NDData
-from astropy.table import QTable
+from astropy.table import QTable, vstack
 from photutils.datasets import make_model_image
 
 from starnet import StarFieldPrior, StarNetDeblender, match_catalogs
-from starnet.datasets import load_m2
+from starnet.calibration import pit_coverage, star_intervals
+from starnet.datasets import M2_NELEC_PER_NMGY, load_m2
 
 SKY = (686.0, 1123.0)
+MAG_EDGES = (-np.inf, 19, 20, 21, 21.5, 22, np.inf)
 
 
 def render_psfs(name):
@@ -114,6 +125,10 @@ def main(argv=None):
                         help="the upper flux a prior-reading model is told (default: "
                         "--f-max)")
     parser.add_argument("--pixels", choices=("integrated", "sampled"), default="integrated")
+    parser.add_argument("--star-draws", type=int, default=0,
+                        help="catalog draws per field for the per-star intervals (0: none)")
+    parser.add_argument("--star-fields", type=int, default=20,
+                        help="fields per density that get --star-draws")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -137,6 +152,7 @@ def main(argv=None):
           f"given; {args.n_fields} fields per density")
     print(f"{'stars/px':>8} {'size':>5} {'fields':>6} {'true N':>8} {'bias':>7} "
           f"{'90% cover':>10} {'F1':>6} {'s/field':>8}")
+    star_tables = {}
     for density in args.densities:
         prior = StarFieldPrior(mu=density, f_min=1000.0, f_max=args.f_max, alpha=0.5,
                                bands=("r", "i"))
@@ -147,7 +163,7 @@ def main(argv=None):
         size = 100 if density * 100 * 100 >= 300 else 200
         estimates, truths, covered, f1s = [], [], 0, []
         started = time.perf_counter()
-        for _ in range(args.n_fields):
+        for index in range(args.n_fields):
             data, truth = field(prior, density, size, rendering, rng)
             image = NDData(data, unit="electron",
                            meta={"bands": ["r", "i"], "psf": told,
@@ -159,6 +175,13 @@ def main(argv=None):
             truths.append(len(truth))
             covered += low <= len(truth) <= high
             f1s.append(match_catalogs(catalog, truth, band="r").f1)
+            if index < args.star_fields and args.star_draws:
+                samples = deblender.sample(image, n_samples=args.star_draws, seed=index,
+                                           background="given", progress=False)
+                intervals = star_intervals(samples, truth, absent_flux=0.0, seed=index)
+                flux = np.asarray(truth["flux_r"]) / M2_NELEC_PER_NMGY
+                intervals["r"] = 22.5 - 2.5 * np.log10(flux)
+                star_tables.setdefault(density, []).append(intervals)
         seconds = (time.perf_counter() - started) / args.n_fields
         n = len(truths)
         bias = (np.sum(estimates) - np.sum(truths)) / np.sum(truths)
@@ -166,6 +189,29 @@ def main(argv=None):
         error = np.sqrt(cover * (1 - cover) / n)
         print(f"{density:8.3f} {size:5d} {n:6d} {np.mean(truths):8.1f} {100 * bias:+6.1f}% "
               f"{cover:5.2f}+-{error:.2f} {np.mean(f1s):6.3f} {seconds:8.2f}", flush=True)
+    if star_tables:
+        print_star_coverage(star_tables, args.star_draws)
+
+
+def print_star_coverage(star_tables, n_draws):
+    """The per-star table: 90 % PIT coverage by true r magnitude."""
+    print(f"\nper-star 90 % coverage (PIT), every true star of the first fields ({n_draws} "
+          "draws each; a draw without the star gives it flux 0)")
+    print(f"{'stars/px':>8} {'r':>11} {'stars':>6} {'P(found)':>9} {'x':>6} {'y':>6} "
+          f"{'flux_r':>6}")
+    for density, tables in star_tables.items():
+        table = vstack(tables)
+        for low, high in zip(MAG_EDGES[:-1], MAG_EDGES[1:]):
+            rows = table[(table["r"] >= low) & (table["r"] < high)]
+            label = (f"< {high:g}" if np.isinf(low) else f"> {low:g}" if np.isinf(high)
+                     else f"{low:g} - {high:g}")
+            if not len(rows):
+                continue
+            coverage = pit_coverage(rows, (0.9,))
+            print(f"{density:8.3f} {label:>11} {len(rows):6d} "
+                  f"{np.mean(rows['detection_probability']):9.3f} "
+                  + " ".join(f"{coverage[f'pit_{name}'][0]:6.3f}"
+                             for name in ("x", "y", "flux_r")), flush=True)
 
 
 if __name__ == "__main__":

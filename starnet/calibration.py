@@ -345,7 +345,8 @@ def pit_coverage(pits, levels=(0.5, 0.8, 0.9, 0.95)):
     return table
 
 
-def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws=None):
+def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws=None,
+                   absent_flux=None, seed=None):
     """Posterior intervals of each reference star from draws of whole catalogs.
 
     In every draw, the reference stars are matched one to one with the draw's stars
@@ -356,7 +357,9 @@ def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws
     ``max_separation``, these are intervals given that the star is found near the
     reference position: they compare two samplers' draws (StarNet's and MCMC's) star by
     star, and show calibration only for stars found in most draws and with position
-    errors well below ``max_separation``.
+    errors well below ``max_separation``. With ``absent_flux=0`` a draw in which a star
+    has no counterpart gives it flux 0 (the draw holds it fainter than any star it
+    names), so that the flux intervals are those of every star, found or not.
 
     Parameters
     ----------
@@ -373,6 +376,11 @@ def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws
         Matching radius, pixels.
     n_draws : int, optional
         Number of draws (a draw may hold no star); by default ``samples.meta['n_samples']``.
+    absent_flux : float, optional
+        Flux (in the samples' unit) of a star in a draw where it has no counterpart; by
+        default such draws are left out of its flux intervals.
+    seed : int or `numpy.random.Generator`, optional
+        For the randomised PITs.
 
     Returns
     -------
@@ -381,7 +389,13 @@ def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws
         ``flux_<band>`` of ``samples``, columns ``<name>_low``, ``<name>_median`` and
         ``<name>_high`` (NaN for a star never found; fluxes in the samples' unit); and,
         for each of these quantities that the reference has, ``covered_<name>``: whether
-        the reference value lies within the interval (False for a star never found).
+        the reference value lies within the interval (False for a star never found), and
+        ``pit_<name>``: its randomised rank among the star's ``m`` draws, ``(number
+        below + U) / (m + 1)``, exactly uniform if the reference value were one more
+        draw (NaN for a star never found). With a few hundred draws or fewer, use the
+        PITs (e.g. `pit_coverage`) rather than ``covered_*``: the quantiles of ``m``
+        draws span less than ``level`` of the posterior (about ``level (m - 1) / (m +
+        1)``).
 
     Examples
     --------
@@ -396,6 +410,15 @@ def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws
     >>> print(result["detection_probability"][0], result["x_median"][0],
     ...       result["covered_x"][0])
     0.75 5.1 False
+
+    A faint star found in one draw of ten: counting the other nine as flux 0, its 90 %
+    flux interval reaches down to 0 and holds its true flux of 50:
+
+    >>> draws = QTable({"sample": [4], "x": [5.0], "y": [2.0], "flux_r": [120.0]})
+    >>> truth = QTable({"x": [5.0], "y": [2.0], "flux_r": [50.0]})
+    >>> result = star_intervals(draws, truth, n_draws=10, absent_flux=0.0)
+    >>> print(result["flux_r_low"][0], result["covered_flux_r"][0])
+    0.0 True
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be a probability in (0, 1), got {level!r}")
@@ -405,6 +428,7 @@ def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws
                              "draws, including draws without stars)")
         n_draws = samples.meta["n_samples"]
     n_draws = check_positive_int(n_draws, "n_draws")
+    rng = np.random.default_rng(check_seed(seed))
     if "sample" not in samples.colnames:
         raise ValueError("samples needs a 'sample' column (the draw of each star), as "
                          f"StarNetDeblender.sample returns; it has {samples.colnames}")
@@ -433,6 +457,9 @@ def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws
         for name, column in values.items():
             matched[name][pairs[:, 1], k] = column[rows[pairs[:, 0]]]
     found = np.isfinite(matched["x"])
+    if absent_flux is not None:
+        for name in fluxes:
+            matched[name][~found] = absent_flux
     table = QTable()
     table["detection_probability"] = found.mean(axis=1)
     tail = (1 - level) / 2
@@ -440,9 +467,9 @@ def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws
     truth = {"x": reference[ref_x], "y": reference[ref_y]}
     for name in values:
         quantiles = np.full((3, len(reference)), np.nan)
-        any_found = found.any(axis=1)
-        if any_found.any():
-            quantiles[:, any_found] = np.nanquantile(matched[name][any_found],
+        any_value = np.isfinite(matched[name]).any(axis=1)
+        if any_value.any():
+            quantiles[:, any_value] = np.nanquantile(matched[name][any_value],
                                                      [tail, 0.5, 1 - tail], axis=1)
         scale = units.get(name) or 1
         for suffix, row in zip(("low", "median", "high"), quantiles):
@@ -452,6 +479,10 @@ def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws
             true = np.asarray(u.Quantity(true, units[name]).value if units.get(name)
                               else true, dtype=float)
             table[f"covered_{name}"] = (quantiles[0] <= true) & (true <= quantiles[2])
+            n_values = np.isfinite(matched[name]).sum(axis=1)
+            below = (matched[name] < true[:, None]).sum(axis=1)
+            pit = (below + rng.uniform(size=len(below))) / (n_values + 1)
+            table[f"pit_{name}"] = np.where(n_values > 0, pit, np.nan)
     table.meta.update({"level": level, "max_separation": max_separation,
                        "n_draws": n_draws})
     return table

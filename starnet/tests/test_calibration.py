@@ -229,6 +229,30 @@ def test_star_intervals_detection_and_coverage():
         assert abs(np.mean(result[f"covered_{name}"][2:]) - 0.9) < limit + 0.01, name
 
 
+def test_star_pits_are_uniform_with_few_draws():
+    """With 20 draws the quantile intervals hold only about 0.9 * 19 / 21 of exchangeable
+    truths, while the randomised PITs are exactly uniform; a star found in no draw has no
+    position PIT, and with ``absent_flux=0`` a PIT of flux above every draw's."""
+    rng = np.random.default_rng(2)
+    n_stars, n_draws = 1500, 20
+    truth = QTable({"x": rng.uniform(0, 100, n_stars) * 20, "y": rng.uniform(0, 100, n_stars),
+                    "flux_r": rng.uniform(2e3, 1e4, n_stars) * u.electron})
+    found = np.ones((n_stars, n_draws), dtype=bool)
+    found[0] = False
+    draws = _draws_around(truth, n_draws, sd=0.1, flux_sd=0.2, found=found, rng=rng)
+    observed = truth.copy()
+    observed["x"] = truth["x"] + rng.normal(0, 0.1, n_stars)
+    observed["flux_r"] = truth["flux_r"] * np.exp(rng.normal(0, 0.2, n_stars))
+    result = star_intervals(draws, observed, absent_flux=0.0, seed=0)
+    assert np.isnan(result["pit_x"][0]) and 1 - 1 / 21 < result["pit_flux_r"][0] < 1
+    for name in ("x", "flux_r"):
+        pits = np.asarray(result[f"pit_{name}"][1:])
+        assert stats.kstest(pits, "uniform").pvalue > 1e-3, name
+        assert abs(np.mean(np.abs(pits - 0.5) <= 0.45) - 0.9) < 3 * np.sqrt(0.09 / n_stars)
+        quantile_cover = np.mean(result[f"covered_{name}"][1:])
+        assert abs(quantile_cover - 0.9 * 19 / 21) < 3 * np.sqrt(0.2 / n_stars), name
+
+
 def test_star_intervals_bad_input():
     table = QTable({"sample": [0, 3], "x": [1.0, 2.0], "y": [1.0, 2.0]})
     truth = QTable({"x": [1.0], "y": [1.0]})
