@@ -157,6 +157,7 @@ class StarNetDeblender:
         #: Posterior draws behind the star-count summary of a checkerboard model.
         self.n_count_samples = 200
         self._cached_renderer = None
+        self._cached_fwhm = None
 
     @classmethod
     def from_nddata(cls, nddata, *, prior=None, **kwargs):
@@ -566,7 +567,7 @@ class StarNetDeblender:
         return modal_table(rows, offset, pmf, nddata=nddata, meta=meta, bands=self.bands,
                            tile_size=self.grid.tile_size, max_sources=self.grid.max_sources,
                            padding=(self.encoder.receptive_field - self.grid.tile_size) // 2,
-                           fwhm=max(psf_fwhm(psf) for psf in self.psfs))
+                           fwhm=self._largest_fwhm())
 
     @deprecated_renamed_argument("progress_bar", "progress", "0.1")
     def count_posterior(self, nddata, *, region=None, background=None, progress=True,
@@ -679,6 +680,12 @@ class StarNetDeblender:
                               dtype=torch.float32).reshape(1, -1, len(self.bands))
         mask = torch.ones(locs.shape[:2], dtype=torch.bool)
         return self._renderer().render(locs, fluxes, mask, tuple(shape))[0].double().numpy()
+
+    def _largest_fwhm(self):
+        """The largest FWHM of the model's PSFs (pixels), measured once."""
+        if self._cached_fwhm is None:
+            self._cached_fwhm = max(psf_fwhm(psf) for psf in self.psfs)
+        return self._cached_fwhm
 
     def _renderer(self):
         if self._cached_renderer is None:

@@ -110,8 +110,12 @@ def test_smoothing_follows_a_background_that_varies(deblender):
                                rtol=1e-6)                     # float32 maps
     assert np.mean(fitted_scale[:, :16]) == pytest.approx(0.9, rel=0.06)
     assert np.mean(fitted_scale[:, -16:]) == pytest.approx(1.3, rel=0.06)
-    single = fit_background(deblender, image)[0].meta["background_fit"]["scale"]
-    assert fitted_scale[:, :16].mean() < single < fitted_scale[:, -16:].mean()
+    # one factor for the whole image: the cells' precision-weighted mean, so within the
+    # cells' range (it may sit at the right edge's level: the network is surer there)
+    single, cells = fit_background(deblender, image)
+    single = single.meta["background_fit"]["scale"]
+    assert fitted_scale[:, :16].mean() < single
+    assert np.min(cells["scale"]) <= single <= np.max(cells["scale"])
     with pytest.raises(ValueError, match="smoothing must be a positive"):
         fit_background(deblender, image, smoothing=0)
 
