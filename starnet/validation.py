@@ -31,9 +31,7 @@ _LEVEL_TOO_HIGH = 60.0
 #: Below this the spread (50th minus 16th percentile of z) is too small for
 #: Poisson noise on the declared background: not electrons, or a smoothed image.
 _NOISE_TOO_LOW = 0.3
-#: At most about this many pixels per band are read (a regular subsample; for the
-#: dark pixels, a block): enough for percentiles good to a few thousandths.
-_MAX_SAMPLED = 250_000
+_MAX_SAMPLED = 1_000_000
 #: The darkest pixels: this fraction of the pixels with the lowest mean of their 8
 #: neighbours. Their level and noise estimate the sky, independently of the declared
 #: background (`_dark_pixels`).
