@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 
 from starnet import StarFieldPrior, StarNetDeblender, simulate_starfield
 from starnet.baselines import CatalogSampler
-from starnet.calibration import star_intervals
+from starnet.calibration import pit_coverage, star_intervals
 
 FLUX_BINS = (0.0, 1000.0, 3000.0, 10000.0, np.inf)
 """Edges of the true r flux bins, electrons (1000 e- is the M2 evaluation's limit)."""
@@ -187,7 +187,7 @@ def main(argv=None):
                      if sel.any() else "-")
             print(f"{label:>13} {int(in_bin.sum()):>6}  {name:<24} "
                   f"{np.mean(t['detection_probability'][in_bin]):>8.2f} "
-                  f"{_covered(t['pit_x'][sel]):>6} {_covered(t['pit_flux_r'][sel]):>8} "
+                  f"{_covered(t[sel], 'x'):>6} {_covered(t[sel], 'flux_r'):>8} "
                   f"{_median(x_width, '.3f'):>8} {_median(f_width, '.3f'):>8} {ratio:>12}")
     if args.figure:
         _figure(tables, reference, flux, both, prior.mu, args).savefig(args.figure, dpi=90)
@@ -198,9 +198,9 @@ def _stack(parts):
     return vstack(parts, metadata_conflicts="silent")
 
 
-def _covered(pits):
-    """Fraction of PITs in the central 90 %."""
-    return _mean(np.abs(np.asarray(pits) - 0.5) <= 0.45)
+def _covered(table, name):
+    """Fraction of the stars whose PIT of ``name`` lies in the central 90 %."""
+    return f"{pit_coverage(table, (0.9,))[f'pit_{name}'][0]:.2f}" if len(table) else "-"
 
 
 def _mean(values):

@@ -467,7 +467,8 @@ def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws
     truth = {"x": reference[ref_x], "y": reference[ref_y]}
     for name in values:
         quantiles = np.full((3, len(reference)), np.nan)
-        any_value = np.isfinite(matched[name]).any(axis=1)
+        n_values = np.isfinite(matched[name]).sum(axis=1)
+        any_value = n_values > 0
         if any_value.any():
             quantiles[:, any_value] = np.nanquantile(matched[name][any_value],
                                                      [tail, 0.5, 1 - tail], axis=1)
@@ -479,10 +480,9 @@ def star_intervals(samples, reference, *, level=0.9, max_separation=1.0, n_draws
             true = np.asarray(u.Quantity(true, units[name]).value if units.get(name)
                               else true, dtype=float)
             table[f"covered_{name}"] = (quantiles[0] <= true) & (true <= quantiles[2])
-            n_values = np.isfinite(matched[name]).sum(axis=1)
             below = (matched[name] < true[:, None]).sum(axis=1)
             pit = (below + rng.uniform(size=len(below))) / (n_values + 1)
-            table[f"pit_{name}"] = np.where(n_values > 0, pit, np.nan)
+            table[f"pit_{name}"] = np.where(any_value, pit, np.nan)
     table.meta.update({"level": level, "max_separation": max_separation,
                        "n_draws": n_draws})
     return table
