@@ -35,6 +35,16 @@ draws leave out are counted, not dropped). A second table gives, by true r magni
 x, y and r-flux PITs lie in the central 90 % (a star no draw finds holds neither x nor
 y).
 
+``--block-sizes S ...``: the count posterior is also taken for the square blocks of S x
+S pixels that partition each image (`StarNetDeblender.count_posterior` with regions),
+and a third table gives, per density and block size, the blocks' bias, the spread of
+their count errors over the spread the posterior claims (``dispersion``: the standard
+deviation over blocks of the error, true count minus posterior mean, after the mean
+error is removed, over the root mean posterior variance; 1 for a calibrated
+posterior) and the 90 % coverage. Tiles that are independent in the variational
+posterior but whose errors are not (a density misread over a region wider than a tile)
+show as a dispersion that grows with the block.
+
 Run::
 
     python benchmarks/bench_density_sweep.py --model sdss-m2 --n-fields 100
@@ -51,7 +61,7 @@ from astropy.table import QTable, vstack
 from photutils.datasets import make_model_image
 
 from starnet import StarFieldPrior, StarNetDeblender, match_catalogs
-from starnet.calibration import pit_coverage, star_intervals
+from starnet.calibration import count_interval, pit_coverage, star_intervals
 from starnet.datasets import M2_NELEC_PER_NMGY, load_m2
 
 SKY = (686.0, 1123.0)
@@ -129,6 +139,9 @@ def main(argv=None):
                         help="catalog draws per field for the per-star intervals (0: none)")
     parser.add_argument("--star-fields", type=int, default=20,
                         help="fields per density that get --star-draws")
+    parser.add_argument("--block-sizes", type=int, nargs="*", default=[],
+                        help="sides in pixels of square blocks whose counts are checked "
+                        "too (each divides the image side and is a multiple of the tile)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -152,7 +165,7 @@ def main(argv=None):
           f"given; {args.n_fields} fields per density")
     print(f"{'stars/px':>8} {'size':>5} {'fields':>6} {'true N':>8} {'bias':>7} "
           f"{'90% cover':>10} {'F1':>6} {'s/field':>8}")
-    star_tables = {}
+    star_tables, block_rows = {}, []
     for density in args.densities:
         prior = StarFieldPrior(mu=density, f_min=1000.0, f_max=args.f_max, alpha=0.5,
                                bands=("r", "i"))
@@ -182,6 +195,9 @@ def main(argv=None):
                 flux = np.asarray(truth["flux_r"]) / M2_NELEC_PER_NMGY
                 intervals["r"] = 22.5 - 2.5 * np.log10(flux)
                 star_tables.setdefault(density, []).append(intervals)
+            for block in args.block_sizes:
+                block_rows += [(density, block) + row
+                               for row in block_counts(deblender, image, truth, block)]
         seconds = (time.perf_counter() - started) / args.n_fields
         n = len(truths)
         bias = (np.sum(estimates) - np.sum(truths)) / np.sum(truths)
@@ -191,6 +207,51 @@ def main(argv=None):
               f"{cover:5.2f}+-{error:.2f} {np.mean(f1s):6.3f} {seconds:8.2f}", flush=True)
     if star_tables:
         print_star_coverage(star_tables, args.star_draws)
+    if block_rows:
+        print_block_calibration(np.array(block_rows))
+
+
+def block_counts(deblender, image, truth, block):
+    """(true count, posterior mean, posterior variance, covered by the 90 % interval) of
+    each ``block`` x ``block``-pixel square of a partition of ``image``."""
+    size = image.data.shape[-1]
+    if size % block or block % deblender.grid.tile_size:
+        raise ValueError(f"a block of {block} pixels does not partition a {size}-pixel image "
+                         f"into whole tiles of {deblender.grid.tile_size} pixels")
+    n = size // block
+    label = np.arange(size) // block
+    block_index = label[:, None] * n + label[None, :]          # row-major, as below
+    pixel_blocks = block_index[None] == np.arange(n * n)[:, None, None]
+    pmfs = deblender.count_posterior(image, region=pixel_blocks, background="given",
+                                     progress=False)
+    column = np.floor(np.asarray(truth["x"]) + 0.5).astype(int) // block
+    row = np.floor(np.asarray(truth["y"]) + 0.5).astype(int) // block
+    true = np.bincount(row * n + column, minlength=n * n)
+    rows = []
+    for pmf, count in zip(pmfs, true):
+        k = np.arange(len(pmf))
+        mean = float(np.dot(k, pmf))
+        low, high, _ = count_interval(pmf, 0.9)
+        rows.append((count, mean, float(np.dot((k - mean) ** 2, pmf)), low <= count <= high))
+    return rows
+
+
+def print_block_calibration(rows):
+    """The block table: bias, dispersion and 90 % coverage per density and block size."""
+    print("\ncounts of square blocks: error spread over the posterior's (dispersion), "
+          "90 % coverage")
+    print(f"{'stars/px':>8} {'block':>5} {'blocks':>6} {'true N':>7} {'bias':>7} "
+          f"{'dispersion':>10} {'90% cover':>10}")
+    for density, block in dict.fromkeys(map(tuple, rows[:, :2])):
+        chosen = rows[(rows[:, 0] == density) & (rows[:, 1] == block)]
+        true, mean, variance, covered = chosen[:, 2:].T
+        error = true - mean
+        dispersion = np.std(error, ddof=1) / np.sqrt(np.mean(variance))
+        cover = np.mean(covered)
+        print(f"{density:8.3f} {int(block):5d} {len(chosen):6d} {np.mean(true):7.1f} "
+              f"{100 * (np.sum(mean) - np.sum(true)) / np.sum(true):+6.1f}% "
+              f"{dispersion:10.2f} {cover:5.2f}+-{np.sqrt(cover * (1 - cover) / len(chosen)):.2f}",
+              flush=True)
 
 
 def print_star_coverage(star_tables, n_draws):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from starnet.encoder import StarNetEncoder, conditioning_map, normalize_image
+from starnet.encoder import StarNetEncoder, conditioning_map, normalize_image, pool_cells
 from starnet.posterior import TiledPosterior
 from starnet.tiles import TileCatalog
 
@@ -291,6 +291,28 @@ def test_context_branch_widens_the_window():
     (r0, r1), (c0, c1) = influence_window(context, image, 40, 40)
     assert r1 - r0 + 1 > 2 * plain.receptive_field
     assert r1 - r0 + 1 <= context.context_field and c1 - c0 + 1 <= context.context_field
+
+
+def test_partial_cells_pool_the_pixels_they_hold():
+    """The mean and maximum of a cell cut by the image edge are those of its pixels,
+    computed here one cell at a time."""
+    features = torch.randn(2, 3, 13, 10, generator=torch.Generator().manual_seed(5))
+    mean, maximum = pool_cells(features, 4)
+    assert mean.shape == maximum.shape == (2, 3, 4, 3)
+    for i in range(4):
+        for j in range(3):
+            cell = features[..., 4 * i:4 * i + 4, 4 * j:4 * j + 4].flatten(-2)
+            torch.testing.assert_close(mean[..., i, j], cell.mean(-1))
+            torch.testing.assert_close(maximum[..., i, j], cell.max(-1).values)
+
+
+def test_context_of_a_uniform_image_ignores_where_the_image_ends():
+    """On an image of one value, a partial context cell reads what a whole one does:
+    the context of a 36 x 36 image (last cells 4 of 8 pixels) equals that of 40 x 40."""
+    encoder = encoder_of(tile_size=2, context_cells=4, context_hidden=8)
+    x = torch.full((1, 4, 40, 40), 0.7)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder._context(x[..., :36, :36]), encoder._context(x))
 
 
 def test_masked_pixels_values_are_ignored():
