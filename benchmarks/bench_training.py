@@ -113,7 +113,7 @@ def time_steps(deblender, raw_weights, *, clean, optimizer, steps, batch_size, s
         batch = batches.draw_batch(batch_size, generator=generator)
         tiles = grid.to_tiles(batch.catalogs.locs, batch.catalogs.fluxes, batch.catalogs.mask,
                               batch.images.shape[-2:])
-        loss = _training_loss(encoder, batch, tiles, generator)
+        loss = _training_loss(encoder, batch, tiles, generator, settings)
         optim.zero_grad()
         loss.backward()
         optim.step()

@@ -199,6 +199,11 @@ def main(argv=None):
     parser.add_argument("--n-kl", type=int, default=48)
     parser.add_argument("--n-analytic", type=int, default=64)
     parser.add_argument("--no-defects", action="store_true")
+    parser.add_argument("--count-score-weight", type=float, default=0.0,
+                        help="weight of the block count score (TrainingSettings)")
+    parser.add_argument("--count-blocks", type=int, nargs="+",
+                        default=list(TrainingSettings.count_blocks),
+                        help="sides in tiles of the blocks the count score is taken over")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--final-learning-rate", type=float, default=2e-5)
     parser.add_argument("--stop-after-minutes", type=float, default=None)
@@ -226,7 +231,8 @@ def main(argv=None):
         batches_per_epoch=args.batches_per_epoch, n_steps=args.steps,
         learning_rate=args.learning_rate, final_learning_rate=args.final_learning_rate,
         margin=6.0, n_validation=64, background_range=tuple(args.background_range),
-        density_range=tuple(args.density_range), seed=args.seed)
+        density_range=tuple(args.density_range), count_score_weight=args.count_score_weight,
+        count_blocks=tuple(args.count_blocks), seed=args.seed)
     Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     description = {"script": "train_sdss", "encoder": encoder.config(),
                    "prior": prior.to_dict(), "bank_members": n_members,

@@ -501,11 +501,7 @@ def _deblender_from_config(path):
             psfs.append(psf_from_dict(entry))
     deblender = StarNetDeblender(prior=prior, psf=psfs, background=config["background"],
                                  **config.get("model", {}))
-    training = dict(config.get("training", {}))
-    for key in ("image_shape", "background_range"):
-        if key in training:
-            training[key] = tuple(training[key])
-    return deblender, TrainingSettings(**training)
+    return deblender, TrainingSettings(**config.get("training", {}))
 
 
 #: Bytes per pixel of an image while it is read and catalogued (its pixels as read and

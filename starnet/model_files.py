@@ -413,6 +413,9 @@ def _check_resume(path, metadata, settings, model):
     """Refuse to resume from a checkpoint made for another model or other settings."""
     stored = metadata.get("training_settings") or {}
     current = _as_json(settings.to_dict())
+    if stored:       # a setting added since the checkpoint was written: its default,
+        # which is what fits did before it (a rule of TrainingSettings)
+        stored = {**_as_json(TrainingSettings().to_dict()), **stored}
     differ = [f"training setting {key!r} ({stored.get(key)!r} in the checkpoint, "
               f"{current.get(key)!r} now)"
               for key in sorted(set(stored) | set(current))
@@ -507,10 +510,6 @@ def _check_metadata(path, metadata):
             unknown = sorted(set(settings) - {f.name for f in fields(TrainingSettings)})
             if unknown:
                 raise ValueError(f"unknown training settings {unknown}")
-            for key in ("image_shape", "background_range", "psf_variant_range",
-                        "density_range"):
-                if isinstance(settings.get(key), list):
-                    settings[key] = tuple(settings[key])
             TrainingSettings(**settings)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"{path} is not a valid starnet model file: its metadata do not "

@@ -102,12 +102,7 @@ def restore_deblender(deblender, metadata, state):
     deblender.encoder.load_state_dict(state["weights"])
     zero_negligible_weights(deblender.encoder)
     if metadata["training_settings"] is not None:
-        settings = dict(metadata["training_settings"])
-        settings["image_shape"] = tuple(settings["image_shape"])
-        for name in ("background_range", "psf_variant_range", "density_range"):
-            if settings.get(name) is not None:
-                settings[name] = tuple(settings[name])
-        deblender.training_settings = TrainingSettings(**settings)
+        deblender.training_settings = TrainingSettings(**metadata["training_settings"])
     deblender.provenance = metadata.get("provenance", {})
     deblender.psf_variants = [[as_psf(psf_from_dict(p)) for p in psfs]
                               for psfs in metadata.get("psf_variants", [])]

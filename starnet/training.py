@@ -26,7 +26,7 @@ from .training_settings import TrainingSettings
 from .validation import check_range, check_training_settings, check_writable, keep_finite
 
 __all__ = ["TrainingSettings", "SimulatedBatches", "TrainingBatch", "train_encoder",
-           "cosine_rate"]
+           "cosine_rate", "block_count_score"]
 
 
 class TrainingBatch(NamedTuple):
@@ -237,7 +237,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
     Returns
     -------
     history : `~astropy.table.QTable`
-        One row per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``val_f1``,
+        One row per epoch: ``epoch``, ``train_loss`` (with the count score, if any),
+        ``val_loss`` (the forward KL alone), ``val_f1``,
         ``val_tpr``, ``val_ppv``, ``images_per_second`` (training steps only),
         ``seconds`` (wall time, validation included), ``steps``, the
         ``learning_rate`` of its last step, the number of training stars dropped
@@ -245,6 +246,10 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         the rate's decay had gone (a resumed fit continues from it).
     """
     check_training_settings(settings)   # fields may have been changed since construction
+    if settings.count_score_weight and encoder.n_colors != 1:
+        raise ValueError("count_score_weight needs independent tiles (n_colors = 1): the "
+                         f"count of a checkerboard encoder (n_colors = {encoder.n_colors}) "
+                         "is not a sum of tile posteriors")
     if checkpoint is not None:
         check_writable(checkpoint, "checkpoint")
     grid = TileGrid(tile_size=encoder.tile_size, max_sources=encoder.max_sources)
@@ -295,7 +300,7 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
             batch, tiles = batch.to(device), tiles.to(device)
             with keep_finite(encoder, f"epoch {len(history) + 1}, step {step + 1}",
                              settings.learning_rate) as check:
-                loss = check(_training_loss(encoder, batch, tiles, generator))
+                loss = check(_training_loss(encoder, batch, tiles, generator, settings))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -416,8 +421,69 @@ def cosine_rate(progress, initial, final):
     return final + 0.5 * (initial - final) * (1 + math.cos(math.pi * progress))
 
 
-def _training_loss(encoder, batch, tiles, generator):
-    """Mean of ``-log q`` over the tiles that are scored in this step.
+def block_count_score(count_probs, counts, block, *, floor=0.25):
+    """Dawid-Sebastiani score of the star counts of square blocks of tiles, per tile.
+
+    The posterior of independent tiles gives each block's count a mean ``m`` and a
+    variance ``v`` (sums over its tiles); the score of a true count ``n`` is ``(n -
+    m)**2 / (v + floor) + log(v + floor)``. Its expectation is smallest when ``m`` is the
+    posterior mean of ``n`` and ``v`` its variance less ``floor`` (``floor`` keeps the
+    score finite for blocks that are surely empty, at the cost of rewarding variances
+    ``floor`` too small). Divided by the tiles of a block, so that blocks of any size
+    weigh like the tiles' forward KL (per tile).
+
+    Parameters
+    ----------
+    count_probs : `torch.Tensor`, shape (n_images, tile_rows, tile_cols, max_sources + 1)
+        Each tile's probabilities of 0 .. max_sources stars.
+    counts : `torch.Tensor`, shape (n_images, tile_rows, tile_cols)
+        The true number of stars of each tile.
+    block : int
+        Side of the blocks in tiles, cut to the grid's rows and columns (a side as large
+        as the grid scores the whole image). The blocks tile the grid from its top-left
+        corner; tiles beyond the last whole block are left out.
+    floor : float
+        Added to the variance; positive.
+
+    Returns
+    -------
+    `torch.Tensor`
+        A scalar: the score averaged over the blocks and images, divided by the number
+        of tiles in a block.
+
+    Examples
+    --------
+    Sixteen tiles, each with one star or none at even odds (a block's count has mean 8
+    and variance 4), and a true count of 8, then 16:
+
+    >>> import torch
+    >>> from starnet.training import block_count_score
+    >>> probs = torch.tensor([0.5, 0.5, 0.0, 0.0]).expand(1, 4, 4, 4)
+    >>> counts = torch.arange(16).reshape(1, 4, 4) % 2
+    >>> round(16 * float(block_count_score(probs, counts, 4, floor=1e-9)), 4)   # log 4
+    1.3863
+    >>> round(16 * float(block_count_score(probs, counts * 0 + 1, 4, floor=1e-9)), 4)
+    17.3863
+    """
+    if not floor > 0:
+        raise ValueError(f"floor must be positive, got {floor!r}")
+    kernel = (min(block, count_probs.shape[1]), min(block, count_probs.shape[2]))
+    k = torch.arange(count_probs.shape[-1], dtype=count_probs.dtype, device=count_probs.device)
+    mean = count_probs @ k
+    variance = count_probs @ (k * k) - mean * mean
+
+    def block_sums(x):
+        return torch.nn.functional.avg_pool2d(x[:, None], kernel)[:, 0] * (kernel[0] * kernel[1])
+
+    m, v = block_sums(mean), block_sums(variance)
+    n = block_sums(counts.to(mean.dtype))
+    return ((n - m) ** 2 / (v + floor) + torch.log(v + floor)).mean() / (kernel[0] * kernel[1])
+
+
+def _training_loss(encoder, batch, tiles, generator, settings):
+    """Mean of ``-log q`` over the tiles that are scored in this step, plus
+    ``settings.count_score_weight`` times the `block_count_score` of each of
+    ``settings.count_blocks`` (independent tiles only).
 
     With a checkerboard encoder each image draws a colour ``c``; the true catalogs of
     tiles of colours below ``c`` are shown to the encoder (teacher forcing) and the
@@ -426,7 +492,13 @@ def _training_loss(encoder, batch, tiles, generator):
     """
     features = encoder.features(batch.images, batch.background, **batch.encoder_inputs(encoder))
     if encoder.n_colors == 1:
-        return -encoder.tile_posterior(features).log_prob(tiles).mean()
+        posterior = encoder.tile_posterior(features)
+        loss = -posterior.log_prob(tiles).mean()
+        if settings.count_score_weight:
+            loss = loss + settings.count_score_weight * sum(
+                block_count_score(posterior.count_probs, tiles.counts, block)
+                for block in settings.count_blocks)
+        return loss
     first = torch.randint(encoder.n_colors, (batch.images.shape[0], 1, 1), generator=generator,
                           device=generator.device)
     decided = encoder.tile_colors(features.shape[-2:], features.device)[None] \

@@ -71,6 +71,16 @@ class TrainingSettings:
         (``reads_prior=True``) is told them, so that it learns to read any prior of
         that family (a model fitted with ranges warns when asked to read a prior
         outside them).
+    count_score_weight : float
+        Weight of a score of the star counts of blocks of tiles added to the forward KL
+        (`block_count_score`): 0 (the default) fits the tiles alone. The tiles' forward
+        KL makes each tile's count right on average over the training images, not the
+        sum over a region under a given PSF and prior; the score rewards the posterior
+        mean and variance of each block's count for matching the truth. Independent
+        tiles only (``n_colors=1``).
+    count_blocks : tuple of int
+        Sides, in tiles, of the square blocks the count score is taken over (cut to the
+        image: a side as large as the image scores the whole image).
     seed : int
         Seed of the training images and of the validation set (the network's initial
         weights are seeded by `~starnet.StarNetDeblender`).
@@ -92,15 +102,30 @@ class TrainingSettings:
     density_range: tuple = None
     f_max_range: tuple = None
     alpha_range: tuple = None
+    # A field added later must default to what fits did before it existed: checkpoints
+    # written before it resume with its default (`starnet.model_files`).
+    count_score_weight: float = 0.0
+    count_blocks: tuple = (8, 32)
     seed: int = 0
 
     def __post_init__(self):
+        for name in _PAIRS:                 # lists, as read back from JSON
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
         check_training_settings(self)
+        self.count_blocks = tuple(int(side) for side in self.count_blocks)
+        self.count_score_weight = float(self.count_score_weight)
 
     def to_dict(self):
+        """The settings as JSON-ready values (lists for tuples); ``TrainingSettings(**d)``
+        reads them back."""
         settings = asdict(self)
-        for name in ("image_shape", "background_range", "psf_variant_range", "density_range",
-                     "f_max_range", "alpha_range"):
+        for name in _PAIRS:
             if settings[name] is not None:
                 settings[name] = list(settings[name])
         return settings
+
+
+#: The fields that hold tuples.
+_PAIRS = ("image_shape", "background_range", "psf_variant_range", "density_range",
+          "f_max_range", "alpha_range", "count_blocks")

@@ -355,7 +355,7 @@ def check_training_settings(settings):
     if settings.n_steps is not None:
         check_positive_int(settings.n_steps, "n_steps")
     for name in ("learning_rate", "weight_decay", "margin", "final_learning_rate",
-                 "max_time"):
+                 "max_time", "count_score_weight"):
         value = getattr(settings, name)
         if value is None and name in ("final_learning_rate", "max_time"):
             continue
@@ -363,6 +363,11 @@ def check_training_settings(settings):
                 or not np.isfinite(value) or value < 0 or (name == "max_time" and value == 0):
             kind = "positive" if name == "max_time" else "non-negative"
             raise ValueError(f"{name} must be a {kind} number, got {value!r}")
+    blocks = settings.count_blocks
+    if not (isinstance(blocks, (tuple, list)) and blocks):
+        raise ValueError(f"count_blocks must be a tuple of block sides in tiles, got {blocks!r}")
+    for side in blocks:
+        check_positive_int(side, "count_blocks")
     check_range(settings.background_range, "background_range", positive=True)
     check_range(settings.psf_variant_range, "psf_variant_range", positive=False)
     for name in ("density_range", "f_max_range", "alpha_range"):

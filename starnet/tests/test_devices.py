@@ -80,7 +80,7 @@ def test_training_creates_its_tensors_on_the_device_of_its_inputs(n_colors):
     from starnet.encoder import StarNetEncoder
     from starnet.psf_family import DESCRIPTOR_SIZE, PSFBank
     from starnet.tiles import TileGrid
-    from starnet.training import SimulatedBatches, _training_loss, _validate
+    from starnet.training import SimulatedBatches, TrainingSettings, _training_loss, _validate
 
     psf = PowerLawPSF(sigma1=0.8, sigma2=2.0, sigmap=3.0, beta=3.0, b=0.05, p0=0.001)
     prior = StarFieldPrior(mu=0.08, bands=["r"])
@@ -90,13 +90,17 @@ def test_training_creates_its_tensors_on_the_device_of_its_inputs(n_colors):
     grid = TileGrid(tile_size=2, max_sources=3)
     tiles = grid.to_tiles(batch.catalogs.locs, batch.catalogs.fluxes, batch.catalogs.mask,
                           (16, 16))
+    # the count score (independent tiles only) makes tensors of its own
+    settings = TrainingSettings(count_score_weight=0.5 if n_colors == 1 else 0.0,
+                                count_blocks=(4, 8))
     torch.manual_seed(0)
     encoder = StarNetEncoder(n_bands=1, hidden=4, tile_hidden=8, n_colors=n_colors,
                              psf_features=DESCRIPTOR_SIZE)
 
     def run():
         encoder.zero_grad()
-        loss = _training_loss(encoder, batch, tiles, torch.Generator().manual_seed(1))
+        loss = _training_loss(encoder, batch, tiles, torch.Generator().manual_seed(1),
+                              settings)
         loss.backward()
         return loss.item(), encoder.head.weight.grad.clone(), _validate(
             encoder, grid, batch, batch, ["r"])

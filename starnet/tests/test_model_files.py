@@ -184,6 +184,22 @@ def test_old_checkpoint_resumes_with_a_warning(checkpoint):
     assert history['epoch'].tolist() == [1, 2]
 
 
+def test_checkpoint_from_before_a_new_setting_resumes_with_its_default(checkpoint):
+    """A checkpoint written before ``count_score_weight`` existed was trained without
+    the count score: it resumes with the default, and is refused with another weight."""
+    state = torch.load(checkpoint, weights_only=True)
+    metadata = json.loads(state['metadata'])
+    for key in ('count_score_weight', 'count_blocks'):
+        del metadata['training_settings'][key]
+    state['metadata'] = json.dumps(metadata)
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match="'count_score_weight' \\(0.0 in the checkpoint"):
+        tiny_deblender(seed=2).fit(n_epochs=2, checkpoint=checkpoint, count_score_weight=1.0,
+                                   **FIT)
+    history = tiny_deblender(seed=2).fit(n_epochs=2, checkpoint=checkpoint, **FIT)
+    assert history['epoch'].tolist() == [1, 2]
+
+
 def test_resume_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / 'fit.ckpt'
     tiny_deblender().save(path)

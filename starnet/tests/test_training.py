@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import numpy as np
@@ -318,3 +319,119 @@ def test_prior_ranges_give_each_image_its_flux_distribution_and_tell_it():
     assert batch.encoder_inputs(reading)["prior"] is batch.prior
     with pytest.raises(ValueError, match="f_max_range must lie above"):
         SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, (16, 16), f_max_range=(500, 1e5))
+
+
+def _block_sums_by_loop(values, block_rows, block_cols):
+    rows, cols = values.shape[1] // block_rows, values.shape[2] // block_cols
+    return np.array([[[values[i, r * block_rows:(r + 1) * block_rows,
+                              c * block_cols:(c + 1) * block_cols].sum()
+                       for c in range(cols)] for r in range(rows)]
+                     for i in range(values.shape[0])])
+
+
+@pytest.mark.parametrize('block', [2, 3, 6, 8])
+def test_block_count_score_matches_sums_over_the_tiles_of_each_block(block):
+    """Each block's mean and variance are the sums of its tiles' (a loop here) on a grid
+    of 5 x 7 tiles; tiles beyond the last whole block are left out; a side larger than
+    the grid is cut to its rows and columns (8: the whole image)."""
+    rng = np.random.default_rng(block)
+    probs = rng.dirichlet(np.ones(4), size=(2, 5, 7))
+    counts = rng.integers(0, 4, size=(2, 5, 7))
+    k = np.arange(4)
+    mean, variance = probs @ k, probs @ k ** 2 - (probs @ k) ** 2
+    side = (min(block, 5), min(block, 7))
+    m, v = _block_sums_by_loop(mean, *side), _block_sums_by_loop(variance, *side)
+    n = _block_sums_by_loop(counts, *side)
+    expected = np.mean((n - m) ** 2 / (v + 0.25) + np.log(v + 0.25)) / (side[0] * side[1])
+    score = training.block_count_score(torch.from_numpy(probs), torch.from_numpy(counts),
+                                       block)
+    assert float(score) == pytest.approx(expected, rel=1e-10)
+
+
+def _mean_score(true_pmf, pmf, *, n_images=4000):
+    """Mean block score of ``pmf`` for counts drawn tile by tile from ``true_pmf``."""
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.multinomial(torch.tensor(true_pmf), n_images * 64, replacement=True,
+                               generator=generator).reshape(n_images, 8, 8)
+    probs = torch.tensor(pmf, dtype=torch.float64).expand(n_images, 8, 8, len(pmf))
+    return float(training.block_count_score(probs, counts, 8, floor=1e-6))
+
+
+def test_block_count_score_is_lowest_at_the_true_mean_and_spread():
+    """A proper score of the first two moments: for counts drawn with P(star) = 0.3 the
+    true probabilities score below 0.25 and 0.35 (the mean); for tiles of 0, 1 or 2
+    stars at 1/4, 1/2, 1/4 (mean 1, variance 1/2) they score below pmfs of the same mean
+    and variance 0 or 1 (the spread)."""
+    assert _mean_score([0.7, 0.3], [0.7, 0.3]) < min(_mean_score([0.7, 0.3], [0.75, 0.25]),
+                                                     _mean_score([0.7, 0.3], [0.65, 0.35]))
+    true = [0.25, 0.5, 0.25]
+    assert _mean_score(true, true) < min(_mean_score(true, [0.0, 1.0, 0.0]),
+                                         _mean_score(true, [0.5, 0.0, 0.5]))
+
+
+def test_block_count_score_floor_must_be_positive():
+    probs = torch.full((1, 2, 2, 2), 0.5)
+    with pytest.raises(ValueError, match='floor must be positive'):
+        training.block_count_score(probs, torch.zeros(1, 2, 2), 2, floor=0.0)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('count_score_weight', -1.0, 'count_score_weight must be a non-negative number'),
+    ('count_score_weight', float('nan'), 'count_score_weight must be a non-negative number'),
+    ('count_blocks', (), 'count_blocks must be a tuple'),
+    ('count_blocks', (8, 0), 'count_blocks must be a positive integer'),
+    ('count_blocks', (True,), 'count_blocks must be a positive integer'),
+])
+def test_bad_count_score_settings_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingSettings(**{field: value})
+
+
+def test_settings_read_back_from_json_equal_the_originals():
+    """Lists (as JSON gives them) and numpy numbers become the tuples and Python
+    numbers that were written, so settings compare equal and can be written again."""
+    settings = TrainingSettings(count_blocks=[np.int64(4), 16], count_score_weight=np.float32(0.5),
+                                density_range=[0.01, 0.3])
+    assert settings == TrainingSettings(count_blocks=(4, 16), count_score_weight=0.5,
+                                        density_range=(0.01, 0.3))
+    assert TrainingSettings(**json.loads(json.dumps(settings.to_dict()))) == settings
+
+
+def test_count_score_adds_its_weight_times_the_block_scores_to_the_loss():
+    """The training loss with the count score is the forward KL plus the weight times
+    the sum of the block scores of the tiles' count posteriors."""
+    deblender = _budget_deblender()
+    encoder = deblender.encoder.eval()
+    batch = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, (16, 16)).draw_batch(
+        3, generator=torch.Generator().manual_seed(0))
+    tiles = deblender.grid.to_tiles(batch.catalogs.locs, batch.catalogs.fluxes,
+                                    batch.catalogs.mask, (16, 16))
+
+    def loss(**options):
+        settings = TrainingSettings(count_blocks=(2, 8), **options)
+        return float(training._training_loss(encoder, batch, tiles, None, settings))
+
+    with torch.no_grad():
+        features = encoder.features(batch.images, batch.background,
+                                    **batch.encoder_inputs(encoder))
+        probs = encoder.tile_posterior(features).count_probs
+        scores = sum(float(training.block_count_score(probs, tiles.counts, side))
+                     for side in (2, 8))
+        assert abs(scores) > 0.01
+        assert loss(count_score_weight=0.7) == pytest.approx(loss() + 0.7 * scores, rel=1e-5)
+
+
+def test_count_score_trains_and_is_saved(tmp_path):
+    """A fit with the block count score runs, its settings are kept in the model file,
+    and a checkerboard encoder, whose count is not a sum over tiles, refuses it."""
+    deblender = _budget_deblender()
+    history = deblender.fit(n_steps=2, batches_per_epoch=2, count_score_weight=0.5,
+                            count_blocks=(2, 6), **SMALL_FIT)
+    assert np.isfinite(history["train_loss"][0])
+    deblender.save(tmp_path / 'model.pt')
+    loaded = StarNetDeblender.load(tmp_path / 'model.pt').training_settings
+    assert loaded.count_score_weight == 0.5 and loaded.count_blocks == (2, 6)
+    checkerboard = StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
+                                    tile_hidden=16, stamp_size=7, n_colors=2)
+    with pytest.raises(ValueError, match='count_score_weight needs independent tiles'):
+        checkerboard.fit(n_steps=1, count_score_weight=0.5, **SMALL_FIT)
