@@ -14,8 +14,9 @@ density of stars. Training images draw
 - a flux distribution: a Pareto index uniform in ``--alpha-range`` and an upper flux
   log-uniform in ``--f-max-range``, both told to the encoder (which reads the prior: the
   count of a crowded field follows the bright end of the prior, docs/sdss_model.rst);
-- saturation at a random full well with bleed trails, bad columns, cosmic rays and chip
-  edges, masked;
+- saturation at a random full well with bleed trails (none in a fraction
+  ``--unsaturated-fraction`` of the images), bad columns, cosmic rays and chip edges,
+  masked;
 - the M2 sky times a factor in ``--background-range``.
 
 Run (the command is recorded in the model's metadata; training resumes from
@@ -101,7 +102,8 @@ def simulated_batches(args, prior, sky):
         prior, bank, sky, (args.image_size,) * 2, margin=6.0,
         background_range=tuple(args.background_range),
         density_range=tuple(args.density_range), density_gradient=args.density_gradient,
-        defects=None if args.no_defects else FrameDefects(),
+        defects=None if args.no_defects else FrameDefects(
+            unsaturated_probability=args.unsaturated_fraction),
         f_max_range=tuple(args.f_max_range), alpha_range=tuple(args.alpha_range))
 
 
@@ -199,6 +201,8 @@ def main(argv=None):
     parser.add_argument("--n-kl", type=int, default=48)
     parser.add_argument("--n-analytic", type=int, default=64)
     parser.add_argument("--no-defects", action="store_true")
+    parser.add_argument("--unsaturated-fraction", type=float, default=0.0,
+                        help="fraction of the images left unsaturated (FrameDefects)")
     parser.add_argument("--count-score-weight", type=float, default=0.0,
                         help="weight of the block count score (TrainingSettings)")
     parser.add_argument("--count-blocks", type=int, nargs="+",
@@ -238,7 +242,8 @@ def main(argv=None):
                    "prior": prior.to_dict(), "bank_members": n_members,
                    "width_error": args.width_error, "holdout_fields": held,
                    "f_max_range": list(args.f_max_range), "alpha_range": list(args.alpha_range),
-                   "density_range": list(args.density_range), "init": args.init}
+                   "density_range": list(args.density_range), "init": args.init,
+                   "unsaturated_fraction": args.unsaturated_fraction}
     total_steps = args.steps
     while True:
         done = 0

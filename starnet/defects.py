@@ -91,6 +91,10 @@ class FrameDefects:
     saturation_range : tuple of float or None
         Each image's full-well level is drawn log-uniformly from this range (electrons)
         and applied by `saturate` (None: no saturation).
+    unsaturated_probability : float
+        Probability that an image is left unsaturated however bright its stars (a
+        deeper full well, or a survey whose saturated pixels are not flagged), so that
+        a network trained on these images also sees unclipped bright stars.
     bad_column_rate : float
         Expected bad columns per 1000 image columns (a random stretch of a column, its
         values replaced by garbage).
@@ -114,6 +118,7 @@ class FrameDefects:
     """
 
     saturation_range: tuple = (1e5, 4e5)
+    unsaturated_probability: float = 0.0
     bad_column_rate: float = 10.0
     cosmic_ray_rate: float = 2.0
     edge_probability: float = 0.1
@@ -122,12 +127,14 @@ class FrameDefects:
         if self.saturation_range is not None:
             self.saturation_range = check_range(self.saturation_range, "saturation_range",
                                                 positive=True)
-        for name in ("bad_column_rate", "cosmic_ray_rate", "edge_probability"):
+        for name in ("unsaturated_probability", "bad_column_rate", "cosmic_ray_rate",
+                     "edge_probability"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
-        if self.edge_probability > 1:
-            raise ValueError(f"edge_probability must be <= 1, got {self.edge_probability}")
+        for name in ("unsaturated_probability", "edge_probability"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name} must be <= 1, got {getattr(self, name)}")
 
     def apply(self, images, *, generator=None):
         """Defects on a batch of images.
@@ -151,6 +158,10 @@ class FrameDefects:
         if self.saturation_range is not None:
             low, high = np.log(self.saturation_range)
             level = torch.exp(low + (high - low) * torch.rand(n, 1, 1, 1, generator=generator))
+            if self.unsaturated_probability:
+                unsaturated = torch.rand(n, 1, 1, 1, generator=generator) \
+                    < self.unsaturated_probability
+                level = torch.where(unsaturated, torch.inf, level)
             images, mask = saturate(images, level)
         spoiled = torch.zeros(n, 1, rows, cols, dtype=torch.bool)
         # bad columns: a random stretch (at least a quarter) of a random column

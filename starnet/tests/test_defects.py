@@ -43,7 +43,26 @@ def test_defects_spoil_every_band_and_are_seeded():
     assert torch.all(first[0][~mask] == 700.0)
 
 
+def test_unsaturated_images_keep_their_bright_stars():
+    """With unsaturated_probability p, a fraction p of the images keeps every pixel
+    (binomial bounds on 400 images), the others are clipped at their full well."""
+    defects = FrameDefects(saturation_range=(1e5, 1e5), unsaturated_probability=0.25,
+                           bad_column_rate=0.0, cosmic_ray_rate=0.0, edge_probability=0.0)
+    images = torch.full((400, 2, 9, 9), 700.0)
+    images[:, :, 4, 4] = 5e5
+    out, mask = defects.apply(images, generator=torch.Generator().manual_seed(2))
+    kept = (out == images).flatten(1).all(dim=1)
+    assert torch.equal(~kept, mask.flatten(1).any(dim=1))   # clipped images are masked
+    torch.testing.assert_close(out[~kept].amax(dim=(1, 2, 3)), torch.full(((~kept).sum(),), 1e5))
+    assert 0.25 - 3 * 0.0217 < kept.float().mean() < 0.25 + 3 * 0.0217
+    none = FrameDefects(saturation_range=(1e5, 1e5), bad_column_rate=0.0,
+                        cosmic_ray_rate=0.0, edge_probability=0.0)
+    assert none.apply(images)[1].flatten(1).any(dim=1).all()
+
+
 @pytest.mark.parametrize(("name", "value"), [("bad_column_rate", -1.0),
+                                             ("unsaturated_probability", 1.2),
+                                             ("unsaturated_probability", -0.1),
                                              ("cosmic_ray_rate", float("nan")),
                                              ("edge_probability", 1.5)])
 def test_defect_settings_are_checked(name, value):
