@@ -31,7 +31,8 @@ the tile's centre to the nearest star brighter than 3e5 e- (as a fraction of all
 condition's stars), with the excess per tile.
 
 A ``--model`` ending in ``.ckpt`` is a checkpoint of ``scripts/train_sdss.py``: its
-weights in a network of the bundled ``sdss``'s architecture.
+weights (averaged, if the run averages them) in a network of the bundled ``sdss``'s
+architecture.
 """
 
 import argparse
@@ -46,6 +47,7 @@ from starnet import StarFieldPrior, StarNetDeblender
 from starnet.datasets import load_m2
 from starnet.datasets.sdss import resampled_psf
 from starnet.defects import FrameDefects
+from starnet.model_files import checkpoint_weights
 from starnet.posterior import count_distribution
 from starnet.psf import kl_psf_from_psfield, psf_fwhm
 from starnet.psf_family import PSFBank, photofield_psfs
@@ -108,7 +110,7 @@ def load(name):
     if not str(name).endswith(".ckpt"):
         return StarNetDeblender.from_name_or_path(name)
     deblender = StarNetDeblender.pretrained("sdss")
-    deblender.encoder.load_state_dict(torch.load(name, weights_only=True)["encoder"])
+    deblender.encoder.load_state_dict(checkpoint_weights(torch.load(name, weights_only=True)))
     return deblender
 
 

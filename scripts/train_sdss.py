@@ -46,6 +46,7 @@ from starnet.datasets import load_m2
 from starnet.datasets.sdss import resampled_psf
 from starnet.defects import FrameDefects
 from starnet.encoder import StarNetEncoder
+from starnet.model_files import checkpoint_weights
 from starnet.psf import kl_psf_from_psfield, psf_fwhm
 from starnet.prior import PRIOR_FEATURES
 from starnet.psf_family import DESCRIPTOR_SIZE, PSFBank, photofield_psfs
@@ -208,6 +209,9 @@ def main(argv=None):
     parser.add_argument("--count-blocks", type=int, nargs="+",
                         default=list(TrainingSettings.count_blocks),
                         help="sides in tiles of the blocks the count score is taken over")
+    parser.add_argument("--average-steps", type=int, default=0,
+                        help="average the weights over about this many steps "
+                             "(TrainingSettings.average_steps)")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--final-learning-rate", type=float, default=2e-5)
     parser.add_argument("--stop-after-minutes", type=float, default=None)
@@ -236,7 +240,8 @@ def main(argv=None):
         learning_rate=args.learning_rate, final_learning_rate=args.final_learning_rate,
         margin=6.0, n_validation=64, background_range=tuple(args.background_range),
         density_range=tuple(args.density_range), count_score_weight=args.count_score_weight,
-        count_blocks=tuple(args.count_blocks), seed=args.seed)
+        count_blocks=tuple(args.count_blocks), average_steps=args.average_steps,
+        seed=args.seed)
     Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     description = {"script": "train_sdss", "encoder": encoder.config(),
                    "prior": prior.to_dict(), "bank_members": n_members,
@@ -274,7 +279,7 @@ def main(argv=None):
             return
     print(f"trained {total_steps} steps; writing {args.output}", flush=True)
     checkpoint = torch.load(args.checkpoint, weights_only=True)
-    encoder.load_state_dict(checkpoint["encoder"])
+    encoder.load_state_dict(checkpoint_weights(checkpoint))
     settings.n_steps, settings.learning_rate = total_steps, args.learning_rate
     settings.final_learning_rate = args.final_learning_rate
     command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])

@@ -46,7 +46,7 @@ _MODEL_FORMAT = "starnet-deblender-1"
 _CHECKPOINT_FORMAT = "starnet-checkpoint-1"
 # training settings that may change when training resumes from a checkpoint
 _RESUMABLE = ("learning_rate", "weight_decay", "n_epochs", "n_steps", "max_time",
-              "final_learning_rate")
+              "final_learning_rate", "average_steps")
 _SIZES = ("tile_size", "max_sources", "stamp_size", "hidden", "tile_hidden")
 #: The keys of a model file's metadata and their JSON types (None: null allowed);
 #: those after ``tile_hidden`` may be missing from files of older versions.
@@ -351,7 +351,8 @@ def write_checkpoint(path, state, *, settings, model=None):
     ----------
     path : str or `~pathlib.Path`
     state : dict
-        ``encoder``, ``optimizer``, ``generator`` and ``history``.
+        ``encoder``, ``optimizer``, ``generator`` and ``history``, and ``average`` for a
+        fit that averages its weights (``TrainingSettings.average_steps``).
     settings : `~starnet.training.TrainingSettings`
     model : dict, optional
         `describe_model` of the deblender being trained.
@@ -407,6 +408,13 @@ def read_checkpoint(path, *, settings, model=None):
                          f"{settings.n_epochs}: ask for at least {done} epochs, or use a new "
                          "checkpoint path")
     return contents
+
+
+def checkpoint_weights(state):
+    """The network weights a fit would end with if it stopped at checkpoint ``state``
+    (as `read_checkpoint` or ``torch.load`` returns it): the averaged weights of a fit
+    that averages them (``TrainingSettings.average_steps``), else the last step's."""
+    return state["average"]["weights"] if state.get("average") else state["encoder"]
 
 
 def _check_resume(path, metadata, settings, model):

@@ -3,6 +3,7 @@
 import math
 import time
 import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -238,7 +239,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
     -------
     history : `~astropy.table.QTable`
         One row per epoch: ``epoch``, ``train_loss`` (with the count score, if any),
-        ``val_loss`` (the forward KL alone), ``val_f1``,
+        ``val_loss`` (the forward KL alone), ``val_f1``, (these and the count columns of
+        the averaged weights when ``settings.average_steps`` is set),
         ``val_tpr``, ``val_ppv``, ``images_per_second`` (training steps only),
         ``seconds`` (wall time, validation included), ``steps``, the
         ``learning_rate`` of its last step, the number of training stars dropped
@@ -262,12 +264,14 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
                                     generator=torch.Generator().manual_seed(settings.seed + 1))
     validation_inputs = validation.to(device)
     history = []
+    average_state = None
     if checkpoint is not None and Path(checkpoint).exists():
         state = read_checkpoint(checkpoint, settings=settings, model=model_description)
         encoder.load_state_dict(state["encoder"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         history = state["history"]
+        average_state = state.get("average")
         for row in history:    # rows of checkpoints written before these columns
             row.setdefault("steps", settings.batches_per_epoch)
             row.setdefault("learning_rate", float("nan"))
@@ -281,6 +285,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         group["weight_decay"] = settings.weight_decay  # checkpoint would restore L2 decay)
         group["decoupled_weight_decay"] = True
     schedule = _Schedule(settings, history)
+    average = (_WeightAverage(encoder, settings.average_steps, average_state)
+               if settings.average_steps else None)
     if progress and schedule.note:
         tqdm.write(schedule.note)
     while not schedule.finished():
@@ -304,15 +310,18 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+            if average is not None:
+                average.update(encoder)
             losses.append(loss.item())
             dropped += tiles.n_dropped
             steps.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{rate:.1e}")
             if schedule.out_of_time(time.perf_counter() - started):
                 break
         training_seconds = time.perf_counter() - started
-        row = {"epoch": len(history) + 1, "train_loss": float(np.mean(losses)),
-               **_validate(encoder, grid, validation, validation_inputs,
-                           batches.prior.bands),
+        with average.applied(encoder) if average is not None else nullcontext():
+            scores = _validate(encoder, grid, validation, validation_inputs,
+                               batches.prior.bands)
+        row = {"epoch": len(history) + 1, "train_loss": float(np.mean(losses)), **scores,
                "images_per_second": len(losses) * settings.batch_size / training_seconds,
                "seconds": time.perf_counter() - started, "steps": len(losses),
                "learning_rate": rate, "dropped_stars": dropped, "baseline_f1": baseline_f1}
@@ -327,11 +336,13 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
                         f"covers {row['val_coverage']:.0%}, "
                         f"{row['images_per_second']:.1f} images/s, rate {rate:.1e}")
         if checkpoint is not None:
-            write_checkpoint(checkpoint, {"encoder": encoder.state_dict(),
-                                          "optimizer": optimizer.state_dict(),
-                                          "generator": generator.get_state(),
-                                          "history": history},
-                             settings=settings, model=model_description)
+            state = {"encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
+                     "generator": generator.get_state(), "history": history}
+            if average is not None:
+                state["average"] = average.state()
+            write_checkpoint(checkpoint, state, settings=settings, model=model_description)
+    if average is not None:
+        encoder.load_state_dict(average.weights)
     encoder.eval()
     encoder.to("cpu")
     zero_negligible_weights(encoder)
@@ -342,6 +353,49 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
                       "the same checkpoint and a larger budget) before trusting it",
                       UserWarning)
     return QTable(rows=history, names=list(history[0])) if history else QTable()
+
+
+class _WeightAverage:
+    """Exponential moving average of an encoder's weights over about ``steps`` steps
+    (`TrainingSettings.average_steps`); the plain mean of the steps so far while there
+    are fewer. ``state`` resumes one from a checkpoint (`state`)."""
+
+    def __init__(self, encoder, steps, state=None):
+        self.steps = steps
+        current = encoder.state_dict()
+        if state is None:
+            self.weights = {name: value.detach().clone() for name, value in current.items()}
+            self.updates = 0
+        else:
+            self.weights = {name: state["weights"][name].to(value.device).clone()
+                            for name, value in current.items()}
+            self.updates = int(state["updates"])
+
+    @torch.no_grad()
+    def update(self, encoder):
+        """Take in the encoder's weights after a step."""
+        self.updates += 1
+        weight = max(1.0 / self.steps, 1.0 / self.updates)
+        for name, value in encoder.state_dict().items():
+            if value.is_floating_point():
+                self.weights[name].lerp_(value, weight)
+            else:
+                self.weights[name].copy_(value)
+
+    @contextmanager
+    def applied(self, encoder):
+        """The encoder with the averaged weights, its own back on exit."""
+        own = {name: value.clone() for name, value in encoder.state_dict().items()}
+        encoder.load_state_dict(self.weights)
+        try:
+            yield encoder
+        finally:
+            encoder.load_state_dict(own)
+
+    def state(self):
+        """What a checkpoint keeps (on the CPU)."""
+        return {"weights": {name: value.cpu() for name, value in self.weights.items()},
+                "updates": self.updates}
 
 
 class _Schedule:

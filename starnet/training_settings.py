@@ -81,6 +81,15 @@ class TrainingSettings:
     count_blocks : tuple of int
         Sides, in tiles, of the square blocks the count score is taken over (cut to the
         image: a side as large as the image scores the whole image).
+    average_steps : int
+        0 (the default): the fit ends with the weights of its last step. Otherwise the
+        weights it validates and returns are an exponential moving average of the
+        trained weights over about this many steps (their plain mean while fewer steps
+        have been taken). Adam's steps make the network's count jitter from step to
+        step, by a few per cent of the stars of an image even at small rates; the
+        average takes the middle of that jitter instead of wherever the last step left
+        it. May be changed when a fit resumes (the average then starts from the
+        weights it resumes with).
     seed : int
         Seed of the training images and of the validation set (the network's initial
         weights are seeded by `~starnet.StarNetDeblender`).
@@ -106,6 +115,7 @@ class TrainingSettings:
     # written before it resume with its default (`starnet.model_files`).
     count_score_weight: float = 0.0
     count_blocks: tuple = (8, 32)
+    average_steps: int = 0
     seed: int = 0
 
     def __post_init__(self):

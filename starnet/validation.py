@@ -354,6 +354,8 @@ def check_training_settings(settings):
         check_positive_int(size, "image_shape")
     if settings.n_steps is not None:
         check_positive_int(settings.n_steps, "n_steps")
+    if settings.average_steps != 0:
+        check_positive_int(settings.average_steps, "average_steps")
     for name in ("learning_rate", "weight_decay", "margin", "final_learning_rate",
                  "max_time", "count_score_weight"):
         value = getattr(settings, name)

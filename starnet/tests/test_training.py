@@ -8,6 +8,8 @@ import torch
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
 from starnet import training
 from starnet.simulate import StarFieldRenderer
+from starnet.model_files import checkpoint_weights
+from starnet.tiles import TileGrid
 from starnet.training import SimulatedBatches, TrainingSettings, cosine_rate
 
 NARROW = PowerLawPSF(sigma1=0.8, sigma2=2.0, sigmap=3.0, beta=3.0, b=0.05, p0=0.001)
@@ -435,3 +437,63 @@ def test_count_score_trains_and_is_saved(tmp_path):
                                     tile_hidden=16, stamp_size=7, n_colors=2)
     with pytest.raises(ValueError, match='count_score_weight needs independent tiles'):
         checkerboard.fit(n_steps=1, count_score_weight=0.5, **SMALL_FIT)
+
+
+def _weights(deblender):
+    return {name: value.clone() for name, value in deblender.encoder.state_dict().items()}
+
+
+def test_averaged_weights_are_the_mean_of_the_steps_then_a_moving_average(tmp_path):
+    """With average_steps above the steps taken, a fit returns the mean of the weights
+    after each of its steps (fits of 1, 2 and 3 steps at a constant rate give them);
+    with average_steps=1 the last step's; a fit resumed from a checkpoint continues
+    the same average; and the validation scores are those of the averaged weights."""
+    rate = dict(learning_rate=1e-2, final_learning_rate=None, compare_photutils=False)
+    steps = []
+    for n in (1, 2, 3):
+        deblender = _budget_deblender()
+        deblender.fit(n_steps=n, batches_per_epoch=3, **rate, **SMALL_FIT)
+        steps.append(_weights(deblender))
+    averaged = _budget_deblender()
+    history = averaged.fit(n_steps=3, batches_per_epoch=3, average_steps=1000, **rate,
+                           **SMALL_FIT)
+    for name, value in averaged.encoder.state_dict().items():
+        if value.is_floating_point():
+            mean = sum(step[name] for step in steps) / 3
+            torch.testing.assert_close(value, mean, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(value, steps[-1][name])
+               for name, value in averaged.encoder.state_dict().items())
+    assert averaged.training_settings.average_steps == 1000
+    # the validation loss recorded is that of the averaged network
+    settings = averaged.training_settings
+    batches = averaged._batches(settings.image_shape, settings)
+    validation = batches.draw_batch(settings.n_validation,
+                                    generator=torch.Generator().manual_seed(settings.seed + 1))
+    grid = TileGrid(tile_size=averaged.encoder.tile_size,
+                    max_sources=averaged.encoder.max_sources)
+    scores = training._validate(averaged.encoder, grid, validation, validation, PRIOR.bands)
+    assert scores["val_loss"] == pytest.approx(history["val_loss"][-1], rel=1e-4)
+    last = _budget_deblender()
+    last.fit(n_steps=3, batches_per_epoch=3, average_steps=1, **rate, **SMALL_FIT)
+    for name, value in last.encoder.state_dict().items():
+        torch.testing.assert_close(value, steps[-1][name])
+    # resumed: two steps, then a third from the checkpoint, as one fit of three
+    checkpoint = tmp_path / "fit.ckpt"
+    _budget_deblender().fit(n_steps=2, batches_per_epoch=1, average_steps=1000,
+                            checkpoint=checkpoint, **rate, **SMALL_FIT)
+    resumed = _budget_deblender()
+    resumed_history = resumed.fit(n_steps=3, batches_per_epoch=1, average_steps=1000,
+                                  checkpoint=checkpoint, **rate, **SMALL_FIT)
+    for name, value in resumed.encoder.state_dict().items():
+        torch.testing.assert_close(value, averaged.encoder.state_dict()[name],
+                                   rtol=1e-5, atol=1e-7)
+    assert resumed_history["val_loss"][-1] == pytest.approx(history["val_loss"][-1],
+                                                            rel=1e-5)
+    state = torch.load(checkpoint, weights_only=True)
+    assert checkpoint_weights(state) is state["average"]["weights"]
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, None])
+def test_bad_average_steps_are_refused(value):
+    with pytest.raises(ValueError, match="average_steps must be a positive integer"):
+        TrainingSettings(average_steps=value)
