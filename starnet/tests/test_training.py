@@ -497,3 +497,24 @@ def test_averaged_weights_are_the_mean_of_the_steps_then_a_moving_average(tmp_pa
 def test_bad_average_steps_are_refused(value):
     with pytest.raises(ValueError, match="average_steps must be a positive integer"):
         TrainingSettings(average_steps=value)
+
+
+def test_averaging_switched_on_at_resume_averages_the_steps_after_it(tmp_path):
+    """A fit of two steps resumed to four with average_steps returns the mean of the
+    weights after steps 3 and 4 (those of plain fits of three and four steps)."""
+    rate = dict(learning_rate=1e-2, final_learning_rate=None, compare_photutils=False)
+    steps = []
+    for n in (3, 4):
+        deblender = _budget_deblender()
+        deblender.fit(n_steps=n, batches_per_epoch=1, **rate, **SMALL_FIT)
+        steps.append(_weights(deblender))
+    checkpoint = tmp_path / "fit.ckpt"
+    _budget_deblender().fit(n_steps=2, batches_per_epoch=1, checkpoint=checkpoint, **rate,
+                            **SMALL_FIT)
+    resumed = _budget_deblender()
+    resumed.fit(n_steps=4, batches_per_epoch=1, average_steps=1000, checkpoint=checkpoint,
+                **rate, **SMALL_FIT)
+    for name, value in resumed.encoder.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (steps[0][name] + steps[1][name]) / 2,
+                                       rtol=1e-5, atol=1e-7)
