@@ -239,9 +239,9 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
     -------
     history : `~astropy.table.QTable`
         One row per epoch: ``epoch``, ``train_loss`` (with the count score, if any),
-        ``val_loss`` (the forward KL alone), ``val_f1``, (these and the count columns of
-        the averaged weights when ``settings.average_steps`` is set),
-        ``val_tpr``, ``val_ppv``, ``images_per_second`` (training steps only),
+        ``val_loss`` (the forward KL alone), ``val_f1``, ``val_tpr``, ``val_ppv`` (these
+        and the count columns of the averaged weights when ``settings.average_steps``
+        is set), ``images_per_second`` (training steps only),
         ``seconds`` (wall time, validation included), ``steps``, the
         ``learning_rate`` of its last step, the number of training stars dropped
         because a tile held more than ``max_sources`` and ``schedule_progress``, how far
