@@ -34,11 +34,12 @@ def photutils_field(rng, *, size=200, density=0.01, psfs=(MOFFAT, MOFFAT), margi
     return image, int(inside.sum())
 
 
-@pytest.mark.parametrize("name, low, high", [("sdss", -0.10, 0.05), ("sdss-m2", 1.0, np.inf)])
+@pytest.mark.parametrize("name, low, high", [("sdss", -0.08, 0.05), ("sdss-m2", 1.0, np.inf)])
 def test_the_psf_reading_model_counts_stars_through_a_psf_it_never_saw(name, low, high):
-    """Three sparse fields through a Moffat PSF: ``sdss``, told the PSF, counts within
-    the documented -5 % (here -10 % to +5 %); ``sdss-m2``, trained for M2's PSF, more
-    than doubles the count (documented: +377 %)."""
+    """Three sparse fields through a Moffat PSF: ``sdss``, told the PSF, counts as
+    documented, -1.8 % on 50 fields (here -8 % to +5 %, about three standard errors of
+    three fields); ``sdss-m2``, trained for M2's PSF, more than doubles the count
+    (documented: +380 %)."""
     deblender = StarNetDeblender.pretrained(name)
     estimated, true = 0.0, 0
     for seed in range(3):
@@ -52,7 +53,7 @@ def test_the_psf_reading_model_counts_stars_through_a_psf_it_never_saw(name, low
 
 
 # the 90 % count coverage of docs/sdss_model.rst (bench_density_sweep.py, 100 fields)
-DOCUMENTED_COVERAGE = {0.04: 0.80, 0.12: 0.36}
+DOCUMENTED_COVERAGE = {0.04: 0.91, 0.12: 0.72}
 
 
 @pytest.mark.parametrize("density", sorted(DOCUMENTED_COVERAGE))
