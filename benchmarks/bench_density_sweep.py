@@ -45,6 +45,17 @@ posterior) and the 90 % coverage. Tiles that are independent in the variational
 posterior but whose errors are not (a density misread over a region wider than a tile)
 show as a dispersion that grows with the block.
 
+``--bright-flux F``: for each field, the error of its count (posterior mean minus true
+count) is set against the chance excess of stars brighter than ``F`` e- (their true
+number less its mean over the density's fields). A fourth table gives per density the
+dispersion of the field counts (as above), the correlation of the errors with the
+excess, the slope (extra stars counted per extra bright star, beside the bright star
+itself) and the dispersion left once that linear dependence is removed. A network that
+reads the density from the stars it sees counts more faint stars where chance put more
+bright ones; a posterior of independent tiles leaves that shared uncertainty out of
+its interval, and the dispersion it explains is the part that a posterior over the
+local density would restore.
+
 Run::
 
     python benchmarks/bench_density_sweep.py --model sdss-m2 --n-fields 100
@@ -142,6 +153,9 @@ def main(argv=None):
     parser.add_argument("--block-sizes", type=int, nargs="*", default=[],
                         help="sides in pixels of square blocks whose counts are checked "
                         "too (each divides the image side and is a multiple of the tile)")
+    parser.add_argument("--bright-flux", type=float, default=None, metavar="F",
+                        help="set each field's count error against its chance excess of "
+                             "stars brighter than F e-")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -165,7 +179,7 @@ def main(argv=None):
           f"given; {args.n_fields} fields per density")
     print(f"{'stars/px':>8} {'size':>5} {'fields':>6} {'true N':>8} {'bias':>7} "
           f"{'90% cover':>10} {'F1':>6} {'s/field':>8}")
-    star_tables, block_rows = {}, []
+    star_tables, block_rows, bright_rows = {}, [], []
     for density in args.densities:
         prior = StarFieldPrior(mu=density, f_min=1000.0, f_max=args.f_max, alpha=0.5,
                                bands=("r", "i"))
@@ -195,6 +209,10 @@ def main(argv=None):
                 flux = np.asarray(truth["flux_r"]) / M2_NELEC_PER_NMGY
                 intervals["r"] = 22.5 - 2.5 * np.log10(flux)
                 star_tables.setdefault(density, []).append(intervals)
+            if args.bright_flux:
+                whole = block_counts(deblender, image, truth, size)[0]
+                n_bright = int(np.sum(np.asarray(truth["flux_r"]) > args.bright_flux))
+                bright_rows.append((density,) + whole[:3] + (n_bright,))
             for block in args.block_sizes:
                 block_rows += [(density, block) + row
                                for row in block_counts(deblender, image, truth, block)]
@@ -209,6 +227,8 @@ def main(argv=None):
         print_star_coverage(star_tables, args.star_draws)
     if block_rows:
         print_block_calibration(np.array(block_rows))
+    if bright_rows:
+        print_bright_regression(np.array(bright_rows, dtype=float), args.bright_flux)
 
 
 def block_counts(deblender, image, truth, block):
@@ -252,6 +272,25 @@ def print_block_calibration(rows):
               f"{100 * (np.sum(mean) - np.sum(true)) / np.sum(true):+6.1f}% "
               f"{dispersion:10.2f} {cover:5.2f}+-{np.sqrt(cover * (1 - cover) / len(chosen)):.2f}",
               flush=True)
+
+
+def print_bright_regression(rows, flux):
+    """The bright-excess table: how much of the field counts' error follows the chance
+    excess of bright stars (rows: density, true count, posterior mean, posterior variance,
+    true number of stars brighter than ``flux``)."""
+    print(f"\nfield count errors against the excess of stars brighter than {flux:g} e-")
+    print(f"{'stars/px':>8} {'fields':>6} {'bright':>7} {'dispersion':>10} {'corr':>6} "
+          f"{'slope':>6} {'dispersion left':>16}")
+    for density in dict.fromkeys(rows[:, 0]):
+        true, mean, variance, bright = rows[rows[:, 0] == density, 1:].T
+        error = mean - true
+        excess = bright - bright.mean()
+        slope = np.polyfit(excess, error, 1)[0]
+        left = error - slope * excess
+        spread = np.sqrt(np.mean(variance))
+        print(f"{density:8.3f} {len(true):6d} {bright.mean():7.1f} "
+              f"{np.std(error, ddof=1) / spread:10.2f} {np.corrcoef(excess, error)[0, 1]:6.2f} "
+              f"{slope:6.2f} {np.std(left, ddof=2) / spread:16.2f}", flush=True)
 
 
 def print_star_coverage(star_tables, n_draws):
