@@ -6,7 +6,8 @@ crowded intervals are too narrow"). Under a Poisson prior, multiplying the densi
 ``exp(delta)`` tilts each tile's count pmf by ``exp(delta * n)`` (then normalised), so a
 posterior with a log-density offset ``delta ~ Normal(0, s**2)`` shared by the tiles of a
 cell is a mixture over ``delta`` of tilted pmfs, and the pmf of a cell's count is the
-tilted pmf of the independent tiles' count: ``P(N) exp(delta N) / Z(delta)``.
+tilted pmf of the independent tiles' count: ``P(N) exp(delta N) / Z(delta)``
+(`starnet.posterior.density_mixture`).
 
 This script fits only the spread ``s``: a 1 x 1 convolution on the frozen tile features of
 ``--model`` (the input of its head), ``softplus``, averaged over the 32 x 32 tiles of a
@@ -36,13 +37,11 @@ from astropy.nddata import NDData
 from bench_density_sweep import SKY, field, integrated_psf, render_psfs
 
 from starnet import StarFieldPrior, StarNetDeblender
-from starnet.posterior import count_distribution
+from starnet.posterior import count_distribution, density_mixture
 from starnet.tiles import TileGrid
 
 CELL = 32          # tiles: the 64 x 64-pixel training image of the sdss models
 FLOOR = 0.25       # as in starnet.training.block_count_score
-NODES, WEIGHTS = np.polynomial.hermite_e.hermegauss(21)
-WEIGHTS = WEIGHTS / WEIGHTS.sum()
 
 
 def tile_outputs(encoder, spread, image, background, inputs):
@@ -104,20 +103,6 @@ def fit_spread(deblender, steps, seed):
     return spread
 
 
-def mixed(pmf, s):
-    """The mixture over ``delta ~ Normal(0, s**2)`` of ``pmf`` tilted by ``exp(delta n)``."""
-    keep = pmf > 0
-    n = np.arange(len(pmf))
-    log_pmf = np.full(len(pmf), -np.inf)
-    log_pmf[keep] = np.log(pmf[keep])
-    out = np.zeros(len(pmf))
-    for z, weight in zip(NODES, WEIGHTS):
-        tilted = log_pmf + s * z * n
-        tilted = np.exp(tilted - tilted[keep].max())
-        out += weight * tilted / tilted.sum()
-    return out
-
-
 def summary(pmf, truth):
     """(mean, standard deviation, 5 %, 95 % quantiles, truth) of a count pmf."""
     n = np.arange(len(pmf))
@@ -134,11 +119,11 @@ def field_posteriors(probs, s_map, truth):
     cells = np.ones(1)
     for row in range(0, probs.shape[0], CELL):
         for col in range(0, probs.shape[1], CELL):
-            cell = probs[row:row + CELL, col:col + CELL]
-            cells = np.convolve(cells, mixed(count_distribution(cell.reshape(-1, cell.shape[-1])),
-                                             s_map[row:row + CELL, col:col + CELL].mean()))
+            cell = probs[row:row + CELL, col:col + CELL].reshape(-1, probs.shape[-1])
+            spread = s_map[row:row + CELL, col:col + CELL].mean()
+            cells = np.convolve(cells, density_mixture(count_distribution(cell), spread))
     return {"independent": summary(independent, truth), "cells": summary(cells, truth),
-            "shared": summary(mixed(independent, s_map.mean()), truth)}
+            "shared": summary(density_mixture(independent, s_map.mean()), truth)}
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@ import torch
 
 from .tiles import TileCatalog
 
-__all__ = ["TiledPosterior", "count_distribution"]
+__all__ = ["TiledPosterior", "count_distribution", "density_mixture"]
 
 _EPS = 1e-6
 
@@ -323,6 +323,61 @@ def count_distribution(count_probs):
         return np.ones(1)
     offset, pmf = _convolve_all(pmfs, np.zeros(len(pmfs), dtype=np.int64))
     return _full_pmf(offset, pmf, length)
+
+
+def density_mixture(pmf, spread, *, nodes=21):
+    """A count pmf mixed over an unknown log-density offset shared by its tiles.
+
+    Under a Poisson prior, multiplying the density of stars by ``exp(delta)`` multiplies
+    the posterior probability of ``n`` stars in a tile by ``exp(delta n)`` (then
+    normalised), and so that of ``N`` stars in a group of independent tiles by ``exp(delta
+    N)``. With ``delta ~ Normal(0, spread**2)`` shared by the tiles (a density read too
+    high or too low over a region by all of its tiles), the pmf of their total is the
+    mixture over ``delta`` of ``pmf`` so tilted, computed here by Gauss-Hermite
+    quadrature. Its variance is about ``V + (spread V)**2`` for a pmf of variance ``V``.
+
+    Parameters
+    ----------
+    pmf : array, shape (n,)
+        Probabilities of ``0 .. n - 1`` stars (such as `count_distribution`'s).
+    spread : float
+        Standard deviation of the shared log-density offset; 0 returns ``pmf``.
+    nodes : int, optional
+        Quadrature nodes.
+
+    Returns
+    -------
+    `numpy.ndarray`, shape (n,)
+        The mixed pmf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy.stats import poisson
+    >>> from starnet.posterior import density_mixture
+    >>> pmf = poisson.pmf(np.arange(400), 100.0)
+    >>> mixed = density_mixture(pmf, 0.1)
+    >>> k = np.arange(400)
+    >>> variance = np.dot(k ** 2, mixed) - np.dot(k, mixed) ** 2
+    >>> print(f"{variance:.1f}")   # Poisson-lognormal: 100 e^0.005 + 100^2 (e^0.02 - e^0.01)
+    202.0
+    """
+    pmf = np.asarray(pmf, dtype=float)
+    if spread < 0 or not np.isfinite(spread):
+        raise ValueError(f"spread must be a finite standard deviation >= 0, got {spread}")
+    if spread == 0:
+        return pmf.copy()
+    keep = pmf > 0
+    n = np.arange(len(pmf))
+    log_pmf = np.full(len(pmf), -np.inf)
+    log_pmf[keep] = np.log(pmf[keep])
+    z, weights = np.polynomial.hermite_e.hermegauss(nodes)
+    mixed = np.zeros(len(pmf))
+    for offset, weight in zip(spread * z, weights / weights.sum()):
+        tilted = log_pmf + offset * n
+        tilted = np.exp(tilted - tilted[keep].max())
+        mixed += weight * tilted / tilted.sum()
+    return mixed
 
 
 def _full_pmf(offset, pmf, length):

@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 from scipy.special import log_softmax, logit, logsumexp, softmax
 
-from starnet.posterior import TiledPosterior, count_distribution
+from starnet.posterior import TiledPosterior, count_distribution, density_mixture
 from starnet.tiles import TileCatalog
 
 MAX_SOURCES = 3
@@ -239,3 +239,49 @@ def test_count_distribution_accepts_grid_and_tensor():
 def test_count_distribution_certain_counts():
     probs = np.eye(4)[[3, 1, 0, 2]]
     np.testing.assert_allclose(count_distribution(probs), np.eye(13)[6], atol=1e-12)
+
+
+@pytest.mark.parametrize("spread", [0.05, 0.3])
+def test_density_mixture_of_a_poisson_pmf_is_poisson_lognormal(spread):
+    """A Poisson(lam) pmf tilted by exp(delta n) is Poisson(lam e^delta): mixed over
+    delta ~ Normal(0, spread^2) it has the Poisson-lognormal mean lam e^(s^2/2) and
+    variance mean + lam^2 (e^(2 s^2) - e^(s^2))."""
+    lam, k = 80.0, np.arange(1000)
+    mixed = density_mixture(stats.poisson.pmf(k, lam), spread)
+    mean = np.dot(k, mixed)
+    variance = np.dot((k - mean) ** 2, mixed)
+    expected_mean = lam * np.exp(spread ** 2 / 2)
+    expected_variance = expected_mean + lam ** 2 * (np.exp(2 * spread ** 2) - np.exp(spread ** 2))
+    assert np.isclose(mixed.sum(), 1.0)
+    assert np.isclose(mean, expected_mean, rtol=1e-6)
+    assert np.isclose(variance, expected_variance, rtol=1e-4)
+
+
+def test_density_mixture_is_the_count_of_tiles_tilted_together():
+    """Drawing one offset delta, then each tile's count from its pmf tilted by exp(delta
+    n), gives totals distributed as the mixture of the tiles' convolution: tilting the
+    sum is tilting every tile by the same factor."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=60)
+    spread, n_draws = 0.4, 40_000
+    delta = rng.normal(0.0, spread, n_draws)
+    tilted = probs[None] * np.exp(delta[:, None, None] * np.arange(4))
+    tilted /= tilted.sum(-1, keepdims=True)
+    cdf = np.cumsum(tilted, -1)
+    counts = (rng.random((n_draws, 60, 1)) > cdf).sum(-1).sum(-1)
+    mixed = density_mixture(count_distribution(probs), spread)
+    k = np.arange(len(mixed))
+    mean, variance = np.dot(k, mixed), np.dot(k ** 2, mixed) - np.dot(k, mixed) ** 2
+    # four standard errors of the sample mean; of the sample variance (normal
+    # approximation, sqrt(2 / n) of the variance), six for the tails' excess
+    assert abs(counts.mean() - mean) < 4 * np.sqrt(variance / n_draws)
+    assert abs(counts.var() - variance) < 6 * variance * np.sqrt(2 / n_draws)
+    independent = count_distribution(probs)
+    assert variance > 1.5 * (np.dot(k ** 2, independent) - np.dot(k, independent) ** 2)
+
+
+def test_density_mixture_without_spread_and_bad_spread():
+    pmf = np.array([0.2, 0.5, 0.3])
+    np.testing.assert_array_equal(density_mixture(pmf, 0.0), pmf)
+    with pytest.raises(ValueError, match="spread must be"):
+        density_mixture(pmf, -0.1)
