@@ -12,7 +12,8 @@ tilted pmf of the independent tiles' count: ``P(N) exp(delta N) / Z(delta)``
 This script fits only the spread ``s``: a 1 x 1 convolution on the frozen tile features of
 ``--model`` (the input of its head), ``softplus``, averaged over the 32 x 32 tiles of a
 64 x 64 training image, trained with the Dawid-Sebastiani score of the counts of blocks of
-16 x 16 and 32 x 32 tiles, whose variance becomes ``V + (s V)**2`` (``V``: the sum of the
+16 x 16 and 32 x 32 tiles (`starnet.training.block_count_score` with ``spread``), whose
+variance becomes ``V + (s V)**2`` (``V``: the sum of the
 tiles' variances) on images from the model's own simulator (its training settings).
 Then, on photutils-rendered M2 fields (`bench_density_sweep.field`, 100 x 100 pixels, the
 true sky given, rendered through ``--psf`` and told it), it compares the count posterior
@@ -38,11 +39,12 @@ from astropy.nddata import NDData
 from bench_density_sweep import SKY, field, integrated_psf, render_psfs
 
 from starnet import StarFieldPrior, StarNetDeblender
+from starnet.calibration import count_interval
 from starnet.posterior import count_distribution, density_mixture
 from starnet.tiles import TileGrid
+from starnet.training import block_count_score
 
 CELL = 32          # tiles: the 64 x 64-pixel training image of the sdss models
-FLOOR = 0.25       # as in starnet.training.block_count_score
 
 
 def tile_outputs(encoder, spread, image, background, inputs):
@@ -51,13 +53,6 @@ def tile_outputs(encoder, spread, image, background, inputs):
         features = encoder.tile_layers(encoder.features(image, background, **inputs))
         posterior = encoder._to_posterior(encoder.head(features))
     return posterior, F.softplus(spread(features))[:, 0]
-
-
-def block_sums(x, block):
-    """Sums of ``x`` (images, rows, cols) over whole square blocks of ``block`` tiles."""
-    n, rows, cols = x.shape
-    rows, cols = rows // block * block, cols // block * block
-    return x[:, :rows, :cols].reshape(n, rows // block, block, cols // block, block).sum((2, 4))
 
 
 def fit_spread(deblender, steps, seed):
@@ -81,17 +76,9 @@ def fit_spread(deblender, steps, seed):
                               batch.images.shape[-2:])
         posterior, s_map = tile_outputs(encoder, spread, batch.images, batch.background,
                                         batch.encoder_inputs(encoder))
-        probs = posterior.count_probs
-        k = torch.arange(probs.shape[-1], dtype=probs.dtype)
-        mean = (probs * k).sum(-1)
-        variance = (probs * k ** 2).sum(-1) - mean ** 2
         s = s_map.mean((1, 2))
-        score = 0.0
-        for block in (CELL // 2, CELL):
-            m, v = block_sums(mean, block), block_sums(variance, block)
-            n = block_sums(tiles.counts.to(probs.dtype), block)
-            total = v + (s[:, None, None] * v) ** 2 + FLOOR
-            score = score + (((n - m) ** 2 / total + total.log()) / block ** 2).mean()
+        score = sum(block_count_score(posterior.count_probs, tiles.counts, block, spread=s)
+                    for block in (CELL // 2, CELL))
         optimizer.zero_grad()
         score.backward()
         optimizer.step()
@@ -108,9 +95,8 @@ def summary(pmf, truth):
     """(mean, standard deviation, 5 %, 95 % quantiles, truth) of a count pmf."""
     n = np.arange(len(pmf))
     mean = float(np.dot(n, pmf))
-    cdf = np.cumsum(pmf)
-    return (mean, float(np.sqrt(np.dot((n - mean) ** 2, pmf))),
-            int(np.searchsorted(cdf, 0.05)), int(np.searchsorted(cdf, 0.95)), truth)
+    low, high, _ = count_interval(pmf, 0.9)
+    return mean, float(np.sqrt(np.dot((n - mean) ** 2, pmf))), low, high, truth
 
 
 def field_posteriors(probs, s_map, truth):

@@ -475,7 +475,7 @@ def cosine_rate(progress, initial, final):
     return final + 0.5 * (initial - final) * (1 + math.cos(math.pi * progress))
 
 
-def block_count_score(count_probs, counts, block, *, floor=0.25):
+def block_count_score(count_probs, counts, block, *, floor=0.25, spread=None):
     """Dawid-Sebastiani score of the star counts of square blocks of tiles, per tile.
 
     The posterior of independent tiles gives each block's count a mean ``m`` and a
@@ -484,7 +484,9 @@ def block_count_score(count_probs, counts, block, *, floor=0.25):
     posterior mean of ``n`` and ``v`` its variance less ``floor`` (``floor`` keeps the
     score finite for blocks that are surely empty, at the cost of rewarding variances
     ``floor`` too small). Divided by the tiles of a block, so that blocks of any size
-    weigh like the tiles' forward KL (per tile).
+    weigh like the tiles' forward KL (per tile). With ``spread``, the tiles of an image
+    share a log-density offset of that standard deviation
+    (`starnet.posterior.density_mixture`), which adds about ``(spread v)**2`` to ``v``.
 
     Parameters
     ----------
@@ -498,6 +500,8 @@ def block_count_score(count_probs, counts, block, *, floor=0.25):
         corner; tiles beyond the last whole block are left out.
     floor : float
         Added to the variance; positive.
+    spread : `torch.Tensor`, shape (n_images,), optional
+        Standard deviation of each image's shared log-density offset (default: none).
 
     Returns
     -------
@@ -530,6 +534,8 @@ def block_count_score(count_probs, counts, block, *, floor=0.25):
         return torch.nn.functional.avg_pool2d(x[:, None], kernel)[:, 0] * (kernel[0] * kernel[1])
 
     m, v = block_sums(mean), block_sums(variance)
+    if spread is not None:
+        v = v + (spread[:, None, None] * v) ** 2
     n = block_sums(counts.to(mean.dtype))
     return ((n - m) ** 2 / (v + floor) + torch.log(v + floor)).mean() / (kernel[0] * kernel[1])
 

@@ -518,3 +518,15 @@ def test_averaging_switched_on_at_resume_averages_the_steps_after_it(tmp_path):
         if value.is_floating_point():
             torch.testing.assert_close(value, (steps[0][name] + steps[1][name]) / 2,
                                        rtol=1e-5, atol=1e-7)
+
+
+def test_block_count_score_with_a_shared_spread_adds_its_variance():
+    """A spread s per image adds (s v)^2 to a block's variance v: for 16 tiles at even
+    odds of one star (v = 4) and s = 0.5, the variance becomes 4 + 4 = 8."""
+    probs = torch.tensor([0.5, 0.5, 0.0, 0.0]).expand(1, 4, 4, 4)
+    counts = torch.arange(16).reshape(1, 4, 4) % 2     # 8 stars: the mean
+    score = training.block_count_score(probs, counts, 4, floor=1e-9, spread=torch.tensor([0.5]))
+    with_spread = 16 * float(score)
+    assert np.isclose(with_spread, np.log(8.0), atol=1e-6)
+    without = training.block_count_score(probs, counts, 4, floor=1e-9, spread=torch.zeros(1))
+    assert torch.isclose(without, training.block_count_score(probs, counts, 4, floor=1e-9))
