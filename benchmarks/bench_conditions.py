@@ -48,7 +48,6 @@ from starnet.datasets import load_m2
 from starnet.datasets.sdss import resampled_psf
 from starnet.defects import FrameDefects
 from starnet.model_files import checkpoint_weights
-from starnet.posterior import count_distribution
 from starnet.psf import kl_psf_from_psfield, psf_fwhm
 from starnet.psf_family import PSFBank, photofield_psfs
 from starnet.training import SimulatedBatches
@@ -130,23 +129,22 @@ def draw(condition, psfs, sky, n_images, size, seed):
 
 @torch.no_grad()
 def tile_counts(deblender, batch):
-    """Each tile's count probabilities and true count."""
+    """The posterior of the batch's tiles and each tile's true count."""
     encoder = deblender.encoder.eval()
     tiles = deblender.grid.to_tiles(batch.catalogs.locs, batch.catalogs.fluxes,
                                     batch.catalogs.mask, batch.images.shape[-2:])
     features = encoder.features(batch.images, batch.background,
                                 **batch.encoder_inputs(encoder))
-    return (encoder.tile_posterior(features).count_probs.double().numpy(),
-            tiles.counts.numpy())
+    return encoder.tile_posterior(features), tiles.counts.numpy()
 
 
 def count_errors(deblender, batches):
     """Posterior mean, variance, 5 and 95 % quantiles and truth of each image's count."""
     rows = []
     for batch in batches:
-        probs, counts = tile_counts(deblender, batch)
-        for image_probs, n in zip(probs, counts.sum(axis=(1, 2))):
-            pmf = count_distribution(image_probs.reshape(-1, image_probs.shape[-1]))
+        posterior, counts = tile_counts(deblender, batch)
+        for index, n in enumerate(counts.sum(axis=(1, 2))):
+            pmf = posterior.image(index).count_pmf()
             k = np.arange(len(pmf))
             mean = pmf @ k
             cdf = np.cumsum(pmf)
@@ -167,7 +165,8 @@ def excess_near_bright(deblender, batches, *, bright=3e5):
     total = 0
     size = deblender.grid.tile_size
     for batch in batches:
-        probs, counts = tile_counts(deblender, batch)
+        posterior, counts = tile_counts(deblender, batch)
+        probs = posterior.count_probs.double().numpy()
         mean = probs @ np.arange(probs.shape[-1])
         rows, cols = np.indices(mean.shape[1:]) * size + (size - 1) / 2
         for i in range(len(mean)):

@@ -40,7 +40,9 @@ CATALOG_FLAGS = {
                  "widens the star's posterior"),
     16: ("saturated", "a saturated pixel (at or above meta['saturation'], or marked in "
                       "meta['saturated'], in some band) lies within one PSF FWHM: light "
-                      "is missing, so the flux is a lower limit"),
+                      "is missing, so the flux is a lower limit; flux_<band>_q05 is then "
+                      "at most the light recorded in the band's saturated pixels within "
+                      "one FWHM, which the star's flux exceeds"),
 }
 
 _BIT = {name: bit for bit, (name, _) in CATALOG_FLAGS.items()}
@@ -117,6 +119,48 @@ def _near(pixels, x, y, distance):
     return (nearest <= distance) | pixels[row, col]
 
 
+def saturated_light(pixels, locs, radius, n_bands):
+    """Light recorded in the saturated pixels of each band within ``radius`` of each
+    position: a lower limit of the flux of a star there whose light they hold, since a
+    saturated pixel records at most the light that reaches it.
+
+    Parameters
+    ----------
+    pixels : tuple of arrays
+        ``(band, x, y, light)`` of each saturated pixel, the light above the background
+        in electrons (`starnet.inference.EncoderInput`'s ``saturated_light``).
+    locs : array, shape (n, 2)
+        Pixel ``(x, y)`` of the stars.
+    radius : float
+        Pixels.
+    n_bands : int
+
+    Returns
+    -------
+    `numpy.ndarray`, shape (n, n_bands)
+        Electrons; 0 where no saturated pixel of the band is within ``radius``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from starnet.catalogs import saturated_light
+    >>> pixels = (np.array([0, 0, 1]), np.array([5, 6, 5]), np.array([5, 5, 5]),
+    ...           np.array([2e5, 1e5, 3e5]))
+    >>> saturated_light(pixels, np.array([[5.2, 5.0], [20.0, 5.0]]), 2.0, 2).tolist()
+    [[300000.0, 300000.0], [0.0, 0.0]]
+    """
+    band, x, y, light = (np.asarray(a) for a in pixels)
+    result = np.zeros((len(locs), n_bands))
+    for b in range(n_bands):
+        mine = band == b
+        if not mine.any() or not len(locs):
+            continue
+        tree = cKDTree(np.column_stack([x[mine], y[mine]]))
+        for star, near in enumerate(tree.query_ball_point(np.asarray(locs), radius)):
+            result[star, b] = light[mine][near].sum()
+    return result
+
+
 def modal_table(rows, offset, pmf, *, nddata, meta, bands, tile_size, max_sources, padding,
                 fwhm):
     """The table of a modal catalog (`~starnet.StarNetDeblender.__call__` describes it).
@@ -172,6 +216,13 @@ def modal_table(rows, offset, pmf, *, nddata, meta, bands, tile_size, max_source
         locs[:, 0], locs[:, 1], rows["detection"], shape=nddata.data.shape[-2:],
         tile_size=tile_size, bad=bad_pixel_map(nddata), padding=padding, fwhm=fwhm,
         saturated=meta.get("saturated_pixels"), flux=rows["fluxes"][:, 0])
+    if meta.get("saturated_light") is not None:
+        flagged = (table["flags"] & _BIT["saturated"]) > 0
+        light = saturated_light(meta["saturated_light"], locs[flagged], fwhm, len(bands))
+        for b, band in enumerate(bands):
+            column = table[f"flux_{band}_q05"]
+            limit = np.where(light[:, b] > 0, light[:, b], np.inf) * u.electron
+            column[flagged] = np.minimum(column[flagged], limit)
     if getattr(nddata, "wcs", None) is not None:
         table["sky_centroid"] = nddata.wcs.pixel_to_world(table["x_fit"], table["y_fit"])
     fit = meta.get("background_fit")

@@ -28,7 +28,7 @@ from .psf import as_psf, choose_stamp_size, psf_fwhm, psf_to_dict, stamp_light
 from .psf_family import DESCRIPTOR_SIZE, PSFBank
 from .simulate import StarFieldRenderer
 from .tiles import TileGrid, choose_tile_size
-from .training import SimulatedBatches, TrainingSettings, train_encoder
+from .training import SimulatedBatches, TrainingSettings, fit_density_spread, train_encoder
 from .threads import choose_threads, torch_threads
 from .validation import check_draws_memory, check_image_meta, check_positive_int
 
@@ -88,6 +88,12 @@ class StarNetDeblender:
         Side in tiles of the cells of the encoder's context branch, which tells each
         tile the density of stars around it (0: none; see
         `~starnet.encoder.StarNetEncoder`).
+    density_cells : int, optional
+        Side in tiles of the cells whose tiles share an unknown log-density offset, whose
+        spread a head of the encoder learns (0: independent tiles): the count intervals
+        of crowded regions then hold the uncertainty of the density that the tiles read
+        from the same light (`~starnet.posterior.TiledPosterior`). `fit` trains it with
+        the block count score; `fit_density_spread` adds it to a trained model.
     seed : int, optional
         Seed of the encoder's initial weights.
 
@@ -109,7 +115,7 @@ class StarNetDeblender:
     def __init__(self, *, prior, psf, background, tile_size=None, max_sources=3,
                  stamp_size=None,
                  hidden=32, tile_hidden=128, n_colors=1, reads_psf=False, reads_mask=False,
-                 reads_prior=False, context_cells=0, seed=0):
+                 reads_prior=False, context_cells=0, density_cells=0, seed=0):
         self.prior = prior
         psfs = list(psf) if isinstance(psf, (list, tuple)) else [psf] * prior.n_bands
         if len(psfs) != prior.n_bands:
@@ -136,7 +142,8 @@ class StarNetDeblender:
                                           mask_channel=reads_mask,
                                           psf_features=DESCRIPTOR_SIZE if reads_psf else 0,
                                           prior_features=PRIOR_FEATURES if reads_prior else 0,
-                                          context_cells=context_cells)
+                                          context_cells=context_cells,
+                                          density_cells=density_cells)
         self.encoder.eval()
         self.training_settings = None
         self.training_history = None
@@ -332,6 +339,53 @@ class StarNetDeblender:
             self.background_encoder, batches, n_steps=n_steps, batch_size=batch_size,
             seed=seed, progress=progress, **kwargs)
         return self.background_history
+
+    def fit_density_spread(self, *, density_cells=32, n_steps=2000, batch_size=16, seed=0,
+                           progress=True, **kwargs):
+        """Give a trained encoder a density spread, fitted with the rest of it frozen.
+
+        The encoder is rebuilt with ``density_cells`` (its weights kept) and only the
+        spread head is trained, by `~starnet.training.fit_density_spread` on images of
+        one cell simulated as for `fit` (its training settings), so that what the model
+        says about each tile is unchanged and its count intervals widen by the
+        uncertainty of the density that a cell's tiles share.
+
+        Parameters
+        ----------
+        density_cells : int, optional
+            Side in tiles of the cells that share a log-density offset.
+        n_steps, batch_size : int, optional
+            Gradient steps, and simulated images per step.
+        seed : int, optional
+            Seed of the simulated images.
+        progress : bool, optional
+            Show a progress bar.
+        **kwargs
+            Further arguments of `~starnet.training.fit_density_spread`.
+
+        Returns
+        -------
+        history : `~astropy.table.QTable`
+            Score and mean spread against step.
+        """
+        check_positive_int(density_cells, "density_cells")
+        settings = self.training_settings
+        if settings is None:
+            raise ValueError("fit_density_spread needs a trained model (fit first): the "
+                             "spread is fitted on the frozen network with its training "
+                             "settings")
+        config = dict(self.encoder.config(), density_cells=density_cells)
+        encoder = StarNetEncoder(**config)
+        missing, unexpected = encoder.load_state_dict(self.encoder.state_dict(), strict=False)
+        if unexpected or any(not name.startswith("spread_head.") for name in missing):
+            raise ValueError(f"cannot add a density spread to this encoder (missing {missing}, "
+                             f"unexpected {unexpected})")
+        side = density_cells * self.grid.tile_size
+        batches = self._batches((side, side), settings)
+        history = fit_density_spread(encoder, batches, n_steps=n_steps, batch_size=batch_size,
+                                     seed=seed, progress=progress, **kwargs)
+        self.encoder = encoder.eval()
+        return history
 
     def _batches(self, shape, settings):
         """The simulated training images of ``shape`` for ``settings``: for an encoder
@@ -541,7 +595,8 @@ class StarNetDeblender:
               many stars as this star's rank by flux in the tile;
             * ``flags``: integer bit flags, 0 = none: 1 ``edge``, 2 ``bad_pixels``, 4
               ``low_detection``, 8 ``blend``, 16 ``saturated`` (the flux is then a lower
-              limit; `starnet.catalogs.CATALOG_FLAGS` says what
+              limit, and ``flux_<band>_q05`` at most the light recorded in the band's
+              saturated pixels within one FWHM; `starnet.catalogs.CATALOG_FLAGS` says what
               each means, with the FWHM of the model's widest PSF and the window of
               ``receptive_field`` pixels the network sees for a tile;
               `starnet.catalogs.decode_flags` names them);

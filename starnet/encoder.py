@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .posterior import TiledPosterior
+from .posterior import TiledPosterior, cell_means
 
 __all__ = ["StarNetEncoder", "normalize_image", "conditioning_map"]
 
@@ -144,10 +144,7 @@ def pool_cells(features, cell):
     """
     rows, cols = features.shape[-2:]
     pad = (0, -cols % cell, 0, -rows % cell)
-    mean = F.avg_pool2d(F.pad(features, pad), cell)
-    if any(pad):
-        mean = mean / F.avg_pool2d(F.pad(features.new_ones((1, 1, rows, cols)), pad), cell)
-    return mean, F.max_pool2d(F.pad(features, pad, value=-math.inf), cell)
+    return cell_means(features, cell), F.max_pool2d(F.pad(features, pad, value=-math.inf), cell)
 
 
 class StarNetEncoder(nn.Module):
@@ -182,6 +179,13 @@ class StarNetEncoder(nn.Module):
       features: each tile sees the light of a window ``context_field`` pixels wide (the
       local density of stars, the level of unresolved light) at a cost of a few
       operations per pixel. The count pmfs stay those of independent tiles.
+
+    With ``density_cells``, a 1 x 1 head beside the main one gives each tile a
+    ``spread`` (`softplus`), whose mean over a square cell of ``density_cells`` tiles is
+    the standard deviation of a log-density offset that the cell's tiles share
+    (`starnet.posterior.TiledPosterior`): the uncertainty of the density that they all
+    read from the same light, which independent tiles leave out. Count pmfs are then
+    mixtures per cell, still exact and streamed block by block.
 
     With ``n_colors`` > 1 the tiles are coloured in a checkerboard (2 colours:
     ``(i + j) mod 2``; 4 colours: ``2 (i mod 2) + (j mod 2)``) and decided colour by
@@ -218,6 +222,9 @@ class StarNetEncoder(nn.Module):
         Side in tiles of the context branch's cells (0: no context branch; else >= 4).
     context_hidden : int
         Channels of the context branch.
+    density_cells : int
+        Side in tiles of the cells that share a log-density offset (0: independent
+        tiles); independent tiles only (``n_colors`` = 1).
 
     Examples
     --------
@@ -233,10 +240,14 @@ class StarNetEncoder(nn.Module):
 
     def __init__(self, *, n_bands, tile_size=2, max_sources=3, hidden=32, tile_hidden=128,
                  n_colors=1, log_flux_offset=math.log(3000.0), mask_channel=False,
-                 psf_features=0, prior_features=0, context_cells=0, context_hidden=32):
+                 psf_features=0, prior_features=0, context_cells=0, context_hidden=32,
+                 density_cells=0):
         super().__init__()
         if n_colors not in (1, 2, 4):
             raise ValueError(f"n_colors must be 1, 2 or 4, got {n_colors}")
+        if density_cells and (n_colors != 1 or density_cells < 1):
+            raise ValueError("density_cells must be 0, or a positive number of tiles with "
+                             f"n_colors = 1; got {density_cells} with n_colors = {n_colors}")
         if context_cells and context_cells < 4:
             raise ValueError(f"context_cells must be 0 or at least 4 tiles, got {context_cells}")
         self.n_bands = n_bands
@@ -249,6 +260,7 @@ class StarNetEncoder(nn.Module):
         self.psf_features = int(psf_features)
         self.prior_features = int(prior_features)
         self.context_cells = int(context_cells)
+        self.density_cells = int(density_cells)
         n_in = (3 if mask_channel else 2) * n_bands
         n_out = max_sources + 1 + self.n_slots * (4 + 2 * n_bands)
         self.pixel_layers = nn.Sequential(
@@ -279,6 +291,10 @@ class StarNetEncoder(nn.Module):
             nn.Conv2d(tile_hidden, tile_hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(tile_hidden, tile_hidden, 1), nn.ReLU(inplace=True))
         self.head = nn.Conv2d(tile_hidden, n_out, 1)
+        if self.density_cells:
+            self.spread_head = nn.Conv2d(tile_hidden, 1, 1)
+            nn.init.zeros_(self.spread_head.weight)
+            nn.init.constant_(self.spread_head.bias, -3.5)    # spread 0.03 to begin with
         # channels-last convolutions are 10-30 % faster on a CPU (oneDNN), in training too
         self.to(memory_format=torch.channels_last)
 
@@ -303,6 +319,8 @@ class StarNetEncoder(nn.Module):
         if self.context_cells:
             config.update(context_cells=self.context_cells,
                           context_hidden=self.context_layers[0].out_channels)
+        if self.density_cells:
+            config["density_cells"] = self.density_cells
         return config
 
     @property
@@ -478,7 +496,8 @@ class StarNetEncoder(nn.Module):
                progress=None):
         """The posterior of independent tiles (``n_colors`` = 1) block by block.
 
-        Blocks are square, of ``chunk_tiles`` tiles (rounded up to whole context cells),
+        Blocks are square, of ``chunk_tiles`` tiles (rounded up to whole context and density
+        cells),
         and come row of blocks by row of blocks. Each block's network input is made from
         the block's pixels and a halo wider than the receptive field (and, for the
         context branch, than the context field), so the result equals the one-shot
@@ -513,7 +532,7 @@ class StarNetEncoder(nn.Module):
         chunk = max(n_rows, n_cols, 1) if chunk_tiles is None else int(chunk_tiles)
         if chunk < 1:
             raise ValueError(f"chunk_tiles must be positive, got {chunk}")
-        cell = max(self.context_cells, 1)
+        cell = math.lcm(max(self.context_cells, 1), max(self.density_cells, 1))
         chunk = -(-chunk // cell) * cell
         halo = 0 if chunk_tiles is None else self._pixel_halo() + 3
         context_halo = 0 if chunk_tiles is None else self._context_halo()
@@ -537,7 +556,7 @@ class StarNetEncoder(nn.Module):
                                            (j0 * size, j1 * size))
                     context = self._context(x)[..., h0 - k0:h1 - k0, w0 - j0:w1 - j0]
                     features = features + context
-                out = self.head(self.tile_layers(features))
+                out = self._heads(self.tile_layers(features))
                 out = out[..., r0 - h0:r1 - h0, c0 - w0:c1 - w0]
                 done += 1
                 if progress is not None:
@@ -614,21 +633,32 @@ class StarNetEncoder(nn.Module):
             features = features + self.condition(conditioning)
 
         def layers(x):
-            return self.head(self.tile_layers(x))
+            return self._heads(self.tile_layers(x))
 
         return self._to_posterior(_chunked(layers, features, chunk_tiles, 3, 1))
+
+    def _heads(self, h):
+        """The head's output from the tile layers' ``h``, with the spread head's channel
+        last where there is one."""
+        if not self.density_cells:
+            return self.head(h)
+        return torch.cat([self.head(h), self.spread_head(h)], dim=1)
 
     def _to_posterior(self, out):
         out = out.permute(0, 2, 3, 1)
         n_count = self.max_sources + 1
-        params = out[..., n_count:].reshape(*out.shape[:-1], self.n_slots, 4 + 2 * self.n_bands)
+        n_params = self.n_slots * (4 + 2 * self.n_bands)
+        params = out[..., n_count:n_count + n_params].reshape(
+            *out.shape[:-1], self.n_slots, 4 + 2 * self.n_bands)
         b = self.n_bands
+        spread = F.softplus(out[..., -1]) if self.density_cells else None
         return TiledPosterior(
             count_logits=out[..., :n_count],
             loc_mean=params[..., 0:2],
             loc_sd=torch.exp(params[..., 2:4].clamp(-8, 3)),
             log_flux_mean=params[..., 4:4 + b] + self.log_flux_offset,
-            log_flux_sd=torch.exp(params[..., 4 + b:4 + 2 * b].clamp(-8, 3)))
+            log_flux_sd=torch.exp(params[..., 4 + b:4 + 2 * b].clamp(-8, 3)),
+            spread=spread, density_cells=self.density_cells or None)
 
     def decide(self, features, choose, *, chunk_tiles=None):
         """Choose the catalog colour by colour.

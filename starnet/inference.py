@@ -43,7 +43,7 @@ import torch
 
 from .denormals import flush_denormals
 from .images import image_psfs, read_image
-from .posterior import TiledPosterior, _full_pmf, convolve_counts, count_distribution, support
+from .posterior import TiledPosterior, _full_pmf, convolve_counts
 from .progress import progress_callback
 from .psf import as_psf, pixel_stamps
 from .psf_family import image_descriptors
@@ -52,7 +52,7 @@ from .validation import check_background
 
 __all__ = ["EncoderInput", "prepare_image", "check_psfs", "chunk_tiles", "encode",
            "encode_blocks", "modal", "draw", "modal_catalog", "draw_catalogs", "count_pmfs",
-           "region_tiles", "tile_count_pmf"]
+           "region_tiles"]
 
 _GAUSS_HERMITE = np.polynomial.hermite_e.hermegauss(32)
 
@@ -72,7 +72,8 @@ class EncoderInput:
         The image's meta, with ``background_median`` (per band, electrons),
         ``pedestal``, ``electrons_per_unit`` (`starnet.images.read_image`) and
         ``saturated_pixels`` (a (rows, cols) map of the pixels saturated in any band,
-        or None).
+        or None) and ``saturated_light`` (the band, x, y and recorded light above the
+        background, electrons, of each saturated pixel, or None).
     mask : `torch.Tensor` of bool, shape (1, bands, rows, cols), optional
         The missing pixels (masked, non-finite or saturated), for an encoder with
         ``mask_channel``.
@@ -183,6 +184,12 @@ def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, prior=None, 
                              f"{list(bands)}")
         prior_inputs = prior.descriptor()
     saturated = None if image.saturated is None else image.saturated.any(axis=0)
+    saturated_light = None
+    if saturated is not None and saturated.any():
+        band, row, col = np.nonzero(image.saturated)
+        excess = (image.data - np.broadcast_to(image.background, image.data.shape))[
+            band, row, col].astype(float)
+        saturated_light = (band, col, row, np.where(np.isfinite(excess), excess, 0.0).clip(0))
     with warnings.catch_warnings():
         # the caller's arrays may be read-only; they are only read
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
@@ -190,7 +197,7 @@ def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, prior=None, 
         meta = dict(image.meta, background_median=[float(m) for m in medians],
                     pedestal=image.pedestal, electrons_per_unit=image.electrons_per_unit,
                     saturated_pixels=saturated if saturated is not None and saturated.any()
-                    else None)
+                    else None, saturated_light=saturated_light)
         return EncoderInput(torch.from_numpy(data)[None], torch.from_numpy(background)[None],
                             meta, mask, psf, prior_inputs)
 
@@ -415,13 +422,13 @@ def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False):
                                                    progress=progress):
             parts.append(_modal_rows(grid, posterior, posterior.mode(),
                                      (rows.start, cols.start), shape))
-            block_pmfs.append(support(tile_count_pmf(posterior)))
+            block_pmfs.extend(posterior.count_parts())
         offset, pmf = convolve_counts(block_pmfs)
     else:
         state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress)
         posterior, mode = modal(encoder, state, chunk_tiles=chunk_tiles)
         parts = [_modal_rows(grid, posterior, mode, (0, 0), shape)]
-        offset, pmf = 0, tile_count_pmf(posterior)
+        offset, pmf = 0, posterior.count_pmf()
         del state, posterior, mode
     rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     order = np.argsort(rows.pop("key"), kind="stable")   # by tile, as one-shot
@@ -481,7 +488,8 @@ def count_pmfs(encoder, inputs, regions=None, *, chunk_tiles=None, progress=Fals
     -------
     pmfs : list of `numpy.ndarray`
         One per region: ``pmf[k]`` = q(N = k), exact for independent tiles (the
-        convolution of the tiles' count distributions, block by block), the
+        convolution of the tiles' count distributions, or of their density cells'
+        mixtures, block by block: `~starnet.posterior.TiledPosterior.count_parts`), the
         frequencies of ``n_samples`` posterior draws for a checkerboard model.
     """
     grid = _grid(encoder)
@@ -496,8 +504,7 @@ def count_pmfs(encoder, inputs, regions=None, *, chunk_tiles=None, progress=Fals
     for rows, cols, posterior in encode_blocks(encoder, inputs, chunk_tiles=chunk_tiles,
                                                progress=progress):
         for part, tiles in zip(parts, tile_maps):
-            part.append(support(tile_count_pmf(
-                posterior, None if tiles is None else tiles[rows, cols])))
+            part.extend(posterior.count_parts(None if tiles is None else tiles[rows, cols]))
     n_tiles = int(np.prod(grid.grid_shape(shape)))
     pmfs = []
     for part, tiles in zip(parts, tile_maps):
@@ -530,28 +537,6 @@ def region_tiles(region, shape, *, tile_size):
     rows = np.minimum(np.arange(0, shape[0], tile_size) + (tile_size - 1) // 2, shape[0] - 1)
     cols = np.minimum(np.arange(0, shape[1], tile_size) + (tile_size - 1) // 2, shape[1] - 1)
     return region[np.ix_(rows, cols)]
-
-
-def tile_count_pmf(posterior, tiles=None):
-    """pmf of the total count of independent tiles with a posterior's count probabilities.
-
-    Parameters
-    ----------
-    posterior : `~starnet.posterior.TiledPosterior`
-        Of one image (for a checkerboard model: given the modal choices before each
-        tile).
-    tiles : array of bool, shape (tile_rows, tile_cols), optional
-        The tiles counted; default: all.
-
-    Returns
-    -------
-    pmf : `numpy.ndarray`
-        ``pmf[k]`` = probability of ``k`` stars (`~starnet.posterior.count_distribution`).
-    """
-    probs = posterior.count_probs[0]
-    if tiles is not None:
-        probs = probs[torch.from_numpy(tiles)]
-    return count_distribution(probs.reshape(-1, probs.shape[-1]).double().numpy())
 
 
 def _device(encoder):

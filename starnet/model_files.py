@@ -60,7 +60,8 @@ _OPTIONAL = ("psf_variants", "n_colors", "log_flux_offset", "provenance",
              "background_encoder", "encoder_inputs", "weights_sha256", "sha256")
 #: What an encoder reads beside the pixels (`encoder_inputs`), with the defaults of a
 #: model file without them.
-_INPUTS = {"reads_psf": False, "reads_mask": False, "reads_prior": False, "context_cells": 0}
+_INPUTS = {"reads_psf": False, "reads_mask": False, "reads_prior": False, "context_cells": 0,
+           "density_cells": 0}
 
 
 def write_atomically(path, write, *, overwrite=True):
@@ -201,7 +202,9 @@ def describe_model(deblender):
                 "encoder_inputs")
         description = {key: metadata[key] for key in keys if key in metadata}
         if "encoder_inputs" in description:     # with the defaults of inputs added since
-            description["encoder_inputs"] = read_encoder_inputs(metadata)
+            description["encoder_inputs"] = {
+                key: value for key, value in read_encoder_inputs(metadata).items()
+                if key != "density_cells" or value}
         return description
     encoder = deblender.encoder
     description = {
@@ -214,22 +217,26 @@ def describe_model(deblender):
         "log_flux_offset": encoder.log_flux_offset,
     }
     inputs = encoder_inputs(encoder)
-    if inputs != _INPUTS:       # files of models that read only pixels stay as they were
+    if dict(_INPUTS, **inputs) != _INPUTS:  # files of pixel-only models stay as they were
         description["encoder_inputs"] = inputs
     return description
 
 
 def encoder_inputs(encoder):
     """What ``encoder`` reads beside the pixels, as the `~starnet.StarNetDeblender`
-    arguments ``reads_psf``, ``reads_mask``, ``reads_prior`` and ``context_cells``.
+    arguments ``reads_psf``, ``reads_mask``, ``reads_prior``, ``context_cells`` and
+    (where it has a density spread) ``density_cells``.
 
     Returns
     -------
     dict
     """
-    return {"reads_psf": bool(encoder.psf_features), "reads_mask": encoder.mask_channel,
-            "reads_prior": bool(encoder.prior_features),
-            "context_cells": encoder.context_cells}
+    inputs = {"reads_psf": bool(encoder.psf_features), "reads_mask": encoder.mask_channel,
+              "reads_prior": bool(encoder.prior_features),
+              "context_cells": encoder.context_cells}
+    if encoder.density_cells:   # added later: earlier models' descriptions stay as they were
+        inputs["density_cells"] = encoder.density_cells
+    return inputs
 
 
 def weights_checksum(state):
@@ -534,9 +541,10 @@ def read_encoder_inputs(metadata):
     for key in ("reads_psf", "reads_mask", "reads_prior"):
         if not isinstance(inputs[key], bool):
             raise ValueError(f"encoder input {key!r} must be true or false, got {inputs[key]!r}")
-    cells = inputs["context_cells"]
-    if isinstance(cells, bool) or not isinstance(cells, int) or cells < 0:
-        raise ValueError(f"encoder input 'context_cells' must be an integer >= 0, got {cells!r}")
+    for key in ("context_cells", "density_cells"):
+        cells = inputs[key]
+        if isinstance(cells, bool) or not isinstance(cells, int) or cells < 0:
+            raise ValueError(f"encoder input {key!r} must be an integer >= 0, got {cells!r}")
     return inputs
 
 
@@ -599,7 +607,8 @@ def _expected_shapes(path, metadata):
                 mask_channel=inputs["reads_mask"],
                 psf_features=DESCRIPTOR_SIZE if inputs["reads_psf"] else 0,
                 prior_features=PRIOR_FEATURES if inputs["reads_prior"] else 0,
-                context_cells=inputs["context_cells"])}
+                context_cells=inputs["context_cells"],
+                density_cells=inputs["density_cells"])}
             if options is not None:
                 networks["background_weights"] = BackgroundEncoder(
                     n_bands=n_bands, cell_size=sizes["cell_size"],

@@ -9,6 +9,16 @@ source ``k`` has a position within the tile ``u = sigmoid(z)`` with
 stars form an unordered set, so its density sums over the ``n!`` orderings of the
 sources (paper appendix A); `TiledPosterior.log_prob` does this exactly with a
 log-sum-exp.
+
+With a density spread (an encoder built with ``density_cells``), the tiles of each
+square cell of ``density_cells`` tiles also share an unknown log-density offset
+``delta ~ Normal(-s**2 / 2, s**2)``, ``s`` the mean of the tiles' ``spread`` over the
+cell, independent between cells: given ``delta``, a tile's count probabilities are
+tilted by ``exp(delta n)`` (the exact effect of a density ``exp(delta)`` times higher
+under a Poisson prior) and the tiles are independent. (The mean ``-s**2 / 2`` keeps the
+mean density, ``E exp(delta) = 1``.) Positions and fluxes given the counts are
+unchanged. This is the uncertainty of the density that a cell's tiles read from the
+same light, which independent tiles leave out (`density_mixture`).
 """
 
 import functools
@@ -18,6 +28,7 @@ import math
 import numpy as np
 import scipy.fft
 import torch
+from torch.nn import functional as F
 
 from .tiles import TileCatalog
 
@@ -55,18 +66,37 @@ class TiledPosterior:
         ``n_slots = max_sources (max_sources + 1) / 2`` is the size of the triangular array.
     log_flux_mean, log_flux_sd : `torch.Tensor`, shape (..., n_slots, n_bands)
         Normal parameters of the natural log of the flux (electrons) in each band.
+    spread : `torch.Tensor`, shape (n_images, tile_rows, tile_cols), optional
+        Each tile's share of the standard deviation of its cell's log-density offset
+        (see the module docstring); default: none (independent tiles).
+    density_cells : int, optional
+        Side in tiles of the cells that share an offset, from the top left tile; required
+        with ``spread``.
     """
 
-    def __init__(self, count_logits, loc_mean, loc_sd, log_flux_mean, log_flux_sd):
+    def __init__(self, count_logits, loc_mean, loc_sd, log_flux_mean, log_flux_sd,
+                 spread=None, density_cells=None):
+        if (spread is None) != (density_cells is None):
+            raise ValueError("spread and density_cells go together: give both or neither")
         self.count_logits = count_logits
         self.loc_mean = loc_mean
         self.loc_sd = loc_sd
         self.log_flux_mean = log_flux_mean
         self.log_flux_sd = log_flux_sd
+        self.spread = spread
+        self.density_cells = density_cells
         self.max_sources = count_logits.shape[-1] - 1
         self._slots = triangle_slots(self.max_sources)
 
-    _FIELDS = ("count_logits", "loc_mean", "loc_sd", "log_flux_mean", "log_flux_sd")
+    _FIELDS = ("count_logits", "loc_mean", "loc_sd", "log_flux_mean", "log_flux_sd", "spread")
+
+    def _rebuild(self, function, others=()):
+        """A posterior whose tensors are ``function(tensor of self, tensors of others)``
+        field by field (a missing ``spread`` stays missing)."""
+        return TiledPosterior(*(
+            None if getattr(self, name) is None
+            else function(name, getattr(self, name), *[getattr(q, name) for q in others])
+            for name in self._FIELDS), density_cells=self.density_cells)
 
     def where(self, mask, other):
         """Tiles of ``self`` where ``mask`` is true and of ``other`` elsewhere.
@@ -82,15 +112,16 @@ class TiledPosterior:
         -------
         `TiledPosterior`
         """
-        return TiledPosterior(*(
-            torch.where(mask.reshape(*mask.shape, *[1] * (getattr(self, name).ndim - 3)),
-                        getattr(self, name), getattr(other, name))
-            for name in self._FIELDS))
+        return self._rebuild(lambda name, mine, theirs: torch.where(
+            mask.reshape(*mask.shape, *[1] * (mine.ndim - 3)), mine, theirs), [other])
 
     @staticmethod
     def concatenate(posteriors, dim):
         """The tiles of several posteriors side by side along ``dim`` (1: tile rows,
         2: tile columns).
+
+        With a density spread, each posterior must start on a cell boundary (blocks of
+        whole cells, as `~starnet.encoder.StarNetEncoder.blocks` makes them).
 
         Parameters
         ----------
@@ -103,8 +134,8 @@ class TiledPosterior:
         -------
         `TiledPosterior`
         """
-        return TiledPosterior(*(torch.cat([getattr(q, name) for q in posteriors], dim=dim)
-                                for name in TiledPosterior._FIELDS))
+        first, rest = posteriors[0], posteriors[1:]
+        return first._rebuild(lambda name, *tensors: torch.cat(tensors, dim=dim), rest)
 
     def to(self, device):
         """The same posterior with its parameters on ``device``.
@@ -117,7 +148,7 @@ class TiledPosterior:
         -------
         `TiledPosterior`
         """
-        return TiledPosterior(*(getattr(self, name).to(device) for name in self._FIELDS))
+        return self._rebuild(lambda name, tensor: tensor.to(device))
 
     def expand(self, n_images):
         """The posterior of a single image repeated ``n_images`` times (no copy).
@@ -132,8 +163,84 @@ class TiledPosterior:
         `TiledPosterior`
             Parameters are views of ``self``'s, expanded along the first axis.
         """
-        return TiledPosterior(*(getattr(self, name).expand(n_images, *getattr(self, name).shape[1:])
-                                for name in self._FIELDS))
+        return self._rebuild(lambda name, tensor: tensor.expand(n_images, *tensor.shape[1:]))
+
+    def image(self, index):
+        """The posterior of image ``index`` of the batch (a batch of one).
+
+        Parameters
+        ----------
+        index : int
+
+        Returns
+        -------
+        `TiledPosterior`
+        """
+        return self._rebuild(lambda name, tensor: tensor[index:index + 1])
+
+    def cell_spread(self):
+        """Standard deviation of each cell's log-density offset: the mean of ``spread``
+        over the cell's tiles (cells at the bottom and right edges may be partial).
+
+        Returns
+        -------
+        `torch.Tensor`, shape (n_images, ceil(tile_rows / density_cells), ceil(tile_cols /
+        density_cells)), or None without a density spread.
+        """
+        if self.spread is None:
+            return None
+        return cell_means(self.spread[:, None], self.density_cells)[:, 0]
+
+    def count_parts(self, tiles=None):
+        """Count pmfs of independent parts whose sum is the number of stars in ``tiles``:
+        one for all tiles, or one per density cell (each mixed over its cell's offset,
+        `density_mixture`).
+
+        Parameters
+        ----------
+        tiles : array of bool, shape (tile_rows, tile_cols), optional
+            The tiles counted (default: all); the posterior of one image.
+
+        Returns
+        -------
+        list of ``(offset, values)``
+            Each part's pmf as from `support`; their convolution (`convolve_counts`) is
+            the pmf of the total.
+        """
+        probs = self.count_probs[0].double()
+        selected = (torch.ones(probs.shape[:2], dtype=torch.bool) if tiles is None
+                    else torch.as_tensor(tiles, dtype=torch.bool))
+        if self.spread is None:
+            return [support(count_distribution(probs[selected].numpy()))]
+        cell = self.density_cells
+        spreads = self.cell_spread()[0].double().numpy()
+        parts = []
+        for i, row in enumerate(range(0, probs.shape[0], cell)):
+            for j, col in enumerate(range(0, probs.shape[1], cell)):
+                inside = selected[row:row + cell, col:col + cell]
+                if inside.any():
+                    pmf = count_distribution(probs[row:row + cell, col:col + cell][inside].numpy())
+                    parts.append(support(density_mixture(pmf, spreads[i, j])))
+        return parts or [(0, np.ones(1))]
+
+    def count_pmf(self, tiles=None):
+        """pmf of the number of stars in ``tiles`` of the (first) image: the convolution of
+        `count_parts`.
+
+        Parameters
+        ----------
+        tiles : array of bool, shape (tile_rows, tile_cols), optional
+            The tiles counted (default: all).
+
+        Returns
+        -------
+        `numpy.ndarray`, shape (n_tiles max_sources + 1,)
+            ``pmf[k]`` = q(N = k) for the ``n_tiles`` tiles counted.
+        """
+        n_tiles = (self.count_logits[0, ..., 0].numel() if tiles is None
+                   else int(np.count_nonzero(tiles)))
+        return _full_pmf(*convolve_counts(self.count_parts(tiles)),
+                         n_tiles * self.max_sources + 1)
 
     @functools.cached_property
     def count_probs(self):
@@ -233,6 +340,15 @@ class TiledPosterior:
             slots are padded (positions 0.5, fluxes 1) and ``n_dropped`` is 0.
         """
         probs = self.count_probs
+        if self.spread is not None:     # each cell's density offset, then the tiles given it
+            spread = self.cell_spread()
+            offset = spread * torch.randn(spread.shape, generator=generator,
+                                          dtype=spread.dtype) - spread ** 2 / 2
+            cell = self.density_cells
+            offset = offset.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+            offset = offset[:, :probs.shape[1], :probs.shape[2], None]
+            n = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+            probs = torch.softmax(self.count_logits + offset * n, dim=-1)
         flat = probs.reshape(-1, probs.shape[-1])
         counts = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
         z = self.loc_mean + self.loc_sd * torch.randn(self.loc_mean.shape, generator=generator)
@@ -331,10 +447,12 @@ def density_mixture(pmf, spread, *, nodes=21):
     Under a Poisson prior, multiplying the density of stars by ``exp(delta)`` multiplies
     the posterior probability of ``n`` stars in a tile by ``exp(delta n)`` (then
     normalised), and so that of ``N`` stars in a group of independent tiles by ``exp(delta
-    N)``. With ``delta ~ Normal(0, spread**2)`` shared by the tiles (a density read too
-    high or too low over a region by all of its tiles), the pmf of their total is the
-    mixture over ``delta`` of ``pmf`` so tilted, computed here by Gauss-Hermite
-    quadrature. Its variance is about ``V + (spread V)**2`` for a pmf of variance ``V``.
+    N)``. With ``delta ~ Normal(-spread**2 / 2, spread**2)`` shared by the tiles (a
+    density read too high or too low over a region by all of its tiles, by a factor
+    ``exp(delta)`` of mean 1), the pmf of their total is the mixture over ``delta`` of
+    ``pmf`` so tilted, computed here by Gauss-Hermite quadrature. Its mean is about that
+    of ``pmf`` (exactly for a Poisson pmf) and its variance about ``V + (spread V)**2``
+    for a pmf of variance ``V``.
 
     Parameters
     ----------
@@ -359,8 +477,8 @@ def density_mixture(pmf, spread, *, nodes=21):
     >>> mixed = density_mixture(pmf, 0.1)
     >>> k = np.arange(400)
     >>> variance = np.dot(k ** 2, mixed) - np.dot(k, mixed) ** 2
-    >>> print(f"{variance:.1f}")   # Poisson-lognormal: 100 e^0.005 + 100^2 (e^0.02 - e^0.01)
-    202.0
+    >>> print(f"{variance:.1f}")   # Poisson-lognormal: 100 + 100^2 (e^0.01 - 1)
+    200.5
     """
     pmf = np.asarray(pmf, dtype=float)
     if spread < 0 or not np.isfinite(spread):
@@ -373,11 +491,41 @@ def density_mixture(pmf, spread, *, nodes=21):
     log_pmf[keep] = np.log(pmf[keep])
     z, weights = np.polynomial.hermite_e.hermegauss(nodes)
     mixed = np.zeros(len(pmf))
-    for offset, weight in zip(spread * z, weights / weights.sum()):
+    for offset, weight in zip(spread * z - spread ** 2 / 2, weights / weights.sum()):
         tilted = log_pmf + offset * n
         tilted = np.exp(tilted - tilted[keep].max())
         mixed += weight * tilted / tilted.sum()
     return mixed
+
+
+def cell_means(x, cell):
+    """Mean of ``x`` over square cells of ``cell`` pixels (or tiles) from the top left.
+
+    Where the side is not a whole number of cells, the last cells are partial and their
+    mean is over the values they hold.
+
+    Parameters
+    ----------
+    x : `torch.Tensor`, shape (n_images, channels, rows, cols)
+    cell : int
+
+    Returns
+    -------
+    `torch.Tensor`, shape (n_images, channels, ceil(rows / cell), ceil(cols / cell))
+
+    Examples
+    --------
+    >>> import torch
+    >>> from starnet.posterior import cell_means
+    >>> cell_means(torch.arange(6.0).reshape(1, 1, 1, 6), 4).flatten().tolist()
+    [1.5, 4.5]
+    """
+    rows, cols = x.shape[-2:]
+    pad = (0, -cols % cell, 0, -rows % cell)
+    mean = F.avg_pool2d(F.pad(x, pad), cell)
+    if any(pad):
+        mean = mean / F.avg_pool2d(F.pad(x.new_ones((1, 1, rows, cols)), pad), cell)
+    return mean
 
 
 def _full_pmf(offset, pmf, length):

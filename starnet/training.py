@@ -16,18 +16,18 @@ from .denormals import zero_negligible_weights
 from .devices import as_device
 from .encoder import conditioning_map
 from .matching import match_catalogs
-from .posterior import count_distribution
 from .model_files import read_checkpoint, write_checkpoint
-from .prior import StarCatalogBatch, batch_to_table, catalog_table, prior_descriptor
+from .prior import StarCatalogBatch, _seed_int, batch_to_table, catalog_table, prior_descriptor
 from .progress import progress_bar
 from .psf_family import PSFBank
 from .simulate import add_noise
 from .tiles import TileGrid, inside_image
 from .training_settings import TrainingSettings
-from .validation import check_range, check_training_settings, check_writable, keep_finite
+from .validation import (check_positive_int, check_range, check_training_settings, check_writable,
+                         keep_finite)
 
 __all__ = ["TrainingSettings", "SimulatedBatches", "TrainingBatch", "train_encoder",
-           "cosine_rate", "block_count_score"]
+           "cosine_rate", "block_count_score", "fit_density_spread"]
 
 
 class TrainingBatch(NamedTuple):
@@ -500,8 +500,9 @@ def block_count_score(count_probs, counts, block, *, floor=0.25, spread=None):
         corner; tiles beyond the last whole block are left out.
     floor : float
         Added to the variance; positive.
-    spread : `torch.Tensor`, shape (n_images,), optional
-        Standard deviation of each image's shared log-density offset (default: none).
+    spread : `torch.Tensor`, shape (n_images,) or that of the grid of blocks, optional
+        Standard deviation of the log-density offset shared by each image's tiles, or
+        by each block's (default: none).
 
     Returns
     -------
@@ -535,9 +536,107 @@ def block_count_score(count_probs, counts, block, *, floor=0.25, spread=None):
 
     m, v = block_sums(mean), block_sums(variance)
     if spread is not None:
-        v = v + (spread[:, None, None] * v) ** 2
+        spread = spread[:, None, None] if spread.ndim == 1 else spread
+        v = v + (spread * v) ** 2
     n = block_sums(counts.to(mean.dtype))
     return ((n - m) ** 2 / (v + floor) + torch.log(v + floor)).mean() / (kernel[0] * kernel[1])
+
+
+def block_spread(posterior, block):
+    """The spread of the log-density offset of each square block of ``block`` tiles (as
+    `block_count_score` cuts them): the mean over the block's tiles of their cell's
+    spread (exact for a block inside one cell).
+
+    Parameters
+    ----------
+    posterior : `~starnet.posterior.TiledPosterior`
+        With a density spread.
+    block : int
+        Side of the blocks in tiles.
+
+    Returns
+    -------
+    `torch.Tensor`, shape (n_images, block_rows, block_cols)
+    """
+    cell = posterior.density_cells
+    rows, cols = posterior.spread.shape[1:]
+    tiles = posterior.cell_spread().repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+    kernel = (min(block, rows), min(block, cols))
+    return torch.nn.functional.avg_pool2d(tiles[:, None, :rows, :cols], kernel)[:, 0]
+
+
+def _count_scores(posterior, counts, blocks):
+    """Sum of the `block_count_score` of ``counts`` for each side in ``blocks``, with the
+    posterior's density spread where it has one."""
+    return sum(block_count_score(posterior.count_probs, counts, block,
+                                 spread=None if posterior.spread is None
+                                 else block_spread(posterior, block))
+               for block in blocks)
+
+
+def fit_density_spread(encoder, batches, *, n_steps=2000, batch_size=16, blocks=(16, 32),
+                       learning_rate=3e-3, seed=0, progress=True):
+    """Fit the spread head of ``encoder`` with the rest of it frozen.
+
+    The spread head (`~starnet.encoder.StarNetEncoder` with ``density_cells``) is fitted
+    by the `block_count_score` of the counts of blocks of ``blocks`` tiles (with the
+    spread) on simulated images; every other weight is left as it is, so that what the
+    encoder says about each tile does not change.
+
+    Parameters
+    ----------
+    encoder : `~starnet.encoder.StarNetEncoder`
+        With ``density_cells``; its spread head is trained in place.
+    batches : `SimulatedBatches`
+        The generative model; images of one density cell each suit best.
+    n_steps, batch_size : int
+        Gradient steps, and images per step.
+    blocks : tuple of int
+        Sides in tiles of the scored blocks.
+    learning_rate : float
+        Adam's rate.
+    seed : int
+        Seed of the simulated images.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    history : `~astropy.table.QTable`
+        One row per tenth of the steps: ``step``, ``score`` (mean over those steps),
+        ``spread`` (mean of the cells' spreads over them) and ``seconds``.
+    """
+    n_steps = check_positive_int(n_steps, "n_steps")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    if not encoder.density_cells:
+        raise ValueError("this encoder has no density spread (build it with density_cells)")
+    grid = TileGrid(tile_size=encoder.tile_size, max_sources=encoder.max_sources)
+    optimizer = torch.optim.Adam(encoder.spread_head.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(_seed_int(seed))
+    encoder.eval()
+    history, scores, spreads, started = [], [], [], time.perf_counter()
+    report_every = max(n_steps // 10, 1)
+    for step in progress_bar(range(1, n_steps + 1), enabled=progress):
+        batch = batches.draw_batch(batch_size, generator=generator)
+        tiles = grid.to_tiles(batch.catalogs.locs, batch.catalogs.fluxes, batch.catalogs.mask,
+                              batch.images.shape[-2:])
+        with torch.no_grad():
+            features = encoder.tile_layers(encoder.features(
+                batch.images, batch.background, **batch.encoder_inputs(encoder)))
+            out = encoder.head(features)
+        posterior = encoder._to_posterior(torch.cat([out, encoder.spread_head(features)], 1))
+        score = _count_scores(posterior, tiles.counts, blocks)
+        optimizer.zero_grad()
+        score.backward()
+        optimizer.step()
+        scores.append(score.item())
+        spreads.append(posterior.cell_spread().mean().item())
+        if step % report_every == 0 or step == n_steps:
+            history.append({"step": step, "score": float(np.mean(scores)),
+                            "spread": float(np.mean(spreads)),
+                            "seconds": time.perf_counter() - started})
+            scores, spreads = [], []
+    return QTable(rows=history, names=["step", "score", "spread", "seconds"])
 
 
 def _training_loss(encoder, batch, tiles, generator, settings):
@@ -555,9 +654,8 @@ def _training_loss(encoder, batch, tiles, generator, settings):
         posterior = encoder.tile_posterior(features)
         loss = -posterior.log_prob(tiles).mean()
         if settings.count_score_weight:
-            loss = loss + settings.count_score_weight * sum(
-                block_count_score(posterior.count_probs, tiles.counts, block)
-                for block in settings.count_blocks)
+            loss = loss + settings.count_score_weight * _count_scores(
+                posterior, tiles.counts, settings.count_blocks)
         return loss
     first = torch.randint(encoder.n_colors, (batch.images.shape[0], 1, 1), generator=generator,
                           device=generator.device)
@@ -622,17 +720,19 @@ def _count_calibration(encoder, features, tiles):
     checkerboard model, whose count pmf is not that of independent tiles."""
     if encoder.n_colors != 1:
         return {"val_count_bias": float("nan"), "val_coverage": float("nan")}
-    return count_calibration(encoder.tile_posterior(features).count_probs.double().cpu().numpy(),
-                             tiles.counts.sum(dim=(1, 2)).numpy())
+    posterior = encoder.tile_posterior(features).to("cpu")
+    pmfs = [posterior.image(i).count_pmf() for i in range(features.shape[0])]
+    return count_calibration(pmfs, tiles.counts.sum(dim=(1, 2)).numpy())
 
 
-def count_calibration(probs, true):
-    """Bias and 90 % coverage of the count posteriors of independent tiles.
+def count_calibration(pmfs, true):
+    """Bias and 90 % coverage of count posteriors.
 
     Parameters
     ----------
-    probs : `numpy.ndarray`, shape (n_images, tile_rows, tile_cols, max_sources + 1)
-        Each tile's probabilities of 0 .. max_sources stars.
+    pmfs : sequence of `numpy.ndarray`
+        Each image's count pmf (``pmf[k]`` = q(N = k)), such as
+        `starnet.posterior.TiledPosterior.count_pmf`'s.
     true : `numpy.ndarray` of int, shape (n_images,)
         The true number of stars of each image.
 
@@ -646,16 +746,17 @@ def count_calibration(probs, true):
     Examples
     --------
     >>> import numpy as np
+    >>> from starnet.posterior import count_distribution
     >>> from starnet.training import count_calibration
-    >>> probs = np.tile([0.5, 0.5, 0.0, 0.0], (1, 10, 10, 1))    # 50 stars expected
-    >>> count_calibration(probs, np.array([50]))
-    {'val_count_bias': 0.0, 'val_coverage': 1.0}
-    >>> count_calibration(probs, np.array([70]))["val_coverage"]    # 50 +- 5
+    >>> pmf = count_distribution(np.tile([0.5, 0.5], (100, 1)))    # 50 stars expected
+    >>> calibration = count_calibration([pmf], np.array([50]))
+    >>> abs(calibration["val_count_bias"]) < 1e-9, calibration["val_coverage"]
+    (True, 1.0)
+    >>> count_calibration([pmf], np.array([70]))["val_coverage"]    # 50 +- 5
     0.0
     """
     means, covered = [], []
-    for image_probs, n in zip(probs, true):
-        pmf = count_distribution(image_probs.reshape(-1, image_probs.shape[-1]))
+    for pmf, n in zip(pmfs, true):
         cdf = np.cumsum(pmf)
         means.append(np.dot(np.arange(len(pmf)), pmf))
         covered.append(np.searchsorted(cdf, 0.05) <= n <= np.searchsorted(cdf, 0.95))

@@ -7,7 +7,8 @@ from numpy.testing import assert_array_equal
 from photutils.psf import CircularGaussianPRF, CircularGaussianPSF
 
 from starnet import PowerLawPSF, match_catalogs, to_photutils
-from starnet.catalogs import CATALOG_FLAGS, bad_pixel_map, catalog_flags, decode_flags
+from starnet.catalogs import (CATALOG_FLAGS, bad_pixel_map, catalog_flags, decode_flags,
+                              modal_table)
 from starnet.psf import pixel_stamps, psf_fwhm
 
 
@@ -118,3 +119,24 @@ def test_to_photutils_errors():
     table = to_photutils(one)   # the only band, from the column names
     assert table.meta["band"] == "r"
     assert_array_equal(table["id"], [1, 2, 3])
+
+
+def test_the_lower_limit_of_a_saturated_star_is_its_recorded_saturated_light():
+    """A star of 1e6 e- whose log flux has deviation 0.1 has a 5 % quantile of
+    1e6 exp(-1.645 x 0.1) = 848,000 e-; two saturated pixels within a FWHM of it
+    recorded 300,000 e- in all, which its flux must exceed: that is its q05. A star far
+    from them keeps its posterior quantile."""
+    rows = {"locs": np.array([[10.0, 10.0], [30.0, 30.0]]), "sd": np.full((2, 2), 0.1),
+            "fluxes": np.array([[1e6], [1e6]]), "flux_sd": np.array([[0.1], [0.1]]),
+            "detection": np.array([1.0, 1.0])}
+    saturated = np.zeros((40, 40), bool)
+    saturated[10, 10:12] = True
+    meta = {"background_median": [700.0], "saturated_pixels": saturated,
+            "saturated_light": (np.array([0, 0]), np.array([10, 11]), np.array([10, 10]),
+                                np.array([1.5e5, 1.5e5]))}
+    table = modal_table(rows, 0, np.array([0.0, 0.0, 1.0]),
+                        nddata=NDData(np.zeros((1, 40, 40))), meta=meta, bands=["r"],
+                        tile_size=2, max_sources=3, padding=7, fwhm=2.5)
+    assert decode_flags(table["flags"]) == [["saturated"], []]
+    np.testing.assert_allclose(table["flux_r_q05"].value,
+                               [3e5, 1e6 * np.exp(-1.6448536 * 0.1)], rtol=1e-6)

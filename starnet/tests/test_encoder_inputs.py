@@ -179,6 +179,36 @@ def test_saturated_pixels_are_masked_and_their_stars_flagged(deblender):
     assert not flagged[np.hypot(catalog["x_fit"] - x, catalog["y_fit"] - y) > 8].any()
 
 
+def test_a_saturated_star_has_a_lower_limit_below_its_flux(deblender):
+    """A star of 2e6 e- clipped at 30,000 e- (its core holds a third of its light): the
+    5 % flux quantile of the star flagged at its place is at most the light left in its
+    saturated pixels within one FWHM, which is below its true flux, however wrong the
+    barely trained network's flux is."""
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[:40, :40]
+    star = CircularGaussianPRF(fwhm=2.5, flux=2e6, x_0=20.3, y_0=19.6)(cols, rows)
+    data = rng.poisson(BACKGROUND[0] + star).astype(float)[None]
+    level = 30000.0
+    data = np.minimum(data, level)
+    image = NDData(data, unit="electron", meta={"bands": ["r"], "psf": [NARROW],
+                                                "background": BACKGROUND,
+                                                "saturation": level})
+    catalog = deblender(image, background="given", progress=False)
+    flagged = np.array(["saturated" in names for names in decode_flags(catalog["flags"])])
+    near = flagged & (np.hypot(catalog["x_fit"] - 20.3, catalog["y_fit"] - 19.6) <= 1.5)
+    assert near.any()
+    fwhm = deblender._largest_fwhm()
+    # the posterior's own 5 % quantile, from the flux and the log flux's deviation
+    posterior_q05 = catalog["flux_r"].value * np.exp(
+        -1.6448536 * catalog["mag_r_err"].value * np.log(10) / 2.5)
+    for x, y, q05, own in zip(catalog["x_fit"][near], catalog["y_fit"][near],
+                              catalog["flux_r_q05"][near].value, posterior_q05[near]):
+        within = (np.hypot(cols - x, rows - y) <= fwhm) & (data[0] >= level)
+        recorded = (data[0][within] - BACKGROUND[0]).sum()
+        assert 0 < recorded < 2e6
+        assert q05 == pytest.approx(min(own, recorded), rel=1e-5)
+
+
 def test_a_map_of_saturated_pixels_is_read_as_a_level_is(deblender):
     """meta['saturated'] (as load_sdss_frame gives SDSS's fpM SATUR) marks the same
     pixels as the level that saturates them."""

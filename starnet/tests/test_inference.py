@@ -86,3 +86,54 @@ def test_progress_bar_is_a_deprecated_name_of_progress():
         with pytest.warns(AstropyDeprecationWarning):
             deblender.count_posterior(image, progress_bar=False)
     np.testing.assert_array_equal(catalog["x_fit"], expected["x_fit"])
+
+
+def spread_encoder():
+    """An untrained encoder with a density spread that varies between tiles."""
+    network = encoder()
+    torch.manual_seed(1)
+    spread = StarNetEncoder(n_bands=2, hidden=8, tile_hidden=16, density_cells=4)
+    spread.load_state_dict(network.state_dict(), strict=False)
+    torch.nn.init.normal_(spread.spread_head.weight, 0.0, 0.3)
+    torch.nn.init.constant_(spread.spread_head.bias, -1.0)     # spreads near 0.3
+    return network.eval(), spread.eval()
+
+
+def test_density_spread_blocks_give_the_one_shot_count_and_widen_it(inputs):
+    """With cells of 4 tiles (the 14 x 15 tile grid has partial cells), the count pmfs
+    block by block equal the one-shot ones; the modal catalog is that of the same
+    network without the spread, and the count has about the same mean but a larger
+    variance."""
+    plain, network = spread_encoder()
+    whole, whole_offset, whole_pmf = modal_catalog(network, inputs)
+    rows, offset, pmf = modal_catalog(network, inputs, chunk_tiles=3)   # rounded up to 4
+    assert whole_offset == offset
+    np.testing.assert_allclose(pmf, whole_pmf, atol=1e-9)
+    np.testing.assert_allclose(rows["locs"], whole["locs"], rtol=2e-6, atol=1e-7)
+    left = np.zeros(SHAPE, bool)
+    left[:, :13] = True
+    for chunk in (None, 4):
+        [counted, in_left] = count_pmfs(network, inputs, [np.ones(SHAPE, bool), left],
+                                        chunk_tiles=chunk)
+        np.testing.assert_allclose(counted[offset:offset + len(pmf)], pmf, atol=1e-9)
+        with torch.no_grad():
+            q = network(inputs.image, inputs.background)
+        np.testing.assert_allclose(
+            in_left, q.count_pmf(region_tiles(left, SHAPE, tile_size=2)), atol=1e-9)
+    plain_rows, plain_offset, plain_pmf = modal_catalog(plain, inputs)
+    np.testing.assert_allclose(plain_rows["locs"], whole["locs"], rtol=2e-6, atol=1e-7)
+
+    def moments(offset, pmf):
+        k = offset + np.arange(len(pmf))
+        return np.dot(k, pmf), np.dot(k ** 2, pmf) - np.dot(k, pmf) ** 2
+
+    (mean, variance), (plain_mean, plain_variance) = (moments(offset, pmf),
+                                                      moments(plain_offset, plain_pmf))
+    # the same for Poisson tiles; these untrained ones hold 1.6 stars of at most 3 each
+    assert mean == pytest.approx(plain_mean, rel=0.05)
+    assert variance > 1.3 * plain_variance
+
+
+def test_density_cells_need_independent_tiles():
+    with pytest.raises(ValueError, match="density_cells must be 0"):
+        StarNetEncoder(n_bands=1, n_colors=2, density_cells=4)

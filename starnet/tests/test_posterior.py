@@ -244,14 +244,14 @@ def test_count_distribution_certain_counts():
 @pytest.mark.parametrize("spread", [0.05, 0.3])
 def test_density_mixture_of_a_poisson_pmf_is_poisson_lognormal(spread):
     """A Poisson(lam) pmf tilted by exp(delta n) is Poisson(lam e^delta): mixed over
-    delta ~ Normal(0, spread^2) it has the Poisson-lognormal mean lam e^(s^2/2) and
-    variance mean + lam^2 (e^(2 s^2) - e^(s^2))."""
+    delta ~ Normal(-s^2 / 2, s^2) it has the Poisson-lognormal mean lam (that of the pmf)
+    and variance lam + lam^2 (e^(s^2) - 1)."""
     lam, k = 80.0, np.arange(1000)
     mixed = density_mixture(stats.poisson.pmf(k, lam), spread)
     mean = np.dot(k, mixed)
     variance = np.dot((k - mean) ** 2, mixed)
-    expected_mean = lam * np.exp(spread ** 2 / 2)
-    expected_variance = expected_mean + lam ** 2 * (np.exp(2 * spread ** 2) - np.exp(spread ** 2))
+    expected_mean = lam
+    expected_variance = lam + lam ** 2 * (np.exp(spread ** 2) - 1)
     assert np.isclose(mixed.sum(), 1.0)
     assert np.isclose(mean, expected_mean, rtol=1e-6)
     assert np.isclose(variance, expected_variance, rtol=1e-4)
@@ -264,7 +264,7 @@ def test_density_mixture_is_the_count_of_tiles_tilted_together():
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(4), size=60)
     spread, n_draws = 0.4, 40_000
-    delta = rng.normal(0.0, spread, n_draws)
+    delta = rng.normal(-spread ** 2 / 2, spread, n_draws)
     tilted = probs[None] * np.exp(delta[:, None, None] * np.arange(4))
     tilted /= tilted.sum(-1, keepdims=True)
     cdf = np.cumsum(tilted, -1)
@@ -285,3 +285,71 @@ def test_density_mixture_without_spread_and_bad_spread():
     np.testing.assert_array_equal(density_mixture(pmf, 0.0), pmf)
     with pytest.raises(ValueError, match="spread must be"):
         density_mixture(pmf, -0.1)
+
+
+def spread_posterior(rng, shape, cells, n_bands=1):
+    """A posterior of one image with a random spread per tile and cells of ``cells``."""
+    params = {key: torch.tensor(value)
+              for key, value in random_parameters(rng, (1, *shape), n_bands).items()}
+    spread = torch.tensor(rng.uniform(0.2, 0.6, (1, *shape)))
+    return TiledPosterior(**params, spread=spread, density_cells=cells)
+
+
+def test_count_pmf_with_a_density_spread_is_that_of_the_draws():
+    """Counts drawn by `sample` (an offset per cell, then the tiles' counts from their
+    tilted categorical probabilities) follow `count_pmf` (a Gauss-Hermite mixture per
+    cell, convolved over the cells), for the whole grid and for a region that cuts
+    cells; partial cells at the edges share the mean spread of their tiles."""
+    rng = np.random.default_rng(3)
+    q = spread_posterior(rng, (6, 10), 4)
+    n_draws = 20_000
+    counts = q.expand(n_draws).sample(generator=torch.Generator().manual_seed(1)).counts
+    region = np.zeros((6, 10), bool)
+    region[1:5, 3:9] = True
+    for tiles, drawn in ((None, counts.sum((1, 2))),
+                         (region, counts[:, torch.from_numpy(region)].sum(1))):
+        pmf = q.count_pmf(tiles)
+        frequencies = np.bincount(drawn.numpy(), minlength=len(pmf)) / n_draws
+        # Kolmogorov-Smirnov: 1.63 / sqrt(n) is the 1 % critical distance
+        assert np.abs(np.cumsum(frequencies) - np.cumsum(pmf)).max() < 1.63 / np.sqrt(n_draws)
+    plain = TiledPosterior(q.count_logits, q.loc_mean, q.loc_sd, q.log_flux_mean,
+                           q.log_flux_sd).count_pmf()
+    pmf = q.count_pmf()
+    k = np.arange(len(pmf))
+    variance = np.dot(k ** 2, pmf) - np.dot(k, pmf) ** 2
+    assert variance > 1.2 * (np.dot(k ** 2, plain) - np.dot(k, plain) ** 2)
+
+
+def test_cell_spread_is_the_mean_over_each_cell():
+    rng = np.random.default_rng(4)
+    q = spread_posterior(rng, (6, 10), 4)
+    cells = q.cell_spread()
+    assert cells.shape == (1, 2, 3)
+    assert torch.isclose(cells[0, 1, 2], q.spread[0, 4:, 8:].mean())
+    assert torch.isclose(cells[0, 0, 1], q.spread[0, :4, 4:8].mean())
+
+
+def test_posterior_operations_keep_the_spread():
+    """Joining blocks of whole cells, selecting, moving and expanding keep the spread,
+    so the count pmf of the joined blocks is the whole grid's."""
+    rng = np.random.default_rng(5)
+    q = spread_posterior(rng, (6, 10), 4)
+    halves = [q._rebuild(lambda name, t: t[:, :, :8]), q._rebuild(lambda name, t: t[:, :, 8:])]
+    joined = TiledPosterior.concatenate(halves, dim=2)
+    np.testing.assert_allclose(joined.count_pmf(), q.count_pmf(), atol=1e-12)
+    assert torch.equal(q.to("cpu").spread, q.spread)
+    assert q.expand(3).spread.shape == (3, 6, 10)
+    assert torch.equal(q.expand(3).image(2).spread, q.spread)
+    mask = torch.zeros(1, 6, 10, dtype=torch.bool)
+    other = spread_posterior(rng, (6, 10), 4)
+    assert torch.equal(q.where(mask, other).spread, other.spread)
+    assert len(q.count_parts()) == 6
+    no_spread = TiledPosterior(q.count_logits, q.loc_mean, q.loc_sd, q.log_flux_mean,
+                               q.log_flux_sd)
+    assert len(no_spread.count_parts()) == 1 and no_spread.cell_spread() is None
+    np.testing.assert_allclose(no_spread.count_pmf(),
+                               count_distribution(no_spread.count_probs[0].reshape(-1, 4)),
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="spread and density_cells go together"):
+        TiledPosterior(q.count_logits, q.loc_mean, q.loc_sd, q.log_flux_mean, q.log_flux_sd,
+                       spread=q.spread)

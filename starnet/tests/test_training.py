@@ -9,6 +9,7 @@ from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
 from starnet import training
 from starnet.simulate import StarFieldRenderer
 from starnet.model_files import checkpoint_weights
+from starnet.posterior import TiledPosterior
 from starnet.tiles import TileGrid
 from starnet.training import SimulatedBatches, TrainingSettings, cosine_rate
 
@@ -530,3 +531,56 @@ def test_block_count_score_with_a_shared_spread_adds_its_variance():
     assert np.isclose(with_spread, np.log(8.0), atol=1e-6)
     without = training.block_count_score(probs, counts, 4, floor=1e-9, spread=torch.zeros(1))
     assert torch.isclose(without, training.block_count_score(probs, counts, 4, floor=1e-9))
+
+
+def test_fit_density_spread_widens_only_the_count_of_a_model_blind_to_the_density(tmp_path):
+    """A barely trained network cannot read the density, which varies 40-fold between
+    the training images: its fitted spread grows well above the starting 0.03, while
+    every other weight, and so each tile's posterior, stays as it was; the spread is
+    saved and loaded with the model."""
+    deblender = _budget_deblender()
+    deblender.fit(n_steps=2, batches_per_epoch=2, density_range=(0.005, 0.2), **SMALL_FIT)
+    before = _weights(deblender)
+    history = deblender.fit_density_spread(density_cells=4, n_steps=40, batch_size=8,
+                                           learning_rate=0.05, progress=False)
+    assert list(history.colnames) == ["step", "score", "spread", "seconds"]
+    assert history["spread"][-1] > 0.1
+    after = _weights(deblender)
+    assert set(after) - set(before) == {"spread_head.weight", "spread_head.bias"}
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    deblender.save(tmp_path / "model.pt")
+    loaded = StarNetDeblender.load(tmp_path / "model.pt")
+    assert loaded.encoder.density_cells == 4
+    image = torch.full((1, 2, 24, 24), 900.0)
+    background = torch.tensor(BACKGROUND).reshape(1, 2, 1, 1)
+    with torch.no_grad():
+        mine, theirs = (d.encoder(image, background) for d in (deblender, loaded))
+    assert torch.equal(mine.spread, theirs.spread)
+    with pytest.raises(ValueError, match="needs a trained model"):
+        _budget_deblender().fit_density_spread(n_steps=1)
+
+
+def test_fit_trains_the_density_spread_with_the_count_score():
+    """A model built with density cells trains its spread head in `fit` through the
+    block count score (with the spread)."""
+    deblender = StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
+                                 tile_hidden=16, stamp_size=7, density_cells=4)
+    before = deblender.encoder.spread_head.bias.clone()
+    deblender.fit(n_steps=2, batches_per_epoch=2, count_score_weight=0.5, count_blocks=(2, 4),
+                  **SMALL_FIT)
+    assert not torch.equal(deblender.encoder.spread_head.bias, before)
+
+
+def test_block_spread_is_the_spread_of_the_cell_holding_the_block():
+    """Blocks inside a cell take its spread; a block across cells the mean of its tiles'
+    cell spreads."""
+    spread = torch.zeros(1, 8, 8)
+    spread[0, :4, :4] = 0.2       # cell (0, 0); the other cells have spread 0
+    q = TiledPosterior(torch.zeros(1, 8, 8, 4), *[torch.zeros(1, 8, 8, 6, 2)] * 4,
+                       spread=spread, density_cells=4)
+    blocks = training.block_spread(q, 2)
+    assert blocks.shape == (1, 4, 4)
+    assert torch.allclose(blocks[0, :2, :2], torch.tensor(0.2))
+    assert torch.allclose(blocks[0, 2:, :], torch.tensor(0.0))
+    assert torch.allclose(training.block_spread(q, 8), torch.tensor(0.05))
