@@ -11,7 +11,8 @@ model is told ``meta['saturation'] = level`` and the mask; the background is giv
 
 Per model the table gives, over all fields:
 
-* ``sat``: the true stars with a pixel at the level; ``flagged``: the fraction of them
+* ``sat``: the true stars whose own light and the sky reach the level in their central
+  pixel (a faint star under a saturated neighbour is not one); ``flagged``: the fraction of them
   with a catalog star within 2 px that carries the ``saturated`` flag; ``q05<=f``: the
   fraction whose nearest flagged star's 5 % flux quantile (a lower limit) is at or below
   the true flux; ``near/ring``: catalog stars within 8 px of saturated stars over the
@@ -43,6 +44,7 @@ from starnet.catalogs import decode_flags
 from starnet.datasets import load_m2
 from starnet.defects import saturate
 from starnet.inference import region_tiles
+from starnet.psf import pixel_stamps
 
 SKY = (686.0, 1123.0)
 SIZE, MARGIN, DENSITY = 100, 6, 0.12
@@ -73,11 +75,11 @@ def field(prior, psfs, rng, *, n_bright, level, n_bad):
     mask[:, :, columns] = True
     data[:, :, columns] = rng.normal(0.0, 50.0, (2, SIZE, n_bad))
     inside = (x > -0.5) & (x < SIZE - 0.5) & (y > -0.5) & (y < SIZE - 0.5)
-    peak = np.array([expected[0][int(np.clip(round(yy), 0, SIZE - 1)),
-                                 int(np.clip(round(xx), 0, SIZE - 1))]
-                     for xx, yy in zip(x, y)])
+    # the star's own light in its central pixel, over the sky: a faint star under a
+    # saturated neighbour is not a saturated star
+    peak = fluxes[:, 0] * pixel_stamps(psfs[0], 1, x - np.round(x), y - np.round(y))[:, 0, 0]
     truth = QTable({"x": x[inside], "y": y[inside], "flux_r": fluxes[inside, 0]})
-    saturated = np.flatnonzero((peak[inside] >= level))
+    saturated = np.flatnonzero(peak[inside] + SKY[0] >= level)
     image = NDData(data, mask=mask, unit="electron",
                    meta={"bands": ["r", "i"], "psf": psfs, "background": np.array(SKY),
                          "saturation": level})

@@ -274,6 +274,11 @@ class StarNetDeblender:
         if unknown:
             raise TypeError(f"unknown training settings {unknown}")
         settings = dataclasses.replace(settings, **kwargs)
+        if self.encoder.density_cells and not settings.count_score_weight:
+            warnings.warn("this encoder has a density spread, which only the block count "
+                          "score trains: with count_score_weight=0 it keeps its initial "
+                          "value (set count_score_weight, or use fit_density_spread)",
+                          UserWarning)
         _check_stamp_light(self.psfs, self.stamp_size, self.bands)
         batches = self._batches(settings.image_shape, settings)
         baselines = []

@@ -53,7 +53,7 @@ def test_the_psf_reading_model_counts_stars_through_a_psf_it_never_saw(name, low
 
 
 # the 90 % count coverage of docs/sdss_model.rst (bench_density_sweep.py, 100 fields)
-DOCUMENTED_COVERAGE = {0.04: 0.91, 0.12: 0.72}
+DOCUMENTED_COVERAGE = {0.04: 0.94, 0.12: 0.85}
 
 
 @pytest.mark.parametrize("density", sorted(DOCUMENTED_COVERAGE))

@@ -584,3 +584,12 @@ def test_block_spread_is_the_spread_of_the_cell_holding_the_block():
     assert torch.allclose(blocks[0, :2, :2], torch.tensor(0.2))
     assert torch.allclose(blocks[0, 2:, :], torch.tensor(0.0))
     assert torch.allclose(training.block_spread(q, 8), torch.tensor(0.05))
+
+
+def test_a_density_spread_without_the_count_score_warns_that_it_stays_untrained():
+    deblender = StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
+                                 tile_hidden=16, stamp_size=7, density_cells=4)
+    before = deblender.encoder.spread_head.bias.clone()
+    with pytest.warns(UserWarning, match="only the block count score trains"):
+        deblender.fit(n_steps=1, batches_per_epoch=1, **SMALL_FIT)
+    assert torch.equal(deblender.encoder.spread_head.bias, before)
