@@ -120,6 +120,8 @@ def warm_start(encoder, path):
         state = narrowed_weights(state, *_widths(source), *_widths(encoder))
     own = encoder.state_dict()
     for name, tensor in state.items():
+        if name not in own:     # a head this encoder lacks (the density spread)
+            continue
         target = own[name]
         if target.shape == tensor.shape:
             target.copy_(tensor)
@@ -189,6 +191,9 @@ def main(argv=None):
     parser.add_argument("--tile-hidden", type=int, default=64)
     parser.add_argument("--context-cells", type=int, default=4,
                         help="tiles per side of the context cells (0: no context branch)")
+    parser.add_argument("--density-cells", type=int, default=0,
+                        help="side in tiles of the cells that share a density offset, whose "
+                             "spread a head learns through the count score (0: none)")
     parser.add_argument("--density-range", type=float, nargs=2, default=(0.001, 0.3))
     parser.add_argument("--density-gradient", type=float, default=1.0)
     parser.add_argument("--f-max", type=float, default=1e6,
@@ -231,7 +236,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     encoder = StarNetEncoder(n_bands=2, hidden=args.hidden, tile_hidden=args.tile_hidden,
                              mask_channel=True, psf_features=DESCRIPTOR_SIZE,
-                             prior_features=PRIOR_FEATURES, context_cells=args.context_cells)
+                             prior_features=PRIOR_FEATURES, context_cells=args.context_cells,
+                             density_cells=args.density_cells)
     if args.init and not Path(args.checkpoint).exists():
         warm_start(encoder, args.init)
     settings = TrainingSettings(
@@ -298,7 +304,8 @@ def write_model_file(encoder, psfs, prior, sky, settings, history, provenance, p
         prior=prior, psf=psfs, background=sky, tile_size=config["tile_size"],
         max_sources=config["max_sources"], hidden=config["hidden"],
         tile_hidden=config["tile_hidden"], reads_psf=True, reads_mask=True, reads_prior=True,
-        context_cells=config.get("context_cells", 0))
+        context_cells=config.get("context_cells", 0),
+        density_cells=config.get("density_cells", 0))
     deblender.encoder.load_state_dict(encoder.state_dict())
     deblender.encoder.log_flux_offset = encoder.log_flux_offset
     deblender.training_settings = settings

@@ -96,6 +96,9 @@ def main(argv=None):
         parser.error("--keep-background-encoder needs --init-from")
     if args.init_from:
         start = StarNetDeblender.from_name_or_path(args.init_from)
+        if start.encoder.density_cells:
+            parser.error(f"{args.init_from} has a density spread, which this script does not "
+                         "train; start from the model without it")
         deblender.encoder.load_state_dict(start.encoder.state_dict())
         if args.keep_background_encoder:
             if start.background_encoder is None:

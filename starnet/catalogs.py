@@ -40,9 +40,10 @@ CATALOG_FLAGS = {
                  "widens the star's posterior"),
     16: ("saturated", "a saturated pixel (at or above meta['saturation'], or marked in "
                       "meta['saturated'], in some band) lies within one PSF FWHM: light "
-                      "is missing, so the flux is a lower limit; flux_<band>_q05 is then "
-                      "at most the light recorded in the band's saturated pixels within "
-                      "one FWHM, which the star's flux exceeds"),
+                      "is missing, so the flux is a lower limit; where the band has "
+                      "saturated pixels within one FWHM, flux_<band>_q05 is at most the "
+                      "light they recorded, which bounds the flux of a star whose light "
+                      "they hold"),
 }
 
 _BIT = {name: bit for bit, (name, _) in CATALOG_FLAGS.items()}

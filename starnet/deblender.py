@@ -601,7 +601,8 @@ class StarNetDeblender:
             * ``flags``: integer bit flags, 0 = none: 1 ``edge``, 2 ``bad_pixels``, 4
               ``low_detection``, 8 ``blend``, 16 ``saturated`` (the flux is then a lower
               limit, and ``flux_<band>_q05`` at most the light recorded in the band's
-              saturated pixels within one FWHM; `starnet.catalogs.CATALOG_FLAGS` says what
+              saturated pixels within one FWHM, if any;
+              `starnet.catalogs.CATALOG_FLAGS` says what
               each means, with the FWHM of the model's widest PSF and the window of
               ``receptive_field`` pixels the network sees for a tile;
               `starnet.catalogs.decode_flags` names them);
@@ -654,7 +655,8 @@ class StarNetDeblender:
         Returns
         -------
         pmf : `numpy.ndarray`, or a list of them (one per region)
-            ``pmf[k]`` = q(N = k): exact for independent tiles, the frequencies of
+            ``pmf[k]`` = q(N = k): exact for independent tiles (for a model with a
+            density spread, mixed over each cell's density offset), the frequencies of
             ``n_count_samples`` posterior draws for a checkerboard model.
 
         Examples

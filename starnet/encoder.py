@@ -185,7 +185,7 @@ class StarNetEncoder(nn.Module):
     the standard deviation of a log-density offset that the cell's tiles share
     (`starnet.posterior.TiledPosterior`): the uncertainty of the density that they all
     read from the same light, which independent tiles leave out. Count pmfs are then
-    mixtures per cell, still exact and streamed block by block.
+    mixtures per cell (by quadrature over the offset), streamed block by block.
 
     With ``n_colors`` > 1 the tiles are coloured in a checkerboard (2 colours:
     ``(i + j) mod 2``; 4 colours: ``2 (i mod 2) + (j mod 2)``) and decided colour by

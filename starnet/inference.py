@@ -187,8 +187,8 @@ def prepare_image(nddata, *, bands, psfs, stamp_size, encoder=None, prior=None, 
     saturated_light = None
     if saturated is not None and saturated.any():
         band, row, col = np.nonzero(image.saturated)
-        excess = (image.data - np.broadcast_to(image.background, image.data.shape))[
-            band, row, col].astype(float)
+        excess = (image.data[band, row, col].astype(float)
+                  - np.broadcast_to(image.background, image.data.shape)[band, row, col])
         saturated_light = (band, col, row, np.where(np.isfinite(excess), excess, 0.0).clip(0))
     with warnings.catch_warnings():
         # the caller's arrays may be read-only; they are only read

@@ -93,6 +93,11 @@ class TiledPosterior:
     def _rebuild(self, function, others=()):
         """A posterior whose tensors are ``function(tensor of self, tensors of others)``
         field by field (a missing ``spread`` stays missing)."""
+        for other in others:
+            if (other.spread is None) != (self.spread is None) \
+                    or other.density_cells != self.density_cells:
+                raise ValueError("posteriors with and without a density spread (or with "
+                                 "other density cells) cannot be combined")
         return TiledPosterior(*(
             None if getattr(self, name) is None
             else function(name, getattr(self, name), *[getattr(q, name) for q in others])
@@ -176,6 +181,7 @@ class TiledPosterior:
         -------
         `TiledPosterior`
         """
+        index = range(len(self.count_logits))[index]     # negative indices, and checked
         return self._rebuild(lambda name, tensor: tensor[index:index + 1])
 
     def cell_spread(self):
@@ -207,20 +213,20 @@ class TiledPosterior:
             Each part's pmf as from `support`; their convolution (`convolve_counts`) is
             the pmf of the total.
         """
-        probs = self.count_probs[0].double()
+        probs = self.count_probs[0].double().cpu()
         selected = (torch.ones(probs.shape[:2], dtype=torch.bool) if tiles is None
                     else torch.as_tensor(tiles, dtype=torch.bool))
         if self.spread is None:
             return [support(count_distribution(probs[selected].numpy()))]
         cell = self.density_cells
-        spreads = self.cell_spread()[0].double().numpy()
+        spreads = self.cell_spread()[0].double().cpu().numpy()
         parts = []
         for i, row in enumerate(range(0, probs.shape[0], cell)):
             for j, col in enumerate(range(0, probs.shape[1], cell)):
                 inside = selected[row:row + cell, col:col + cell]
                 if inside.any():
-                    pmf = count_distribution(probs[row:row + cell, col:col + cell][inside].numpy())
-                    parts.append(support(density_mixture(pmf, spreads[i, j])))
+                    cell_probs = probs[row:row + cell, col:col + cell][inside].numpy()
+                    parts.append(support(_cell_mixture(cell_probs, spreads[i, j])))
         return parts or [(0, np.ones(1))]
 
     def count_pmf(self, tiles=None):
@@ -256,6 +262,9 @@ class TiledPosterior:
 
     def log_prob(self, tiles: TileCatalog):
         """Log density of the tile variables under q, shape (n_images, tile_rows, tile_cols).
+
+        With a density spread, this is each tile's density given no density offset (the
+        tiles' own distributions, which the forward KL fits).
 
         The density is with respect to the count, the within-tile positions and the
         fluxes in electrons (the Jacobians of the logit and log transforms included).
@@ -314,7 +323,8 @@ class TiledPosterior:
     def mode(self):
         """Most probable count per tile, with the transformed modes of the normals.
 
-        Positions are ``sigmoid(loc_mean)`` and fluxes ``exp(log_flux_mean)``.
+        Positions are ``sigmoid(loc_mean)`` and fluxes ``exp(log_flux_mean)``; with a
+        density spread, the counts are those given no density offset (its mode).
 
         Returns
         -------
@@ -343,7 +353,7 @@ class TiledPosterior:
         if self.spread is not None:     # each cell's density offset, then the tiles given it
             spread = self.cell_spread()
             offset = spread * torch.randn(spread.shape, generator=generator,
-                                          dtype=spread.dtype) - spread ** 2 / 2
+                                          dtype=spread.dtype).to(spread.device) - spread ** 2 / 2
             cell = self.density_cells
             offset = offset.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
             offset = offset[:, :probs.shape[1], :probs.shape[2], None]
@@ -452,7 +462,10 @@ def density_mixture(pmf, spread, *, nodes=21):
     ``exp(delta)`` of mean 1), the pmf of their total is the mixture over ``delta`` of
     ``pmf`` so tilted, computed here by Gauss-Hermite quadrature. Its mean is about that
     of ``pmf`` (exactly for a Poisson pmf) and its variance about ``V + (spread V)**2``
-    for a pmf of variance ``V``.
+    for a pmf of variance ``V``. A tilt only reweights the counts ``pmf`` holds: where
+    ``spread sqrt(V)`` exceeds about 2, the tilted mass lies in tails that a trimmed pmf
+    (`count_distribution`'s) has dropped, and `TiledPosterior.count_parts` tilts the
+    tiles instead.
 
     Parameters
     ----------
@@ -495,6 +508,36 @@ def density_mixture(pmf, spread, *, nodes=21):
         tilted = log_pmf + offset * n
         tilted = np.exp(tilted - tilted[keep].max())
         mixed += weight * tilted / tilted.sum()
+    return mixed
+
+
+#: Beyond this spread times the standard deviation of a cell's count, a tilt moves the
+#: pmf into the tails that `count_distribution` drops, and the tiles are tilted instead.
+_TILT_TILES_BEYOND = 2.0
+
+
+def _cell_mixture(probs, spread, *, nodes=21):
+    """The count pmf of a cell's tiles (``probs``, (n_tiles, max_sources + 1)) mixed over
+    the cell's offset: `density_mixture` of their `count_distribution`, or, where the
+    spread is wide against that pmf, the mixture of the distributions of the tiles each
+    tilted by the offset (the same mixture, without the pmf's trimmed tails, on more
+    nodes)."""
+    pmf = count_distribution(probs)
+    n = np.arange(len(pmf))
+    sd = np.sqrt(max(np.dot(n * n, pmf) - np.dot(n, pmf) ** 2, 0.0))
+    if spread * sd <= _TILT_TILES_BEYOND:
+        return density_mixture(pmf, spread, nodes=nodes)
+    # a tilted pmf moves by about spread * sd of its widths per unit of the node: enough
+    # nodes that neighbouring ones overlap
+    z, weights = np.polynomial.hermite_e.hermegauss(max(nodes, int(np.ceil(6 * spread * sd))))
+    with np.errstate(divide="ignore"):
+        log_probs = np.log(probs)
+    k = np.arange(probs.shape[1])
+    mixed = np.zeros(len(pmf))
+    for offset, weight in zip(spread * z - spread ** 2 / 2, weights / weights.sum()):
+        tilted = log_probs + offset * k
+        tilted = np.exp(tilted - tilted.max(axis=1, keepdims=True))
+        mixed += weight * count_distribution(tilted / tilted.sum(axis=1, keepdims=True))
     return mixed
 
 

@@ -544,8 +544,12 @@ def block_count_score(count_probs, counts, block, *, floor=0.25, spread=None):
 
 def block_spread(posterior, block):
     """The spread of the log-density offset of each square block of ``block`` tiles (as
-    `block_count_score` cuts them): the mean over the block's tiles of their cell's
-    spread (exact for a block inside one cell).
+    `block_count_score` cuts them), such that ``v + (spread v)**2`` is the variance of
+    the block's count under ``posterior`` (``v``: the sum of its tiles' variances).
+
+    The cells' offsets are independent, so a block gains ``(s_c v_c)**2`` from each cell
+    ``c`` it overlaps (``s_c``: the cell's spread; ``v_c``: the variance of the block's
+    tiles in it); a block inside one cell takes that cell's spread.
 
     Parameters
     ----------
@@ -557,12 +561,34 @@ def block_spread(posterior, block):
     Returns
     -------
     `torch.Tensor`, shape (n_images, block_rows, block_cols)
+        0 for a block whose count is certain.
     """
-    cell = posterior.density_cells
-    rows, cols = posterior.spread.shape[1:]
-    tiles = posterior.cell_spread().repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+    probs = posterior.count_probs
+    n = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+    variance = probs @ (n * n) - (probs @ n) ** 2
+    rows, cols = variance.shape[1:]
     kernel = (min(block, rows), min(block, cols))
-    return torch.nn.functional.avg_pool2d(tiles[:, None, :rows, :cols], kernel)[:, 0]
+    shape = (rows // kernel[0], cols // kernel[1])
+    cell = posterior.density_cells
+    # a grid fine enough that each of its squares lies in one block and one cell
+    fine = (math.gcd(kernel[0], cell), math.gcd(kernel[1], cell))
+    area = variance[:, None, :shape[0] * kernel[0], :shape[1] * kernel[1]]
+    sums = torch.nn.functional.avg_pool2d(area, fine)[:, 0] * (fine[0] * fine[1])
+    spreads = posterior.cell_spread()
+    r = torch.arange(sums.shape[1], device=sums.device) * fine[0]
+    c = torch.arange(sums.shape[2], device=sums.device) * fine[1]
+    # the index of each fine square's (block, cell) pair
+    pair = (((r // kernel[0])[:, None] * shape[1] + (c // kernel[1])[None, :])
+            * spreads[0].numel() + (r // cell)[:, None] * spreads.shape[2]
+            + (c // cell)[None, :])
+    by_pair = sums.new_zeros(sums.shape[0], shape[0] * shape[1] * spreads[0].numel())
+    by_pair.index_add_(1, pair.reshape(-1), sums.reshape(sums.shape[0], -1))
+    by_pair = by_pair.reshape(sums.shape[0], shape[0] * shape[1], -1)
+    extra = ((spreads.reshape(sums.shape[0], 1, -1) * by_pair) ** 2).sum(-1)
+    total = by_pair.sum(-1)
+    spread = torch.where(total > 0, extra.clamp(min=1e-30).sqrt() / total.clamp(min=1e-30),
+                         0.0)
+    return spread.reshape(sums.shape[0], *shape)
 
 
 def _count_scores(posterior, counts, blocks):
@@ -757,6 +783,9 @@ def count_calibration(pmfs, true):
     """
     means, covered = [], []
     for pmf, n in zip(pmfs, true):
+        if np.ndim(pmf) != 1:
+            raise ValueError(f"count_calibration takes one count pmf per image (1-D), got an "
+                             f"array of shape {np.shape(pmf)}")
         cdf = np.cumsum(pmf)
         means.append(np.dot(np.arange(len(pmf)), pmf))
         covered.append(np.searchsorted(cdf, 0.05) <= n <= np.searchsorted(cdf, 0.95))

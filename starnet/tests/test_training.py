@@ -572,24 +572,31 @@ def test_fit_trains_the_density_spread_with_the_count_score():
     assert not torch.equal(deblender.encoder.spread_head.bias, before)
 
 
-def test_block_spread_is_the_spread_of_the_cell_holding_the_block():
-    """Blocks inside a cell take its spread; a block across cells the mean of its tiles'
-    cell spreads."""
-    spread = torch.zeros(1, 8, 8)
-    spread[0, :4, :4] = 0.2       # cell (0, 0); the other cells have spread 0
-    q = TiledPosterior(torch.zeros(1, 8, 8, 4), *[torch.zeros(1, 8, 8, 6, 2)] * 4,
-                       spread=spread, density_cells=4)
+def test_block_spread_adds_each_cell_offset_variance():
+    """Tiles of variance 1.25 (0 to 3 stars at even odds), cells of 4 x 4 tiles: a block
+    inside a cell takes the cell's spread; a block over cells gains (s_c v_c)**2 from each,
+    so four cells of spread 0.2 (v_c = 20) give the 8 x 8 block sqrt(4 (0.2 x 20)**2) / 80
+    = 0.1, and a 6 x 6 block over 16, 8, 8 and 4 of their tiles sqrt(0.04 x 1.25**2 x
+    400) / 45; only cell (0, 0) spread gives the 8 x 8 block 0.2 x 20 / 80."""
+    spread = torch.full((1, 8, 8), 0.2)
+    logits = torch.zeros(1, 8, 8, 4)
+    q = TiledPosterior(logits, *[torch.zeros(1, 8, 8, 6, 2)] * 4, spread=spread,
+                       density_cells=4)
     blocks = training.block_spread(q, 2)
     assert blocks.shape == (1, 4, 4)
-    assert torch.allclose(blocks[0, :2, :2], torch.tensor(0.2))
-    assert torch.allclose(blocks[0, 2:, :], torch.tensor(0.0))
+    assert torch.allclose(blocks, torch.tensor(0.2))
+    assert torch.allclose(training.block_spread(q, 8), torch.tensor(0.1))
+    assert torch.allclose(training.block_spread(q, 6), torch.tensor(5 / 45))
+    spread[0, 4:, :] = 0.0
+    spread[0, :, 4:] = 0.0
+    q = TiledPosterior(logits, *[torch.zeros(1, 8, 8, 6, 2)] * 4, spread=spread,
+                       density_cells=4)
     assert torch.allclose(training.block_spread(q, 8), torch.tensor(0.05))
+    assert torch.allclose(training.block_spread(q, 2)[0, 2:], torch.tensor(0.0))
 
 
 def test_a_density_spread_without_the_count_score_warns_that_it_stays_untrained():
     deblender = StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
                                  tile_hidden=16, stamp_size=7, density_cells=4)
-    before = deblender.encoder.spread_head.bias.clone()
     with pytest.warns(UserWarning, match="only the block count score trains"):
         deblender.fit(n_steps=1, batches_per_epoch=1, **SMALL_FIT)
-    assert torch.equal(deblender.encoder.spread_head.bias, before)
