@@ -213,21 +213,23 @@ class TiledPosterior:
             Each part's pmf as from `support`; their convolution (`convolve_counts`) is
             the pmf of the total.
         """
-        probs = self.count_probs[0].double().cpu()
-        selected = (torch.ones(probs.shape[:2], dtype=torch.bool) if tiles is None
-                    else torch.as_tensor(tiles, dtype=torch.bool))
+        probs = self.count_probs[0].double().cpu().numpy()
+        selected = (np.ones(probs.shape[:2], dtype=bool) if tiles is None
+                    else np.asarray(tiles, dtype=bool))
         if self.spread is None:
-            return [support(count_distribution(probs[selected].numpy()))]
+            return [support(count_distribution(probs[selected]))]
         cell = self.density_cells
         spreads = self.cell_spread()[0].double().cpu().numpy()
-        parts = []
+        groups, group_spreads = [], []
         for i, row in enumerate(range(0, probs.shape[0], cell)):
             for j, col in enumerate(range(0, probs.shape[1], cell)):
                 inside = selected[row:row + cell, col:col + cell]
                 if inside.any():
-                    cell_probs = probs[row:row + cell, col:col + cell][inside].numpy()
-                    parts.append(support(_cell_mixture(cell_probs, spreads[i, j])))
-        return parts or [(0, np.ones(1))]
+                    groups.append(probs[row:row + cell, col:col + cell][inside])
+                    group_spreads.append(spreads[i, j])
+        if not groups:
+            return [(0, np.ones(1))]
+        return _cell_mixtures(groups, np.array(group_spreads))
 
     def count_pmf(self, tiles=None):
         """pmf of the number of stars in ``tiles`` of the (first) image: the convolution of
@@ -498,17 +500,7 @@ def density_mixture(pmf, spread, *, nodes=21):
         raise ValueError(f"spread must be a finite standard deviation >= 0, got {spread}")
     if spread == 0:
         return pmf.copy()
-    keep = pmf > 0
-    n = np.arange(len(pmf))
-    log_pmf = np.full(len(pmf), -np.inf)
-    log_pmf[keep] = np.log(pmf[keep])
-    z, weights = np.polynomial.hermite_e.hermegauss(nodes)
-    mixed = np.zeros(len(pmf))
-    for offset, weight in zip(spread * z - spread ** 2 / 2, weights / weights.sum()):
-        tilted = log_pmf + offset * n
-        tilted = np.exp(tilted - tilted[keep].max())
-        mixed += weight * tilted / tilted.sum()
-    return mixed
+    return _density_mixtures(pmf[None], np.array([float(spread)]), nodes)[0]
 
 
 #: Beyond this spread times the standard deviation of a cell's count, a tilt moves the
@@ -516,29 +508,68 @@ def density_mixture(pmf, spread, *, nodes=21):
 _TILT_TILES_BEYOND = 2.0
 
 
-def _cell_mixture(probs, spread, *, nodes=21):
-    """The count pmf of a cell's tiles (``probs``, (n_tiles, max_sources + 1)) mixed over
-    the cell's offset: `density_mixture` of their `count_distribution`, or, where the
-    spread is wide against that pmf, the mixture of the distributions of the tiles each
-    tilted by the offset (the same mixture, without the pmf's trimmed tails, on more
+def _cell_mixtures(groups, spreads, *, nodes=21):
+    """``(offset, values)`` of the count pmf of each group of tiles (``groups[c]``: their
+    probabilities, (n_tiles, max_sources + 1)) mixed over its cell's offset of spread
+    ``spreads[c]``: `density_mixture` of their distribution (all groups at once), or,
+    where the spread is wide against it, the mixture of the distributions of the tiles
+    each tilted by the offset (the same mixture, without the pmf's trimmed tails, on more
     nodes)."""
+    stacked = np.zeros((len(groups), max(len(g) for g in groups), groups[0].shape[1]))
+    stacked[:, :, 0] = 1.0          # padded with tiles that certainly hold no star
+    for row, group in zip(stacked, groups):
+        row[:len(group)] = group
+    offsets, pmfs = _convolve_groups(stacked, np.zeros(stacked.shape[:2], dtype=np.int64))
+    # each row's rounding noise beyond its own tails (kept for the other rows' sake), which
+    # a tilt would amplify, set to zero as `count_distribution` drops a pmf's tails
+    pmfs = np.where(pmfs > 1e-13 * pmfs.max(axis=1, keepdims=True), pmfs, 0.0)
+    pmfs = pmfs / pmfs.sum(axis=1, keepdims=True)
+    k = np.arange(pmfs.shape[1])
+    sd = np.sqrt(np.clip(pmfs @ (k * k) - (pmfs @ k) ** 2, 0.0, None))
+    mixed = _density_mixtures(pmfs, spreads, nodes)
+    parts = []
+    for offset, pmf, group, spread, wide in zip(offsets, mixed, groups, spreads,
+                                                spreads * sd > _TILT_TILES_BEYOND):
+        if wide:
+            parts.append(support(_tilted_tiles_mixture(group, spread, nodes)))
+        else:
+            first, values = support(pmf)
+            parts.append((int(offset) + first, values))
+    return parts
+
+
+def _tilted_tiles_mixture(probs, spread, nodes):
+    """The count pmf of tiles ``probs`` mixed over an offset of ``spread``, each tile
+    tilted before the convolution; nodes enough that the tilted pmfs of neighbouring
+    ones overlap (a tilt moves the pmf by about ``spread * sd`` of its widths per unit of
+    the node)."""
     pmf = count_distribution(probs)
-    n = np.arange(len(pmf))
-    sd = np.sqrt(max(np.dot(n * n, pmf) - np.dot(n, pmf) ** 2, 0.0))
-    if spread * sd <= _TILT_TILES_BEYOND:
-        return density_mixture(pmf, spread, nodes=nodes)
-    # a tilted pmf moves by about spread * sd of its widths per unit of the node: enough
-    # nodes that neighbouring ones overlap
+    k = np.arange(len(pmf))
+    sd = np.sqrt(max(np.dot(k * k, pmf) - np.dot(k, pmf) ** 2, 0.0))
     z, weights = np.polynomial.hermite_e.hermegauss(max(nodes, int(np.ceil(6 * spread * sd))))
     with np.errstate(divide="ignore"):
         log_probs = np.log(probs)
-    k = np.arange(probs.shape[1])
+    n = np.arange(probs.shape[1])
     mixed = np.zeros(len(pmf))
     for offset, weight in zip(spread * z - spread ** 2 / 2, weights / weights.sum()):
-        tilted = log_probs + offset * k
+        tilted = log_probs + offset * n
         tilted = np.exp(tilted - tilted.max(axis=1, keepdims=True))
         mixed += weight * count_distribution(tilted / tilted.sum(axis=1, keepdims=True))
     return mixed
+
+
+def _density_mixtures(pmfs, spreads, nodes):
+    """`density_mixture` of each row of ``pmfs`` (groups, width) with its spread: a tilt
+    by ``exp(delta j)`` of the row's own index ``j`` is the same, once normalised, as one
+    of the counts it stands for."""
+    z, weights = np.polynomial.hermite_e.hermegauss(nodes)
+    with np.errstate(divide="ignore"):
+        log_pmfs = np.log(pmfs)
+    delta = spreads[:, None] * z - spreads[:, None] ** 2 / 2            # (groups, nodes)
+    tilted = log_pmfs[:, None, :] + delta[:, :, None] * np.arange(pmfs.shape[1])
+    tilted = np.exp(tilted - tilted.max(axis=2, keepdims=True))
+    tilted /= tilted.sum(axis=2, keepdims=True)
+    return np.einsum("gnj,n->gj", tilted, weights / weights.sum())
 
 
 def cell_means(x, cell):
@@ -582,15 +613,27 @@ def _full_pmf(offset, pmf, length):
 def _convolve_all(pmfs, offsets):
     """``(offset, pmf)`` of the sum of independent counts with ``pmfs[i, j] = P(offsets[i]
     + j)``, convolved in pairs, level by level (see `count_distribution`)."""
-    while len(pmfs) > 1:
-        if len(pmfs) % 2:   # pad with a tile that is certainly empty
-            pmfs = np.vstack([pmfs, np.eye(1, pmfs.shape[1])])
-            offsets = np.append(offsets, 0)
-        pmfs = _convolve_pairs(pmfs[0::2], pmfs[1::2])
-        offsets = offsets[0::2] + offsets[1::2]
+    offsets, pmfs = _convolve_groups(pmfs[None], np.asarray(offsets)[None])
+    return int(offsets[0]), pmfs[0]
+
+
+def _convolve_groups(pmfs, offsets):
+    """`_convolve_all` of each group at once: ``pmfs`` (groups, counts, width) and
+    ``offsets`` (groups, counts) give ``offsets`` (groups,) and ``pmfs`` (groups,
+    width'), the pmf of each group's sum placed at its offset (one width for all)."""
+    while pmfs.shape[1] > 1:
+        if pmfs.shape[1] % 2:   # pad with a count that is certainly 0
+            empty = np.broadcast_to(np.eye(1, pmfs.shape[2]), (len(pmfs), 1, pmfs.shape[2]))
+            pmfs = np.concatenate([pmfs, empty], axis=1)
+            offsets = np.concatenate([offsets, np.zeros((len(offsets), 1), np.int64)], axis=1)
+        groups, half = len(pmfs), pmfs.shape[1] // 2
+        pmfs = _convolve_pairs(pmfs[:, 0::2].reshape(groups * half, -1),
+                               pmfs[:, 1::2].reshape(groups * half, -1))
+        offsets = (offsets[:, 0::2] + offsets[:, 1::2]).reshape(-1)
         if pmfs.shape[1] > 32:      # short ones have no tails worth the trimming
             pmfs, offsets = _trim(pmfs, offsets)
-    return int(offsets[0]), pmfs[0]
+        pmfs, offsets = pmfs.reshape(groups, half, -1), offsets.reshape(groups, half)
+    return offsets[:, 0], pmfs[:, 0]
 
 
 def support(pmf):

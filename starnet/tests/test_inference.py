@@ -108,14 +108,20 @@ def test_density_spread_blocks_give_the_one_shot_count_and_widen_it(inputs):
     whole, whole_offset, whole_pmf = modal_catalog(network, inputs)
     rows, offset, pmf = modal_catalog(network, inputs, chunk_tiles=3)   # rounded up to 4
     assert whole_offset == offset
-    np.testing.assert_allclose(pmf, whole_pmf, atol=1e-9)
+
+    def padded(values, length):     # the kept tails may differ by terms below 1e-13
+        return np.pad(values, (0, length - len(values)))
+
+    length = max(len(pmf), len(whole_pmf))
+    np.testing.assert_allclose(padded(pmf, length), padded(whole_pmf, length), atol=1e-9)
     np.testing.assert_allclose(rows["locs"], whole["locs"], rtol=2e-6, atol=1e-7)
     left = np.zeros(SHAPE, bool)
     left[:, :13] = True
     for chunk in (None, 4):
         [counted, in_left] = count_pmfs(network, inputs, [np.ones(SHAPE, bool), left],
                                         chunk_tiles=chunk)
-        np.testing.assert_allclose(counted[offset:offset + len(pmf)], pmf, atol=1e-9)
+        np.testing.assert_allclose(counted[offset:offset + length], padded(pmf, length),
+                                   atol=1e-9)
         with torch.no_grad():
             q = network(inputs.image, inputs.background)
         np.testing.assert_allclose(
