@@ -15,10 +15,16 @@ photometry, r band, on the same background), where crowding is negligible far fr
 core; and each model's stars with 21.5 < r < 22.5 per 1000 pixels (the faint band that a
 model made of a sparse field's missing faint light when it believed the core's density).
 
+``--psf kl-grid`` gives the PSF as it varies over the frame, ``--fpm`` the fpM masks
+(saturated, interpolated and cosmic-ray pixels) and ``--f-max`` the upper flux told to
+a model that reads the prior (``sdss``).
+
 Run::
 
     python benchmarks/cmd_m2.py --models sdss-m2 sdss-m2-powerlaw \
         --output docs/_static/m2_cmd.png --overwrite
+    python benchmarks/cmd_m2.py --models sdss --psf kl-grid --fpm --f-max 2e6 \
+        --output docs/_static/m2_cmd_sdss.png
 """
 
 import argparse
@@ -34,6 +40,7 @@ from starnet import StarNetDeblender
 from starnet.background import fit_background
 from starnet.baselines import daophot_catalog
 from starnet.datasets import load_sdss_frame
+from starnet.images import with_changes
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,13 +61,21 @@ def main(argv=None):
                              "panel of the diagram shows the stars")
     parser.add_argument("--smoothing", type=float, default=64.0,
                         help="width (pixels) of the window of the background estimate")
+    parser.add_argument("--psf", choices=("kl", "kl-grid"), default="kl",
+                        help="the frame's KL PSF at its centre, or as it varies over the frame")
+    parser.add_argument("--fpm", action="store_true",
+                        help="mask the fpM's SATUR, INTERP and CR pixels (models that read "
+                             "the mask)")
+    parser.add_argument("--f-max", type=float, default=None,
+                        help="the upper flux told to models that read the prior, e-")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise SystemExit(f"{output} exists; pass --overwrite to replace it")
 
-    frame = load_sdss_frame(2583, 2, 136, ("r", "i"), psf="kl")
+    frame = load_sdss_frame(2583, 2, 136, ("r", "i"), psf=args.psf,
+                            fpm_planes=("SATUR", "INTERP", "CR") if args.fpm else None)
     centre = np.array(frame.wcs.world_to_pixel(M2_CENTRE), dtype=float)
     rows, cols = np.indices(frame.data.shape[1:])
     radius_map = np.hypot(cols - centre[0], rows - centre[1])
@@ -69,6 +84,8 @@ def main(argv=None):
     counts, catalogs = {}, {}
     for name in args.models:
         deblender = StarNetDeblender.from_name_or_path(name)
+        if args.f_max is not None and deblender.encoder.prior_features:
+            deblender.prior = deblender.prior.replace(f_max=args.f_max)
         started = time.perf_counter()
         image, _ = fit_background(deblender, frame, smoothing=args.smoothing)
         catalog = deblender(image, background="given")
@@ -83,6 +100,9 @@ def main(argv=None):
                         annulus_counts(catalog, centre, (r > 21.5) & (r < 22.5)))
         if name == args.models[0]:
             first_image = image
+    if args.psf != "kl":     # photutils' PSF photometry takes one PSF: the frame's centre's
+        kl = load_sdss_frame(2583, 2, 136, ("r", "i"), psf="kl").meta["psf"]
+        first_image = with_changes(first_image, meta=dict(first_image.meta, psf=kl))
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -134,7 +154,7 @@ def plot_cmd(catalog, centre, args):
         ax.set_xlabel("r - i (mag)")
     axes[0].set_ylabel("r (mag)")
     axes[0].set_xlim(-1, 1.5)
-    axes[0].set_ylim(23.5, 14)
+    axes[0].set_ylim(23.5, min(14.0, np.floor(2 * np.nanmin(r)) / 2))
     figure.suptitle(f"M2, SDSS run 2583 camcol 2 field 136, StarNet ({args.models[0]})")
     figure.tight_layout()
     figure.savefig(args.output, dpi=120)
