@@ -597,7 +597,8 @@ class StarNetDeblender:
               ``meta['nelec_per_nmgy']`` gives the calibration, otherwise the
               instrumental magnitude ``-2.5 log10(flux / electron)``;
             * ``detection_prob``: posterior probability that the tile holds at least as
-              many stars as this star's rank by flux in the tile;
+              many stars as this star's rank by flux in the tile (for a model with a
+              density spread, given no density offset);
             * ``flags``: integer bit flags, 0 = none: 1 ``edge``, 2 ``bad_pixels``, 4
               ``low_detection``, 8 ``blend``, 16 ``saturated`` (the flux is then a lower
               limit, and ``flux_<band>_q05`` at most the light recorded in the band's
