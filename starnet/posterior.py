@@ -91,7 +91,7 @@ class TiledPosterior:
     _FIELDS = ("count_logits", "loc_mean", "loc_sd", "log_flux_mean", "log_flux_sd", "spread")
 
     def _rebuild(self, function, others=()):
-        """A posterior whose tensors are ``function(tensor of self, tensors of others)``
+        """A posterior whose tensors are ``function(tensor of self, *tensors of others)``
         field by field (a missing ``spread`` stays missing)."""
         for other in others:
             if (other.spread is None) != (self.spread is None) \
@@ -100,7 +100,7 @@ class TiledPosterior:
                                  "other density cells) cannot be combined")
         return TiledPosterior(*(
             None if getattr(self, name) is None
-            else function(name, getattr(self, name), *[getattr(q, name) for q in others])
+            else function(getattr(self, name), *[getattr(q, name) for q in others])
             for name in self._FIELDS), density_cells=self.density_cells)
 
     def where(self, mask, other):
@@ -117,7 +117,7 @@ class TiledPosterior:
         -------
         `TiledPosterior`
         """
-        return self._rebuild(lambda name, mine, theirs: torch.where(
+        return self._rebuild(lambda mine, theirs: torch.where(
             mask.reshape(*mask.shape, *[1] * (mine.ndim - 3)), mine, theirs), [other])
 
     @staticmethod
@@ -140,7 +140,7 @@ class TiledPosterior:
         `TiledPosterior`
         """
         first, rest = posteriors[0], posteriors[1:]
-        return first._rebuild(lambda name, *tensors: torch.cat(tensors, dim=dim), rest)
+        return first._rebuild(lambda *tensors: torch.cat(tensors, dim=dim), rest)
 
     def to(self, device):
         """The same posterior with its parameters on ``device``.
@@ -153,7 +153,7 @@ class TiledPosterior:
         -------
         `TiledPosterior`
         """
-        return self._rebuild(lambda name, tensor: tensor.to(device))
+        return self._rebuild(lambda tensor: tensor.to(device))
 
     def expand(self, n_images):
         """The posterior of a single image repeated ``n_images`` times (no copy).
@@ -168,7 +168,7 @@ class TiledPosterior:
         `TiledPosterior`
             Parameters are views of ``self``'s, expanded along the first axis.
         """
-        return self._rebuild(lambda name, tensor: tensor.expand(n_images, *tensor.shape[1:]))
+        return self._rebuild(lambda tensor: tensor.expand(n_images, *tensor.shape[1:]))
 
     def image(self, index):
         """The posterior of image ``index`` of the batch (a batch of one).
@@ -182,7 +182,7 @@ class TiledPosterior:
         `TiledPosterior`
         """
         index = range(len(self.count_logits))[index]     # negative indices, and checked
-        return self._rebuild(lambda name, tensor: tensor[index:index + 1])
+        return self._rebuild(lambda tensor: tensor[index:index + 1])
 
     def cell_spread(self):
         """Standard deviation of each cell's log-density offset: the mean of ``spread``

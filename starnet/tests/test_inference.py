@@ -117,13 +117,13 @@ def test_density_spread_blocks_give_the_one_shot_count_and_widen_it(inputs):
     np.testing.assert_allclose(rows["locs"], whole["locs"], rtol=2e-6, atol=1e-7)
     left = np.zeros(SHAPE, bool)
     left[:, :13] = True
+    with torch.no_grad():
+        q = network(inputs.image, inputs.background)
     for chunk in (None, 4):
         [counted, in_left] = count_pmfs(network, inputs, [np.ones(SHAPE, bool), left],
                                         chunk_tiles=chunk)
         np.testing.assert_allclose(counted[offset:offset + length], padded(pmf, length),
                                    atol=1e-9)
-        with torch.no_grad():
-            q = network(inputs.image, inputs.background)
         np.testing.assert_allclose(
             in_left, q.count_pmf(region_tiles(left, SHAPE, tile_size=2)), atol=1e-9)
     plain_rows, plain_offset, plain_pmf = modal_catalog(plain, inputs)

@@ -337,7 +337,7 @@ def test_posterior_operations_keep_the_spread():
     so the count pmf of the joined blocks is the whole grid's."""
     rng = np.random.default_rng(5)
     q = spread_posterior(rng, (6, 10), 4)
-    halves = [q._rebuild(lambda name, t: t[:, :, :8]), q._rebuild(lambda name, t: t[:, :, 8:])]
+    halves = [q._rebuild(lambda t: t[:, :, :8]), q._rebuild(lambda t: t[:, :, 8:])]
     joined = TiledPosterior.concatenate(halves, dim=2)
     np.testing.assert_allclose(joined.count_pmf(), q.count_pmf(), atol=1e-12)
     assert q.expand(3).spread.shape == (3, 6, 10)
