@@ -114,7 +114,9 @@ def _near(pixels, x, y, distance):
     pixel of the boolean map ``pixels``."""
     # the nearest pixel of a region to a position outside it is on its boundary
     rows, cols = np.nonzero(pixels & ~binary_erosion(pixels))
-    nearest, _ = cKDTree(np.column_stack([cols, rows])).query(np.column_stack([x, y]))
+    # bounded: a search that may stop at ``distance`` is fast even for far positions
+    nearest, _ = cKDTree(np.column_stack([cols, rows])).query(
+        np.column_stack([x, y]), distance_upper_bound=distance * (1 + 1e-9) + 1e-9)
     row = np.clip(np.round(y).astype(int), 0, pixels.shape[0] - 1)
     col = np.clip(np.round(x).astype(int), 0, pixels.shape[1] - 1)
     return (nearest <= distance) | pixels[row, col]
