@@ -156,6 +156,8 @@ def main(argv=None):
     parser.add_argument("--bright-flux", type=float, default=None, metavar="F",
                         help="set each field's count error against its chance excess of "
                              "stars brighter than F e-")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                        help="of the network (default float32; starnet.devices)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -176,7 +178,8 @@ def main(argv=None):
           f"({args.pixels})"
           f" (told scale {args.told_scale}); fluxes 1000 to {args.f_max:.0e} e-"
           f"{'' if args.told_f_max is None else f' (told {args.told_f_max:.0e})'}; background "
-          f"given; {args.n_fields} fields per density")
+          f"given; {args.n_fields} fields per density"
+          + (f"; network in {args.precision}" if args.precision else ""))
     print(f"{'stars/px':>8} {'size':>5} {'fields':>6} {'true N':>8} {'bias':>7} "
           f"{'90% cover':>10} {'F1':>6} {'s/field':>8}")
     star_tables, block_rows, bright_rows = {}, [], []
@@ -195,7 +198,8 @@ def main(argv=None):
             image = NDData(data, unit="electron",
                            meta={"bands": ["r", "i"], "psf": told,
                                  "background": np.array(SKY)})
-            catalog = deblender(image, background="given", progress=False)
+            catalog = deblender(image, background="given", progress=False,
+                                precision=args.precision)
             mean, low, high = (catalog.meta[k] for k in ("n_stars_mean", "n_stars_q05",
                                                          "n_stars_q95"))
             estimates.append(mean)
@@ -204,18 +208,19 @@ def main(argv=None):
             f1s.append(match_catalogs(catalog, truth, band="r").f1)
             if index < args.star_fields and args.star_draws:
                 samples = deblender.sample(image, n_samples=args.star_draws, seed=index,
-                                           background="given", progress=False)
+                                           background="given", progress=False,
+                                           precision=args.precision)
                 intervals = star_intervals(samples, truth, absent_flux=0.0, seed=index)
                 flux = np.asarray(truth["flux_r"]) / M2_NELEC_PER_NMGY
                 intervals["r"] = 22.5 - 2.5 * np.log10(flux)
                 star_tables.setdefault(density, []).append(intervals)
             if args.bright_flux:
-                whole = block_counts(deblender, image, truth, size)[0]
+                whole = block_counts(deblender, image, truth, size, args.precision)[0]
                 n_bright = int(np.sum(np.asarray(truth["flux_r"]) > args.bright_flux))
                 bright_rows.append((density,) + whole[:3] + (n_bright,))
             for block in args.block_sizes:
-                block_rows += [(density, block) + row
-                               for row in block_counts(deblender, image, truth, block)]
+                blocks = block_counts(deblender, image, truth, block, args.precision)
+                block_rows += [(density, block) + row for row in blocks]
         seconds = (time.perf_counter() - started) / args.n_fields
         n = len(truths)
         bias = (np.sum(estimates) - np.sum(truths)) / np.sum(truths)
@@ -231,7 +236,7 @@ def main(argv=None):
         print_bright_regression(np.array(bright_rows, dtype=float), args.bright_flux)
 
 
-def block_counts(deblender, image, truth, block):
+def block_counts(deblender, image, truth, block, precision=None):
     """(true count, posterior mean, posterior variance, covered by the 90 % interval) of
     each ``block`` x ``block``-pixel square of a partition of ``image``."""
     size = image.data.shape[-1]
@@ -243,7 +248,7 @@ def block_counts(deblender, image, truth, block):
     block_index = label[:, None] * n + label[None, :]          # row-major, as below
     pixel_blocks = block_index[None] == np.arange(n * n)[:, None, None]
     pmfs = deblender.count_posterior(image, region=pixel_blocks, background="given",
-                                     progress=False)
+                                     progress=False, precision=precision)
     column = np.floor(np.asarray(truth["x"]) + 0.5).astype(int) // block
     row = np.floor(np.asarray(truth["y"]) + 0.5).astype(int) // block
     true = np.bincount(row * n + column, minlength=n * n)

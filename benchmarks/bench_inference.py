@@ -18,7 +18,8 @@ background encoder first (``"fit"``; ``starnet, fitted bg``). A job that passes
 ``--timeout`` seconds is stopped and reported as such. starnet chooses its threads
 (`starnet.threads.choose_threads`) unless ``--threads`` is given; ``--busy`` runs every
 job beside a process that keeps one core busy (a Python busy loop, started and stopped
-by the benchmark), as on a laptop with other work or a shared node.
+by the benchmark), as on a laptop with other work or a shared node. ``--precision
+bfloat16`` runs starnet's network in bfloat16 (`starnet.devices`).
 
 Speed figures in the documentation come from the bundled models (``--model``; a model
 that reads the PSF is given the KL PSF as it varies over the image, a
@@ -27,7 +28,7 @@ that reads the PSF is given the KL PSF as it varies over the image, a
 
 Run::
 
-    python benchmarks/bench_inference.py [--threads 2] [--busy]
+    python benchmarks/bench_inference.py [--threads 2] [--busy] [--precision bfloat16]
     python benchmarks/bench_inference.py --sizes "1000 x 1000" "3000 x 3000" "6000 x 6000"
 """
 
@@ -69,7 +70,7 @@ def _mirrored(image, shape):
 BUNDLED = "sdss-m2"
 
 
-def _job(method, size, model, threads, repeats, queue):
+def _job(method, size, model, threads, repeats, precision, queue):
     import numpy as np
     import torch
     from starnet import StarNetDeblender
@@ -92,7 +93,7 @@ def _job(method, size, model, threads, repeats, queue):
 
         def run():
             return len(deblender(image, background=background, progress=False,
-                                 threads=threads))
+                                 threads=threads, precision=precision))
     else:
         from photutils.detection import DAOStarFinder
         data = image.data[0] - image.meta["background"][0]
@@ -119,20 +120,22 @@ def _job(method, size, model, threads, repeats, queue):
     queue.put((min(times), peak / 1024, (peak - base) / 1024, n_found))
 
 
-def measure(method, size, model, threads, repeats, timeout, *, busy=False):
+def measure(method, size, model, threads, repeats, timeout, *, busy=False, precision=None):
     """(seconds, peak MB, job MB, stars) of one job, or None when it passes ``timeout``;
     with ``busy``, beside a process that keeps one core busy."""
     if busy:
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
-            return measure(method, size, model, threads, repeats, timeout)
+            return measure(method, size, model, threads, repeats, timeout,
+                           precision=precision)
         finally:
             hog.kill()
             hog.wait()
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_job,
-                              args=(method, size, model, threads, repeats, queue))
+                              args=(method, size, model, threads, repeats, precision,
+                                    queue))
     process.start()
     try:
         result = queue.get(timeout=timeout)
@@ -159,6 +162,8 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=DEFAULT_SIZES,
                         metavar="SIZE",
                         help=f"images to run, of {list(SIZES)} (default: the first four)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                        help="of starnet's network (default float32)")
     parser.add_argument("--timeout", type=float, default=300,
                         help="seconds after which a job is stopped and reported as such")
     args = parser.parse_args(argv)
@@ -169,7 +174,8 @@ def main(argv=None):
                      "another")
     threads = "threads chosen by starnet" if args.threads is None else f"{args.threads} threads"
     print(f"model {args.model}, {threads}, best of {args.repeats} calls"
-          + (", one core kept busy by another process" if args.busy else ""))
+          + (", one core kept busy by another process" if args.busy else "")
+          + (f", network in {args.precision}" if args.precision else ""))
     print(f"{'image':>16} {'method':>22} {'seconds':>9} {'peak MB':>9} {'job MB':>8} "
           f"{'stars':>7} {'x DAO':>6}")
     for size in args.sizes:
@@ -179,7 +185,7 @@ def main(argv=None):
         finder_seconds = None
         for method in methods:
             result = measure(method, size, args.model, args.threads, args.repeats,
-                             args.timeout, busy=args.busy)
+                             args.timeout, busy=args.busy, precision=args.precision)
             if result is None:
                 print(f"{size:>16} {method:>22} {'> ' + str(int(args.timeout)):>9}", flush=True)
                 continue

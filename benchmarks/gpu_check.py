@@ -9,7 +9,9 @@ prints
 - whether the two catalogs hold the same stars: their numbers, the largest difference
   of position (pixels) and of log flux, and of the posterior mean count;
 - the best of ``--repeats`` calls on each device (the first call on the GPU also pays
-  for moving the network and CUDA's start-up, so it is left out).
+  for moving the network and CUDA's start-up, so it is left out), and on the GPU with
+  ``precision="bfloat16"`` (its mean count's difference from the CPU's is printed, not
+  checked: bfloat16 is not float32).
 
 Then training (``fit(device=)``) of the bundled ``sdss`` model's architecture, warm
 from its weights:
@@ -44,15 +46,19 @@ from starnet.datasets import load_sdss_frame
 CUTS = {"100 x 100": ((630, 730), (310, 410)), "1000 x 1000": ((300, 1300), (500, 1500))}
 
 
-def timed(deblender, image, device, repeats):
+def timed(deblender, image, device, repeats, precision=None):
     """The catalog and the best time of ``repeats`` calls (after one warm-up call)."""
-    catalog = deblender(image, background="given", progress=False, device=device)
+    catalog = deblender(image, background="given", progress=False, device=device,
+                        precision=precision)
     best = np.inf
     for _ in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        catalog = deblender(image, background="given", progress=False, device=device)
+        catalog = deblender(image, background="given", progress=False, device=device,
+                            precision=precision)
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
     return catalog, best
 
@@ -112,7 +118,7 @@ def main(argv=None):
     print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
           f"CPU threads {torch.get_num_threads()}")
     print(f"{'model':>9} {'image':>12} {'stars':>12} {'max dx px':>10} {'max dlogf':>10} "
-          f"{'dN/N':>9} {'CPU s':>8} {'GPU s':>8}")
+          f"{'dN/N':>9} {'CPU s':>8} {'GPU s':>8} {'bf16 s':>8} {'bf16 dN/N':>10}")
     failed = False
     for name in StarNetDeblender.available():
         deblender = StarNetDeblender.pretrained(name)
@@ -122,6 +128,8 @@ def main(argv=None):
                                     else "kl")
             cpu, cpu_seconds = timed(deblender, image, "cpu", args.repeats)
             gpu, gpu_seconds = timed(deblender, image, "cuda", args.repeats)
+            bf16, bf16_seconds = timed(deblender, image, "cuda", args.repeats, "bfloat16")
+            bf16_count = bf16.meta["n_stars_mean"] / cpu.meta["n_stars_mean"] - 1
             difference = compare(cpu, gpu, deblender.bands[0])
             count = abs(cpu.meta["n_stars_mean"] / gpu.meta["n_stars_mean"] - 1)
             ok = (difference["position"] < 1e-3 and difference["log flux"] < 1e-3
@@ -129,7 +137,8 @@ def main(argv=None):
             failed |= not ok
             print(f"{name:>9} {label:>12} {'%d/%d' % difference['stars']:>12} "
                   f"{difference['position']:10.2e} {difference['log flux']:10.2e} "
-                  f"{count:9.1e} {cpu_seconds:8.3f} {gpu_seconds:8.3f}"
+                  f"{count:9.1e} {cpu_seconds:8.3f} {gpu_seconds:8.3f} "
+                  f"{bf16_seconds:8.3f} {bf16_count:10.1e}"
                   f"{'' if ok else '  DIFFERS'}", flush=True)
     failed |= not check_training(args.train_steps)
     sys.exit(1 if failed else 0)

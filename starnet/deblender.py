@@ -16,7 +16,7 @@ from .baselines import daophot_catalog
 from .background import BackgroundEncoder, choose_background, train_background_encoder
 from .catalogs import modal_table, samples_table
 from .defects import FrameDefects
-from .devices import as_device, on_device
+from .devices import as_device, as_precision, on_device
 from .encoder import StarNetEncoder
 from .images import as_background, image_psfs, read_image
 from .inference import chunk_tiles, count_pmfs, draw_catalogs, modal_catalog, prepare_image
@@ -543,7 +543,7 @@ class StarNetDeblender:
     # ----------------------------------------------------------------- inference
     @deprecated_renamed_argument("progress_bar", "progress", "0.1")
     def __call__(self, nddata, *, background=None, progress=True, threads=None,
-                 device=None):
+                 device=None, precision=None):
         """Modal catalog of an image.
 
         Parameters
@@ -577,6 +577,11 @@ class StarNetDeblender:
             must be there: a clear error otherwise) or ``'auto'`` (a GPU when torch
             sees one, else the CPU); the catalog is made on the CPU
             (`starnet.devices`).
+        precision : {None, 'float32', 'bfloat16'}, optional
+            Of the network's convolutions: float32 (default), or bfloat16, faster on a
+            CPU with AMX or AVX512-BF16 and on GPUs (a warning elsewhere, where it is
+            slower) and slightly less exact (docs/scaling.rst gives both); models of
+            independent tiles only.
 
         Returns
         -------
@@ -618,12 +623,12 @@ class StarNetDeblender:
             ``background_fit``: the fitted factor, or None), the model settings and the
             package version.
         """
-        with self._running(nddata, threads, device):
+        with self._running(nddata, threads, device, precision) as dtype:
             nddata = choose_background(self, nddata, background)
             inputs = self._prepare(nddata)
             rows, offset, pmf = modal_catalog(self.encoder, inputs,
                                               chunk_tiles=self._chunks(inputs),
-                                              progress=progress)
+                                              progress=progress, dtype=dtype)
         meta = inputs.meta
         del inputs
         return modal_table(rows, offset, pmf, nddata=nddata, meta=meta, bands=self.bands,
@@ -633,7 +638,7 @@ class StarNetDeblender:
 
     @deprecated_renamed_argument("progress_bar", "progress", "0.1")
     def count_posterior(self, nddata, *, region=None, background=None, progress=True,
-                        threads=None, device=None):
+                        threads=None, device=None, precision=None):
         """Posterior probabilities of the number of stars in the image or in regions of it.
 
         Parameters
@@ -650,7 +655,7 @@ class StarNetDeblender:
             As for `__call__`.
         progress : bool, optional
             As for `__call__`.
-        threads, device : optional
+        threads, device, precision : optional
             As for `__call__`.
 
         Returns
@@ -684,12 +689,12 @@ class StarNetDeblender:
         """
         region = None if region is None else np.asarray(region)
         single = region is None or region.ndim == 2
-        with self._running(nddata, threads, device):
+        with self._running(nddata, threads, device, precision) as dtype:
             inputs = self._prepare(choose_background(self, nddata, background))
             pmfs = count_pmfs(self.encoder, inputs,
                               None if region is None else region[None] if single else region,
                               chunk_tiles=self._chunks(inputs), progress=progress,
-                              n_samples=self.n_count_samples)
+                              n_samples=self.n_count_samples, dtype=dtype)
         return pmfs[0] if single else pmfs
 
     def render(self, catalog, shape):
@@ -757,7 +762,7 @@ class StarNetDeblender:
 
     @deprecated_renamed_argument("progress_bar", "progress", "0.1")
     def sample(self, nddata, *, n_samples=100, seed=None, background=None, progress=True,
-               threads=None, device=None):
+               threads=None, device=None, precision=None):
         """Whole catalogs drawn from the posterior.
 
         Parameters
@@ -772,7 +777,7 @@ class StarNetDeblender:
             As for `__call__`.
         progress : bool, optional
             Show the progress of the encoding (as for `__call__`) and of the draws.
-        threads, device : optional
+        threads, device, precision : optional
             As for `__call__`.
 
         Returns
@@ -799,24 +804,29 @@ class StarNetDeblender:
         n_samples = check_positive_int(n_samples, "n_samples")
         check_draws_memory(n_samples, np.shape(nddata.data), tile_size=self.grid.tile_size,
                            max_sources=self.grid.max_sources, n_bands=len(self.bands))
-        with self._running(nddata, threads, device):
+        with self._running(nddata, threads, device, precision) as dtype:
             inputs = self._prepare(choose_background(self, nddata, background))
             catalogs = draw_catalogs(self.encoder, inputs, n_samples,
                                      generator=torch.Generator().manual_seed(_seed_int(seed)),
-                                     chunk_tiles=self._chunks(inputs), progress=progress)
+                                     chunk_tiles=self._chunks(inputs), progress=progress,
+                                     dtype=dtype)
         return samples_table(catalogs, bands=self.bands, seed=seed)
 
     @contextlib.contextmanager
-    def _running(self, nddata, threads, device):
+    def _running(self, nddata, threads, device, precision=None):
         """The torch threads of a call on ``nddata`` (`starnet.threads`), with the
-        encoder on ``device`` (`starnet.devices`)."""
+        encoder on ``device``; yields the dtype of ``precision`` (`starnet.devices`)."""
         if as_device(device).type != "cpu" and self.encoder.n_colors != 1:
             raise ValueError("device= runs models of independent tiles (n_colors=1) on a "
                              "GPU; this checkerboard model runs on the CPU only")
+        dtype = as_precision(precision, device)
+        if dtype != torch.float32 and self.encoder.n_colors != 1:
+            raise ValueError(f"precision={precision!r} runs models of independent tiles "
+                             "(n_colors=1); this checkerboard model runs in float32 only")
         n_pixels = np.size(nddata.data)
         with torch_threads(choose_threads(threads, n_pixels=n_pixels)), \
                 on_device(self.encoder, device):
-            yield
+            yield dtype
 
     def _prepare(self, nddata):
         """The encoder's input (`starnet.inference.prepare_image`) of an image."""

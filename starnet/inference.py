@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .denormals import flush_denormals
+from .devices import autocast
 from .images import image_psfs, read_image
 from .posterior import TiledPosterior, _full_pmf, convolve_counts
 from .progress import progress_callback
@@ -258,7 +259,7 @@ def chunk_tiles(shape, *, chunk_size, tile_size):
 
 
 @torch.no_grad()
-def encode(encoder, inputs, *, chunk_tiles=None, progress=False):
+def encode(encoder, inputs, *, chunk_tiles=None, progress=False, dtype=torch.float32):
     """The whole image through the network.
 
     Parameters
@@ -269,6 +270,9 @@ def encode(encoder, inputs, *, chunk_tiles=None, progress=False):
         Compute in square blocks of this many tiles (same result, bounded memory).
     progress : bool, optional
         Show a progress bar over the blocks.
+    dtype : `torch.dtype`, optional
+        Of the network's convolutions (`starnet.devices.as_precision`); the heads and
+        the posterior stay float32.
 
     Returns
     -------
@@ -278,7 +282,8 @@ def encode(encoder, inputs, *, chunk_tiles=None, progress=False):
     """
     encoder.eval()
     inputs = inputs.to(_device(encoder))
-    with flush_denormals(), progress_callback(progress, "encoding blocks") as report:
+    with flush_denormals(), progress_callback(progress, "encoding blocks") as report, \
+            autocast(dtype, _device(encoder)):
         if encoder.n_colors == 1:
             return encoder(inputs.image, inputs.background, chunk_tiles=chunk_tiles,
                            progress=report, **inputs.network_inputs).to("cpu")
@@ -286,7 +291,8 @@ def encode(encoder, inputs, *, chunk_tiles=None, progress=False):
                                 progress=report, **inputs.network_inputs)
 
 
-def encode_blocks(encoder, inputs, *, chunk_tiles=None, progress=False):
+def encode_blocks(encoder, inputs, *, chunk_tiles=None, progress=False,
+                  dtype=torch.float32):
     """The posterior of independent tiles, block by block.
 
     See `~starnet.encoder.StarNetEncoder.blocks`: the result equals `encode`'s, while
@@ -301,6 +307,8 @@ def encode_blocks(encoder, inputs, *, chunk_tiles=None, progress=False):
         Side of the blocks in tiles (default: one block).
     progress : bool, optional
         Show a progress bar over the blocks.
+    dtype : `torch.dtype`, optional
+        As for `encode`.
 
     Yields
     ------
@@ -312,9 +320,15 @@ def encode_blocks(encoder, inputs, *, chunk_tiles=None, progress=False):
     inputs = inputs.to(_device(encoder))
     with torch.no_grad(), flush_denormals(), \
             progress_callback(progress, "encoding blocks") as report:
-        for rows, cols, posterior in encoder.blocks(inputs.image, inputs.background,
-                                                    chunk_tiles, progress=report,
-                                                    **inputs.network_inputs):
+        blocks = encoder.blocks(inputs.image, inputs.background, chunk_tiles,
+                                progress=report, **inputs.network_inputs)
+        while True:
+            # autocast is global: entered per block, it stays out of the caller's code
+            with autocast(dtype, _device(encoder)):
+                block = next(blocks, None)
+            if block is None:
+                return
+            rows, cols, posterior = block
             yield rows, cols, posterior.to("cpu")
 
 
@@ -384,7 +398,8 @@ def draw(encoder, state, n_samples, *, generator, chunk_tiles=None, progress=Fal
     return TileCatalog.concatenate(draws)
 
 
-def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False):
+def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False,
+                  dtype=torch.float32):
     """The modal catalog of an image and the posterior of its number of stars.
 
     The modal catalog holds the most probable count in each tile, with the modes of
@@ -395,7 +410,7 @@ def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False):
     ----------
     encoder : `~starnet.encoder.StarNetEncoder`
     inputs : `EncoderInput`
-    chunk_tiles : int, optional
+    chunk_tiles, dtype : optional
         As for `encode`.
     progress : bool, optional
         Show a progress bar over the blocks.
@@ -419,13 +434,14 @@ def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False):
     if encoder.n_colors == 1:
         parts, block_pmfs = [], []
         for rows, cols, posterior in encode_blocks(encoder, inputs, chunk_tiles=chunk_tiles,
-                                                   progress=progress):
+                                                   progress=progress, dtype=dtype):
             parts.append(_modal_rows(grid, posterior, posterior.mode(),
                                      (rows.start, cols.start), shape))
             block_pmfs.extend(posterior.count_parts())
         offset, pmf = convolve_counts(block_pmfs)
     else:
-        state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress)
+        state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress,
+                       dtype=dtype)
         posterior, mode = modal(encoder, state, chunk_tiles=chunk_tiles)
         parts = [_modal_rows(grid, posterior, mode, (0, 0), shape)]
         offset, pmf = 0, posterior.count_pmf()
@@ -438,7 +454,7 @@ def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False):
 
 
 def draw_catalogs(encoder, inputs, n_samples, *, generator, chunk_tiles=None,
-                  progress=False):
+                  progress=False, dtype=torch.float32):
     """Whole catalogs drawn from the posterior of an image.
 
     Parameters
@@ -449,6 +465,8 @@ def draw_catalogs(encoder, inputs, n_samples, *, generator, chunk_tiles=None,
         As for `draw`.
     progress : bool, optional
         Show progress bars over the blocks and the draws.
+    dtype : `torch.dtype`, optional
+        As for `encode`.
 
     Returns
     -------
@@ -456,7 +474,7 @@ def draw_catalogs(encoder, inputs, n_samples, *, generator, chunk_tiles=None,
         One ``(locs, fluxes)`` per draw: the pixel ``(x, y)`` (n, 2) and fluxes (n,
         bands; electrons) of its stars inside the image, as `numpy.ndarray`.
     """
-    state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress)
+    state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress, dtype=dtype)
     draws = draw(encoder, state, n_samples, generator=generator, chunk_tiles=chunk_tiles,
                  progress=progress)
     all_locs, all_fluxes, all_masks = _grid(encoder).from_tiles(draws)
@@ -468,7 +486,7 @@ def draw_catalogs(encoder, inputs, n_samples, *, generator, chunk_tiles=None,
 
 
 def count_pmfs(encoder, inputs, regions=None, *, chunk_tiles=None, progress=False,
-               n_samples=200):
+               n_samples=200, dtype=torch.float32):
     """Posterior pmfs of the number of stars in the image or in regions of it.
 
     Parameters
@@ -483,6 +501,8 @@ def count_pmfs(encoder, inputs, regions=None, *, chunk_tiles=None, progress=Fals
         Show a progress bar over the blocks.
     n_samples : int, optional
         Posterior draws behind the pmfs of a checkerboard model.
+    dtype : `torch.dtype`, optional
+        As for `encode`.
 
     Returns
     -------
@@ -497,12 +517,13 @@ def count_pmfs(encoder, inputs, regions=None, *, chunk_tiles=None, progress=Fals
     tile_maps = [None] if regions is None else [
         region_tiles(region, shape, tile_size=grid.tile_size) for region in regions]
     if encoder.n_colors != 1:
-        state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress)
+        state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress,
+                       dtype=dtype)
         return _sampled_count_pmfs(encoder, state, tile_maps, n_samples, chunk_tiles)
     # the pmf of a region is the convolution of those of its parts in the blocks
     parts = [[] for _ in tile_maps]
     for rows, cols, posterior in encode_blocks(encoder, inputs, chunk_tiles=chunk_tiles,
-                                               progress=progress):
+                                               progress=progress, dtype=dtype):
         for part, tiles in zip(parts, tile_maps):
             part.extend(posterior.count_parts(None if tiles is None else tiles[rows, cols]))
     n_tiles = int(np.prod(grid.grid_shape(shape)))

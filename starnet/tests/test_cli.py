@@ -407,6 +407,12 @@ def test_catalog_threads_option(model_path, tmp_path, capsys):
             main([*args, "--device", "cuda", "-o", str(tmp_path / "gpu.ecsv")])
         assert exit_.value.code == 1
         assert "torch sees no CUDA GPU" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # on a CPU without bfloat16 arithmetic
+        assert main([*args, "--precision", "bfloat16", "-o", str(tmp_path / "bf16.ecsv")]) == 0
+    bf16 = QTable.read(tmp_path / "bf16.ecsv")
+    assert abs(len(bf16) - len(two)) <= 0.02 * len(two) + 1
+    assert bf16.meta["n_stars_mean"] == pytest.approx(two.meta["n_stars_mean"], rel=0.01)
 
 
 #: BUNIT values as FITS files write them, the header keywords they need, and the
