@@ -74,6 +74,7 @@ from photutils.datasets import make_model_image
 from starnet import StarFieldPrior, StarNetDeblender, match_catalogs
 from starnet.calibration import count_interval, pit_coverage, star_intervals
 from starnet.datasets import M2_NELEC_PER_NMGY, load_m2
+from starnet.devices import PRECISIONS
 
 SKY = (686.0, 1123.0)
 MAG_EDGES = (-np.inf, 19, 20, 21, 21.5, 22, np.inf)
@@ -156,7 +157,7 @@ def main(argv=None):
     parser.add_argument("--bright-flux", type=float, default=None, metavar="F",
                         help="set each field's count error against its chance excess of "
                              "stars brighter than F e-")
-    parser.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+    parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
                         help="of the network (default float32; starnet.devices)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -147,6 +147,7 @@ def measure(method, size, model, threads, repeats, timeout, *, busy=False, preci
 
 
 def main(argv=None):
+    from starnet.devices import PRECISIONS     # here: the jobs import this module
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=BUNDLED)
     parser.add_argument("--allow-other-model", action="store_true",
@@ -162,7 +163,7 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=DEFAULT_SIZES,
                         metavar="SIZE",
                         help=f"images to run, of {list(SIZES)} (default: the first four)")
-    parser.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+    parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
                         help="of starnet's network (default float32)")
     parser.add_argument("--timeout", type=float, default=300,
                         help="seconds after which a job is stopped and reported as such")

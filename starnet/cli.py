@@ -32,6 +32,7 @@ from astropy.wcs import WCS
 from . import __version__, m2_benchmark
 from .datasets import load_sdss_frame
 from .deblender import StarNetDeblender
+from .devices import PRECISIONS
 from .prior import StarFieldPrior
 from .images import StarFieldImage
 from .model_files import write_atomically
@@ -188,7 +189,7 @@ def main(argv=None):
     catalog.add_argument("--device", default=None, metavar="DEVICE",
                          help="where the network runs: cpu (default), cuda (a GPU, which "
                               "must be there), cuda:N or auto (a GPU if there is one)")
-    catalog.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+    catalog.add_argument("--precision", choices=list(PRECISIONS), default=None,
                          help="of the network's convolutions: float32 (default) or "
                               "bfloat16 (faster on CPUs with AMX or AVX512-BF16 and on "
                               "GPUs, slower elsewhere; slightly less exact)")

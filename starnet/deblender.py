@@ -813,7 +813,7 @@ class StarNetDeblender:
         return samples_table(catalogs, bands=self.bands, seed=seed)
 
     @contextlib.contextmanager
-    def _running(self, nddata, threads, device, precision=None):
+    def _running(self, nddata, threads, device, precision):
         """The torch threads of a call on ``nddata`` (`starnet.threads`), with the
         encoder on ``device``; yields the dtype of ``precision`` (`starnet.devices`)."""
         if as_device(device).type != "cpu" and self.encoder.n_colors != 1:

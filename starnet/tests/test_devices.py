@@ -8,8 +8,7 @@ import pytest
 import torch
 from astropy.table import QTable
 
-from starnet import StarNetDeblender, simulate_starfield
-from starnet import devices, match_catalogs
+from starnet import StarNetDeblender, devices, match_catalogs, simulate_starfield
 from starnet.devices import as_device, as_precision, on_device
 from starnet.inference import encode_blocks
 
