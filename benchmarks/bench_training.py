@@ -19,9 +19,12 @@ the git history::
     git show b37a1de:starnet/models/sdss-m2.pt > /tmp/sdss-m2-old.pt
     python benchmarks/bench_training.py --model /tmp/sdss-m2-old.pt --denormals
 
+``--precision bfloat16`` runs the fits' convolutions in bfloat16 (faster on CPUs with
+AMX or AVX512-BF16; ``StarNetDeblender.fit(precision=)``).
+
 Run::
 
-    python benchmarks/bench_training.py [--model sdss] [--steps 60]
+    python benchmarks/bench_training.py [--model sdss] [--steps 60] [--precision bfloat16]
 """
 
 import argparse
@@ -37,12 +40,13 @@ import torch
 
 from starnet import StarNetDeblender
 from starnet.denormals import count_denormals, zero_negligible_weights
+from starnet.devices import PRECISIONS
 from starnet.threads import choose_threads
 from starnet.tiles import TileGrid
 from starnet.training import _training_loss
 
 
-def fit_throughput(model, steps, threads, *, busy):
+def fit_throughput(model, steps, threads, *, busy, precision=None):
     """Images per second of ``steps`` training steps of ``model`` (a fresh copy), and the
     threads used; with ``busy``, beside a process that keeps one core busy."""
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
@@ -58,7 +62,7 @@ def fit_throughput(model, steps, threads, *, busy):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             history = deblender.fit(settings=settings, threads=threads, progress=False,
-                                    compare_photutils=False)
+                                    compare_photutils=False, precision=precision)
         return float(history["images_per_second"][-1]), threads
     finally:
         if hog is not None:
@@ -66,15 +70,16 @@ def fit_throughput(model, steps, threads, *, busy):
             hog.wait()
 
 
-def throughput_table(model, steps):
+def throughput_table(model, steps, precision=None):
     deblender = StarNetDeblender.from_name_or_path(model)
     settings = deblender.training_settings
-    print(f"fit of {model}: {steps} steps of {settings.batch_size} images of "
-          f"{tuple(settings.image_shape)} (images per second of the training steps)")
+    print(f"fit of {model} in {precision or 'float32'}: {steps} steps of "
+          f"{settings.batch_size} images of {tuple(settings.image_shape)} (images per second "
+          "of the training steps)")
     print(f"{'threads':>16} {'idle':>8} {'one core busy':>14} {'busy / idle':>12}")
     for threads in (None, 1, 2):
-        idle, n_idle = fit_throughput(model, steps, threads, busy=False)
-        busy, n_busy = fit_throughput(model, steps, threads, busy=True)
+        idle, n_idle = fit_throughput(model, steps, threads, busy=False, precision=precision)
+        busy, n_busy = fit_throughput(model, steps, threads, busy=True, precision=precision)
         label = "chosen" if threads is None else str(threads)
         if threads is None:
             label += f" ({n_idle}, {n_busy})"
@@ -155,8 +160,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads of the denormal table")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                        help="of the network's convolutions in the fits (default float32)")
     args = parser.parse_args(argv)
-    throughput_table(args.model, args.steps)
+    throughput_table(args.model, args.steps, args.precision)
     history_table(StarNetDeblender.from_name_or_path(args.model))
     if args.denormals:
         denormal_table(args.model, args.denormal_steps, args.batch_size, args.threads)

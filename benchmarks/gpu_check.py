@@ -19,8 +19,9 @@ from its weights:
 - five steps on each device from the same seed (the same simulated images): their
   losses must agree to 1e-3 relative;
 - ``--train-steps`` steps on each device (batches of 16 images of 64 x 64, as the
-  bundled model trained), with images per second; the model fitted on the GPU is
-  saved, loaded on the CPU and must catalog the 100 x 100 cut-out.
+  bundled model trained), with images per second, and on the GPU also with
+  ``precision="bfloat16"``; the model fitted on the GPU in float32 is saved, loaded on
+  the CPU and must catalog the 100 x 100 cut-out.
 
 It exits with status 1 if a catalog differs beyond float32 tolerance (positions
 1e-3 px, log fluxes 1e-3, mean count 1e-4 relative; a star whose count probabilities
@@ -76,12 +77,13 @@ def compare(cpu, gpu, band):
             "log flux": float(flux)}
 
 
-def fitted(device, n_steps, *, batches_per_epoch):
+def fitted(device, n_steps, *, batches_per_epoch, precision=None):
     """The bundled sdss model after ``n_steps`` more steps on ``device``, and its history."""
     deblender = StarNetDeblender.pretrained("sdss")
     history = deblender.fit(n_steps=n_steps, batches_per_epoch=batches_per_epoch,
                             batch_size=16, image_shape=(64, 64), learning_rate=1e-4,
-                            n_validation=16, progress=False, device=device)
+                            n_validation=16, progress=False, device=device,
+                            precision=precision)
     return deblender, history
 
 
@@ -92,11 +94,13 @@ def check_training(n_steps):
     agree = abs(losses[1] / losses[0] - 1) < 1e-3
     print(f"five steps from one seed: loss {losses[0]:.5f} (CPU), {losses[1]:.5f} (GPU)"
           f"{'' if agree else '  DIFFERS'}")
-    print(f"{'device':>7} {'steps':>6} {'images/s':>9} {'val F1':>7}")
-    for device in ("cpu", "cuda"):
-        deblender, history = fitted(device, n_steps, batches_per_epoch=n_steps)
-        print(f"{device:>7} {n_steps:>6} {history['images_per_second'][-1]:9.1f} "
-              f"{history['val_f1'][-1]:7.3f}", flush=True)
+    print(f"{'device':>7} {'precision':>9} {'steps':>6} {'images/s':>9} {'val F1':>7}")
+    for device, precision in (("cpu", "float32"), ("cuda", "bfloat16"), ("cuda", "float32")):
+        deblender, history = fitted(device, n_steps, batches_per_epoch=n_steps,
+                                    precision=precision)
+        print(f"{device:>7} {precision:>9} {n_steps:>6} "
+              f"{history['images_per_second'][-1]:9.1f} {history['val_f1'][-1]:7.3f}",
+              flush=True)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "gpu.pt"
         deblender.save(path)

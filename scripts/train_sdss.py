@@ -45,6 +45,7 @@ from starnet import StarFieldPrior, StarNetDeblender
 from starnet.datasets import load_m2
 from starnet.datasets.sdss import resampled_psf
 from starnet.defects import FrameDefects
+from starnet.devices import PRECISIONS, as_precision
 from starnet.encoder import StarNetEncoder
 from starnet.model_files import checkpoint_weights
 from starnet.psf import kl_psf_from_psfield, psf_fwhm
@@ -220,6 +221,9 @@ def main(argv=None):
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--final-learning-rate", type=float, default=2e-5)
     parser.add_argument("--stop-after-minutes", type=float, default=None)
+    parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                        help="of the network's convolutions in the training steps "
+                             "(default float32; bfloat16 is faster on CPUs with AMX)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -274,7 +278,8 @@ def main(argv=None):
         settings.learning_rate = cosine_rate(done / total_steps, args.learning_rate,
                                              args.final_learning_rate)
         history = train_encoder(encoder, batches, settings, checkpoint=args.checkpoint,
-                                model_description=description, progress=False)
+                                model_description=description, progress=False,
+                                dtype=as_precision(args.precision))
         row = history[-1]
         print(f"epoch {row['epoch']}: steps {done + row['steps']}, loss {row['train_loss']:.3f}"
               f" / {row['val_loss']:.3f}, F1 {row['val_f1']:.3f}, "

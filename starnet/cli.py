@@ -183,16 +183,8 @@ def main(argv=None):
                               "it from the pixels when the model can; see below)")
     catalog.add_argument("--no-progress", action="store_true",
                          help="no progress bar (it shows the blocks of a large image)")
-    catalog.add_argument("--threads", type=int, default=None, metavar="N",
-                         help="CPU threads (default: the cores other processes leave free; "
-                              "one for images under 512 x 512 pixels)")
-    catalog.add_argument("--device", default=None, metavar="DEVICE",
-                         help="where the network runs: cpu (default), cuda (a GPU, which "
-                              "must be there), cuda:N or auto (a GPU if there is one)")
-    catalog.add_argument("--precision", choices=list(PRECISIONS), default=None,
-                         help="of the network's convolutions: float32 (default) or "
-                              "bfloat16 (faster on CPUs with AMX or AVX512-BF16 and on "
-                              "GPUs, slower elsewhere; slightly less exact)")
+    _add_compute_options(catalog, "the cores other processes leave free; one for images "
+                                  "under 512 x 512 pixels")
     catalog.add_argument("--residual", metavar="FITS",
                          help="also write the residual image (image - catalog's light - "
                               "background, electrons) to this FITS file")
@@ -211,6 +203,7 @@ def main(argv=None):
     train.add_argument("--checkpoint", help="checkpoint file: written every epoch, resumed "
                                             "from when it exists")
     train.add_argument("--overwrite", action="store_true", help="replace the output")
+    _add_compute_options(train, "the cores other processes leave free when training starts")
     train.set_defaults(run=_train)
 
     benchmark = commands.add_parser("benchmark", help="reproduce the paper's results")
@@ -262,8 +255,7 @@ def _catalog(parser, args):
             if not name.lower().endswith(suffixes):
                 parser.error(f"{option} must end in {', '.join(suffixes)}; got {name}")
             _check_output(parser, Path(name), args.overwrite)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be a positive number of threads; got {args.threads}")
+    _check_threads(parser, args)
     try:
         deblender = StarNetDeblender.from_name_or_path(args.model)
         told = {key: value for key, value in (("f_max", args.f_max), ("alpha", args.alpha))
@@ -445,9 +437,28 @@ def _fits_catalog(table):
     return hdul
 
 
+def _add_compute_options(subparser, default_threads):
+    """--threads (whose default is ``default_threads``), --device and --precision."""
+    subparser.add_argument("--threads", type=int, default=None, metavar="N",
+                           help=f"CPU threads (default: {default_threads})")
+    subparser.add_argument("--device", default=None, metavar="DEVICE",
+                           help="where the network runs: cpu (default), cuda (a GPU, which "
+                                "must be there), cuda:N or auto (a GPU if there is one)")
+    subparser.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                           help="of the network's convolutions: float32 (default) or "
+                                "bfloat16 (faster on CPUs with AMX or AVX512-BF16 and on "
+                                "GPUs, slower elsewhere; slightly less exact)")
+
+
+def _check_threads(parser, args):
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be a positive number of threads; got {args.threads}")
+
+
 def _train(parser, args):
     output = Path(args.output)
     _check_output(parser, output, args.overwrite)
+    _check_threads(parser, args)
     try:
         deblender, settings = _deblender_from_config(Path(args.config))
     except _USER_ERRORS as err:
@@ -455,7 +466,8 @@ def _train(parser, args):
     deblender.provenance["command"] = " ".join(["starnet train", args.config, "-o",
                                                 args.output])
     try:
-        deblender.fit(settings=settings, checkpoint=args.checkpoint)
+        deblender.fit(settings=settings, checkpoint=args.checkpoint, threads=args.threads,
+                      device=args.device, precision=args.precision)
         deblender.save(output, overwrite=args.overwrite)
     except _USER_ERRORS as err:   # a checkpoint of another model, a full disk, ...
         parser.exit(1, f"{parser.prog}: error: {err}\n")

@@ -4,14 +4,16 @@ Only the network's calls move (`starnet.inference.encode` and
 `~starnet.inference.encode_blocks`): the encoder goes to the device for the length of a
 call (`on_device`), the image's tensors go with it, and each block's posterior comes
 back to the CPU, where the catalogs, count pmfs and tables are made. The background
-network and training stay on the CPU.
+network stays on the CPU; a fit (`starnet.training.train_encoder`) trains the encoder
+on the device and simulates its images on the CPU.
 
 ``precision='bfloat16'`` runs the network's convolutions in bfloat16 (`autocast`; the
 first convolution, the context branch and the heads stay float32,
 ``starnet.encoder._in_float32``): faster where the hardware
 computes in bfloat16 (x86 CPUs with AMX or AVX512-BF16, recent GPUs), slower elsewhere
 (`as_precision` warns where torch has no bfloat16 kernels), and a slightly different
-posterior (docs/scaling.rst).
+posterior (docs/scaling.rst). In a fit it applies to the training steps only
+(docs/training.rst).
 """
 
 import warnings

@@ -256,12 +256,6 @@ class TiledPosterior:
         (n_images, tile_rows, tile_cols, max_sources + 1)."""
         return torch.softmax(self.count_logits, dim=-1)
 
-    def _row(self, n):
-        """Parameters of row ``n`` of the triangular array, each (..., n, dim)."""
-        index = torch.tensor(self._slots[n - 1], device=self.loc_mean.device)
-        return (self.loc_mean[..., index, :], self.loc_sd[..., index, :],
-                self.log_flux_mean[..., index, :], self.log_flux_sd[..., index, :])
-
     def log_prob(self, tiles: TileCatalog):
         """Log density of the tile variables under q, shape (n_images, tile_rows, tile_cols).
 
@@ -283,24 +277,37 @@ class TiledPosterior:
         """
         log_count = torch.log_softmax(self.count_logits, dim=-1)
         result = log_count.gather(-1, tiles.counts[..., None])[..., 0]
-        u = tiles.locs.clamp(_EPS, 1 - _EPS)
-        z = torch.log(u) - torch.log1p(-u)
-        w = torch.log(tiles.fluxes)
+        counts = tiles.counts.reshape(-1)
+        flat = result.reshape(-1)
         for n in range(1, self.max_sources + 1):
-            loc_mean, loc_sd, flux_mean, flux_sd = self._row(n)
-            # pair[..., a, k]: log density of true source a under slot k of row n
-            pair = (_normal_log_prob(z[..., :n, None, :], loc_mean[..., None, :, :],
-                                     loc_sd[..., None, :, :]).sum(-1)
-                    + _normal_log_prob(w[..., :n, None, :], flux_mean[..., None, :, :],
-                                       flux_sd[..., None, :, :]).sum(-1))
-            jacobian = (torch.log(u[..., :n, :]) + torch.log1p(-u[..., :n, :])).sum((-1, -2))
-            jacobian = jacobian + w[..., :n, :].sum((-1, -2))
-            perms = torch.tensor(list(itertools.permutations(range(n))), device=pair.device)
-            slot = torch.arange(n, device=pair.device)
-            matched = pair[..., perms, slot].sum(-1)
-            row_log_prob = torch.logsumexp(matched, dim=-1) - jacobian
-            result = result + torch.where(tiles.counts == n, row_log_prob, 0.0)
-        return result
+            # row n is evaluated on the tiles that hold n stars only
+            which = torch.nonzero(counts == n).flatten()
+            if len(which):
+                flat = flat.index_add(0, which, self._row_log_prob(n, tiles, which))
+        return flat.reshape(result.shape)
+
+    def _row_log_prob(self, n, tiles, which):
+        """Log density of the ``n`` stars of the tiles ``which`` (indices into the
+        flattened tiles) under row ``n``, summed over the ``n!`` orders of the stars."""
+        def take(x):
+            return x.reshape(-1, *x.shape[-2:])[which]
+
+        u = take(tiles.locs)[:, :n].clamp(_EPS, 1 - _EPS)
+        w = torch.log(take(tiles.fluxes)[:, :n])
+        z = torch.log(u) - torch.log1p(-u)
+        slots = torch.tensor(self._slots[n - 1], device=which.device)
+        loc_mean, loc_sd, flux_mean, flux_sd = (
+            take(p)[:, slots] for p in (self.loc_mean, self.loc_sd, self.log_flux_mean,
+                                        self.log_flux_sd))
+        # pair[:, a, k]: log density of true source a under slot k of row n
+        pair = (_normal_log_prob(z[:, :, None], loc_mean[:, None], loc_sd[:, None]).sum(-1)
+                + _normal_log_prob(w[:, :, None], flux_mean[:, None], flux_sd[:, None]).sum(-1))
+        jacobian = (torch.log(u) + torch.log1p(-u)).sum((-1, -2)) + w.sum((-1, -2))
+        if n == 1:
+            return pair[:, 0, 0] - jacobian
+        perms = torch.tensor(list(itertools.permutations(range(n))), device=pair.device)
+        matched = pair[:, perms, torch.arange(n, device=pair.device)].sum(-1)
+        return torch.logsumexp(matched, dim=-1) - jacobian
 
     def _rows(self, counts, *params):
         """Each of ``params`` (..., n_slots, dim) taken at the slots of row ``counts`` of

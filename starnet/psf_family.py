@@ -339,9 +339,14 @@ class PSFBank:
         -------
         `torch.Tensor`, shape (n_images, n_bands, rows, cols)
         """
-        images = torch.cat([self.renderers[int(member)].render(
-            locs[k:k + 1], fluxes[k:k + 1], mask[k:k + 1], shape)
-            for k, member in enumerate(members)])
+        images = None
+        for member in torch.unique(members).tolist():   # one call for each member's images
+            index = torch.nonzero(members == member).flatten()
+            light = self.renderers[member].render(locs[index], fluxes[index], mask[index],
+                                                  shape)
+            if images is None:
+                images = light.new_zeros((len(members), *light.shape[1:]))
+            images[index] = light
         if self.width_error:
             blurred = gaussian_blur(images, self.blur_sigma[members])
             images = images + errors[..., None, None] * (blurred - images)

@@ -13,7 +13,7 @@ from astropy.table import QTable
 from tqdm.auto import tqdm
 
 from .denormals import zero_negligible_weights
-from .devices import as_device
+from .devices import as_device, autocast
 from .encoder import conditioning_map
 from .matching import match_catalogs
 from .model_files import read_checkpoint, write_checkpoint
@@ -204,7 +204,7 @@ class SimulatedBatches:
 
 
 def train_encoder(encoder, batches, settings, *, checkpoint=None, model_description=None,
-                  progress=True, baselines=(), device=None):
+                  progress=True, baselines=(), device=None, dtype=torch.float32):
     """Fit ``encoder`` by minimising the expected forward KL on simulated batches.
 
     Parameters
@@ -234,6 +234,11 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         Where the network trains (`starnet.devices.as_device`: ``'cuda'`` for a GPU).
         Images are simulated on the CPU and moved there step by step; the encoder is
         back on the CPU when the fit ends, and checkpoints load on any machine.
+    dtype : `torch.dtype`, optional
+        Of the network's convolutions in the training steps
+        (`starnet.devices.as_precision`; ``torch.bfloat16`` keeps the first convolution,
+        the context branch and the heads in float32); the weights, the loss and the
+        validation stay float32.
 
     Returns
     -------
@@ -306,7 +311,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
             batch, tiles = batch.to(device), tiles.to(device)
             with keep_finite(encoder, f"epoch {len(history) + 1}, step {step + 1}",
                              settings.learning_rate) as check:
-                loss = check(_training_loss(encoder, batch, tiles, generator, settings))
+                loss = check(_training_loss(encoder, batch, tiles, generator, settings,
+                                            dtype))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -665,7 +671,7 @@ def fit_density_spread(encoder, batches, *, n_steps=2000, batch_size=16, blocks=
     return QTable(rows=history, names=["step", "score", "spread", "seconds"])
 
 
-def _training_loss(encoder, batch, tiles, generator, settings):
+def _training_loss(encoder, batch, tiles, generator, settings, dtype=torch.float32):
     """Mean of ``-log q`` over the tiles that are scored in this step, plus
     ``settings.count_score_weight`` times the `block_count_score` of each of
     ``settings.count_blocks`` (independent tiles only).
@@ -674,10 +680,17 @@ def _training_loss(encoder, batch, tiles, generator, settings):
     tiles of colours below ``c`` are shown to the encoder (teacher forcing) and the
     other tiles are scored. The decided set never depends on the truth, so every
     conditional ``q(z_t | x, z_decided)`` is fitted by the forward KL.
+
+    The network runs with its convolutions in ``dtype`` (`starnet.devices.autocast`:
+    bfloat16 keeps the first convolution, the context branch and the heads in float32);
+    the loss is float32.
     """
-    features = encoder.features(batch.images, batch.background, **batch.encoder_inputs(encoder))
+    with autocast(dtype, batch.images.device):
+        features = encoder.features(batch.images, batch.background,
+                                    **batch.encoder_inputs(encoder))
     if encoder.n_colors == 1:
-        posterior = encoder.tile_posterior(features)
+        with autocast(dtype, batch.images.device):
+            posterior = encoder.tile_posterior(features)
         loss = -posterior.log_prob(tiles).mean()
         if settings.count_score_weight:
             loss = loss + settings.count_score_weight * _count_scores(
@@ -688,7 +701,9 @@ def _training_loss(encoder, batch, tiles, generator, settings):
     decided = encoder.tile_colors(features.shape[-2:], features.device)[None] \
         < first.to(features.device)
     conditioning = conditioning_map(tiles, decided, encoder.log_flux_offset)
-    log_prob = encoder.tile_posterior(features, conditioning).log_prob(tiles)
+    with autocast(dtype, batch.images.device):
+        posterior = encoder.tile_posterior(features, conditioning)
+    log_prob = posterior.log_prob(tiles)
     scored = ~decided
     return -(log_prob * scored).sum() / scored.sum()
 

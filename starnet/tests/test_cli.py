@@ -248,6 +248,34 @@ def test_train_from_config(tmp_path, capsys):
     assert "unknown keys ['typo']" in capsys.readouterr().err
 
 
+def test_train_passes_threads_device_and_precision_to_fit(tmp_path, capsys, monkeypatch):
+    psfield = files("starnet") / "datasets" / "data" / "sdss" / "psField-002583-2-0136.fit"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"prior": {"bands": ["r"]}, "background": [686.0],
+                                "psf": [{"psfield": str(psfield), "band": "r"}],
+                                "model": {"hidden": 4, "tile_hidden": 8}}))
+    if not torch.cuda.is_available():         # the real fit: a clear error before training
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", str(path), "-o", str(tmp_path / "gpu.pt"), "--device", "cuda"])
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert "torch sees no CUDA GPU" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["train", str(path), "-o", str(tmp_path / "m.pt"), "--threads", "0"])
+    assert "--threads must be a positive number" in capsys.readouterr().err
+    seen = {}
+
+    def fit(self, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+    monkeypatch.setattr(StarNetDeblender, "fit", fit)
+    with pytest.raises(SystemExit):
+        main(["train", str(path), "-o", str(tmp_path / "m.pt"), "--threads", "1",
+              "--device", "cpu", "--precision", "bfloat16"])
+    assert (seen["threads"], seen["device"], seen["precision"]) == (1, "cpu", "bfloat16")
+    assert not (tmp_path / "m.pt").exists()
+
+
 @pytest.mark.parametrize("content", [b"", b"not a model\n", b"PK\x03\x04truncated"])
 def test_catalog_with_a_bad_model_file_fails_in_one_line(tmp_path, capsys, content):
     _image_file(tmp_path / "image.fits")

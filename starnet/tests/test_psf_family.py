@@ -90,3 +90,21 @@ def test_bank_renders_its_members_with_width_errors():
     assert float(images[1].max()) < peak < float(images[2].max())    # wider, narrower
     totals = images.sum(dim=(1, 2, 3))
     np.testing.assert_allclose(totals.numpy(), float(exact.sum()), rtol=1e-4)
+
+
+def test_a_batch_of_several_members_is_each_image_through_its_own_psf():
+    """The bank renders the images of each member together: a batch that mixes members
+    (in any order) gives each image as its member's renderer gives it alone."""
+    psfs = [CircularGaussianPRF(fwhm=fwhm) for fwhm in (2.0, 3.0, 4.5)]
+    bank = PSFBank([(psf,) for psf in psfs], stamp_size=15, width_error=0.0)
+    generator = torch.Generator().manual_seed(0)
+    locs = 24 * torch.rand(6, 5, 2, generator=generator)
+    fluxes = 500 + 2000 * torch.rand(6, 5, 1, generator=generator)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    members = torch.tensor([2, 0, 2, 1, 0, 2])
+    images = bank.render(locs, fluxes, mask, (24, 24), members=members,
+                         errors=torch.zeros(6, 1))
+    for k, member in enumerate(members.tolist()):
+        alone = StarFieldRenderer([psfs[member]], stamp_size=15, phase_steps=16).render(
+            locs[k:k + 1], fluxes[k:k + 1], mask[k:k + 1], (24, 24))
+        np.testing.assert_allclose(images[k].numpy(), alone[0].numpy(), atol=1e-3)

@@ -171,6 +171,25 @@ def test_renderer_batch_and_input_types(narrow_psf):
     np.testing.assert_allclose(double, images, atol=1e-5)
 
 
+def test_a_batch_rendered_in_chunks_is_each_image_rendered_alone(narrow_psf, monkeypatch):
+    """`render` takes a few images at a time (their maps stay in the cache): chunks of one
+    and of three images (the last one short) give each image as rendered on its own."""
+    from starnet import simulate
+    renderer = StarFieldRenderer([narrow_psf, narrow_psf], stamp_size=15, phase_steps=16)
+    generator = torch.Generator().manual_seed(3)
+    locs = 30 * torch.rand(7, 12, 2, generator=generator) - 3     # some outside the image
+    fluxes = 1000 * torch.rand(7, 12, 2, generator=generator) + 10
+    mask = torch.rand(7, 12, generator=generator) < 0.8
+    alone = torch.cat([renderer.render(locs[k:k + 1], fluxes[k:k + 1], mask[k:k + 1],
+                                       (24, 20)) for k in range(7)])
+    rank = max(renderer.ranks)
+    for per_chunk in (1, 3):
+        monkeypatch.setattr(simulate, "_CHUNK_VALUES", per_chunk * rank * 38 * 34)
+        together = renderer.render(locs, fluxes, mask, (24, 20))
+        np.testing.assert_allclose(together.numpy(), alone.numpy(), atol=1e-3)
+        assert float(alone.abs().max()) > 50
+
+
 def test_renderer_errors(narrow_psf):
     with pytest.raises(ValueError, match='stamp_size must be an odd integer >= 3, got 24'):
         StarFieldRenderer([narrow_psf], stamp_size=24)
