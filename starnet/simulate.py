@@ -141,28 +141,34 @@ class StarFieldRenderer:
         col = nearest[..., 0].long() + half
         row = nearest[..., 1].long() + half
         inside = mask & (col >= 0) & (col < canvas[1]) & (row >= 0) & (row < canvas[0])
-        flat_index = torch.where(inside, row * canvas[1] + col, 0)
+        # the stars only (a batch's catalogs are padded to its fullest): in image order
+        image_of, slot = torch.nonzero(inside, as_tuple=True)
+        pixel = (row * canvas[1] + col)[image_of, slot]
+        offset, fluxes = offset[image_of, slot], fluxes[image_of, slot]
+        n_pixels = canvas[0] * canvas[1]
 
         fft_shape = self._fft_shape(shape)
         images = torch.empty(n_images, self.n_bands, rows, cols)
         for band in range(self.n_bands):
             table = self._coefficients[band]
-            values = (self._interpolate(table, offset)
-                      * (fluxes[..., band] * inside)[..., None]).transpose(1, 2)
+            values = self._interpolate(table, offset) * fluxes[:, band, None]
             rank = table.shape[-1]
             # a few images at a time: their maps and spectra stay in the cache
             # (16 images of 64 x 64 rendered in one go took twice as long on 2 cores)
-            step = max(1, _CHUNK_VALUES // (rank * canvas[0] * canvas[1]))
-            for start in range(0, n_images, step):
-                part = slice(start, start + step)
-                maps = torch.zeros(len(flat_index[part]), rank, canvas[0] * canvas[1])
-                maps.scatter_add_(2, flat_index[part, None, :].expand(-1, rank, -1),
-                                  values[part].contiguous())
-                maps = maps.reshape(-1, rank, *canvas)
-                spectrum = (torch.fft.rfft2(maps, s=fft_shape)
+            step = max(1, _CHUNK_VALUES // (rank * n_pixels))
+            bounds = torch.searchsorted(image_of, torch.arange(0, n_images + step, step))
+            for k, start in enumerate(range(0, n_images, step)):
+                stars = slice(int(bounds[k]), int(bounds[k + 1]))
+                n = min(step, n_images - start)
+                index = (((image_of[stars, None] - start) * rank + torch.arange(rank)) * n_pixels
+                         + pixel[stars, None])
+                maps = torch.zeros(n * rank * n_pixels).index_add_(0, index.flatten(),
+                                                                   values[stars].flatten())
+                spectrum = (torch.fft.rfft2(maps.reshape(n, rank, *canvas), s=fft_shape)
                             * self._basis_transform(band, fft_shape)).sum(dim=1)
                 full = torch.fft.irfft2(spectrum, s=fft_shape)
-                images[part, band] = full[:, 2 * half:2 * half + rows, 2 * half:2 * half + cols]
+                images[start:start + n, band] = full[:, 2 * half:2 * half + rows,
+                                                     2 * half:2 * half + cols]
         return images
 
     def _interpolate(self, table, offset):
