@@ -275,7 +275,8 @@ class StarNetDeblender:
             history = deblender.fit(max_time=120, n_epochs=1000, checkpoint="fit.ckpt")
             print(history["seconds"].sum(), history["val_f1"][-1])
         """
-        dtype = as_precision(precision, device)    # a missing GPU fails before simulating
+        # a missing GPU or an unknown precision fails before anything is simulated
+        dtype = as_precision(precision, as_device(device))
         settings = settings or TrainingSettings()
         unknown = [key for key in kwargs if not hasattr(settings, key)]
         if unknown:

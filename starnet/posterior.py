@@ -283,7 +283,8 @@ class TiledPosterior:
             # row n is evaluated on the tiles that hold n stars only
             which = torch.nonzero(counts == n).flatten()
             if len(which):
-                flat = flat.index_add(0, which, self._row_log_prob(n, tiles, which))
+                flat = flat.index_add(0, which,
+                                      self._row_log_prob(n, tiles, which).to(flat.dtype))
         return flat.reshape(result.shape)
 
     def _row_log_prob(self, n, tiles, which):

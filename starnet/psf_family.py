@@ -21,6 +21,7 @@ from scipy.special import ive
 
 from .psf import PowerLawPSF, pixel_stamps, psf_fwhm
 from .simulate import StarFieldRenderer
+from .validation import check_shape
 
 __all__ = ["DESCRIPTOR_SIZE", "psf_descriptor", "image_descriptors", "widened_psf",
            "photofield_psfs", "PSFBank", "gaussian_blur"]
@@ -339,14 +340,12 @@ class PSFBank:
         -------
         `torch.Tensor`, shape (n_images, n_bands, rows, cols)
         """
-        images = None
+        members = torch.as_tensor(members)
+        images = torch.zeros(len(members), self.n_bands, *check_shape(shape))
         for member in torch.unique(members).tolist():   # one call for each member's images
             index = torch.nonzero(members == member).flatten()
-            light = self.renderers[member].render(locs[index], fluxes[index], mask[index],
-                                                  shape)
-            if images is None:
-                images = light.new_zeros((len(members), *light.shape[1:]))
-            images[index] = light
+            images[index] = self.renderers[member].render(locs[index], fluxes[index],
+                                                          mask[index], shape)
         if self.width_error:
             blurred = gaussian_blur(images, self.blur_sigma[members])
             images = images + errors[..., None, None] * (blurred - images)

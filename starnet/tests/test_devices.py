@@ -66,11 +66,14 @@ def test_on_device_gives_the_network_back_on_the_cpu_after_an_error():
 
 
 @pytest.mark.skipif(not NO_GPU, reason="a GPU is there")
-def test_fit_on_a_missing_gpu_fails_before_training(deblender):
+def test_fit_on_a_missing_gpu_fails_before_simulating(deblender, monkeypatch):
     small = StarNetDeblender(prior=deblender.prior, psf=deblender.psfs,
                              background=deblender.background, hidden=4, tile_hidden=8)
+    monkeypatch.setattr(StarNetDeblender, "_batches", lambda *args: pytest.fail("simulated"))
     with pytest.raises(RuntimeError, match="torch sees no CUDA GPU"):
         small.fit(n_steps=1, device="cuda", progress=False)
+    with pytest.raises(ValueError, match="must be None, 'cpu', 'cuda'"):
+        small.fit(n_steps=1, device="gpu", progress=False)
 
 
 @pytest.mark.parametrize("n_colors", [1, 2])

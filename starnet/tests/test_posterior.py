@@ -119,6 +119,25 @@ def test_log_prob_ignores_padded_slots():
     np.testing.assert_array_equal(after.numpy(), before.numpy())
 
 
+def test_log_prob_of_mixed_types_and_a_count_no_tile_holds():
+    """Row n is evaluated on the tiles holding n stars only: with no tile of two stars,
+    float32 parameters and float64 tile variables, it is the float64 density (to
+    float32 rounding), in the parameters' type."""
+    rng = np.random.default_rng(8)
+    shape = (2, 3, 3)
+    params = random_parameters(rng, shape, 2)
+    counts, locs, fluxes = random_tiles(rng, shape, 2)
+    counts[counts == 2] = 3
+    locs[..., 2, :] = rng.uniform(0.02, 0.98, locs[..., 2, :].shape)
+    fluxes[..., 2, :] = np.exp(rng.normal(8, 1.5, fluxes[..., 2, :].shape))
+    exact = posterior_of(params).log_prob(tile_catalog(counts, locs, fluxes))
+    single = TiledPosterior(**{key: torch.tensor(value, dtype=torch.float32)
+                               for key, value in params.items()})
+    result = single.log_prob(tile_catalog(counts, locs, fluxes))
+    assert result.dtype == torch.float32 and set(np.unique(counts)) == {0, 1, 3}
+    np.testing.assert_allclose(result.numpy(), exact.numpy(), rtol=1e-5, atol=1e-4)
+
+
 def test_log_prob_is_differentiable():
     rng = np.random.default_rng(7)
     params = {k: torch.tensor(v, requires_grad=True)

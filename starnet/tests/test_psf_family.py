@@ -108,3 +108,6 @@ def test_a_batch_of_several_members_is_each_image_through_its_own_psf():
         alone = StarFieldRenderer([psfs[member]], stamp_size=15, phase_steps=16).render(
             locs[k:k + 1], fluxes[k:k + 1], mask[k:k + 1], (24, 24))
         np.testing.assert_allclose(images[k].numpy(), alone[0].numpy(), atol=1e-3)
+    as_list = bank.render(locs, fluxes, mask, (24, 24), members=members.tolist(),
+                          errors=torch.zeros(6, 1))
+    np.testing.assert_array_equal(as_list.numpy(), images.numpy())
