@@ -13,7 +13,7 @@ from astropy.table import QTable
 from tqdm.auto import tqdm
 
 from .denormals import zero_negligible_weights
-from .devices import as_device, autocast
+from .devices import PRECISIONS, as_device, autocast
 from .encoder import conditioning_map
 from .matching import match_catalogs
 from .model_files import read_checkpoint, write_checkpoint
@@ -28,6 +28,9 @@ from .validation import (check_positive_int, check_range, check_training_setting
 
 __all__ = ["TrainingSettings", "SimulatedBatches", "TrainingBatch", "train_encoder",
            "cosine_rate", "block_count_score", "fit_density_spread"]
+
+# the name of each precision, for the history
+_PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
 
 
 class TrainingBatch(NamedTuple):
@@ -249,8 +252,9 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         is set), ``images_per_second`` (training steps only),
         ``seconds`` (wall time, validation included), ``steps``, the
         ``learning_rate`` of its last step, the number of training stars dropped
-        because a tile held more than ``max_sources`` and ``schedule_progress``, how far
-        the rate's decay had gone (a resumed fit continues from it).
+        because a tile held more than ``max_sources``, ``schedule_progress``, how far
+        the rate's decay had gone (a resumed fit continues from it), and the
+        ``precision`` of the epoch's steps (``'float32'`` or ``'bfloat16'``).
     """
     check_training_settings(settings)   # fields may have been changed since construction
     if settings.count_score_weight and encoder.n_colors != 1:
@@ -284,6 +288,7 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
             row.setdefault("val_coverage", float("nan"))
             row.setdefault("baseline_f1", float("nan"))
             row.setdefault("schedule_progress", float("nan"))
+            row.setdefault("precision", "float32")
     baseline_f1 = max((_baseline_f1(baseline, validation, batches.prior.bands)
                        for baseline in baselines), default=float("nan"))
     for group in optimizer.param_groups:  # the settings, also when resuming (an Adam
@@ -330,7 +335,8 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
         row = {"epoch": len(history) + 1, "train_loss": float(np.mean(losses)), **scores,
                "images_per_second": len(losses) * settings.batch_size / training_seconds,
                "seconds": time.perf_counter() - started, "steps": len(losses),
-               "learning_rate": rate, "dropped_stars": dropped, "baseline_f1": baseline_f1}
+               "learning_rate": rate, "dropped_stars": dropped, "baseline_f1": baseline_f1,
+               "precision": _PRECISION_NAMES[dtype]}
         history.append(row)
         schedule.record(row)
         if progress:

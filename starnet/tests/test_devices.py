@@ -237,7 +237,7 @@ def test_bfloat16_training_steps_follow_the_float32_ones(deblender):
 
 
 @pytest.mark.parametrize("n_colors", [1, 2])
-def test_fit_in_bfloat16_keeps_float32_weights(deblender, n_colors):
+def test_fit_in_bfloat16_keeps_float32_weights(deblender, n_colors, tmp_path):
     small = StarNetDeblender(prior=deblender.prior, psf=deblender.psfs,
                              background=deblender.background, hidden=4, tile_hidden=8,
                              n_colors=n_colors, seed=0)
@@ -249,6 +249,9 @@ def test_fit_in_bfloat16_keeps_float32_weights(deblender, n_colors):
     assert np.isfinite(history["train_loss"][0]) and np.isfinite(history["val_loss"][0])
     assert {p.dtype for p in small.encoder.parameters()} == {torch.float32}
     assert not torch.is_autocast_enabled("cpu")
+    small.save(tmp_path / "bf16.pt")      # the history says how the steps ran
+    assert list(StarNetDeblender.load(tmp_path / "bf16.pt").training_history["precision"]) \
+        == ["bfloat16"]
 
 
 def test_fit_refuses_an_unknown_precision_before_simulating(deblender, monkeypatch):
