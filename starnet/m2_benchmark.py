@@ -20,6 +20,7 @@ from .background import fit_background as fit_image_background
 from .baselines import CatalogSampler, daophot_catalog
 from .datasets import load_m2, load_m2_daophot
 from .deblender import StarNetDeblender
+from .devices import PRECISIONS, as_precision
 from .matching import match_catalogs, metrics_by_magnitude, position_columns
 from .images import as_background
 from .validation import check_seed
@@ -54,7 +55,7 @@ MODELS = ("sdss-m2", "sdss-m2-powerlaw")
 
 def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=False,
                      fit_background=True, wake=False, n_samples=200, seed=0, pcat_minutes=0.0,
-                     refine_sweeps=0, verbose=True):
+                     refine_sweeps=0, precision=None, verbose=True):
     """Reproduce the StarNet paper's M2 results (Table 1, Figures 7 to 9).
 
     The paper's evaluation: SDSS run 2583, camcol 2, field 136, r and i bands, the
@@ -122,6 +123,10 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
         ``N posterior`` (0: no row).
     seed : int, optional
         Seed of the posterior draws.
+    precision : {None, 'float32', 'bfloat16'}, optional
+        Of StarNet's network in its modal catalogs and posterior draws (the wake
+        phase's included; `~starnet.StarNetDeblender.__call__`); recorded in the
+        results' metadata.
     verbose : bool, optional
         Print the table row by row.
 
@@ -144,6 +149,8 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
         raise ValueError(f"n_samples must be an integer >= 20 (for 5 and 95 % quantiles), "
                          f"got {n_samples!r}")
     check_seed(seed)
+    as_precision(precision)           # an unknown precision fails before any work
+    precision = precision or "float32"
     output_dir = _check_output_dir(Path(output_dir))
     outputs = [output_dir / name for name in (*FIGURES.values(), RESULTS_FILE)]
     existing = [str(p) for p in outputs if p.exists()]
@@ -162,7 +169,8 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
         f" {len(truth)} HST stars with r flux > 1000 e-.")
     say("Matched within 0.5 px and 0.5 mag. one-to-one: each star used once, Euclidean; "
         "paper rule: any match, L-inf,\n5 px border dropped. N cat: stars in the region; "
-        "N posterior: mean (5 %, 95 %).")
+        "N posterior: mean (5 %, 95 %)."
+        + ("" if precision == "float32" else f" StarNet's network in {precision}."))
     say(_HEADER)
 
     rows, catalogs = [], {}
@@ -177,8 +185,9 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
     add({"method": "HST truth", "kind": "truth", "n_estimated": len(truth)})
 
     def starnet_row(deblender, name, label, nddata, start, primary):
-        catalog = _in_region(deblender(nddata, background="given"), region, nelec)
-        counts = _posterior_counts(deblender, nddata, region, n_samples, seed)
+        catalog = _in_region(deblender(nddata, background="given", precision=precision),
+                             region, nelec)
+        counts = _posterior_counts(deblender, nddata, region, n_samples, seed, precision)
         if primary:
             catalogs[f"StarNet ({label})"] = catalog
         add({"method": f"StarNet {name} ({label})", "kind": "live",
@@ -206,11 +215,13 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
             if index == 0 and refine_sweeps > 0:
                 start = time.perf_counter()
                 sampler = CatalogSampler(prior=deblender.prior)
-                modal = deblender(fitted, background="given", progress=False)
+                modal = deblender(fitted, background="given", progress=False,
+                                  precision=precision)
                 refined = sampler.sample(fitted, n_samples=1, n_sweeps=refine_sweeps,
                                          burn_in=0.0, init=modal, seed=seed)
                 draws = deblender.sample(fitted, n_samples=min(n_samples, 50), seed=seed,
-                                         background="given", progress=False)
+                                         background="given", progress=False,
+                                         precision=precision)
                 chains = sampler.sample(fitted, n_samples=1, n_sweeps=refine_sweeps,
                                         burn_in=0.0, init=draws, seed=seed)
                 _, _, inside = _inside_region(chains["x_fit"], chains["y_fit"], region)
@@ -229,7 +240,7 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
                     f"{band} {value:.0f} e-" for band, value in zip(deblender.bands, means)))
             if wake and index == 0:
                 start = time.perf_counter()
-                refined, scale = _wake_background(deblender, fitted, seed)
+                refined, scale = _wake_background(deblender, fitted, seed, precision)
                 starnet_row(deblender, name, "wake background", refined, start, False)
                 say("    wake phase: background x " + ", ".join(
                     f"{band} {value:.3f}" for band, value in zip(deblender.bands, scale))
@@ -269,7 +280,7 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
     results["wall_time"].unit = u.s
     results.meta.update({
         "version": __version__, "model": [str(m) for m in models], "n_samples": n_samples,
-        "seed": seed, "pcat_minutes": pcat_minutes,
+        "seed": seed, "pcat_minutes": pcat_minutes, "precision": precision,
         "max_separation": 0.5, "max_mag_difference": 0.5, "paper_rule_border": 5,
         "nelec_per_nmgy": nelec, "n_true": len(truth),
         "n_true_paper_rule": int(_paper_match(truth, truth).n_true)})
@@ -282,12 +293,13 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
     return results
 
 
-def _wake_background(deblender, nddata, seed):
+def _wake_background(deblender, nddata, seed, precision):
     """The image with its background refined by the wake phase, and the factors."""
     from .datasets import load_m2
     from .wake import _image_tensors, fit_psf_to_catalogs
 
-    samples = deblender.sample(nddata, n_samples=8, seed=seed, background="given")
+    samples = deblender.sample(nddata, n_samples=8, seed=seed, background="given",
+                               precision=precision)
     start = load_m2(psf="powerlaw")[0].meta["psf"]
     fit = fit_psf_to_catalogs(nddata, samples, psf=start, n_steps=100, stamp_size=19,
                               seed=seed)
@@ -332,9 +344,10 @@ def _in_region(catalog, region, nelec_per_nmgy):
     return table
 
 
-def _posterior_counts(deblender, nddata, region, n_samples, seed):
+def _posterior_counts(deblender, nddata, region, n_samples, seed, precision):
     """Number of stars strictly inside the region in each posterior draw."""
-    samples = deblender.sample(nddata, n_samples=n_samples, seed=seed, background="given")
+    samples = deblender.sample(nddata, n_samples=n_samples, seed=seed, background="given",
+                               precision=precision)
     _, _, inside = _inside_region(samples["x_fit"], samples["y_fit"], region)
     return np.bincount(np.asarray(samples["sample"])[inside], minlength=n_samples)
 
@@ -462,6 +475,9 @@ def add_arguments(parser):
     parser.add_argument("--n-samples", type=int, default=200,
                         help="posterior catalogs drawn for the count posterior "
                              "(default: 200)")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                        help="of StarNet's network: float32 (default) or bfloat16 (faster "
+                             "on CPUs with AMX or AVX512-BF16, slower elsewhere)")
     parser.add_argument("--pcat-minutes", type=float, default=0.0,
                         help="add a live PCAT-like MCMC row run for this many minutes "
                              "(default: 0, none; the paper's PCAT took about 30)")
@@ -481,7 +497,8 @@ def run_from_arguments(parser, args):
                          overwrite=args.overwrite, fit_background=args.fit_background,
                          wake=args.wake,
                          n_samples=args.n_samples, seed=args.seed,
-                         pcat_minutes=args.pcat_minutes, refine_sweeps=args.refine_sweeps)
+                         pcat_minutes=args.pcat_minutes, refine_sweeps=args.refine_sweeps,
+                         precision=args.precision)
     except (OSError, ValueError, TypeError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     return 0
