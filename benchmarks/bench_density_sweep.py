@@ -26,6 +26,9 @@ point-value model (``MoffatPSF``, starnet's ``PowerLawPSF``) at pixel centres
 (``sampled``), whose peak pixel is 4 % (the Moffat) to 11 % (a power law) higher. The
 two are the same for the pixel-integrated KL PSF of ``--psf m2``.
 
+``--grid-consensus``: also the F1 of the catalog that the shifted tile grids agree on
+(``grid_consensus=True`` of `StarNetDeblender.__call__`), on the same fields.
+
 ``--star-draws K``: for the first ``--star-fields`` fields of each density, also ``K``
 whole catalogs are drawn (`StarNetDeblender.sample`) and every true star inside the
 image gets the randomised PITs of `starnet.calibration.star_intervals` (matching radius
@@ -159,6 +162,8 @@ def main(argv=None):
                              "stars brighter than F e-")
     parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
                         help="of the network (default float32; starnet.devices)")
+    parser.add_argument("--grid-consensus", action="store_true",
+                        help="also the F1 of the catalog the shifted tile grids agree on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -182,7 +187,8 @@ def main(argv=None):
           f"given; {args.n_fields} fields per density"
           + (f"; network in {args.precision}" if args.precision else ""))
     print(f"{'stars/px':>8} {'size':>5} {'fields':>6} {'true N':>8} {'bias':>7} "
-          f"{'90% cover':>10} {'F1':>6} {'s/field':>8}")
+          f"{'90% cover':>10} {'F1':>6} {'s/field':>8}"
+          + (f" {'F1 grid consensus':>17}" if args.grid_consensus else ""))
     star_tables, block_rows, bright_rows = {}, [], []
     for density in args.densities:
         prior = StarFieldPrior(mu=density, f_min=1000.0, f_max=args.f_max, alpha=0.5,
@@ -192,7 +198,7 @@ def main(argv=None):
                                              f_max=args.told_f_max or args.f_max,
                                              bands=("r", "i"))
         size = 100 if density * 100 * 100 >= 300 else 200
-        estimates, truths, covered, f1s = [], [], 0, []
+        estimates, truths, covered, f1s, consensus_f1s = [], [], 0, [], []
         started = time.perf_counter()
         for index in range(args.n_fields):
             data, truth = field(prior, density, size, rendering, rng)
@@ -207,6 +213,10 @@ def main(argv=None):
             truths.append(len(truth))
             covered += low <= len(truth) <= high
             f1s.append(match_catalogs(catalog, truth, band="r").f1)
+            if args.grid_consensus:
+                consensus = deblender(image, background="given", progress=False,
+                                      precision=args.precision, grid_consensus=True)
+                consensus_f1s.append(match_catalogs(consensus, truth, band="r").f1)
             if index < args.star_fields and args.star_draws:
                 samples = deblender.sample(image, n_samples=args.star_draws, seed=index,
                                            background="given", progress=False,
@@ -228,7 +238,8 @@ def main(argv=None):
         cover = covered / n
         error = np.sqrt(cover * (1 - cover) / n)
         print(f"{density:8.3f} {size:5d} {n:6d} {np.mean(truths):8.1f} {100 * bias:+6.1f}% "
-              f"{cover:5.2f}+-{error:.2f} {np.mean(f1s):6.3f} {seconds:8.2f}", flush=True)
+              f"{cover:5.2f}+-{error:.2f} {np.mean(f1s):6.3f} {seconds:8.2f}"
+              + (f" {np.mean(consensus_f1s):17.3f}" if consensus_f1s else ""), flush=True)
     if star_tables:
         print_star_coverage(star_tables, args.star_draws)
     if block_rows:

@@ -215,6 +215,8 @@ def modal_table(rows, offset, pmf, *, nddata, meta, bands, tile_size, max_source
         table[f"mag_{band}"] = (zero_points[b] - 2.5 * np.log10(flux)) * u.mag
         table[f"mag_{band}_err"] = 2.5 / np.log(10) * s * u.mag
     table["detection_prob"] = rows["detection"]
+    if "n_grids" in rows:
+        table["n_grids"] = rows["n_grids"]
     table["flags"] = catalog_flags(
         locs[:, 0], locs[:, 1], rows["detection"], shape=nddata.data.shape[-2:],
         tile_size=tile_size, bad=bad_pixel_map(nddata), padding=padding, fwhm=fwhm,

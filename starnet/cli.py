@@ -183,6 +183,9 @@ def main(argv=None):
                               "it from the pixels when the model can; see below)")
     catalog.add_argument("--no-progress", action="store_true",
                          help="no progress bar (it shows the blocks of a large image)")
+    catalog.add_argument("--grid-consensus", action="store_true",
+                         help="keep the stars that at least half of the shifted tile grids "
+                              "find (a better catalog of blended stars; 4 times the work)")
     _add_compute_options(catalog, "the cores other processes leave free; one for images "
                                   "under 512 x 512 pixels")
     catalog.add_argument("--residual", metavar="FITS",
@@ -267,7 +270,8 @@ def _catalog(parser, args):
         image = _read_image(args, deblender)
         table = deblender(image, background="given" if args.no_background_fit else None,
                           progress=not args.no_progress, threads=args.threads,
-                          device=args.device, precision=args.precision)
+                          device=args.device, precision=args.precision,
+                          grid_consensus=args.grid_consensus)
     except _USER_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     table.meta.update(_provenance(args))

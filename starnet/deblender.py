@@ -18,6 +18,7 @@ from .catalogs import modal_table, samples_table
 from .defects import FrameDefects
 from .devices import as_device, as_precision, on_device
 from .encoder import StarNetEncoder
+from .grid_consensus import consensus_catalog
 from .images import as_background, image_psfs, read_image
 from .inference import chunk_tiles, count_pmfs, draw_catalogs, modal_catalog, prepare_image
 from .model_files import describe_model, read_model
@@ -552,7 +553,7 @@ class StarNetDeblender:
     # ----------------------------------------------------------------- inference
     @deprecated_renamed_argument("progress_bar", "progress", "0.1")
     def __call__(self, nddata, *, background=None, progress=True, threads=None,
-                 device=None, precision=None):
+                 device=None, precision=None, grid_consensus=False):
         """Modal catalog of an image.
 
         Parameters
@@ -621,6 +622,10 @@ class StarNetDeblender:
               each means, with the FWHM of the model's widest PSF and the window of
               ``receptive_field`` pixels the network sees for a tile;
               `starnet.catalogs.decode_flags` names them);
+            * ``n_grids`` (with ``grid_consensus``): the number of shifted grids that
+              found the star; ``detection_prob`` is then the mean over the grids (0
+              where a grid missed it) and positions, fluxes and their errors the means
+              over the grids that found it (fluxes and their log-normal widths in log);
             * ``sky_centroid`` when the image has a WCS.
 
             ``meta`` holds the posterior of the total number of stars in the image
@@ -632,12 +637,15 @@ class StarNetDeblender:
             ``background_fit``: the fitted factor, or None), the model settings and the
             package version.
         """
+        if grid_consensus and self.encoder.n_colors != 1:
+            raise ValueError("grid_consensus needs a model of independent tiles; this one "
+                             f"decides its tiles in {self.encoder.n_colors} colours")
+        catalog = consensus_catalog if grid_consensus else modal_catalog
         with self._running(nddata, threads, device, precision) as dtype:
             nddata = choose_background(self, nddata, background)
             inputs = self._prepare(nddata)
-            rows, offset, pmf = modal_catalog(self.encoder, inputs,
-                                              chunk_tiles=self._chunks(inputs),
-                                              progress=progress, dtype=dtype)
+            rows, offset, pmf = catalog(self.encoder, inputs, chunk_tiles=self._chunks(inputs),
+                                        progress=progress, dtype=dtype)
         meta = inputs.meta
         del inputs
         return modal_table(rows, offset, pmf, nddata=nddata, meta=meta, bands=self.bands,
