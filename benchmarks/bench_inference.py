@@ -19,7 +19,9 @@ background encoder first (``"fit"``; ``starnet, fitted bg``). A job that passes
 (`starnet.threads.choose_threads`) unless ``--threads`` is given; ``--busy`` runs every
 job beside a process that keeps one core busy (a Python busy loop, started and stopped
 by the benchmark), as on a laptop with other work or a shared node. ``--precision
-bfloat16`` runs starnet's network in bfloat16 (`starnet.devices`).
+bfloat16`` runs starnet's network in bfloat16 (`starnet.devices`). ``--grid-consensus``
+adds the default call with ``grid_consensus=True`` (`starnet.grid_consensus`: the network
+on every offset of the tile grid).
 
 Speed figures in the documentation come from the bundled models (``--model``; a model
 that reads the PSF is given the KL PSF as it varies over the image, a
@@ -89,11 +91,12 @@ def _job(method, size, model, threads, repeats, precision, queue):
         image = _mirrored(image, MIRRORED[size])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if deblender is not None:
-        background = "fit" if method == "starnet, fitted bg" else "given"
+        background = "given" if method == "starnet" else "fit"
 
         def run():
             return len(deblender(image, background=background, progress=False,
-                                 threads=threads, precision=precision))
+                                 threads=threads, precision=precision,
+                                 grid_consensus=method == "starnet, grid consensus"))
     else:
         from photutils.detection import DAOStarFinder
         data = image.data[0] - image.meta["background"][0]
@@ -165,6 +168,8 @@ def main(argv=None):
                         help=f"images to run, of {list(SIZES)} (default: the first four)")
     parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
                         help="of starnet's network (default float32)")
+    parser.add_argument("--grid-consensus", action="store_true",
+                        help="also time the default call with grid_consensus=True")
     parser.add_argument("--timeout", type=float, default=300,
                         help="seconds after which a job is stopped and reported as such")
     args = parser.parse_args(argv)
@@ -181,6 +186,8 @@ def main(argv=None):
           f"{'stars':>7} {'x DAO':>6}")
     for size in args.sizes:
         methods = ["DAOStarFinder", "starnet", "starnet, fitted bg"]
+        if args.grid_consensus:
+            methods.append("starnet, grid consensus")
         if size != "whole frame" and size not in MIRRORED:
             methods.append("IterativePSFPhotometry")
         finder_seconds = None

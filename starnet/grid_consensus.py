@@ -12,6 +12,8 @@ flux, removes most of the stars that one grid invents and restores some that it 
 
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from torch.nn import functional as F
 
@@ -191,10 +193,22 @@ def _complete_linkage(xy, log_flux, grid, radius, max_log_ratio):
     distance = np.hypot(*(xy[i] - xy[j]).T)
     ok = ((grid[i] != grid[j]) & (distance < radius)
           & (np.abs(log_flux[i] - log_flux[j]) < max_log_ratio))
-    order = np.argsort(distance[ok], kind="stable")
-    label = np.arange(len(xy))
+    i, j, distance = i[ok], j[ok], distance[ok]
+    # most connected sets of stars are one star per grid, every pair within the rule:
+    # such a set is a group as it is, and only the others need the pair by pair merging
+    n = len(xy)
+    _, component = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)),
+                                        directed=False)
+    size = np.bincount(component)
+    n_grids = np.bincount(np.unique(component * (grid.max() + 1) + grid)
+                          // (grid.max() + 1), minlength=len(size))
+    n_pairs = np.bincount(component[i], minlength=len(size))
+    simple = (n_grids == size) & (n_pairs == size * (size - 1) // 2)
+    label = np.where(simple[component], n + component, np.arange(n))
     members = {}
-    for a, b in zip(i[ok][order].tolist(), j[ok][order].tolist()):
+    tangled = ~simple[component[i]]
+    order = np.argsort(distance[tangled], kind="stable")
+    for a, b in zip(i[tangled][order].tolist(), j[tangled][order].tolist()):
         first, second = label[a], label[b]
         if first == second:
             continue
@@ -240,7 +254,7 @@ def consensus_catalog(encoder, inputs, *, chunk_tiles=None, progress=False,
     for dy, dx in offsets:
         rows, offset, pmf = modal_catalog(
             encoder, shifted_input(inputs, dy, dx, tile_size=size), chunk_tiles=chunk_tiles,
-            progress=progress, dtype=dtype)
+            progress=progress, dtype=dtype, counts=(dy, dx) == (0, 0))
         if (dy, dx) == (0, 0):
             count = (offset, pmf)
         rows["locs"] = rows["locs"] - np.array([dx, dy], dtype=float)

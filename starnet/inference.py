@@ -399,7 +399,7 @@ def draw(encoder, state, n_samples, *, generator, chunk_tiles=None, progress=Fal
 
 
 def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False,
-                  dtype=torch.float32):
+                  dtype=torch.float32, counts=True):
     """The modal catalog of an image and the posterior of its number of stars.
 
     The modal catalog holds the most probable count in each tile, with the modes of
@@ -414,6 +414,8 @@ def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False,
         As for `encode`.
     progress : bool, optional
         Show a progress bar over the blocks.
+    counts : bool, optional
+        Also compute the count posterior (False: ``offset`` and ``pmf`` are None).
 
     Returns
     -------
@@ -437,8 +439,9 @@ def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False,
                                                    progress=progress, dtype=dtype):
             parts.append(_modal_rows(grid, posterior, posterior.mode(),
                                      (rows.start, cols.start), shape))
-            block_pmfs.extend(posterior.count_parts())
-        offset, pmf = convolve_counts(block_pmfs)
+            if counts:
+                block_pmfs.extend(posterior.count_parts())
+        offset, pmf = convolve_counts(block_pmfs) if counts else (None, None)
     else:
         state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress,
                        dtype=dtype)
@@ -448,9 +451,12 @@ def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False,
         del state, posterior, mode
     rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     order = np.argsort(rows.pop("key"), kind="stable")   # by tile, as one-shot
+    rows = {key: value[order] for key, value in rows.items()}
+    if not counts:
+        return rows, None, None
     n_tiles = int(np.prod(grid.grid_shape(shape)))
     pmf = pmf[:max(n_tiles * grid.max_sources + 1 - offset, 0)]
-    return {key: value[order] for key, value in rows.items()}, offset, pmf / pmf.sum()
+    return rows, offset, pmf / pmf.sum()
 
 
 def draw_catalogs(encoder, inputs, n_samples, *, generator, chunk_tiles=None,
