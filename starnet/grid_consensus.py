@@ -148,8 +148,9 @@ def merge_grid_catalogs(catalogs, *, band_index=0, min_grids, max_separation=0.5
     _, group, size = np.unique(group, return_inverse=True, return_counts=True)
     merged = {}
     for key in keys:
-        values = stars[key].reshape(len(grid), -1)
-        sums = np.zeros((len(size), values.shape[1]))
+        width = int(np.prod(np.shape(catalogs[0][key])[1:]))     # 1 for detection
+        values = stars[key].reshape(len(grid), width)
+        sums = np.zeros((len(size), width))
         np.add.at(sums, group, values)
         merged[key] = sums / (len(catalogs) if key == "detection" else size[:, None])
     keep = size >= min_grids
@@ -200,8 +201,9 @@ def _complete_linkage(xy, log_flux, grid, radius, max_log_ratio):
     _, component = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)),
                                         directed=False)
     size = np.bincount(component)
-    n_grids = np.bincount(np.unique(component * (grid.max() + 1) + grid)
-                          // (grid.max() + 1), minlength=len(size))
+    n_catalogs = int(grid.max(initial=0)) + 1
+    n_grids = np.bincount(np.unique(component * n_catalogs + grid) // n_catalogs,
+                          minlength=len(size))
     n_pairs = np.bincount(component[i], minlength=len(size))
     simple = (n_grids == size) & (n_pairs == size * (size - 1) // 2)
     label = np.where(simple[component], n + component, np.arange(n))

@@ -17,8 +17,8 @@ def m2():
 
 def rows(x, flux, detection=0.8):
     n = len(x)
-    return {"locs": np.c_[x, np.full(n, 7.0)], "sd": np.full((n, 2), 0.1),
-            "fluxes": np.c_[flux, 2 * np.asarray(flux)].astype(float),
+    return {"locs": np.c_[x, np.full(n, 7.0)].reshape(n, 2), "sd": np.full((n, 2), 0.1),
+            "fluxes": np.c_[flux, 2 * np.asarray(flux)].reshape(n, 2).astype(float),
             "flux_sd": np.full((n, 2), 0.2), "detection": np.full(n, detection)}
 
 
@@ -67,6 +67,10 @@ def test_merge_keeps_stars_that_enough_grids_find():
     twice = merge_grid_catalogs([rows([5.0, 5.1], [1e3, 1e3]), rows([5.05], [1e3]),
                                  rows([5.0], [1e3])], min_grids=1)
     assert twice["n_grids"].tolist() == [3]
+    # grids that find nothing
+    empty = merge_grid_catalogs([rows([], []) for _ in range(4)], min_grids=2)
+    assert empty["locs"].shape == (0, 2) and empty["fluxes"].shape == (0, 2)
+    assert empty["detection"].shape == empty["n_grids"].shape == (0,)
     with pytest.raises(ValueError, match="min_grids must lie in 1 .. 4"):
         from starnet.grid_consensus import consensus_catalog
         consensus_catalog(StarNetDeblender.pretrained("sdss-m2").encoder, None, min_grids=5)
