@@ -15,6 +15,9 @@ Per annulus:
 * ``F1``: one-to-one matching of the modal catalog with the truth in the annulus
   (0.5 px, 0.5 mag in r).
 
+``--grid-consensus`` adds, per model, the F1 of the catalog that the shifted tile grids
+agree on (``grid_consensus=True``; ``F1 4 grids``).
+
 Run (``--reference`` adds models trained at one density, to compare at the annulus
 whose density is closest to theirs)::
 
@@ -71,8 +74,9 @@ def interval(pmf):
     return int(np.searchsorted(cdf, 0.05)), int(np.searchsorted(cdf, 0.95))
 
 
-def score(deblender, image, truth, annuli, sectors):
-    """Per annulus: true count, posterior mean count, covered sectors, sectors, F1."""
+def score(deblender, image, truth, annuli, sectors, grid_consensus=False):
+    """Per annulus: true count, posterior mean count, covered sectors, sectors, F1, TPR,
+    PPV, and the F1 of the grid consensus (NaN without ``grid_consensus``)."""
     shape = image.data.shape[1:]
     inside = ((truth["x"] >= -0.5) & (truth["x"] < shape[1] - 0.5)
               & (truth["y"] >= -0.5) & (truth["y"] < shape[0] - 0.5))
@@ -81,10 +85,15 @@ def score(deblender, image, truth, annuli, sectors):
     started = time.perf_counter()
     catalog = deblender(image, background="given")
     seconds = time.perf_counter() - started
+    consensus = (deblender(image, background="given", grid_consensus=True)
+                 if grid_consensus else None)
     regions = [region for annulus in sectors for region in annulus if region.any()]
     pmfs = iter(deblender.count_posterior(image, region=regions, background="given"))
-    x_fit = np.clip(np.round(np.asarray(catalog["x_fit"])).astype(int), 0, shape[1] - 1)
-    y_fit = np.clip(np.round(np.asarray(catalog["y_fit"])).astype(int), 0, shape[0] - 1)
+
+    def pixels(table):
+        return (np.clip(np.round(np.asarray(table["y_fit"])).astype(int), 0, shape[0] - 1),
+                np.clip(np.round(np.asarray(table["x_fit"])).astype(int), 0, shape[1] - 1))
+
     x_true = np.clip(np.round(np.asarray(truth["x"])).astype(int), 0, shape[1] - 1)
     y_true = np.clip(np.round(np.asarray(truth["y"])).astype(int), 0, shape[0] - 1)
     rows = []
@@ -100,9 +109,12 @@ def score(deblender, image, truth, annuli, sectors):
             n_mean += float(pmf @ np.arange(len(pmf)))
             covered += low <= true <= high
             n_sectors += 1
-        match = match_catalogs(catalog[annulus[y_fit, x_fit]], truth[annulus[y_true, x_true]],
-                               band="r")
-        rows.append((n_true, n_mean, covered, n_sectors, match.f1, match.tpr, match.ppv))
+        in_truth = truth[annulus[y_true, x_true]]
+        match = match_catalogs(catalog[annulus[pixels(catalog)]], in_truth, band="r")
+        f1_grids = (np.nan if consensus is None else match_catalogs(
+            consensus[annulus[pixels(consensus)]], in_truth, band="r").f1)
+        rows.append((n_true, n_mean, covered, n_sectors, match.f1, match.tpr, match.ppv,
+                     f1_grids))
     return np.array(rows), seconds, len(catalog)
 
 
@@ -119,6 +131,8 @@ def main(argv=None):
                         help="legend label of each of --models (default: a bundled model's "
                              "name, or the densities a model file was trained at)")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--grid-consensus", action="store_true",
+                        help="also the F1 of the catalog the shifted tile grids agree on")
     args = parser.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.models):
         parser.error(f"--labels needs one label per model of --models ({len(args.models)})")
@@ -139,7 +153,8 @@ def main(argv=None):
         for name, deblender in models.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")   # the reference models' PSF check
-                rows, seconds, n_catalog = score(deblender, image, truth, annuli, sectors)
+                rows, seconds, n_catalog = score(deblender, image, truth, annuli, sectors,
+                                                 args.grid_consensus)
             print(f"seed {seed}, {name}: {n_catalog} stars in the modal catalog of the "
                   f"frame ({len(truth)} true, margin included), {seconds:.1f} s")
             results[name] = results[name] + rows
@@ -150,6 +165,7 @@ def main(argv=None):
     header = f"{'radius px':>11} {'stars/px':>8} {'N true':>7}"
     for name in args.models:
         header += f" | {name[-18:]:>18}: {'bias':>6} {'cover':>5} {'F1':>5}"
+        header += f" {'F1 4 grids':>10}" if args.grid_consensus else ""
     print(header)
     for a, (low, high) in enumerate(zip(EDGES[:-1], EDGES[1:])):
         line = f"{low:>5}-{high:<5} {mean_density[a]:8.4f} {int(results[args.models[0]][a, 0]):7d}"
@@ -157,6 +173,8 @@ def main(argv=None):
             n_true, n_mean, covered, n_sectors, f1 = results[name][a, :5]
             line += (f" | {'':>18}  {(n_mean - n_true) / n_true:+6.1%} "
                      f"{covered / n_sectors:5.2f} {f1 / n_frames:5.3f}")
+            if args.grid_consensus:
+                line += f" {results[name][a, 7] / n_frames:10.3f}"
         print(line)
     for name in args.reference:
         mu = models[name].prior.mu

@@ -14,6 +14,7 @@ from astropy.io import fits
 from astropy.nddata import InverseVariance, NDData
 from astropy.table import QTable
 from astropy.wcs import WCS
+from photutils.utils.exceptions import NoDetectionsWarning
 
 import starnet
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
@@ -60,6 +61,28 @@ def test_catalog_ecsv_is_the_models_catalog(model_path, tmp_path, capsys):
     np.testing.assert_allclose(written["mag_r"].value, expected["mag_r"].value)
     assert written.meta["n_stars_mean"] == pytest.approx(expected.meta["n_stars_mean"])
     assert f"{len(written)} stars" in capsys.readouterr().out
+
+
+def test_catalog_passes_grid_consensus(model_path, tmp_path, monkeypatch):
+    """--grid-consensus reaches the deblender's call (the consensus itself:
+    test_grid_consensus.py); without it the call is the default one."""
+    _image_file(tmp_path / "image.fits")
+    seen = []
+    call = StarNetDeblender.__call__
+
+    def spy(self, nddata, **kwargs):
+        seen.append(kwargs["grid_consensus"])
+        return call(self, nddata, **kwargs)
+    monkeypatch.setattr(StarNetDeblender, "__call__", spy)
+    args = ["catalog", str(tmp_path / "image.fits"), "--model", str(model_path),
+            "--background", str(SKY)]
+    assert main([*args, "-o", str(tmp_path / "one.ecsv")]) == 0
+    # this untrained model's grids agree on no star: an empty catalog, and the warning
+    with pytest.warns(NoDetectionsWarning, match="holds no stars"):
+        assert main([*args, "--grid-consensus", "-o", str(tmp_path / "four.ecsv")]) == 0
+    assert seen == [False, True]
+    assert "n_grids" in QTable.read(tmp_path / "four.ecsv").colnames
+    assert "n_grids" not in QTable.read(tmp_path / "one.ecsv").colnames
 
 
 def test_catalog_refuses_to_overwrite(model_path, tmp_path):
