@@ -92,18 +92,19 @@ def _shifted_map(values, dy, dx, tile_size, shape):
     return (1 - wx) * rows[..., 1:n_cols + 1] + wx * rows[..., :n_cols]
 
 
-def merge_grid_catalogs(catalogs, *, band_index=0, min_grids, max_separation=0.5,
-                        max_mag_difference=0.5):
+def merge_grid_catalogs(catalogs, *, band_index=0, min_grids, tile_size=2,
+                        max_separation=0.5, max_mag_difference=0.5):
     """The stars found by at least ``min_grids`` of several catalogs of one image.
 
     Stars of different catalogs are grouped under `~starnet.match_catalogs`' rule
     (within ``max_separation`` pixels and ``max_mag_difference`` magnitudes in one band)
     by complete linkage: candidate pairs are taken from the closest up, and two groups
     join when they hold no catalog in common and every pair across them obeys the rule.
-    The result does not depend on the order of the catalogs. A group's position, its
-    standard deviations, log fluxes and their standard deviations are the means over
-    its members, and its detection probability is the sum of theirs over the number of
-    catalogs (a catalog that misses the star counts 0). Of two kept groups closer than
+    The result does not depend on the order of the catalogs (but for pairs at exactly
+    equal distances). The stars come sorted by the tile of their mean position
+    (``tile_size``), then by x. A group's position, its
+    standard deviations, log fluxes, their standard deviations and its detection
+    probability are the means over its members. Of two kept groups closer than
     ``max_separation`` (a star that one catalog reads twice, two tiles claiming it),
     the one that fewer catalogs hold is dropped.
 
@@ -116,6 +117,8 @@ def merge_grid_catalogs(catalogs, *, band_index=0, min_grids, max_separation=0.5
         The band whose magnitudes are compared.
     min_grids : int
         Catalogs that must hold a star for it to be kept.
+    tile_size : int, optional
+        Side of the tiles whose order the stars come in.
     max_separation, max_mag_difference : float, optional
         The matching rule, pixels and magnitudes.
 
@@ -138,6 +141,11 @@ def merge_grid_catalogs(catalogs, *, band_index=0, min_grids, max_separation=0.5
     >>> merged["locs"].round(2).tolist(), merged["n_grids"].tolist()
     ([[3.1, 5.0]], [2])
     """
+    if not catalogs:
+        raise ValueError("merge_grid_catalogs needs at least one catalog")
+    if not (isinstance(min_grids, (int, np.integer)) and 1 <= min_grids <= len(catalogs)):
+        raise ValueError(f"min_grids must be an integer in 1 .. {len(catalogs)} (the "
+                         f"number of catalogs), got {min_grids!r}")
     keys = ("locs", "sd", "fluxes", "flux_sd", "detection")
     stars = {key: np.concatenate([np.asarray(c[key], dtype=float) for c in catalogs])
              for key in keys}
@@ -152,14 +160,17 @@ def merge_grid_catalogs(catalogs, *, band_index=0, min_grids, max_separation=0.5
         values = stars[key].reshape(len(grid), width)
         sums = np.zeros((len(size), width))
         np.add.at(sums, group, values)
-        merged[key] = sums / (len(catalogs) if key == "detection" else size[:, None])
+        merged[key] = sums / size[:, None]
     keep = size >= min_grids
     keep[keep] = _not_repeated(merged["locs"][keep], size[keep],
                                merged["detection"][keep, 0], max_separation)
-    merged = {key: value[keep] for key, value in merged.items()}
+    tile = np.floor((merged["locs"] + 0.5) / tile_size)
+    order = np.flatnonzero(keep)[np.lexsort((merged["locs"][keep, 0], tile[keep, 0],
+                                             tile[keep, 1]))]
+    merged = {key: value[order] for key, value in merged.items()}
     merged["fluxes"] = np.exp(merged["fluxes"])
     merged["detection"] = merged["detection"][:, 0]
-    merged["n_grids"] = size[keep]
+    merged["n_grids"] = size[order]
     return merged
 
 
@@ -191,8 +202,8 @@ def _complete_linkage(xy, log_flux, grid, radius, max_log_ratio):
     and every pair across them lies within ``radius`` and ``max_log_ratio``."""
     pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
     i, j = pairs[:, 0], pairs[:, 1]
-    distance = np.hypot(*(xy[i] - xy[j]).T)
-    ok = ((grid[i] != grid[j]) & (distance < radius)
+    distance = ((xy[i] - xy[j]) ** 2).sum(-1)        # squared, as in the merging below
+    ok = ((grid[i] != grid[j]) & (distance < radius ** 2)
           & (np.abs(log_flux[i] - log_flux[j]) < max_log_ratio))
     i, j, distance = i[ok], j[ok], distance[ok]
     # most connected sets of stars are one star per grid, every pair within the rule:
@@ -247,11 +258,13 @@ def consensus_catalog(encoder, inputs, *, chunk_tiles=None, progress=False,
         As `~starnet.inference.modal_catalog` returns them; the rows also hold
         ``n_grids``, and the count posterior is that of the unshifted grid.
     """
+    if encoder.n_colors != 1:
+        raise ValueError("grid consensus needs a model of independent tiles; this one "
+                         f"decides its tiles in {encoder.n_colors} colours, each given the "
+                         "choices of the others, which a grid's catalog does not carry")
     size = encoder.tile_size
     offsets = grid_offsets(size)
-    min_grids = -(-len(offsets) // 2) if min_grids is None else int(min_grids)
-    if not 1 <= min_grids <= len(offsets):
-        raise ValueError(f"min_grids must lie in 1 .. {len(offsets)}, got {min_grids}")
+    min_grids = -(-len(offsets) // 2) if min_grids is None else min_grids
     catalogs = []
     for dy, dx in offsets:
         rows, offset, pmf = modal_catalog(
@@ -260,6 +273,6 @@ def consensus_catalog(encoder, inputs, *, chunk_tiles=None, progress=False,
         if (dy, dx) == (0, 0):
             count = (offset, pmf)
         rows["locs"] = rows["locs"] - np.array([dx, dy], dtype=float)
-        inside = (rows["locs"] > -0.5).all(axis=1)
+        inside = (rows["locs"] >= -0.5).all(axis=1)      # as tiles.inside_image
         catalogs.append({key: value[inside] for key, value in rows.items()})
-    return (merge_grid_catalogs(catalogs, min_grids=min_grids), *count)
+    return (merge_grid_catalogs(catalogs, min_grids=min_grids, tile_size=size), *count)

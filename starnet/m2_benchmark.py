@@ -143,7 +143,8 @@ def run_m2_benchmark(*, model=MODELS, output_dir="benchmark_output", overwrite=F
         ``tpr_paper``, ``ppv_paper``, ``f1_paper`` (paper code's rule),
         ``n_estimated`` (stars in the region), ``n_mean``, ``n_q05``, ``n_q95``
         (posterior of the count) and ``wall_time`` (seconds: for StarNet the
-        modal catalog, the posterior draws and any background fit); NaN where not
+        modal catalog, the posterior draws and any background fit; for a ``4 grids``
+        row its catalog alone); NaN where not
         applicable. Also written to ``output_dir`` as ``m2_table1.ecsv``, next to
         ``fig7_m2_catalogs.png`` (the catalogs over the r image),
         ``fig8_m2_tpr_ppv_by_magnitude.png`` (TPR and PPV against r magnitude,

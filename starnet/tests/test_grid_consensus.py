@@ -41,6 +41,19 @@ def test_shifted_input_adds_masked_background_at_the_top_left():
     assert shifted.psf.shape[-2:] == (4, 5)
     np.testing.assert_allclose(shifted.psf[0, 0, 1:3, 0], [0.5, 1.5])
     np.testing.assert_allclose(shifted.psf[0, 1, 0, 1:4], [0.5, 1.5, 2.5])
+    # one axis at a time, with a background map: the map is padded by its edge values
+    background_map = torch.arange(2 * 6 * 8, dtype=torch.float32).reshape(1, 2, 6, 8)
+    inputs = EncoderInput(image, background_map, {}, None, psf, None)
+    down = shifted_input(inputs, 1, 0, tile_size=2)
+    assert down.shape == (7, 8) and down.mask is None
+    assert torch.equal(down.background[..., 0, :], background_map[..., 0, :])
+    assert torch.equal(down.image[..., 0, :], background_map[..., 0, :])
+    np.testing.assert_allclose(down.psf[0, 0, :, 0], [0.0, 0.5, 1.5, 2.0])
+    np.testing.assert_allclose(down.psf[0, 1, 0], [0.0, 1.0, 2.0, 3.0])
+    right = shifted_input(inputs, 0, 1, tile_size=2)
+    assert right.shape == (6, 9) and torch.equal(right.image[..., :, 1:], image)
+    np.testing.assert_allclose(right.psf[0, 1, 0], [0.0, 0.5, 1.5, 2.5, 3.0])
+    np.testing.assert_allclose(right.psf[0, 0, :, 0], [0.0, 1.0, 2.0])
     assert shifted_input(inputs, 0, 0, tile_size=2) is inputs
     with pytest.raises(ValueError, match="offsets must lie in 0 .. 1"):
         shifted_input(inputs, 2, 0, tile_size=2)
@@ -57,7 +70,7 @@ def test_merge_keeps_stars_that_enough_grids_find():
     assert merged["n_grids"].tolist() == [4]
     np.testing.assert_allclose(merged["locs"], [[3.05, 7.0]])
     np.testing.assert_allclose(merged["fluxes"][0], [1000 * 1.21 ** 0.25, 2000 * 1.21 ** 0.25])
-    np.testing.assert_allclose(merged["detection"], [(3 * 0.8 + 0.4) / 4])
+    np.testing.assert_allclose(merged["detection"], [(3 * 0.8 + 0.4) / 4])   # the mean
     # with one grid enough: 20.0 and 20.6 are two stars; 10.0 and 10.3, too far apart
     # in magnitude to be grouped, are too close to be two stars: one is left
     everything = merge_grid_catalogs(grids, min_grids=1)
@@ -71,9 +84,34 @@ def test_merge_keeps_stars_that_enough_grids_find():
     empty = merge_grid_catalogs([rows([], []) for _ in range(4)], min_grids=2)
     assert empty["locs"].shape == (0, 2) and empty["fluxes"].shape == (0, 2)
     assert empty["detection"].shape == empty["n_grids"].shape == (0,)
-    with pytest.raises(ValueError, match="min_grids must lie in 1 .. 4"):
-        from starnet.grid_consensus import consensus_catalog
-        consensus_catalog(StarNetDeblender.pretrained("sdss-m2").encoder, None, min_grids=5)
+
+
+def test_bad_requests_are_refused(m2):
+    one = rows([3.0], [1e3])
+    for bad in (0, 5, 2.5):
+        with pytest.raises(ValueError, match="min_grids must be an integer in 1 .. 4"):
+            merge_grid_catalogs([one] * 4, min_grids=bad)
+    with pytest.raises(ValueError, match="at least one catalog"):
+        merge_grid_catalogs([], min_grids=1)
+    checkerboard = StarNetDeblender(prior=m2.prior, psf=list(m2.psfs), hidden=4,
+                                    background=m2.background, tile_hidden=8, n_colors=2)
+    image, _ = simulate_starfield((12, 12), prior=m2.prior, psf=list(m2.psfs),
+                                  background=m2.background, seed=0)
+    with pytest.raises(ValueError, match="needs a model of independent tiles"):
+        checkerboard(image, background="given", grid_consensus=True)
+
+
+def test_the_count_posterior_is_the_unshifted_grids(m2):
+    """The catalog changes, the count posterior in its meta does not."""
+    image, _ = simulate_starfield((40, 40), prior=StarFieldPrior(mu=0.1, bands=["r", "i"]),
+                                  psf=list(m2.psfs), background=m2.background, seed=2)
+    one = m2(image, background="given", progress=False)
+    four = m2(image, background="given", progress=False, grid_consensus=True)
+    for key in ("n_stars_mean", "n_stars_q05", "n_stars_q95"):
+        assert four.meta[key] == one.meta[key]
+    assert len(four) != len(one) or not np.allclose(four["x_fit"], one["x_fit"])
+    tiles = (np.floor(four["y_fit"] + 0.5) // 2) * 20 + np.floor(four["x_fit"] + 0.5) // 2
+    assert np.all(np.diff(tiles) >= 0)                # sorted by tile, as one grid's
 
 
 def test_consensus_is_invariant_to_one_pixel_shifts(m2):

@@ -45,12 +45,11 @@ def test_the_fitted_background_beats_the_sdss_sky(results):
 
 def test_grid_consensus_is_the_better_catalog_on_m2(results):
     """docs/m2.rst: the catalog that the four tile grids agree on scores F1 0.60
-    (0.57 on one grid), with the same count posterior."""
+    (0.57 on one grid) and 0.49 with the SDSS sky (0.47)."""
     assert results.meta['grid_consensus']
     for label in ('SDSS sky', 'fitted background'):
         one, four = row(results, label), row(results, label, ', 4 grids')
         assert four['f1'] > one['f1'] + 0.015
-        assert (four['n_mean'], four['n_q05']) == (one['n_mean'], one['n_q05'])
     assert row(results, 'fitted background', ', 4 grids')['f1'] == pytest.approx(0.60, abs=0.006)
 
 
