@@ -18,6 +18,7 @@ from scipy.spatial import cKDTree
 from torch.nn import functional as F
 
 from .inference import EncoderInput, modal_catalog
+from .tiles import inside_image
 
 __all__ = ["grid_offsets", "shifted_input", "merge_grid_catalogs", "consensus_catalog"]
 
@@ -273,6 +274,6 @@ def consensus_catalog(encoder, inputs, *, chunk_tiles=None, progress=False,
         if (dy, dx) == (0, 0):
             count = (offset, pmf)
         rows["locs"] = rows["locs"] - np.array([dx, dy], dtype=float)
-        inside = (rows["locs"] >= -0.5).all(axis=1)      # as tiles.inside_image
+        inside = inside_image(rows["locs"], inputs.shape)
         catalogs.append({key: value[inside] for key, value in rows.items()})
     return (merge_grid_catalogs(catalogs, min_grids=min_grids, tile_size=size), *count)
