@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -28,6 +29,29 @@ def test_a_busy_core_is_not_counted_free():
     finally:
         hog.kill()
         hog.wait()
+
+
+@pytest.mark.skipif(threads._cpu_times() is None or threads._own_ticks() is None,
+                    reason="needs /proc/stat and /proc/self/stat")
+def test_own_threads_are_not_counted_busy():
+    """A thread of this process that keeps a core busy while the caller measures (as a
+    numerical library's worker threads spin after a call) leaves that core free for the
+    caller's own work: only other processes count."""
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        time.sleep(0.1)
+        assert threads._own_ticks() > 0
+        assert threads.free_cores(window=0.3) > threads.available_cores() - 0.4
+    finally:
+        stop.set()
+        spinner.join()
 
 
 def test_choose_threads():
