@@ -7,7 +7,10 @@ SDSS sky of the frame as the background (the median of the sky map over the M2 r
 r and i). With ``--psf-variants``, training images are rendered between the PSF and
 those variants (``--variant-range``), so that the model tolerates a PSF error of that
 size. With ``--density-range``, each training image has its own star density, so that
-the model catalogs sparse fields (a whole frame's outskirts) as well as the core.
+the model catalogs sparse fields (a whole frame's outskirts) as well as the core. With
+``--context-cells``, the encoder also reads a coarse view of its surroundings (a context
+branch, as ``sdss`` has), so that it can tell the density it is in; ``--count-score-weight``
+adds the score of the counts of blocks of tiles to the loss (`starnet.TrainingSettings`).
 Training images get backgrounds scaled by a random factor in
 ``--background-range`` so the encoder reads the background from its input; then a
 background encoder is fitted on such images (``--background-steps``) and
@@ -18,7 +21,9 @@ Run (the command that made the bundled model is recorded in its metadata)::
     python scripts/train_sdss_m2.py --minutes 35 --seed 0 --overwrite
 
 Training resumes from ``--checkpoint`` when it exists; ``--init-from`` starts from the
-weights of another model (fine-tuning) instead of random ones, and with
+weights of another model (fine-tuning) instead of random ones (with ``--context-cells``,
+a context branch that model lacks starts with a zero output, so the fine-tune begins
+from that model exactly), and with
 ``--keep-background-encoder`` (and ``--background-steps 0``) keeps that model's
 background encoder, so that only the catalog encoder changes. ``--mu`` and ``--alpha``
 change the prior (``benchmarks/prior_sensitivity.py`` fine-tunes the bundled model so).
@@ -68,6 +73,11 @@ def main(argv=None):
                         metavar=("LOW", "HIGH"),
                         help="draw each training image's stars per pixel log-uniformly "
                              "from this range (default: the prior's --mu)")
+    parser.add_argument("--context-cells", type=int, default=0,
+                        help="a context branch over cells of this many tiles (0: none), "
+                             "so that the encoder reads the density around each tile")
+    parser.add_argument("--count-score-weight", type=float, default=0.0,
+                        help="weight of the block count score (TrainingSettings)")
     parser.add_argument("--init-from", metavar="MODEL",
                         help="start from this model's weights (a name or a file)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -84,6 +94,8 @@ def main(argv=None):
     parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
                         help="of the network's convolutions in the training steps "
                              "(default float32; bfloat16 is faster on CPUs with AMX)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: chosen at each epoch, starnet.threads)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -93,7 +105,8 @@ def main(argv=None):
                            bands=("r", "i"))
     deblender = StarNetDeblender.from_nddata(image, prior=prior, tile_size=args.tile_size,
                                              max_sources=args.max_sources,
-                                             n_colors=args.n_colors, seed=args.seed)
+                                             n_colors=args.n_colors,
+                                             context_cells=args.context_cells, seed=args.seed)
     deblender.psf_variants = [load_m2(border=3, psf=name)[0].meta["psf"]
                               for name in args.psf_variants]
     if args.keep_background_encoder and not args.init_from:
@@ -103,7 +116,7 @@ def main(argv=None):
         if start.encoder.density_cells:
             parser.error(f"{args.init_from} has a density spread, which this script does not "
                          "train; start from the model without it")
-        deblender.encoder.load_state_dict(start.encoder.state_dict())
+        start_from(deblender.encoder, start.encoder)
         if args.keep_background_encoder:
             if start.background_encoder is None:
                 parser.error(f"{args.init_from} has no background encoder to keep")
@@ -116,7 +129,7 @@ def main(argv=None):
         background_range=tuple(args.background_range),
         psf_variant_range=tuple(args.variant_range),
         density_range=None if args.density_range is None else tuple(args.density_range),
-        seed=args.seed)
+        count_score_weight=args.count_score_weight, seed=args.seed)
     Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     # train epoch by epoch (resuming from the checkpoint) until the epochs or the time run out
@@ -129,7 +142,7 @@ def main(argv=None):
         settings.n_epochs = epoch
         settings.learning_rate = learning_rate(epoch, args)
         deblender.fit(settings=settings, checkpoint=args.checkpoint, progress=False,
-                      precision=args.precision)
+                      precision=args.precision, threads=args.threads)
         row = deblender.training_history[-1]
         print(f"epoch {row['epoch']}: loss {row['train_loss']:.3f} / {row['val_loss']:.3f}, "
               f"F1 {row['val_f1']:.3f}, {row['images_per_second']:.1f} images/s, "
@@ -147,6 +160,22 @@ def main(argv=None):
     deblender.provenance["command"] = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
     deblender.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}")
+
+
+def start_from(encoder, start):
+    """Copy the weights of the encoder ``start`` into ``encoder``. A context branch that
+    ``start`` lacks keeps its initial weights but for its last layer, set to zero: the
+    new encoder begins as ``start`` and learns what the context adds."""
+    missing, unexpected = encoder.load_state_dict(start.state_dict(), strict=False)
+    new = [name for name in missing if not name.startswith("context_")]
+    if new or unexpected:
+        raise ValueError(f"the start model's weights do not fit the encoder: missing {new}, "
+                         f"unexpected {unexpected}")
+    if missing:
+        last = encoder.context_layers[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
 
 
 def learning_rate(epoch, args):

@@ -289,8 +289,14 @@ def train_encoder(encoder, batches, settings, *, checkpoint=None, model_descript
             row.setdefault("baseline_f1", float("nan"))
             row.setdefault("schedule_progress", float("nan"))
             row.setdefault("precision", "float32")
-    baseline_f1 = max((_baseline_f1(baseline, validation, batches.prior.bands)
-                       for baseline in baselines), default=float("nan"))
+    # a resumed fit has the checkpoint's validation images (read_checkpoint refuses other
+    # settings or another model): their baselines' F1 is known, and costs seconds to redo
+    known = [row["baseline_f1"] for row in history if math.isfinite(row["baseline_f1"])]
+    if baselines and known:
+        baseline_f1 = known[-1]
+    else:
+        baseline_f1 = max((_baseline_f1(baseline, validation, batches.prior.bands)
+                           for baseline in baselines), default=float("nan"))
     for group in optimizer.param_groups:  # the settings, also when resuming (an Adam
         group["weight_decay"] = settings.weight_decay  # checkpoint would restore L2 decay)
         group["decoupled_weight_decay"] = True

@@ -276,6 +276,29 @@ def test_fit_reports_photutils_beside_the_model_and_warns_below_it():
     assert np.all(np.isnan(history["baseline_f1"]))
 
 
+def test_resumed_fit_keeps_the_photutils_f1_of_its_checkpoint(tmp_path, monkeypatch):
+    """The validation images of a resumed fit are the checkpoint's, so photutils' F1 on
+    them is taken from the checkpoint, not computed again (seconds per call: a script
+    that fits epoch by epoch paid it every epoch)."""
+    prior = StarFieldPrior(mu=0.01, f_min=5000.0, bands=["r"])
+    deblender = StarNetDeblender(prior=prior, psf=NARROW, background=[686.0], hidden=8,
+                                 tile_hidden=16, stamp_size=7)
+    calls = []
+    original = training._baseline_f1
+    monkeypatch.setattr(training, "_baseline_f1",
+                        lambda *args: calls.append(1) or original(*args))
+    fit = dict(batches_per_epoch=2, batch_size=2, image_shape=(40, 40), n_validation=4,
+               progress=False, checkpoint=tmp_path / "fit.ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="after .* steps the model's validation F1")
+        first = deblender.fit(n_epochs=1, **fit)
+        assert len(calls) == 2            # two thresholds
+        resumed = deblender.fit(n_epochs=2, **fit)
+    assert len(calls) == 2
+    assert len(resumed) == 2
+    assert resumed["baseline_f1"][1] == first["baseline_f1"][0] > 0.5
+
+
 def test_fit_trains_on_the_threads_it_is_given(monkeypatch):
     """``threads=`` sets torch's threads for the fit and restores them after."""
     seen = []
