@@ -3,15 +3,18 @@
 The paper refits StarNet from scratch under other priors (appendix D: the star density
 ``mu`` and the Pareto index ``alpha`` of the fluxes) and with other seeds (appendix E:
 F1 0.50 to 0.55 over 10 refits). On a CPU budget this script instead *fine-tunes* the
-bundled model (``sdss-m2``) for each setting; these are not refits from scratch.
+model bundled as ``sdss-m2`` until 2026-12-07 (without a context branch; kept as
+``scripts/checkpoints/sdss-m2-density.pt``) for each setting; these are not refits from
+scratch. (The bundled ``sdss-m2`` has a density spread head, which a fine-tune at one
+density would leave stale.)
 
-The bundled model is density-amortised: it was trained on images whose star density
+The base model is density-amortised: it was trained on images whose star density
 was drawn from 0.001 to 0.2 stars per pixel (the prior's ``mu`` only labels it). Each
 fine-tune trains it at one FIXED density, the setting's ``mu``, as the paper's prior
 is (no ``--density-range``), with the setting's ``alpha``; everything else is as the
-bundled model was trained (the field's KL PSF, training images rendered towards the
+base model was trained (the field's KL PSF, training images rendered towards the
 psField power law by fractions in -0.5 to 0.5, backgrounds 0.9 to 1.6 times the SDSS
-sky). Only the catalog encoder is trained; the bundled background encoder is kept
+sky). Only the catalog encoder is trained; the base model's background encoder is kept
 (``--keep-background-encoder --background-steps 0``), so the fitted background is the
 same network's estimate in every run. The settings:
 
@@ -26,7 +29,7 @@ on one thread at 40 images per second), and is then scored on M2 by
 `starnet.m2_benchmark.run_m2_benchmark`: the modal catalog with the background
 fitted by the background encoder, matched to the 1114 HST stars (F1 one-to-one and
 under the paper code's rule) and the posterior of the number of stars in the region
-(mean and 90 % interval, 200 draws). The bundled
+(mean and 90 % interval, 200 draws). The base
 model is scored the same way, as the reference row.
 
 Models, checkpoints, logs and the benchmark's outputs go to ``--output-dir``
@@ -51,7 +54,9 @@ from starnet import StarNetDeblender
 from starnet.m2_benchmark import RESULTS_FILE, run_m2_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_sdss_m2.py"
-BASE = "sdss-m2"
+BASE = (Path(__file__).resolve().parents[1] / "scripts" / "checkpoints"
+        / "sdss-m2-density.pt")
+BASE_NAME = BASE.stem
 SETTINGS = [  # (mu, alpha, seed), the shared run first
     (0.12, 0.5, 0), (0.08, 0.5, 0), (0.16, 0.5, 0), (0.12, 0.35, 0), (0.12, 0.65, 0),
     (0.12, 0.5, 1), (0.12, 0.5, 2), (0.12, 0.5, 3), (0.12, 0.5, 4)]
@@ -71,7 +76,7 @@ def fine_tune(folder, mu, alpha, seed, args):
     path = folder / f"{name}.pt"
     if path.exists():
         return path, None
-    command = [sys.executable, str(SCRIPT), "--init-from", BASE, *TRAINING,
+    command = [sys.executable, str(SCRIPT), "--init-from", str(BASE), *TRAINING,
                "--mu", str(mu), "--alpha", str(alpha), "--seed", str(seed),
                "--epochs", str(args.epochs), "--batches-per-epoch", str(args.batches_per_epoch),
                "--learning-rate", str(args.learning_rate),
@@ -135,9 +140,9 @@ def main(argv=None):
         (float(mu), float(alpha), int(seed))
         for mu, alpha, seed in (item.split(",") for item in args.only)]
 
-    prior = StarNetDeblender.pretrained(BASE).prior
-    rows = [{"model": f"{BASE} (bundled)", "mu": prior.mu, "alpha": prior.alpha, "seed": -1,
-             "minutes": np.nan, "val_f1": np.nan, **m2_scores(folder, BASE, BASE, args)}]
+    prior = StarNetDeblender.load(BASE).prior
+    rows = [{"model": f"{BASE_NAME} (base)", "mu": prior.mu, "alpha": prior.alpha, "seed": -1,
+             "minutes": np.nan, "val_f1": np.nan, **m2_scores(folder, BASE, BASE_NAME, args)}]
     for mu, alpha, seed in settings:
         path, minutes = fine_tune(folder, mu, alpha, seed, args)
         model = StarNetDeblender.load(path)
@@ -150,20 +155,21 @@ def main(argv=None):
               f"F1 {rows[-1]['f1']:.3f}", flush=True)
 
     summary = QTable(rows=rows)
-    summary.meta.update({"base": BASE, "epochs": args.epochs,
+    summary.meta.update({"base": str(BASE), "epochs": args.epochs,
                          "batches_per_epoch": args.batches_per_epoch, "batch_size": 16,
                          "learning_rate": args.learning_rate,
                          "final_learning_rate": args.final_learning_rate,
                          "n_samples": args.n_samples, "background": "fitted",
                          "n_true": 1114})
     summary.write(folder / "summary.ecsv", overwrite=True)
-    print(f"fine-tunes of {BASE}: {args.epochs} epochs of {args.batches_per_epoch} x 16 images, "
+    print(f"fine-tunes of {BASE_NAME}: {args.epochs} epochs of {args.batches_per_epoch} x 16 "
+          "images, "
           f"rate {args.learning_rate:g} -> {args.final_learning_rate:g}; M2 with the fitted "
           "background vs 1114 HST stars")
-    print(f"{'model':<18} {'mu':>5} {'alpha':>5} {'seed':>4} {'min':>5} {'val F1':>6} "
+    print(f"{'model':<22} {'mu':>5} {'alpha':>5} {'seed':>4} {'min':>5} {'val F1':>6} "
           f"{'TPR':>5} {'PPV':>5} {'F1':>5} {'F1 pap':>6} {'N cat':>5}  N posterior (90 %)")
     for row in summary:
-        print(f"{row['model']:<18} {row['mu']:5.2f} {row['alpha']:5.2f} "
+        print(f"{row['model']:<22} {row['mu']:5.2f} {row['alpha']:5.2f} "
               f"{'-' if row['seed'] < 0 else row['seed']:>4} {row['minutes']:5.1f} "
               f"{row['val_f1']:6.3f} {row['tpr']:5.2f} {row['ppv']:5.2f} {row['f1']:5.3f} "
               f"{row['f1_paper']:6.3f} {row['n_estimated']:5.0f}  {row['n_mean']:.0f} "

@@ -73,6 +73,9 @@ def main(argv=None):
                         metavar=("LOW", "HIGH"),
                         help="draw each training image's stars per pixel log-uniformly "
                              "from this range (default: the prior's --mu)")
+    parser.add_argument("--density-gradient", type=float, default=0.0,
+                        help="largest change of the log density across a training image "
+                             "(TrainingSettings.density_gradient; 0: uniform images)")
     parser.add_argument("--context-cells", type=int, default=0,
                         help="a context branch over cells of this many tiles (0: none), "
                              "so that the encoder reads the density around each tile")
@@ -129,6 +132,7 @@ def main(argv=None):
         background_range=tuple(args.background_range),
         psf_variant_range=tuple(args.variant_range),
         density_range=None if args.density_range is None else tuple(args.density_range),
+        density_gradient=args.density_gradient,
         count_score_weight=args.count_score_weight, seed=args.seed)
     Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -412,7 +412,8 @@ class StarNetDeblender:
             return SimulatedBatches(self.prior, bank, self.background, shape,
                                     margin=settings.margin,
                                     background_range=settings.background_range,
-                                    density_range=settings.density_range, defects=defects,
+                                    density_range=settings.density_range,
+                                    density_gradient=settings.density_gradient, defects=defects,
                                     f_max_range=settings.f_max_range,
                                     alpha_range=settings.alpha_range)
         variants = [StarFieldRenderer(psfs, stamp_size=self.stamp_size)
@@ -421,7 +422,8 @@ class StarNetDeblender:
                                 margin=settings.margin,
                                 background_range=settings.background_range,
                                 variants=variants, variant_range=settings.psf_variant_range,
-                                density_range=settings.density_range, defects=defects,
+                                density_range=settings.density_range,
+                                density_gradient=settings.density_gradient, defects=defects,
                                 f_max_range=settings.f_max_range,
                                 alpha_range=settings.alpha_range)
 
@@ -477,7 +479,7 @@ class StarNetDeblender:
         ...     deblender.save(path)
         ...     copy = StarNetDeblender.load(path)
         >>> print(copy.bands, copy.training_settings.n_epochs)
-        ['r', 'i'] 100
+        ['r', 'i'] 140
         """
         metadata, state = read_model(path)
         deblender = cls(**deblender_arguments(metadata))
@@ -512,7 +514,7 @@ class StarNetDeblender:
         ['sdss', 'sdss-m2', 'sdss-m2-powerlaw']
         >>> deblender = StarNetDeblender.pretrained("sdss-m2")
         >>> print(deblender.bands, deblender.prior.mu, deblender.training_settings.density_range)
-        ['r', 'i'] 0.12 (0.001, 0.2)
+        ['r', 'i'] 0.12 (0.001, 0.3)
         """
         return cls.load(bundled_model_path(name))
 
@@ -707,7 +709,7 @@ class StarNetDeblender:
         >>> cdf = np.cumsum(pmf)
         >>> print(f"{np.dot(np.arange(len(pmf)), pmf):.1f} ({np.searchsorted(cdf, 0.05)}, "
         ...       f"{np.searchsorted(cdf, 0.95)}); true {len(truth)}")
-        152.0 (141, 163); true 164
+        150.0 (139, 162); true 164
         """
         region = None if region is None else np.asarray(region)
         single = region is None or region.ndim == 2
@@ -821,7 +823,7 @@ class StarNetDeblender:
         >>> samples = deblender.sample(image, n_samples=50, seed=0, background="given")
         >>> counts = np.bincount(samples["sample"], minlength=50)
         >>> print(f"{counts.mean():.1f} {counts.min()} {counts.max()}; true {len(truth)}")
-        151.2 137 167; true 164
+        150.3 139 163; true 164
         """
         n_samples = check_positive_int(n_samples, "n_samples")
         check_draws_memory(n_samples, np.shape(nddata.data), tile_size=self.grid.tile_size,

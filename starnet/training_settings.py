@@ -64,6 +64,13 @@ class TrainingSettings:
         ``(low, high)``: each image's density is drawn log-uniformly from it, so that
         the encoder reads the local density from the pixels (as it reads the
         background) and a sparse field is not catalogued as if it were crowded.
+    density_gradient : float
+        0 (the default): each training image's density is uniform. Otherwise the
+        largest change of the natural log of the density across an image's width: the
+        density varies as ``exp(g . (x - centre))`` along a random direction, with
+        ``|g| cols`` uniform from 0 to this and the image's mean density kept, so that
+        an encoder with a context branch reads the density at each tile rather than
+        the mean of its window (a cluster's core and outskirts).
     f_max_range, alpha_range : tuple of float or None
         ``None``: every training image's fluxes follow the prior's ``f_max`` and
         ``alpha``. Ranges: each image draws its upper flux (log-uniformly) and Pareto
@@ -116,6 +123,7 @@ class TrainingSettings:
     count_score_weight: float = 0.0
     count_blocks: tuple = (8, 32)
     average_steps: int = 0
+    density_gradient: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -125,6 +133,7 @@ class TrainingSettings:
         check_training_settings(self)
         self.count_blocks = tuple(int(side) for side in self.count_blocks)
         self.count_score_weight = float(self.count_score_weight)
+        self.density_gradient = float(self.density_gradient)
 
     def to_dict(self):
         """The settings as JSON-ready values (lists for tuples); ``TrainingSettings(**d)``

@@ -382,6 +382,10 @@ def check_training_settings(settings):
     for name in ("density_range", "f_max_range", "alpha_range"):
         if getattr(settings, name) is not None:
             check_range(getattr(settings, name), name, positive=True)
+    gradient = settings.density_gradient
+    if isinstance(gradient, bool) or not isinstance(gradient, (int, float, np.floating)) \
+            or not np.isfinite(gradient) or gradient < 0:
+        raise ValueError(f"density_gradient must be a finite number >= 0, got {gradient!r}")
     if settings.seed is None or isinstance(settings.seed, np.random.Generator):
         raise ValueError(f"seed must be an integer >= 0 (saved with the model), got "
                          f"{settings.seed!r}")

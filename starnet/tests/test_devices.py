@@ -1,6 +1,7 @@
 """device=: where the network runs (the CPU in these tests; a GPU where one is lent, by
 benchmarks/gpu_check.py); precision=: in which float type."""
 
+import math
 import warnings
 
 import numpy as np
@@ -173,17 +174,20 @@ def test_bfloat16_moves_the_catalog_by_little_against_its_uncertainties(deblende
 
 
 def test_bfloat16_blocks_keep_float32_posteriors_and_no_autocast_outside(deblender):
-    image, _ = simulate_starfield((64, 64), psf=deblender.psfs,
+    # blocks are whole cells of the context branch and of the density spread
+    encoder = deblender.encoder
+    cell = math.lcm(max(encoder.context_cells, 1), max(encoder.density_cells, 1))
+    side = 2 * cell * deblender.grid.tile_size      # two blocks of one cell a side
+    image, _ = simulate_starfield((side, side), psf=deblender.psfs,
                                   background=deblender.background, seed=6)
     inputs = deblender._prepare(image)
     blocks = 0
-    for _, _, posterior in encode_blocks(deblender.encoder, inputs, chunk_tiles=8,
+    for _, _, posterior in encode_blocks(encoder, inputs, chunk_tiles=cell,
                                          dtype=torch.bfloat16):
         assert not torch.is_autocast_enabled("cpu")     # not in the caller's code
         assert posterior.count_logits.dtype == torch.float32
         blocks += 1
-    tiles = 64 // deblender.grid.tile_size
-    assert blocks == (-(-tiles // 8)) ** 2
+    assert blocks == 4
 
 
 def test_a_checkerboard_model_refuses_bfloat16(deblender):

@@ -104,6 +104,30 @@ def test_density_range_is_saved(tmp_path):
     assert loaded.training_settings.density_range == (0.001, 0.2)
 
 
+def test_density_gradient_reaches_the_training_images_and_is_saved(tmp_path):
+    """``fit(density_gradient=)`` tilts the fit's own training images (the simulator's
+    test above checks the tilt itself) and is saved with the model; a file written
+    before the setting existed reads back as uniform images."""
+    deblender = StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
+                                 tile_hidden=16, stamp_size=7)
+    settings = TrainingSettings(density_gradient=2.0)
+    assert deblender._batches((12, 12), settings).density_gradient == 2.0
+    assert deblender._batches((12, 12), TrainingSettings()).density_gradient == 0.0
+    deblender.fit(n_epochs=1, batches_per_epoch=1, batch_size=2, image_shape=(12, 12),
+                  n_validation=2, density_gradient=2.0, progress=False)
+    deblender.save(tmp_path / 'model.pt')
+    assert StarNetDeblender.load(tmp_path / 'model.pt').training_settings.density_gradient == 2.0
+    older = {k: v for k, v in deblender.training_settings.to_dict().items()
+             if k != 'density_gradient'}
+    assert TrainingSettings(**older).density_gradient == 0.0
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "1", True])
+def test_bad_density_gradients_are_refused(bad):
+    with pytest.raises(ValueError, match="density_gradient must be a finite number >= 0"):
+        TrainingSettings(density_gradient=bad)
+
+
 def _budget_deblender():
     return StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
                             tile_hidden=16, stamp_size=7)
