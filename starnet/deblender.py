@@ -479,7 +479,7 @@ class StarNetDeblender:
         ...     deblender.save(path)
         ...     copy = StarNetDeblender.load(path)
         >>> print(copy.bands, copy.training_settings.n_epochs)
-        ['r', 'i'] 140
+        ['r', 'i'] 100
         """
         metadata, state = read_model(path)
         deblender = cls(**deblender_arguments(metadata))
@@ -495,8 +495,9 @@ class StarNetDeblender:
         name : str, optional
             One of `available`: ``'sdss-m2'`` (the M2 field of SDSS run 2583, camcol 2,
             field 136, bands r and i, KL PSF, trained over star densities from 0.001 to
-            0.2 per pixel) or ``'sdss-m2-powerlaw'`` (the same field with the psField
-            power-law PSF, at 0.12 stars per pixel).
+            0.3 per pixel that vary across each image, read with a context branch) or
+            ``'sdss-m2-powerlaw'`` (the same field with the psField power-law PSF, at
+            0.12 stars per pixel).
 
         Returns
         -------
@@ -709,7 +710,7 @@ class StarNetDeblender:
         >>> cdf = np.cumsum(pmf)
         >>> print(f"{np.dot(np.arange(len(pmf)), pmf):.1f} ({np.searchsorted(cdf, 0.05)}, "
         ...       f"{np.searchsorted(cdf, 0.95)}); true {len(truth)}")
-        150.0 (139, 162); true 164
+        150.4 (139, 163); true 164
         """
         region = None if region is None else np.asarray(region)
         single = region is None or region.ndim == 2
@@ -823,7 +824,7 @@ class StarNetDeblender:
         >>> samples = deblender.sample(image, n_samples=50, seed=0, background="given")
         >>> counts = np.bincount(samples["sample"], minlength=50)
         >>> print(f"{counts.mean():.1f} {counts.min()} {counts.max()}; true {len(truth)}")
-        150.3 139 163; true 164
+        151.0 138 166; true 164
         """
         n_samples = check_positive_int(n_samples, "n_samples")
         check_draws_memory(n_samples, np.shape(nddata.data), tile_size=self.grid.tile_size,

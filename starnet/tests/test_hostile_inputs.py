@@ -468,6 +468,7 @@ def test_benchmark_errors_come_first_in_one_line(tmp_path, capsys, monkeypatch, 
     truncated = tmp_path / "model.pt"
     truncated.write_bytes(_BUNDLED.read_bytes()[:5000])
     monkeypatch.setattr("starnet.m2_benchmark.load_m2", _never)
+    monkeypatch.chdir(tmp_path)     # not the benchmark_output/ an earlier run left in the cwd
     arguments = [a.format(file=tmp_path / "a_file", truncated=truncated) for a in arguments]
     with pytest.raises(SystemExit) as exit_info:
         main(["benchmark", "m2", *arguments])
