@@ -495,9 +495,11 @@ class StarNetDeblender:
         name : str, optional
             One of `available`: ``'sdss-m2'`` (the M2 field of SDSS run 2583, camcol 2,
             field 136, bands r and i, KL PSF, trained over star densities from 0.001 to
-            0.3 per pixel that vary across each image, read with a context branch) or
+            0.3 per pixel that vary across each image, read with a context branch),
             ``'sdss-m2-powerlaw'`` (the same field with the psField power-law PSF, at
-            0.12 stars per pixel).
+            0.12 stars per pixel) or ``'sdss'`` (any field of the run: it reads the PSF
+            of ``meta['psf']``, the mask and the prior; docs page "One model for every
+            SDSS field").
 
         Returns
         -------
