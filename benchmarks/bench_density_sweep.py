@@ -38,6 +38,14 @@ draws leave out are counted, not dropped). A second table gives, by true r magni
 x, y and r-flux PITs lie in the central 90 % (a star no draw finds holds neither x nor
 y).
 
+``--tile-errors``: a fourth table, from the tiles' own count probabilities (without the
+density spread), per density: how the variance of the error of a block's posterior mean
+count compares with the variance that independent tiles claim for it, for blocks of 1,
+2, 5, 10 and 25 tiles a side, and the mean product of the errors of neighbouring tiles
+over a tile's claimed variance (`starnet.calibration.tile_count_errors`). Where a star
+near a tile boundary is claimed in part by both tiles, their errors anti-correlate and the
+claimed variance of a block exceeds its error's.
+
 ``--block-sizes S ...``: the count posterior is also taken for the square blocks of S x
 S pixels that partition each image (`StarNetDeblender.count_posterior` with regions),
 and a third table gives, per density and block size, the blocks' bias, the spread of
@@ -75,9 +83,11 @@ from astropy.table import QTable, vstack
 from photutils.datasets import make_model_image
 
 from starnet import StarFieldPrior, StarNetDeblender, match_catalogs
-from starnet.calibration import count_interval, pit_coverage, star_intervals
+from starnet.calibration import (count_interval, pit_coverage, star_intervals,
+                                 tile_count_errors)
 from starnet.datasets import M2_NELEC_PER_NMGY, load_m2
-from starnet.devices import PRECISIONS
+from starnet.devices import PRECISIONS, as_precision
+from starnet.inference import encode
 
 SKY = (686.0, 1123.0)
 MAG_EDGES = (-np.inf, 19, 20, 21, 21.5, 22, np.inf)
@@ -164,6 +174,8 @@ def main(argv=None):
                         help="of the network (default float32; starnet.devices)")
     parser.add_argument("--grid-consensus", action="store_true",
                         help="also the F1 of the catalog the shifted tile grids agree on")
+    parser.add_argument("--tile-errors", action="store_true",
+                        help="also the table of how tiles' count errors add up over blocks")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -189,7 +201,7 @@ def main(argv=None):
     print(f"{'stars/px':>8} {'size':>5} {'fields':>6} {'true N':>8} {'bias':>7} "
           f"{'90% cover':>10} {'F1':>6} {'s/field':>8}"
           + (f" {'F1 grid consensus':>17}" if args.grid_consensus else ""))
-    star_tables, block_rows, bright_rows = {}, [], []
+    star_tables, block_rows, bright_rows, tile_tables = {}, [], [], {}
     for density in args.densities:
         prior = StarFieldPrior(mu=density, f_min=1000.0, f_max=args.f_max, alpha=0.5,
                                bands=("r", "i"))
@@ -229,6 +241,9 @@ def main(argv=None):
                 whole = block_counts(deblender, image, truth, size, args.precision)[0]
                 n_bright = int(np.sum(np.asarray(truth["flux_r"]) > args.bright_flux))
                 bright_rows.append((density,) + whole[:3] + (n_bright,))
+            if args.tile_errors:
+                tile_tables.setdefault(density, []).append(
+                    tile_probs_and_counts(deblender, image, truth, args.precision))
             for block in args.block_sizes:
                 blocks = block_counts(deblender, image, truth, block, args.precision)
                 block_rows += [(density, block) + row for row in blocks]
@@ -244,6 +259,8 @@ def main(argv=None):
         print_star_coverage(star_tables, args.star_draws)
     if block_rows:
         print_block_calibration(np.array(block_rows))
+    if tile_tables:
+        print_tile_errors(tile_tables)
     if bright_rows:
         print_bright_regression(np.array(bright_rows, dtype=float), args.bright_flux)
 
@@ -271,6 +288,36 @@ def block_counts(deblender, image, truth, block, precision=None):
         low, high, _ = count_interval(pmf, 0.9)
         rows.append((count, mean, float(np.dot((k - mean) ** 2, pmf)), low <= count <= high))
     return rows
+
+
+def tile_probs_and_counts(deblender, image, truth, precision=None):
+    """Each tile's count probabilities (without the density spread) and true count."""
+    posterior = encode(deblender.encoder, deblender._prepare(image),
+                       dtype=as_precision(precision))
+    probs = posterior.count_probs[0].double().numpy()
+    tile = deblender.grid.tile_size
+    column = np.floor(np.asarray(truth["x"]) + 0.5).astype(int) // tile
+    row = np.floor(np.asarray(truth["y"]) + 0.5).astype(int) // tile
+    true = np.zeros(probs.shape[:2], dtype=int)
+    np.add.at(true, (row, column), 1)
+    return probs, true
+
+
+def print_tile_errors(tables):
+    """The tile-error table: per density, error over claimed variance of blocks of tiles,
+    and the neighbour covariance."""
+    blocks = (1, 2, 5, 10, 25)
+    print("\ntiles' count errors (no density spread): error variance over claimed variance "
+          "of blocks of b x b tiles; neighbours' error covariance over a tile's variance")
+    print(f"{'stars/px':>8} " + " ".join(f"{f'b={b}':>6}" for b in blocks)
+          + f" {'side':>6} {'diag':>6}")
+    for density, fields in tables.items():
+        probs = np.stack([p for p, _ in fields])
+        true = np.stack([t for _, t in fields])
+        table = tile_count_errors(probs, true, blocks=blocks)
+        print(f"{density:8.3f} " + " ".join(f"{r:6.2f}" for r in table["ratio"])
+              + f" {table.meta['neighbour_covariance']:+6.2f}"
+              f" {table.meta['diagonal_covariance']:+6.2f}", flush=True)
 
 
 def print_block_calibration(rows):

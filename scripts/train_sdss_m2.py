@@ -40,6 +40,7 @@ from starnet import StarFieldPrior, StarNetDeblender
 from starnet.datasets import load_m2
 from starnet.devices import PRECISIONS
 from starnet.training import TrainingSettings, cosine_rate
+from train_sdss import narrowed_weights     # scripts/, the first entry of sys.path
 
 
 def main(argv=None):
@@ -56,6 +57,10 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--tile-size", type=int, default=2)
     parser.add_argument("--max-sources", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=32, help="pixel-layer channels")
+    parser.add_argument("--tile-hidden", type=int, default=128,
+                        help="tile-layer channels (an --init-from model that is wider is "
+                             "narrowed: scripts/train_sdss.py's narrowed_weights)")
     parser.add_argument("--n-colors", type=int, default=1, choices=(1, 2, 4),
                         help="checkerboard colours (1: independent tiles as in the paper)")
     parser.add_argument("--background-range", type=float, nargs=2, default=(0.9, 1.6))
@@ -109,7 +114,9 @@ def main(argv=None):
     deblender = StarNetDeblender.from_nddata(image, prior=prior, tile_size=args.tile_size,
                                              max_sources=args.max_sources,
                                              n_colors=args.n_colors,
-                                             context_cells=args.context_cells, seed=args.seed)
+                                             context_cells=args.context_cells,
+                                             hidden=args.hidden, tile_hidden=args.tile_hidden,
+                                             seed=args.seed)
     deblender.psf_variants = [load_m2(border=3, psf=name)[0].meta["psf"]
                               for name in args.psf_variants]
     if args.keep_background_encoder and not args.init_from:
@@ -169,8 +176,14 @@ def main(argv=None):
 def start_from(encoder, start):
     """Copy the weights of the encoder ``start`` into ``encoder``. A context branch that
     ``start`` lacks keeps its initial weights but for its last layer, set to zero: the
-    new encoder begins as ``start`` and learns what the context adds."""
-    missing, unexpected = encoder.load_state_dict(start.state_dict(), strict=False)
+    new encoder begins as ``start`` and learns what the context adds. A ``start`` with
+    more channels is narrowed to the encoder's (`narrowed_weights`: the channels that
+    carry most are kept)."""
+    state = start.state_dict()
+    widths = [(e.config()["hidden"], e.config()["tile_hidden"]) for e in (start, encoder)]
+    if widths[0] != widths[1]:
+        state = narrowed_weights(state, *widths[0], *widths[1])
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
     new = [name for name in missing if not name.startswith("context_")]
     if new or unexpected:
         raise ValueError(f"the start model's weights do not fit the encoder: missing {new}, "

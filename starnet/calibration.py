@@ -24,7 +24,8 @@ from .tiles import TileGrid
 from .validation import check_positive_int, check_seed
 
 __all__ = ["evaluate_on_simulations", "count_coverage", "count_interval", "count_pit",
-           "source_pit", "pit_coverage", "star_intervals", "dropped_fraction"]
+           "source_pit", "pit_coverage", "star_intervals", "dropped_fraction",
+           "tile_count_errors"]
 
 _EPS = 1e-6
 
@@ -342,6 +343,94 @@ def pit_coverage(pits, levels=(0.5, 0.8, 0.9, 0.95)):
             table[name] = [float(np.mean(distance <= level / 2)) if len(pits) else np.nan
                            for level in levels]
     table.meta["n"] = len(pits)
+    return table
+
+
+def tile_count_errors(count_probs, true_counts, *, blocks=(1, 2, 5, 10, 25)):
+    """How the errors of independent tiles' counts add up over blocks of tiles.
+
+    The variational posterior's tiles are independent, so the variance it claims for
+    the number of stars in a block of tiles is the sum of its tiles' variances. The
+    errors of neighbouring tiles need not be independent: a star near the boundary of
+    two tiles is claimed in part by both, and the one that does not hold it errs the
+    other way, so their errors anti-correlate; a density misread over a region makes
+    them correlate. This compares, for square blocks of ``b`` x ``b`` tiles, the
+    variance of the error of the block's posterior mean count with the variance the
+    posterior claims for it.
+
+    Parameters
+    ----------
+    count_probs : array, shape (n_images, tile_rows, tile_cols, max_sources + 1)
+        Each tile's count probabilities (`~starnet.posterior.TiledPosterior.count_probs`).
+    true_counts : array of int, shape (n_images, tile_rows, tile_cols)
+        The true number of stars in each tile.
+    blocks : sequence of int, optional
+        Block sides in tiles; the blocks tile each image from its first row and column
+        (rows and columns left over are not used).
+
+    Returns
+    -------
+    table : `~astropy.table.QTable`
+        Per block side ``block``: ``n_blocks``, ``error_variance`` (the mean squared
+        error of the blocks' posterior mean counts), ``claimed_variance`` (the mean of
+        the variances the posterior claims for them) and ``ratio`` (the first over the
+        second: 1 for a calibrated posterior, below 1 where its intervals are too
+        wide). ``meta['neighbour_covariance']`` is the mean product of the errors of
+        tiles side by side (rows and columns together) and ``meta['diagonal_covariance']``
+        of diagonal neighbours, each over the mean claimed variance of a tile (NaN
+        where the images have no such pairs).
+
+    Examples
+    --------
+    Two stars on a diagonal of 2 x 2 tiles, each tile saying "one star" with
+    probability 1/2: each tile errs by as much as it claims, and the errors cancel over
+    the block (the stars are known to be two; the posterior claims a variance of 1).
+
+    >>> import numpy as np
+    >>> from starnet.calibration import tile_count_errors
+    >>> probs = np.full((1, 2, 2, 2), 0.5)          # 2 x 2 tiles, 0 or 1 star, 50:50
+    >>> true = np.array([[[1, 0], [0, 1]]])
+    >>> table = tile_count_errors(probs, true, blocks=(1, 2))
+    >>> print([float(r) for r in table["ratio"]], table.meta["neighbour_covariance"],
+    ...       table.meta["diagonal_covariance"])
+    [1.0, 0.0] -1.0 1.0
+    """
+    probs = np.asarray(count_probs, dtype=float)
+    true = np.asarray(true_counts, dtype=float)
+    if probs.ndim != 4 or true.shape != probs.shape[:3]:
+        raise ValueError(f"count_probs must have shape (n_images, tile_rows, tile_cols, "
+                         f"max_sources + 1) and true_counts its first three axes; got "
+                         f"{probs.shape} and {true.shape}")
+    counts = np.arange(probs.shape[-1])
+    mean = probs @ counts
+    variance = probs @ counts ** 2 - mean ** 2
+    error = true - mean
+    rows = []
+    for block in blocks:
+        block = check_positive_int(block, "block")
+        n_rows, n_cols = true.shape[1] // block, true.shape[2] // block
+        if not n_rows or not n_cols:
+            raise ValueError(f"a block of {block} tiles is larger than the images "
+                             f"({true.shape[1]} x {true.shape[2]} tiles)")
+
+        def summed(values):
+            cut = values[:, :n_rows * block, :n_cols * block]
+            return cut.reshape(len(cut), n_rows, block, n_cols, block).sum(axis=(2, 4))
+
+        error_variance = float(np.mean(summed(error) ** 2))
+        claimed = float(np.mean(summed(variance)))
+        rows.append((block, n_rows * n_cols * len(true), error_variance, claimed,
+                     error_variance / claimed if claimed > 0 else np.nan))
+    table = QTable(rows=rows, names=["block", "n_blocks", "error_variance",
+                                     "claimed_variance", "ratio"])
+    tile_variance = float(np.mean(variance))
+    side = np.concatenate([(error[:, :, :-1] * error[:, :, 1:]).ravel(),
+                           (error[:, :-1] * error[:, 1:]).ravel()])
+    diagonal = np.concatenate([(error[:, :-1, :-1] * error[:, 1:, 1:]).ravel(),
+                               (error[:, :-1, 1:] * error[:, 1:, :-1]).ravel()])
+    for name, products in (("neighbour_covariance", side), ("diagonal_covariance", diagonal)):
+        table.meta[name] = (float(np.mean(products)) / tile_variance if len(products)
+                            else float("nan"))
     return table
 
 

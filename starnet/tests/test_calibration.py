@@ -13,7 +13,7 @@ from scipy import integrate, stats
 from starnet import StarFieldPrior, StarNetDeblender
 from starnet.calibration import (count_coverage, count_interval, count_pit, dropped_fraction,
                                  evaluate_on_simulations, pit_coverage, source_pit,
-                                 star_intervals)
+                                 star_intervals, tile_count_errors)
 from starnet.posterior import TiledPosterior
 from starnet.tiles import TileCatalog, TileGrid
 
@@ -264,3 +264,35 @@ def test_star_intervals_bad_input():
         star_intervals(table, truth, n_draws=4, level=90)
     with pytest.raises(ValueError, match="'sample' column"):
         star_intervals(QTable({"x": [1.0], "y": [1.0]}), truth, n_draws=1)
+
+
+def test_tile_count_errors_of_counts_drawn_from_the_tiles_own_pmfs():
+    """True counts drawn tile by tile from the claimed pmfs: every block's error variance
+    is the claimed one (ratio 1 within its sampling error) and neighbours are
+    uncorrelated; a star split between two tiles makes their errors cancel exactly."""
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet([3.0, 1.0, 0.5], size=(40, 50, 50))
+    cdf = probs.cumsum(-1)
+    true = (rng.uniform(size=cdf.shape[:3] + (1,)) > cdf).sum(-1)
+    table = tile_count_errors(probs, true, blocks=(1, 5, 25))
+    # the squared error of a sum of n independent errors: relative sd about sqrt(2 / n)
+    for row in table:
+        assert abs(row["ratio"] - 1) < 4 * math.sqrt(2 / row["n_blocks"]) + 0.02
+    assert abs(table.meta["neighbour_covariance"]) < 0.02
+    assert abs(table.meta["diagonal_covariance"]) < 0.02
+
+    split = np.zeros((1, 1, 2, 2))
+    split[..., 1] = [0.7, 0.3]              # P(one star) of the two tiles, the star in one
+    split[..., 0] = 1 - split[..., 1]
+    pair = tile_count_errors(split, np.array([[[1, 0]]]), blocks=(1,))
+    assert pair.meta["neighbour_covariance"] == pytest.approx(-0.3 * 0.3 / 0.21)
+    whole = np.zeros((1, 2, 2, 2))
+    whole[:, 0], whole[:, 1] = split[:, 0], split[:, 0][:, ::-1]
+    block = tile_count_errors(whole, np.array([[[1, 0], [0, 1]]]), blocks=(2,))
+    assert block["error_variance"][0] == pytest.approx(0.0, abs=1e-12)
+    assert block["claimed_variance"][0] == pytest.approx(4 * 0.21)
+
+    with pytest.raises(ValueError, match="count_probs must have shape"):
+        tile_count_errors(probs, true[:, :10])
+    with pytest.raises(ValueError, match="larger than the images"):
+        tile_count_errors(probs, true, blocks=(60,))
