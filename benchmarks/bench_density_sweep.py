@@ -38,14 +38,6 @@ draws leave out are counted, not dropped). A second table gives, by true r magni
 x, y and r-flux PITs lie in the central 90 % (a star no draw finds holds neither x nor
 y).
 
-``--tile-errors``: a fourth table, from the tiles' own count probabilities (without the
-density spread), per density: how the variance of the error of a block's posterior mean
-count compares with the variance that independent tiles claim for it, for blocks of 1,
-2, 5, 10 and 25 tiles a side, and the mean product of the errors of neighbouring tiles
-over a tile's claimed variance (`starnet.calibration.tile_count_errors`). Where a star
-near a tile boundary is claimed in part by both tiles, their errors anti-correlate and the
-claimed variance of a block exceeds its error's.
-
 ``--block-sizes S ...``: the count posterior is also taken for the square blocks of S x
 S pixels that partition each image (`StarNetDeblender.count_posterior` with regions),
 and a third table gives, per density and block size, the blocks' bias, the spread of
@@ -66,6 +58,15 @@ reads the density from the stars it sees counts more faint stars where chance pu
 bright ones; a posterior of independent tiles leaves that shared uncertainty out of
 its interval, and the dispersion it explains is the part that a posterior over the
 local density would restore.
+
+``--tile-errors``: a last table, from the tiles' own count probabilities (without the
+density spread), per density: the mean squared error of a block's posterior mean count
+(a bias included) over the variance that independent tiles claim for it, for blocks of
+1, 2, 5, 10 and 25 tiles a side, and the mean product of the errors of neighbouring
+tiles over a tile's claimed variance (`starnet.calibration.tile_count_errors`;
+independent tiles only). Where a star near a tile boundary is claimed in part by both
+tiles, their errors anti-correlate and the claimed variance of a block exceeds its
+error's.
 
 Run::
 
@@ -180,6 +181,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     deblender = StarNetDeblender.from_name_or_path(args.model)
+    if args.tile_errors and deblender.encoder.n_colors != 1:
+        parser.error("--tile-errors needs a model of independent tiles (this one is a "
+                     f"checkerboard of {deblender.encoder.n_colors} colours)")
     psfs = render_psfs(args.psf)
     told = psfs
     if args.told_scale != 1.0:
@@ -259,10 +263,10 @@ def main(argv=None):
         print_star_coverage(star_tables, args.star_draws)
     if block_rows:
         print_block_calibration(np.array(block_rows))
-    if tile_tables:
-        print_tile_errors(tile_tables)
     if bright_rows:
         print_bright_regression(np.array(bright_rows, dtype=float), args.bright_flux)
+    if tile_tables:
+        print_tile_errors(tile_tables)
 
 
 def block_counts(deblender, image, truth, block, precision=None):
@@ -307,8 +311,9 @@ def print_tile_errors(tables):
     """The tile-error table: per density, error over claimed variance of blocks of tiles,
     and the neighbour covariance."""
     blocks = (1, 2, 5, 10, 25)
-    print("\ntiles' count errors (no density spread): error variance over claimed variance "
-          "of blocks of b x b tiles; neighbours' error covariance over a tile's variance")
+    print("\ntiles' count errors (no density spread): mean squared error over claimed "
+          "variance of blocks of b x b tiles; neighbours' error covariance over a tile's "
+          "variance")
     print(f"{'stars/px':>8} " + " ".join(f"{f'b={b}':>6}" for b in blocks)
           + f" {'side':>6} {'diag':>6}")
     for density, fields in tables.items():

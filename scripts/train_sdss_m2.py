@@ -40,7 +40,9 @@ from starnet import StarFieldPrior, StarNetDeblender
 from starnet.datasets import load_m2
 from starnet.devices import PRECISIONS
 from starnet.training import TrainingSettings, cosine_rate
-from train_sdss import narrowed_weights     # scripts/, the first entry of sys.path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_sdss import narrowed_weights  # noqa: E402
 
 
 def main(argv=None):
@@ -182,6 +184,11 @@ def start_from(encoder, start):
     state = start.state_dict()
     widths = [(e.config()["hidden"], e.config()["tile_hidden"]) for e in (start, encoder)]
     if widths[0] != widths[1]:
+        if widths[1][0] > widths[0][0] or widths[1][1] > widths[0][1] or start.n_colors != 1:
+            raise ValueError(f"a start model of {widths[0][0]} / {widths[0][1]} channels "
+                             f"({start.n_colors} colours) cannot be narrowed to "
+                             f"{widths[1][0]} / {widths[1][1]}: narrowing takes a model of "
+                             "independent tiles at least as wide in both")
         state = narrowed_weights(state, *widths[0], *widths[1])
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     new = [name for name in missing if not name.startswith("context_")]

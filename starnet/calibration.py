@@ -354,9 +354,9 @@ def tile_count_errors(count_probs, true_counts, *, blocks=(1, 2, 5, 10, 25)):
     errors of neighbouring tiles need not be independent: a star near the boundary of
     two tiles is claimed in part by both, and the one that does not hold it errs the
     other way, so their errors anti-correlate; a density misread over a region makes
-    them correlate. This compares, for square blocks of ``b`` x ``b`` tiles, the
-    variance of the error of the block's posterior mean count with the variance the
-    posterior claims for it.
+    them correlate. This compares, for square blocks of ``b`` x ``b`` tiles, the mean
+    squared error of the block's posterior mean count (a bias included) with the
+    variance the posterior claims for it.
 
     Parameters
     ----------
@@ -364,21 +364,22 @@ def tile_count_errors(count_probs, true_counts, *, blocks=(1, 2, 5, 10, 25)):
         Each tile's count probabilities (`~starnet.posterior.TiledPosterior.count_probs`).
     true_counts : array of int, shape (n_images, tile_rows, tile_cols)
         The true number of stars in each tile.
-    blocks : sequence of int, optional
+    blocks : int or sequence of int, optional
         Block sides in tiles; the blocks tile each image from its first row and column
         (rows and columns left over are not used).
 
     Returns
     -------
     table : `~astropy.table.QTable`
-        Per block side ``block``: ``n_blocks``, ``error_variance`` (the mean squared
-        error of the blocks' posterior mean counts), ``claimed_variance`` (the mean of
-        the variances the posterior claims for them) and ``ratio`` (the first over the
-        second: 1 for a calibrated posterior, below 1 where its intervals are too
-        wide). ``meta['neighbour_covariance']`` is the mean product of the errors of
-        tiles side by side (rows and columns together) and ``meta['diagonal_covariance']``
-        of diagonal neighbours, each over the mean claimed variance of a tile (NaN
-        where the images have no such pairs).
+        Per block side ``block``: ``n_blocks``, ``squared_error`` (the mean over blocks
+        of the squared error of their posterior mean counts), ``claimed_variance`` (the
+        mean of the variances the posterior claims for them) and ``ratio`` (the first
+        over the second: 1 for a calibrated posterior, below 1 where its intervals are
+        too wide; NaN where nothing is uncertain). ``meta['neighbour_covariance']`` is
+        the mean product of the errors of tiles side by side (rows and columns
+        together) and ``meta['diagonal_covariance']`` of diagonal neighbours (both
+        diagonals), each over the mean claimed variance of a tile (NaN where the images
+        have no such pairs or no tile is uncertain).
 
     Examples
     --------
@@ -397,31 +398,37 @@ def tile_count_errors(count_probs, true_counts, *, blocks=(1, 2, 5, 10, 25)):
     """
     probs = np.asarray(count_probs, dtype=float)
     true = np.asarray(true_counts, dtype=float)
-    if probs.ndim != 4 or true.shape != probs.shape[:3]:
+    if probs.ndim != 4 or true.shape != probs.shape[:3] or not len(true):
         raise ValueError(f"count_probs must have shape (n_images, tile_rows, tile_cols, "
-                         f"max_sources + 1) and true_counts its first three axes; got "
-                         f"{probs.shape} and {true.shape}")
+                         f"max_sources + 1) and true_counts its first three axes, with at "
+                         f"least one image; got {probs.shape} and {true.shape}")
+    if not (np.all(probs >= 0) and np.allclose(probs.sum(axis=-1), 1, atol=1e-6)):
+        raise ValueError("count_probs must be probabilities: non-negative, summing to 1 "
+                         "over the last axis")
+    if np.any(true < 0) or np.any(true != np.round(true)):
+        raise ValueError("true_counts must be non-negative integers")
     counts = np.arange(probs.shape[-1])
     mean = probs @ counts
-    variance = probs @ counts ** 2 - mean ** 2
+    variance = np.einsum("...k,...k->...", probs, (counts - mean[..., None]) ** 2)
     error = true - mean
+    largest = min(true.shape[1:])
     rows = []
-    for block in blocks:
-        block = check_positive_int(block, "block")
+    for block in np.atleast_1d(blocks):
+        block = check_positive_int(block, "each of blocks")
+        if block > largest:
+            raise ValueError(f"blocks must be at most {largest} tiles a side (the images are "
+                             f"{true.shape[1]} x {true.shape[2]} tiles); got {block}")
         n_rows, n_cols = true.shape[1] // block, true.shape[2] // block
-        if not n_rows or not n_cols:
-            raise ValueError(f"a block of {block} tiles is larger than the images "
-                             f"({true.shape[1]} x {true.shape[2]} tiles)")
 
         def summed(values):
             cut = values[:, :n_rows * block, :n_cols * block]
             return cut.reshape(len(cut), n_rows, block, n_cols, block).sum(axis=(2, 4))
 
-        error_variance = float(np.mean(summed(error) ** 2))
+        squared = float(np.mean(summed(error) ** 2))
         claimed = float(np.mean(summed(variance)))
-        rows.append((block, n_rows * n_cols * len(true), error_variance, claimed,
-                     error_variance / claimed if claimed > 0 else np.nan))
-    table = QTable(rows=rows, names=["block", "n_blocks", "error_variance",
+        rows.append((block, n_rows * n_cols * len(true), squared, claimed,
+                     squared / claimed if claimed > 0 else np.nan))
+    table = QTable(rows=rows, names=["block", "n_blocks", "squared_error",
                                      "claimed_variance", "ratio"])
     tile_variance = float(np.mean(variance))
     side = np.concatenate([(error[:, :, :-1] * error[:, :, 1:]).ravel(),
@@ -429,8 +436,8 @@ def tile_count_errors(count_probs, true_counts, *, blocks=(1, 2, 5, 10, 25)):
     diagonal = np.concatenate([(error[:, :-1, :-1] * error[:, 1:, 1:]).ravel(),
                                (error[:, :-1, 1:] * error[:, 1:, :-1]).ravel()])
     for name, products in (("neighbour_covariance", side), ("diagonal_covariance", diagonal)):
-        table.meta[name] = (float(np.mean(products)) / tile_variance if len(products)
-                            else float("nan"))
+        table.meta[name] = (float(np.mean(products)) / tile_variance
+                            if len(products) and tile_variance > 0 else float("nan"))
     return table
 
 

@@ -289,10 +289,55 @@ def test_tile_count_errors_of_counts_drawn_from_the_tiles_own_pmfs():
     whole = np.zeros((1, 2, 2, 2))
     whole[:, 0], whole[:, 1] = split[:, 0], split[:, 0][:, ::-1]
     block = tile_count_errors(whole, np.array([[[1, 0], [0, 1]]]), blocks=(2,))
-    assert block["error_variance"][0] == pytest.approx(0.0, abs=1e-12)
+    assert block["squared_error"][0] == pytest.approx(0.0, abs=1e-12)
     assert block["claimed_variance"][0] == pytest.approx(4 * 0.21)
 
     with pytest.raises(ValueError, match="count_probs must have shape"):
         tile_count_errors(probs, true[:, :10])
-    with pytest.raises(ValueError, match="larger than the images"):
+    with pytest.raises(ValueError, match="at most 50 tiles a side"):
         tile_count_errors(probs, true, blocks=(60,))
+    with pytest.raises(ValueError, match="summing to 1"):
+        tile_count_errors(2 * probs, true)
+    with pytest.raises(ValueError, match="non-negative integers"):
+        tile_count_errors(probs, true - 0.5)
+
+
+def test_tile_count_errors_against_a_loop_over_blocks_and_pairs():
+    """Blocks, side pairs (rows and columns) and both diagonals, each summed by hand."""
+    rng = np.random.default_rng(8)
+    probs = rng.dirichlet([1.0, 1.0, 1.0], size=(2, 6, 7))     # 7 columns: one left over
+    true = rng.integers(0, 3, size=(2, 6, 7))
+    table = tile_count_errors(probs, true, blocks=2)
+    mean = probs @ np.arange(3)
+    variance = probs @ np.arange(3) ** 2 - mean ** 2
+    error = true - mean
+    squared, claimed = [], []
+    for image in range(2):
+        for row in range(0, 6, 2):
+            for col in range(0, 6, 2):
+                squared.append(error[image, row:row + 2, col:col + 2].sum() ** 2)
+                claimed.append(variance[image, row:row + 2, col:col + 2].sum())
+    assert table["n_blocks"][0] == 18
+    assert table["squared_error"][0] == pytest.approx(np.mean(squared))
+    assert table["claimed_variance"][0] == pytest.approx(np.mean(claimed))
+    side, diagonal = [], []
+    for image in range(2):
+        for row in range(6):
+            for col in range(7):
+                if col + 1 < 7:
+                    side.append(error[image, row, col] * error[image, row, col + 1])
+                if row + 1 < 6:
+                    side.append(error[image, row, col] * error[image, row + 1, col])
+                if row + 1 < 6 and col + 1 < 7:
+                    diagonal.append(error[image, row, col] * error[image, row + 1, col + 1])
+                if row + 1 < 6 and col >= 1:
+                    diagonal.append(error[image, row, col] * error[image, row + 1, col - 1])
+    assert table.meta["neighbour_covariance"] == pytest.approx(np.mean(side)
+                                                               / variance.mean())
+    assert table.meta["diagonal_covariance"] == pytest.approx(np.mean(diagonal)
+                                                              / variance.mean())
+
+    certain = np.eye(3)[true]                      # every tile sure of its true count
+    exact = tile_count_errors(certain, true, blocks=(1, 3))
+    assert np.all(exact["squared_error"] == 0) and np.all(np.isnan(exact["ratio"]))
+    assert np.isnan(exact.meta["neighbour_covariance"])
