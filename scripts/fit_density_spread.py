@@ -16,31 +16,41 @@ Run::
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from starnet import StarNetDeblender
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sdss", help="bundled model name or file")
-    parser.add_argument("--density-cells", type=int, default=32,
-                        help="side in tiles of the cells that share a density offset")
+def fit_and_save(parser, fit, key, argv=None, *, model, seed):
+    """Parse ``argv`` (``parser`` with the common options added), load ``--model``, fit a
+    head by ``fit(deblender, args)``, record the command and history in the provenance
+    under ``key`` and save to ``--output``."""
+    parser.add_argument("--model", default=model, help="bundled model name or file")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=seed)
     parser.add_argument("--output", required=True)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)
     deblender = StarNetDeblender.from_name_or_path(args.model)
-    history = deblender.fit_density_spread(density_cells=args.density_cells,
-                                           n_steps=args.steps, seed=args.seed)
+    history = fit(deblender, args)
     print(history)
-    deblender.provenance["density_spread"] = {
-        "command": "python " + " ".join(["scripts/fit_density_spread.py", *sys.argv[1:]]),
+    script = Path(sys.argv[0]).name
+    deblender.provenance[key] = {
+        "command": "python " + " ".join([f"scripts/{script}", *sys.argv[1:]]),
         "from": args.model,
         "history": {name: [float(v) for v in history[name]] for name in history.colnames}}
     deblender.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--density-cells", type=int, default=32,
+                        help="side in tiles of the cells that share a density offset")
+    fit_and_save(parser, lambda deblender, args: deblender.fit_density_spread(
+        density_cells=args.density_cells, n_steps=args.steps, seed=args.seed),
+        "density_spread", argv, model="sdss", seed=5)
 
 
 if __name__ == "__main__":

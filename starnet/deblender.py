@@ -29,7 +29,8 @@ from .psf import as_psf, choose_stamp_size, psf_fwhm, psf_to_dict, stamp_light
 from .psf_family import DESCRIPTOR_SIZE, PSFBank
 from .simulate import StarFieldRenderer
 from .tiles import TileGrid, choose_tile_size
-from .training import SimulatedBatches, TrainingSettings, fit_density_spread, train_encoder
+from .training import (SimulatedBatches, TrainingSettings, fit_density_spread,
+                       fit_pair_correlations, train_encoder)
 from .threads import choose_threads, torch_threads
 from .validation import check_draws_memory, check_image_meta, check_positive_int
 
@@ -95,6 +96,11 @@ class StarNetDeblender:
         of crowded regions then hold the uncertainty of the density that the tiles read
         from the same light (`~starnet.posterior.TiledPosterior`). `fit` trains it with
         the block count score; `fit_density_spread` adds it to a trained model.
+    pair_correlations : bool, optional
+        A head of the encoder gives the correlation of each tile's count with its
+        neighbours' (a star on a tile boundary is claimed in part by both), by which the
+        count posterior of a region is narrowed (`~starnet.posterior.contract_counts`);
+        `fit_pair_correlations` adds it to a trained model.
     seed : int, optional
         Seed of the encoder's initial weights.
 
@@ -116,7 +122,8 @@ class StarNetDeblender:
     def __init__(self, *, prior, psf, background, tile_size=None, max_sources=3,
                  stamp_size=None,
                  hidden=32, tile_hidden=128, n_colors=1, reads_psf=False, reads_mask=False,
-                 reads_prior=False, context_cells=0, density_cells=0, seed=0):
+                 reads_prior=False, context_cells=0, density_cells=0,
+                 pair_correlations=False, seed=0):
         self.prior = prior
         psfs = list(psf) if isinstance(psf, (list, tuple)) else [psf] * prior.n_bands
         if len(psfs) != prior.n_bands:
@@ -144,7 +151,8 @@ class StarNetDeblender:
                                           psf_features=DESCRIPTOR_SIZE if reads_psf else 0,
                                           prior_features=PRIOR_FEATURES if reads_prior else 0,
                                           context_cells=context_cells,
-                                          density_cells=density_cells)
+                                          density_cells=density_cells,
+                                          pair_correlations=pair_correlations)
         self.encoder.eval()
         self.training_settings = None
         self.training_history = None
@@ -384,23 +392,66 @@ class StarNetDeblender:
             Score and mean spread against step.
         """
         check_positive_int(density_cells, "density_cells")
-        settings = self.training_settings
-        if settings is None:
-            raise ValueError("fit_density_spread needs a trained model (fit first): the "
-                             "spread is fitted on the frozen network with its training "
-                             "settings")
-        config = dict(self.encoder.config(), density_cells=density_cells)
-        encoder = StarNetEncoder(**config)
-        missing, unexpected = encoder.load_state_dict(self.encoder.state_dict(), strict=False)
-        if unexpected or any(not name.startswith("spread_head.") for name in missing):
-            raise ValueError(f"cannot add a density spread to this encoder (missing {missing}, "
-                             f"unexpected {unexpected})")
+        encoder, settings = self._with_new_head("fit_density_spread", "spread_head",
+                                                density_cells=density_cells)
         side = density_cells * self.grid.tile_size
         batches = self._batches((side, side), settings)
         history = fit_density_spread(encoder, batches, n_steps=n_steps, batch_size=batch_size,
                                      seed=seed, progress=progress, **kwargs)
         self.encoder = encoder.eval()
         return history
+
+    def fit_pair_correlations(self, *, image_side=64, n_steps=2000, batch_size=16, seed=0,
+                              progress=True, **kwargs):
+        """Give a trained encoder pair correlations, fitted with the rest of it frozen.
+
+        The encoder is rebuilt with ``pair_correlations`` (its weights kept) and only the
+        pair head is trained, by `~starnet.training.fit_pair_correlations` on images
+        simulated as for `fit` (its training settings): each tile's posterior is
+        unchanged, and the count posterior of a region narrows by the anticorrelation
+        of neighbouring tiles that share a star on their boundary.
+
+        Parameters
+        ----------
+        image_side : int, optional
+            Side in pixels of the simulated images.
+        n_steps, batch_size : int, optional
+            Gradient steps, and simulated images per step.
+        seed : int, optional
+            Seed of the simulated images.
+        progress : bool, optional
+            Show a progress bar.
+        **kwargs
+            Further arguments of `~starnet.training.fit_pair_correlations`.
+
+        Returns
+        -------
+        history : `~astropy.table.QTable`
+            Score and mean correlation against step.
+        """
+        check_positive_int(image_side, "image_side")
+        encoder, settings = self._with_new_head("fit_pair_correlations", "pair_head",
+                                                pair_correlations=True)
+        batches = self._batches((image_side, image_side), settings)
+        history = fit_pair_correlations(encoder, batches, n_steps=n_steps,
+                                        batch_size=batch_size, seed=seed, progress=progress,
+                                        **kwargs)
+        self.encoder = encoder.eval()
+        return history
+
+    def _with_new_head(self, method, head, **change):
+        """A copy of the encoder with ``change`` to its architecture, which adds the
+        module ``head`` (its other weights kept), and the training settings."""
+        settings = self.training_settings
+        if settings is None:
+            raise ValueError(f"{method} needs a trained model (fit first): the head is "
+                             "fitted on the frozen network with its training settings")
+        encoder = StarNetEncoder(**dict(self.encoder.config(), **change))
+        missing, unexpected = encoder.load_state_dict(self.encoder.state_dict(), strict=False)
+        if unexpected or any(not name.startswith(head + ".") for name in missing):
+            raise ValueError(f"cannot add {head} to this encoder (missing {missing}, "
+                             f"unexpected {unexpected})")
+        return encoder, settings
 
     def _batches(self, shape, settings):
         """The simulated training images of ``shape`` for ``settings``: for an encoder
@@ -689,7 +740,9 @@ class StarNetDeblender:
         -------
         pmf : `numpy.ndarray`, or a list of them (one per region)
             ``pmf[k]`` = q(N = k): exact for independent tiles (for a model with a
-            density spread, mixed over each cell's density offset), the frequencies of
+            density spread, mixed over each cell's density offset; for one with pair
+            correlations, contracted by the covariances of the region's neighbouring
+            tiles, `~starnet.posterior.contract_counts`), the frequencies of
             ``n_count_samples`` posterior draws for a checkerboard model.
 
         Examples
@@ -791,6 +844,11 @@ class StarNetDeblender:
     def sample(self, nddata, *, n_samples=100, seed=None, background=None, progress=True,
                threads=None, device=None, precision=None):
         """Whole catalogs drawn from the posterior.
+
+        The tiles are drawn independently (given their cells' density offsets, for a
+        model with a density spread): for a model with pair correlations, the numbers of
+        stars of the draws vary more than `count_posterior` says, which holds the
+        anticorrelation of neighbouring tiles that share a star.
 
         Parameters
         ----------

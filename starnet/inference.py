@@ -44,7 +44,8 @@ import torch
 from .denormals import flush_denormals
 from .devices import autocast
 from .images import image_psfs, read_image
-from .posterior import TiledPosterior, _full_pmf, convolve_counts
+from .posterior import (TiledPosterior, _full_pmf, contract_counts, convolve_counts,
+                        pair_covariance, side_correlations)
 from .progress import progress_callback
 from .psf import as_psf, pixel_stamps
 from .psf_family import image_descriptors
@@ -435,13 +436,15 @@ def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False,
     shape = inputs.shape
     if encoder.n_colors == 1:
         parts, block_pmfs = [], []
+        pairs = _PairTerms(encoder, grid.grid_shape(shape))
         for rows, cols, posterior in encode_blocks(encoder, inputs, chunk_tiles=chunk_tiles,
                                                    progress=progress, dtype=dtype):
             parts.append(_modal_rows(grid, posterior, posterior.mode(),
                                      (rows.start, cols.start), shape))
             if counts:
                 block_pmfs.extend(posterior.count_parts())
-        offset, pmf = convolve_counts(block_pmfs) if counts else (None, None)
+                pairs.add(rows, cols, posterior)
+        offset, pmf = pairs.contract(*convolve_counts(block_pmfs)) if counts else (None, None)
     else:
         state = encode(encoder, inputs, chunk_tiles=chunk_tiles, progress=progress,
                        dtype=dtype)
@@ -515,8 +518,10 @@ def count_pmfs(encoder, inputs, regions=None, *, chunk_tiles=None, progress=Fals
     pmfs : list of `numpy.ndarray`
         One per region: ``pmf[k]`` = q(N = k), exact for independent tiles (the
         convolution of the tiles' count distributions, or of their density cells'
-        mixtures, block by block: `~starnet.posterior.TiledPosterior.count_parts`), the
-        frequencies of ``n_samples`` posterior draws for a checkerboard model.
+        mixtures, block by block: `~starnet.posterior.TiledPosterior.count_parts`),
+        contracted by the covariances of the region's side pairs where the encoder gives
+        pair correlations (`~starnet.posterior.contract_counts`); the frequencies of
+        ``n_samples`` posterior draws for a checkerboard model.
     """
     grid = _grid(encoder)
     shape = inputs.shape
@@ -528,16 +533,43 @@ def count_pmfs(encoder, inputs, regions=None, *, chunk_tiles=None, progress=Fals
         return _sampled_count_pmfs(encoder, state, tile_maps, n_samples, chunk_tiles)
     # the pmf of a region is the convolution of those of its parts in the blocks
     parts = [[] for _ in tile_maps]
+    pairs = _PairTerms(encoder, grid.grid_shape(shape))
     for rows, cols, posterior in encode_blocks(encoder, inputs, chunk_tiles=chunk_tiles,
                                                progress=progress, dtype=dtype):
+        pairs.add(rows, cols, posterior)
         for part, tiles in zip(parts, tile_maps):
             part.extend(posterior.count_parts(None if tiles is None else tiles[rows, cols]))
     n_tiles = int(np.prod(grid.grid_shape(shape)))
     pmfs = []
     for part, tiles in zip(parts, tile_maps):
         n_selected = n_tiles if tiles is None else int(tiles.sum())
-        pmfs.append(_full_pmf(*convolve_counts(part), n_selected * grid.max_sources + 1))
+        pmfs.append(_full_pmf(*pairs.contract(*convolve_counts(part), tiles),
+                              n_selected * grid.max_sources + 1))
     return pmfs
+
+
+class _PairTerms:
+    """The count variances and pair correlations of a whole tile grid, gathered block by
+    block, to contract the count pmf of a region by its pairs' covariances (pairs across
+    blocks included); nothing to do for an encoder without pair correlations."""
+
+    def __init__(self, encoder, grid_shape):
+        self.active = bool(getattr(encoder, "pair_correlations", False))
+        if self.active:
+            self.variance = np.zeros(grid_shape)
+            self.weights = torch.zeros(1, *grid_shape, 4, dtype=torch.float64)
+
+    def add(self, rows, cols, posterior):
+        if self.active:
+            self.variance[rows, cols] = posterior.count_variance[0].double().numpy()
+            self.weights[0, rows, cols] = posterior.pair_weights[0].double()
+
+    def contract(self, offset, pmf, tiles=None):
+        if not self.active:
+            return offset, pmf
+        correlation = side_correlations(self.weights)[0].numpy()
+        return contract_counts(offset, pmf,
+                               2 * pair_covariance(self.variance, correlation, tiles))
 
 
 def region_tiles(region, shape, *, tile_size):

@@ -19,6 +19,17 @@ under a Poisson prior) and the tiles are independent. (The mean ``-s**2 / 2`` ke
 mean density, ``E exp(delta) = 1``.) Positions and fluxes given the counts are
 unchanged. This is the uncertainty of the density that a cell's tiles read from the
 same light, which independent tiles leave out (`density_mixture`).
+
+With pair correlations (an encoder built with ``pair_correlations``), each tile also
+gives a weight in ``[0, 1]`` to each of its four sides, at most 1 in all: a star near
+the boundary of two tiles is claimed in part by both, so that their counts err in
+opposite directions, and two side neighbours' counts correlate by ``rho = -min(w, w')``,
+their weights on their shared side (`side_correlations`). The count pmf of a region
+(`count_pmf`) is then the pmf of independent tiles (or cells) contracted about its mean
+(`contract_counts`) to the variance ``V + 2 sum rho_ij sqrt(v_i v_j)`` over the side
+pairs inside the region (`pair_covariance`; weights that sum to at most 1 keep it
+positive). Each tile's distribution, and the catalogs `sample` draws (independent
+tiles), are unchanged.
 """
 
 import functools
@@ -32,7 +43,8 @@ from torch.nn import functional as F
 
 from .tiles import TileCatalog
 
-__all__ = ["TiledPosterior", "count_distribution", "density_mixture"]
+__all__ = ["TiledPosterior", "count_distribution", "density_mixture", "side_correlations",
+           "pair_covariance", "contract_counts"]
 
 _EPS = 1e-6
 
@@ -72,10 +84,13 @@ class TiledPosterior:
     density_cells : int, optional
         Side in tiles of the cells that share an offset, from the top left tile; required
         with ``spread``.
+    pair_weights : `torch.Tensor`, shape (n_images, tile_rows, tile_cols, 4), optional
+        Each tile's weights on its right, lower, left and upper sides, summing to at most
+        1 (see the module docstring and `side_correlations`); default: none.
     """
 
     def __init__(self, count_logits, loc_mean, loc_sd, log_flux_mean, log_flux_sd,
-                 spread=None, density_cells=None):
+                 spread=None, density_cells=None, pair_weights=None):
         if (spread is None) != (density_cells is None):
             raise ValueError("spread and density_cells go together: give both or neither")
         self.count_logits = count_logits
@@ -85,23 +100,27 @@ class TiledPosterior:
         self.log_flux_sd = log_flux_sd
         self.spread = spread
         self.density_cells = density_cells
+        self.pair_weights = pair_weights
         self.max_sources = count_logits.shape[-1] - 1
         self._slots = triangle_slots(self.max_sources)
 
-    _FIELDS = ("count_logits", "loc_mean", "loc_sd", "log_flux_mean", "log_flux_sd", "spread")
+    _FIELDS = ("count_logits", "loc_mean", "loc_sd", "log_flux_mean", "log_flux_sd", "spread",
+               "pair_weights")
 
     def _rebuild(self, function, others=()):
         """A posterior whose tensors are ``function(tensor of self, *tensors of others)``
-        field by field (a missing ``spread`` stays missing)."""
+        field by field (a missing ``spread`` or ``pair_weights`` stays missing)."""
         for other in others:
             if (other.spread is None) != (self.spread is None) \
-                    or other.density_cells != self.density_cells:
+                    or other.density_cells != self.density_cells \
+                    or (other.pair_weights is None) != (self.pair_weights is None):
                 raise ValueError("posteriors with and without a density spread (or with "
-                                 "other density cells) cannot be combined")
-        return TiledPosterior(*(
-            None if getattr(self, name) is None
+                                 "other density cells, or with and without pair "
+                                 "correlations) cannot be combined")
+        return TiledPosterior(**{
+            name: None if getattr(self, name) is None
             else function(getattr(self, name), *[getattr(q, name) for q in others])
-            for name in self._FIELDS), density_cells=self.density_cells)
+            for name in self._FIELDS}, density_cells=self.density_cells)
 
     def where(self, mask, other):
         """Tiles of ``self`` where ``mask`` is true and of ``other`` elsewhere.
@@ -233,7 +252,8 @@ class TiledPosterior:
 
     def count_pmf(self, tiles=None):
         """pmf of the number of stars in ``tiles`` of the (first) image: the convolution of
-        `count_parts`.
+        `count_parts`, contracted by the pair correlations where there are some
+        (`contract_counts`).
 
         Parameters
         ----------
@@ -247,14 +267,26 @@ class TiledPosterior:
         """
         n_tiles = (self.count_logits[0, ..., 0].numel() if tiles is None
                    else int(np.count_nonzero(tiles)))
-        return _full_pmf(*convolve_counts(self.count_parts(tiles)),
-                         n_tiles * self.max_sources + 1)
+        offset, pmf = convolve_counts(self.count_parts(tiles))
+        if self.pair_weights is not None:
+            covariance = pair_covariance(
+                self.count_variance[0].double().cpu().numpy(),
+                side_correlations(self.pair_weights)[0].double().cpu().numpy(), tiles)
+            offset, pmf = contract_counts(offset, pmf, 2 * covariance)
+        return _full_pmf(offset, pmf, n_tiles * self.max_sources + 1)
 
     @functools.cached_property
     def count_probs(self):
         """Probabilities of 0 to ``max_sources`` stars in each tile, shape
         (n_images, tile_rows, tile_cols, max_sources + 1)."""
         return torch.softmax(self.count_logits, dim=-1)
+
+    @property
+    def count_variance(self):
+        """Variance of each tile's count, shape (n_images, tile_rows, tile_cols)."""
+        probs = self.count_probs
+        n = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+        return (probs @ (n * n) - (probs @ n) ** 2).clamp(min=0)
 
     def log_prob(self, tiles: TileCatalog):
         """Log density of the tile variables under q, shape (n_images, tile_rows, tile_cols).
@@ -459,6 +491,143 @@ def count_distribution(count_probs):
         return np.ones(1)
     offset, pmf = _convolve_all(pmfs, np.zeros(len(pmfs), dtype=np.int64))
     return _full_pmf(offset, pmf, length)
+
+
+def side_correlations(pair_weights):
+    """Correlations of the counts of side-neighbouring tiles from the tiles' side weights.
+
+    Two neighbours' counts correlate by minus the smaller of their weights on their
+    shared side. A tile's weights sum to at most 1, so the correlations of each tile
+    sum to at least -1 and every region's count variance stays positive (the
+    covariance matrix of the tiles' counts is diagonally dominant).
+
+    Parameters
+    ----------
+    pair_weights : `torch.Tensor`, shape (n_images, tile_rows, tile_cols, 4)
+        Weights on the right, lower, left and upper sides.
+
+    Returns
+    -------
+    `torch.Tensor`, shape (n_images, tile_rows, tile_cols, 2)
+        Each tile's correlation with its right and lower neighbour (0 at the last
+        column and row).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from starnet.posterior import side_correlations
+    >>> weights = torch.zeros(1, 1, 2, 4)
+    >>> weights[0, 0, 0, 0], weights[0, 0, 1, 2] = 0.9, 0.6   # a star on their boundary
+    >>> side_correlations(weights)[0, 0, :, 0].tolist()
+    [-0.6000000238418579, 0.0]
+    """
+    rho = pair_weights.new_zeros(*pair_weights.shape[:3], 2)
+    rho[:, :, :-1, 0] = -torch.minimum(pair_weights[:, :, :-1, 0], pair_weights[:, :, 1:, 2])
+    rho[:, :-1, :, 1] = -torch.minimum(pair_weights[:, :-1, :, 1], pair_weights[:, 1:, :, 3])
+    return rho
+
+
+def pair_covariance(variance, pair_correlation, tiles=None):
+    """Sum of the covariances of the counts of the side-neighbouring tiles of a region.
+
+    Parameters
+    ----------
+    variance : array, shape (tile_rows, tile_cols)
+        Each tile's count variance.
+    pair_correlation : array, shape (tile_rows, tile_cols, 2)
+        Correlation of each tile's count with its right and lower neighbour's
+        (`side_correlations`; those of the last column and row are not used).
+    tiles : array of bool, shape (tile_rows, tile_cols), optional
+        The tiles of the region (default: all); a pair counts where both are in it.
+
+    Returns
+    -------
+    float
+        ``sum rho_ij sqrt(v_i v_j)`` over the pairs: the region's count variance is that
+        of independent tiles plus twice this.
+
+    Examples
+    --------
+    Two tiles side by side, each holding a star at even odds, correlated by -1/4:
+
+    >>> import numpy as np
+    >>> from starnet.posterior import pair_covariance
+    >>> rho = np.zeros((1, 2, 2))
+    >>> rho[0, 0, 0] = -0.25
+    >>> float(pair_covariance(np.full((1, 2), 0.25), rho))
+    -0.0625
+    """
+    variance = np.asarray(variance, dtype=float)
+    rho = np.asarray(pair_correlation, dtype=float)
+    sd = np.sqrt(np.clip(variance, 0.0, None))
+    if tiles is not None:
+        sd = np.where(np.asarray(tiles, dtype=bool), sd, 0.0)   # a pair outside counts 0
+    return float((rho[:, :-1, 0] * sd[:, :-1] * sd[:, 1:]).sum()
+                 + (rho[:-1, :, 1] * sd[:-1, :] * sd[1:, :]).sum())
+
+
+def contract_counts(offset, pmf, change):
+    """A count pmf contracted about its mean until its variance has changed by ``change``.
+
+    Each count ``k`` moves to ``m + s (k - m)`` (``m`` the mean) and its probability is
+    split between the two integers around it in the proportions that keep the mean, with
+    ``s`` in ``[0, 1]`` found by bisection so that the variance is ``V + change`` (the
+    splitting adds a little variance of its own, included). The shape of the pmf (its
+    skewness near zero counts) is kept; where ``V + change`` is below the least variance
+    a pmf of that mean can have, the result is that least-variance pmf.
+
+    Parameters
+    ----------
+    offset : int
+        The count of ``pmf[0]``.
+    pmf : array, shape (n,)
+        Probabilities of ``offset .. offset + n - 1``.
+    change : float
+        Change of the variance, at most 0 (as the pair covariances make it).
+
+    Returns
+    -------
+    offset : int
+    pmf : `numpy.ndarray`
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy.stats import poisson
+    >>> from starnet.posterior import contract_counts
+    >>> k = np.arange(60)
+    >>> offset, pmf = contract_counts(0, poisson.pmf(k, 20.0), -10.0)
+    >>> k = offset + np.arange(len(pmf))
+    >>> print(f"{pmf @ k:.3f} {pmf @ k**2 - (pmf @ k)**2:.3f}")
+    20.000 10.000
+    """
+    pmf = np.asarray(pmf, dtype=float)
+    if not change <= 0:
+        raise ValueError(f"change must be a finite number <= 0, got {change!r}")
+    if change == 0 or len(pmf) < 2:
+        return int(offset), pmf.copy()
+    k = np.arange(len(pmf), dtype=float)
+    mean = pmf @ k
+    target = max(pmf @ (k * k) - mean ** 2 + change, 0.0)
+
+    def moved(s):
+        y = mean + s * (k - mean)
+        low = np.floor(y)
+        frac = y - low
+        return low, frac, s * s * (pmf @ ((k - mean) ** 2)) + pmf @ (frac * (1 - frac))
+
+    lo, hi = 0.0, 1.0
+    if moved(0.0)[2] < target:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if moved(mid)[2] < target else (lo, mid)
+    low, frac, _ = moved(lo)
+    first = int(low.min())
+    out = np.zeros(int(low.max()) - first + 2)
+    np.add.at(out, low.astype(np.int64) - first, pmf * (1 - frac))
+    np.add.at(out, low.astype(np.int64) - first + 1, pmf * frac)
+    end = len(out) - 1 if out[-1] == 0 else len(out)
+    return int(offset) + first, out[:end]
 
 
 def density_mixture(pmf, spread, *, nodes=21):

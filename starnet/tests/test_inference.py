@@ -140,6 +140,47 @@ def test_density_spread_blocks_give_the_one_shot_count_and_widen_it(inputs):
     assert variance > 1.3 * plain_variance
 
 
+def test_pair_correlation_blocks_give_the_one_shot_count_and_narrow_it(inputs):
+    """With a pair head (and a density spread), the count pmfs block by block equal the
+    one-shot ones, pairs across blocks included; the modal catalog is unchanged and the
+    count keeps its mean with a smaller variance."""
+    plain, spread = spread_encoder()
+    torch.manual_seed(2)
+    network = StarNetEncoder(n_bands=2, hidden=8, tile_hidden=16, density_cells=4,
+                             pair_correlations=True)
+    network.load_state_dict(spread.state_dict(), strict=False)
+    torch.nn.init.normal_(network.pair_head.weight, 0.0, 0.3)
+    torch.nn.init.zeros_(network.pair_head.bias)     # weights near 0.2, correlations -0.2
+    network.eval()
+    whole, whole_offset, whole_pmf = modal_catalog(network, inputs)
+    rows, offset, pmf = modal_catalog(network, inputs, chunk_tiles=4)
+    assert whole_offset == offset
+    length = max(len(pmf), len(whole_pmf))
+    np.testing.assert_allclose(np.pad(pmf, (0, length - len(pmf))),
+                               np.pad(whole_pmf, (0, length - len(whole_pmf))), atol=1e-9)
+    spread_rows, spread_offset, spread_pmf = modal_catalog(spread, inputs)
+    np.testing.assert_allclose(rows["locs"], spread_rows["locs"], rtol=2e-6, atol=1e-7)
+    left = np.zeros(SHAPE, bool)
+    left[:, :13] = True
+    with torch.no_grad():
+        q = network(inputs.image, inputs.background)
+    for chunk in (None, 4):
+        [in_left] = count_pmfs(network, inputs, [left], chunk_tiles=chunk)
+        np.testing.assert_allclose(
+            in_left, q.count_pmf(region_tiles(left, SHAPE, tile_size=2)), atol=1e-9)
+
+    def moments(offset, pmf):
+        k = offset + np.arange(len(pmf))
+        return np.dot(k, pmf), np.dot(k ** 2, pmf) - np.dot(k, pmf) ** 2
+
+    (mean, variance), (spread_mean, spread_variance) = (
+        moments(offset, pmf), moments(spread_offset, spread_pmf))
+    assert mean == pytest.approx(spread_mean, abs=1e-6)
+    assert variance < 0.9 * spread_variance
+
+
 def test_density_cells_need_independent_tiles():
     with pytest.raises(ValueError, match="density_cells must be 0"):
         StarNetEncoder(n_bands=1, n_colors=2, density_cells=4)
+    with pytest.raises(ValueError, match="pair_correlations needs independent tiles"):
+        StarNetEncoder(n_bands=1, n_colors=2, pair_correlations=True)

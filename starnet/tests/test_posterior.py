@@ -6,7 +6,8 @@ import torch
 from scipy import stats
 from scipy.special import log_softmax, logit, logsumexp, softmax
 
-from starnet.posterior import TiledPosterior, count_distribution, density_mixture
+from starnet.posterior import (TiledPosterior, contract_counts, count_distribution,
+                               density_mixture, pair_covariance, side_correlations)
 from starnet.tiles import TileCatalog
 
 MAX_SOURCES = 3
@@ -374,3 +375,103 @@ def test_posterior_operations_keep_the_spread():
     with pytest.raises(ValueError, match="spread and density_cells go together"):
         TiledPosterior(q.count_logits, q.loc_mean, q.loc_sd, q.log_flux_mean, q.log_flux_sd,
                        spread=q.spread)
+
+
+def _moments(offset, pmf):
+    k = offset + np.arange(len(pmf))
+    return pmf.sum(), np.dot(k, pmf), np.dot(k ** 2, pmf) - np.dot(k, pmf) ** 2
+
+
+@pytest.mark.parametrize("offset, pmf, change", [
+    (0, stats.poisson.pmf(np.arange(80), 30.0), -12.0),
+    (5, stats.binom.pmf(np.arange(41), 40, 0.1), -1.0),
+    (0, count_distribution(np.tile([[0.9, 0.08, 0.02, 0.0]], (30, 1))), -0.9),
+    (3, np.array([0.2, 0.5, 0.3]), -0.2),
+])
+def test_contract_counts_keeps_the_mean_and_reaches_the_variance(offset, pmf, change):
+    """The contracted pmf sums to 1, has the same mean and the variance ``V + change``
+    (the last case asks for less than the 0.21 a pmf of mean 4.1 on the integers can
+    have: it gets that least-variance pmf, on 4 and 5 only)."""
+    total, mean, variance = _moments(offset, pmf)
+    new_offset, new = contract_counts(offset, pmf, change)
+    assert (new >= 0).all()
+    new_total, new_mean, new_variance = _moments(new_offset, new)
+    assert new_total == pytest.approx(1.0, abs=1e-12)
+    assert new_mean == pytest.approx(mean, abs=1e-9)
+    least = (mean % 1) * (1 - mean % 1)
+    assert new_variance == pytest.approx(max(variance + change, least), abs=1e-8)
+    if variance + change < least:
+        assert new_offset == int(mean) and len(new) == 2
+
+
+def test_contract_counts_without_change_and_refusals():
+    pmf = stats.poisson.pmf(np.arange(20), 4.0)
+    offset, same = contract_counts(2, pmf, 0.0)
+    assert offset == 2 and np.array_equal(same, pmf)
+    for change in (0.5, float("nan")):
+        with pytest.raises(ValueError, match="change must be a finite number <= 0"):
+            contract_counts(0, pmf, change)
+
+
+def test_pair_covariance_is_the_sum_over_side_pairs_inside_the_region():
+    """Against a loop over all pairs of tiles that share a side, both inside the region."""
+    rng = np.random.default_rng(6)
+    variance = rng.uniform(0, 1, (5, 7))
+    rho = rng.uniform(-0.25, 0, (5, 7, 2))
+    region = rng.random((5, 7)) < 0.7
+    expected = 0.0
+    for i, j in itertools.product(range(5), range(7)):
+        for (di, dj), axis in (((0, 1), 0), ((1, 0), 1)):
+            if i + di < 5 and j + dj < 7 and region[i, j] and region[i + di, j + dj]:
+                expected += rho[i, j, axis] * np.sqrt(variance[i, j] * variance[i + di, j + dj])
+    assert pair_covariance(variance, rho, region) == pytest.approx(expected, rel=1e-12)
+    whole = sum(rho[i, j, 0] * np.sqrt(variance[i, j] * variance[i, j + 1])
+                for i in range(5) for j in range(6)) \
+        + sum(rho[i, j, 1] * np.sqrt(variance[i, j] * variance[i + 1, j])
+              for i in range(4) for j in range(7))
+    assert pair_covariance(variance, rho) == pytest.approx(whole, rel=1e-12)
+
+
+def pair_posterior(rng, shape, *, cells=None):
+    params = {key: torch.tensor(value)
+              for key, value in random_parameters(rng, (1, *shape), 1).items()}
+    weights = torch.tensor(rng.dirichlet(np.ones(5), (1, *shape))[..., :4])
+    spread = None if cells is None else torch.tensor(rng.uniform(0.1, 0.3, (1, *shape)))
+    return TiledPosterior(**params, spread=spread, density_cells=cells, pair_weights=weights)
+
+
+@pytest.mark.parametrize("cells", [None, 4])
+def test_count_pmf_with_pair_correlations_has_the_pairs_variance(cells):
+    """The count of the whole grid and of a region has the mean of the tiles (or cells)
+    and their variance plus twice the covariances of the side pairs inside it (by a
+    loop here); each tile's variance and the joined halves' pmf are unchanged."""
+    rng = np.random.default_rng(7)
+    q = pair_posterior(rng, (6, 10), cells=cells)
+    plain = q._rebuild(lambda t: t)
+    plain.pair_weights = None
+    region = np.zeros((6, 10), bool)
+    region[1:5, 3:9] = True
+    variance = q.count_variance[0].numpy()
+    weights = q.pair_weights[0].numpy()
+    rho = np.zeros((6, 10, 2))     # minus the smaller weight on the shared side
+    rho[:, :-1, 0] = -np.minimum(weights[:, :-1, 0], weights[:, 1:, 2])
+    rho[:-1, :, 1] = -np.minimum(weights[:-1, :, 1], weights[1:, :, 3])
+    np.testing.assert_allclose(side_correlations(q.pair_weights)[0].numpy(), rho)
+    for tiles in (None, region):
+        inside = np.ones((6, 10), bool) if tiles is None else tiles
+        covariance = sum(rho[i, j, 0] * np.sqrt(variance[i, j] * variance[i, j + 1])
+                         for i in range(6) for j in range(9) if inside[i, j] and inside[i, j + 1])
+        covariance += sum(rho[i, j, 1] * np.sqrt(variance[i, j] * variance[i + 1, j])
+                          for i in range(5) for j in range(10) if inside[i, j] and inside[i + 1, j])
+        _, mean, independent = _moments(0, plain.count_pmf(tiles))
+        total, new_mean, new_variance = _moments(0, q.count_pmf(tiles))
+        assert total == pytest.approx(1.0, abs=1e-12)
+        assert new_mean == pytest.approx(mean, abs=1e-9)
+        assert covariance < -0.05 * independent
+        assert new_variance == pytest.approx(independent + 2 * covariance, abs=1e-8)
+    halves = [q._rebuild(lambda t: t[:, :, :8]), q._rebuild(lambda t: t[:, :, 8:])]
+    joined = TiledPosterior.concatenate(halves, dim=2)
+    np.testing.assert_allclose(joined.count_pmf(), q.count_pmf(), atol=1e-12)
+    assert torch.equal(q.expand(2).image(1).pair_weights, q.pair_weights)
+    with pytest.raises(ValueError, match="with and without pair correlations"):
+        TiledPosterior.concatenate([halves[0], plain._rebuild(lambda t: t[:, :, 8:])], dim=2)

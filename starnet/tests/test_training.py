@@ -1,3 +1,4 @@
+import itertools
 import json
 import warnings
 
@@ -8,7 +9,7 @@ import torch
 from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
 from starnet import training
 from starnet.simulate import StarFieldRenderer
-from starnet.model_files import checkpoint_weights
+from starnet.model_files import checkpoint_weights, describe_model
 from starnet.posterior import TiledPosterior
 from starnet.tiles import TileGrid
 from starnet.training import SimulatedBatches, TrainingSettings, cosine_rate
@@ -396,6 +397,84 @@ def test_block_count_score_matches_sums_over_the_tiles_of_each_block(block):
     score = training.block_count_score(torch.from_numpy(probs), torch.from_numpy(counts),
                                        block)
     assert float(score) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize('block', [2, 3, 6])
+def test_block_count_score_adds_the_pairs_inside_each_block(block):
+    """With pair correlations, each block's variance gains twice the covariance of the
+    side pairs whose two tiles lie in it (a loop over pairs and blocks here)."""
+    rng = np.random.default_rng(10 + block)
+    probs = rng.dirichlet(np.ones(4), size=(2, 6, 7))
+    counts = rng.integers(0, 4, size=(2, 6, 7))
+    rho = rng.uniform(-0.25, 0.0, size=(2, 6, 7, 2))
+    k = np.arange(4)
+    mean, variance = probs @ k, probs @ k ** 2 - (probs @ k) ** 2
+    side = (min(block, 6), min(block, 7))
+    m, v = _block_sums_by_loop(mean, *side), _block_sums_by_loop(variance, *side)
+    n = _block_sums_by_loop(counts, *side)
+    for image, r, c in itertools.product(range(2), range(6), range(7)):
+        for (dr, dc), axis in (((0, 1), 0), ((1, 0), 1)):
+            block_row, block_col = r // side[0], c // side[1]
+            if (r + dr < 6 and c + dc < 7 and (r + dr) // side[0] == block_row
+                    and (c + dc) // side[1] == block_col and block_row < v.shape[1]
+                    and block_col < v.shape[2]):
+                v[image, block_row, block_col] += 2 * rho[image, r, c, axis] * np.sqrt(
+                    variance[image, r, c] * variance[image, r + dr, c + dc])
+    expected = np.mean((n - m) ** 2 / (v + 0.25) + np.log(v + 0.25)) / (side[0] * side[1])
+    score = training.block_count_score(torch.from_numpy(probs), torch.from_numpy(counts),
+                                       block, pair_correlation=torch.from_numpy(rho))
+    assert float(score) == pytest.approx(expected, rel=1e-10)
+
+
+def test_block_count_score_is_lowest_at_the_true_pair_correlation():
+    """Tiles paired side by side share one star at odds 1/3, in either tile at even
+    odds: each tile holds a star with probability 1/6 and the pair's counts correlate
+    by -(1/6) / (5/6) = -0.2. Over 2 x 2 blocks (two such pairs) the score is lowest
+    at that correlation among -0.25, -0.2, -0.1 and 0."""
+    generator = torch.Generator().manual_seed(0)
+    n_images = 4000
+    star = torch.rand(n_images, 8, 4, generator=generator) < 1 / 3
+    left = torch.rand(n_images, 8, 4, generator=generator) < 0.5
+    counts = torch.stack([star & left, star & ~left], dim=-1).reshape(n_images, 8, 8).long()
+    probs = torch.tensor([5 / 6, 1 / 6], dtype=torch.float64).expand(n_images, 8, 8, 2)
+
+    def score(correlation):
+        rho = torch.zeros(n_images, 8, 8, 2, dtype=torch.float64)
+        rho[:, :, 0::2, 0] = correlation     # the pairs (0, 1), (2, 3), ...
+        return float(training.block_count_score(probs, counts, 2, floor=1e-6,
+                                                pair_correlation=rho))
+
+    scores = {rho: score(rho) for rho in (-0.25, -0.2, -0.1, 0.0)}
+    assert min(scores, key=scores.get) == -0.2
+
+
+def test_fit_pair_correlations_changes_only_the_pair_head(tmp_path):
+    """Fitting the pair head leaves every other weight, and so each tile's posterior, as
+    it was; the correlations stay in [-1/4, 0]; the head is saved and loaded with the
+    model and named in its encoder inputs."""
+    deblender = _budget_deblender()
+    deblender.fit(n_steps=2, batches_per_epoch=2, **SMALL_FIT)
+    before = _weights(deblender)
+    history = deblender.fit_pair_correlations(image_side=16, n_steps=10, batch_size=4,
+                                              learning_rate=0.05, progress=False)
+    assert list(history.colnames) == ["step", "score", "correlation", "seconds"]
+    assert -1.0 <= history["correlation"][-1] <= 0.0
+    after = _weights(deblender)
+    assert set(after) - set(before) == {"pair_head.weight", "pair_head.bias"}
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    assert all(p.requires_grad for p in deblender.encoder.parameters())
+    deblender.save(tmp_path / "model.pt")
+    loaded = StarNetDeblender.load(tmp_path / "model.pt")
+    assert describe_model(tmp_path / "model.pt")["encoder_inputs"]["pair_correlations"]
+    image = torch.full((1, 2, 24, 24), 900.0)
+    background = torch.tensor(BACKGROUND).reshape(1, 2, 1, 1)
+    with torch.no_grad():
+        mine, theirs = (d.encoder(image, background) for d in (deblender, loaded))
+    assert torch.equal(mine.pair_weights, theirs.pair_weights)
+    assert (mine.pair_weights >= 0).all() and (mine.pair_weights.sum(-1) <= 1).all()
+    with pytest.raises(ValueError, match="needs a trained model"):
+        _budget_deblender().fit_pair_correlations(n_steps=1)
 
 
 def _mean_score(true_pmf, pmf, *, n_images=4000):
