@@ -4,7 +4,7 @@ The model's encoder is rebuilt with ``pair_correlations`` (its weights kept) and
 the new head is fitted (`starnet.StarNetDeblender.fit_pair_correlations`), so every
 tile's posterior stays as it was while the count intervals of regions narrow by the
 anticorrelation of neighbouring tiles that share a star on their boundary
-(docs/calibration.rst, "Why the sparse intervals are too wide"). The command and the
+(docs/calibration.rst, "Pair correlations (tried, not bundled)"). The command and the
 fit's history go into the model's provenance.
 
 Run::

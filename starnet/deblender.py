@@ -296,6 +296,10 @@ class StarNetDeblender:
                           "score trains: with count_score_weight=0 it keeps its initial "
                           "value (set count_score_weight, or use fit_density_spread)",
                           UserWarning)
+        if self.encoder.pair_correlations:
+            warnings.warn("this encoder has pair correlations, which fit trains only through "
+                          "the block count score at its floor of 0.25, too strong for them: fit "
+                          "them afterwards with fit_pair_correlations", UserWarning)
         _check_stamp_light(self.psfs, self.stamp_size, self.bands)
         batches = self._batches(settings.image_shape, settings)
         baselines = []
@@ -449,8 +453,8 @@ class StarNetDeblender:
         encoder = StarNetEncoder(**dict(self.encoder.config(), **change))
         missing, unexpected = encoder.load_state_dict(self.encoder.state_dict(), strict=False)
         if unexpected or any(not name.startswith(head + ".") for name in missing):
-            raise ValueError(f"cannot add {head} to this encoder (missing {missing}, "
-                             f"unexpected {unexpected})")
+            raise ValueError(f"cannot add {head} to this encoder: only the {head}.* weights "
+                             f"may be new (missing {missing}, unexpected {unexpected})")
         return encoder, settings
 
     def _batches(self, shape, settings):

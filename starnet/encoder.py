@@ -659,7 +659,7 @@ class StarNetEncoder(nn.Module):
 
     def _heads(self, h):
         """The head's output from the tile layers' ``h``, followed by the spread head's
-        channel and the pair head's two where there are those; float32 (`_in_float32`)."""
+        channel and the pair head's five where there are those; float32 (`_in_float32`)."""
         heads = [self.head] + ([self.spread_head] if self.density_cells else []) \
             + ([self.pair_head] if self.pair_correlations else [])
         return torch.cat([_in_float32(head, h) for head in heads], dim=1)

@@ -554,7 +554,8 @@ class _PairTerms:
     blocks included); nothing to do for an encoder without pair correlations."""
 
     def __init__(self, encoder, grid_shape):
-        self.active = bool(getattr(encoder, "pair_correlations", False))
+        self.active = encoder.pair_correlations
+        self.correlation = None
         if self.active:
             self.variance = np.zeros(grid_shape)
             self.weights = torch.zeros(1, *grid_shape, 4, dtype=torch.float64)
@@ -567,9 +568,10 @@ class _PairTerms:
     def contract(self, offset, pmf, tiles=None):
         if not self.active:
             return offset, pmf
-        correlation = side_correlations(self.weights)[0].numpy()
+        if self.correlation is None:        # once all blocks are in
+            self.correlation = side_correlations(self.weights)[0].numpy()
         return contract_counts(offset, pmf,
-                               2 * pair_covariance(self.variance, correlation, tiles))
+                               2 * pair_covariance(self.variance, self.correlation, tiles))
 
 
 def region_tiles(region, shape, *, tile_size):

@@ -499,7 +499,7 @@ def side_correlations(pair_weights):
     Two neighbours' counts correlate by minus the smaller of their weights on their
     shared side. A tile's weights sum to at most 1, so the correlations of each tile
     sum to at least -1 and every region's count variance stays positive (the
-    covariance matrix of the tiles' counts is diagonally dominant).
+    correlation matrix of the tiles' counts is diagonally dominant).
 
     Parameters
     ----------
@@ -602,7 +602,7 @@ def contract_counts(offset, pmf, change):
     20.000 10.000
     """
     pmf = np.asarray(pmf, dtype=float)
-    if not change <= 0:
+    if not (np.isfinite(change) and change <= 0):
         raise ValueError(f"change must be a finite number <= 0, got {change!r}")
     if change == 0 or len(pmf) < 2:
         return int(offset), pmf.copy()

@@ -621,7 +621,7 @@ def block_spread(posterior, block):
 def _pair_covariances(variance, pair_correlation, kernel):
     """Each tile's covariances with its right and lower neighbours (summed), where the
     neighbour lies in the same block of ``kernel`` tiles, shape (n, rows, cols)."""
-    sd = variance.clamp(min=0).sqrt()
+    sd = (variance.clamp(min=0) + 1e-12).sqrt()     # finite gradients at a certain tile
     out = torch.zeros_like(variance)
     cols = torch.arange(variance.shape[2] - 1, device=variance.device)
     rows = torch.arange(variance.shape[1] - 1, device=variance.device)
@@ -634,7 +634,7 @@ def _pair_covariances(variance, pair_correlation, kernel):
     return out
 
 
-def _count_scores(posterior, counts, blocks, floor=0.25):
+def _count_scores(posterior, counts, blocks, *, floor=0.25):
     """Sum of the `block_count_score` of ``counts`` for each side in ``blocks``, with the
     posterior's density spread and pair correlations where it has them."""
     return sum(block_count_score(posterior.count_probs, counts, block, floor=floor,
@@ -749,7 +749,8 @@ def _fit_count_head(encoder, head, batches, name, summary, *, n_steps, batch_siz
     batch_size = check_positive_int(batch_size, "batch_size")
     grid = TileGrid(tile_size=encoder.tile_size, max_sources=encoder.max_sources)
     fitted = {id(p) for p in head.parameters()}
-    for parameter in encoder.parameters():
+    trainable = [(p, p.requires_grad) for p in encoder.parameters()]
+    for parameter, _ in trainable:
         parameter.requires_grad_(id(parameter) in fitted)
     optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(_seed_int(seed))
@@ -778,8 +779,8 @@ def _fit_count_head(encoder, head, batches, name, summary, *, n_steps, batch_siz
                                 "seconds": time.perf_counter() - started})
                 scores, summaries = [], []
     finally:
-        for parameter in encoder.parameters():
-            parameter.requires_grad_(True)
+        for parameter, flag in trainable:
+            parameter.requires_grad_(flag)
     return QTable(rows=history, names=["step", "score", name, "seconds"])
 
 

@@ -179,6 +179,22 @@ def test_pair_correlation_blocks_give_the_one_shot_count_and_narrow_it(inputs):
     assert variance < 0.9 * spread_variance
 
 
+def test_spread_and_pair_heads_read_their_own_channels():
+    """With both heads, the spread is the softplus of the spread head's output and the
+    side weights the first four of the softmax of the pair head's five."""
+    network = StarNetEncoder(n_bands=1, hidden=8, tile_hidden=16, density_cells=4,
+                             pair_correlations=True).eval()
+    with torch.no_grad():
+        for head in (network.spread_head, network.pair_head):
+            head.weight.zero_()
+        network.spread_head.bias.fill_(0.7)
+        network.pair_head.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+        q = network(torch.full((1, 1, 16, 16), 900.0), torch.tensor(700.0))
+    assert torch.allclose(q.spread, torch.nn.functional.softplus(torch.tensor(0.7)))
+    expected = torch.softmax(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 0)[:4]
+    assert torch.allclose(q.pair_weights, expected.expand(1, 8, 8, 4))
+
+
 def test_density_cells_need_independent_tiles():
     with pytest.raises(ValueError, match="density_cells must be 0"):
         StarNetEncoder(n_bands=1, n_colors=2, density_cells=4)

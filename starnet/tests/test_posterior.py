@@ -387,11 +387,12 @@ def _moments(offset, pmf):
     (5, stats.binom.pmf(np.arange(41), 40, 0.1), -1.0),
     (0, count_distribution(np.tile([[0.9, 0.08, 0.02, 0.0]], (30, 1))), -0.9),
     (3, np.array([0.2, 0.5, 0.3]), -0.2),
+    (3, np.array([0.2, 0.5, 0.3]), -0.45),
 ])
 def test_contract_counts_keeps_the_mean_and_reaches_the_variance(offset, pmf, change):
     """The contracted pmf sums to 1, has the same mean and the variance ``V + change``
-    (the last case asks for less than the 0.21 a pmf of mean 4.1 on the integers can
-    have: it gets that least-variance pmf, on 4 and 5 only)."""
+    (the last case, variance 0.49, asks for 0.04: less than the 0.09 a pmf of mean 4.1
+    on the integers can have, so it gets that least-variance pmf, on 4 and 5 only)."""
     total, mean, variance = _moments(offset, pmf)
     new_offset, new = contract_counts(offset, pmf, change)
     assert (new >= 0).all()
@@ -408,7 +409,7 @@ def test_contract_counts_without_change_and_refusals():
     pmf = stats.poisson.pmf(np.arange(20), 4.0)
     offset, same = contract_counts(2, pmf, 0.0)
     assert offset == 2 and np.array_equal(same, pmf)
-    for change in (0.5, float("nan")):
+    for change in (0.5, float("nan"), -float("inf")):
         with pytest.raises(ValueError, match="change must be a finite number <= 0"):
             contract_counts(0, pmf, change)
 

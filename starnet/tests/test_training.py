@@ -426,6 +426,28 @@ def test_block_count_score_adds_the_pairs_inside_each_block(block):
     assert float(score) == pytest.approx(expected, rel=1e-10)
 
 
+def test_block_count_score_with_pairs_has_finite_gradients_at_certain_tiles():
+    """Tiles certain of their count (variance 0 in float32) next to uncertain ones: the
+    pairs' covariances keep the score's gradient finite, so that `fit` can train with
+    them."""
+    logits = torch.zeros(1, 4, 4, 4)
+    logits[0, :2, :, 1] = 40.0               # certainly one star
+    logits.requires_grad_(True)
+    rho = torch.full((1, 4, 4, 2), -0.2)
+    probs = torch.softmax(logits, -1)
+    score = training.block_count_score(probs, torch.ones(1, 4, 4, dtype=torch.long), 4,
+                                       pair_correlation=rho)
+    score.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_a_pair_head_in_fit_warns_to_fit_it_afterwards():
+    deblender = StarNetDeblender(prior=PRIOR, psf=NARROW, background=BACKGROUND, hidden=8,
+                                 tile_hidden=16, stamp_size=7, pair_correlations=True)
+    with pytest.warns(UserWarning, match="fit them afterwards with fit_pair_correlations"):
+        deblender.fit(n_steps=1, batches_per_epoch=1, **SMALL_FIT)
+
+
 def test_block_count_score_is_lowest_at_the_true_pair_correlation():
     """Tiles paired side by side share one star at odds 1/3, in either tile at even
     odds: each tile holds a star with probability 1/6 and the pair's counts correlate
@@ -450,8 +472,8 @@ def test_block_count_score_is_lowest_at_the_true_pair_correlation():
 
 def test_fit_pair_correlations_changes_only_the_pair_head(tmp_path):
     """Fitting the pair head leaves every other weight, and so each tile's posterior, as
-    it was; the correlations stay in [-1/4, 0]; the head is saved and loaded with the
-    model and named in its encoder inputs."""
+    it was; the side weights stay in [0, 1] and sum to at most 1; the head is saved and
+    loaded with the model and named in its encoder inputs."""
     deblender = _budget_deblender()
     deblender.fit(n_steps=2, batches_per_epoch=2, **SMALL_FIT)
     before = _weights(deblender)
