@@ -21,6 +21,11 @@ variational family and training epochs)::
 
     python benchmarks/bench_calibration.py --model runs/a.pt runs/b.pt \
         --labels "constant rate, 64 min" "decaying rate, 80 min" --output calibration.png
+``--density`` draws the images at another density than the model's prior's (the
+prior's other settings kept)::
+
+    python benchmarks/bench_calibration.py --model sdss-m2 --density 0.01 --n-images 200
+
 ``--render-psf`` renders the images through other PSFs than the model's (the ``psf``
 options of `starnet.datasets.load_m2`)::
 
@@ -53,6 +58,9 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--background-factors", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--density", type=float, default=None,
+                        help="stars per pixel of the simulated images (default: the "
+                             "model's prior's)")
     parser.add_argument("--pairing", choices=["sample", "mode"], default="sample",
                         help="pairing of true stars and q's sources (see source_pit)")
     parser.add_argument("--count-samples", type=int, default=200,
@@ -76,6 +84,8 @@ def main(argv=None):
     for model in args.model:
         deblender = StarNetDeblender.from_name_or_path(model)
         deblender.n_count_samples = args.count_samples
+        if args.density is not None:
+            deblender.prior = deblender.prior.replace(mu=args.density)
         dropped = dropped_fraction(deblender.prior, tile_size=deblender.grid.tile_size,
                                    max_sources=deblender.grid.max_sources, n_images=200,
                                    seed=args.seed)
