@@ -141,52 +141,36 @@ def test_dropped_fraction_matches_the_poisson_tail():
     assert measured == pytest.approx(expected, rel=4 / math.sqrt(n_dropped))
 
 
-# docs/calibration.rst, 200 images of 50 x 50 (seeds 1000..1199), background factor 1:
-# count bias +0.31 % (s.e. 0.28 %), 90 % interval coverage 0.950, 50 % coverage 0.595
-DOCS_IMAGES, DOCS_BIAS, DOCS_BIAS_ERR = 200, 0.0031, 0.0028
-DOCS_COVERAGE = {0.5: 0.595, 0.9: 0.950}
+# docs/calibration.rst, 200 images per density (seeds 1000..1199), background factor 1:
+# at M2's density (the prior's 0.12) on 50 x 50, bias +0.31 % (s.e. 0.28 %), coverage 0.950
+# at 90 % and 0.595 at 50 % (the first table); at 0.01 stars per pixel on 100 x 100, bias
+# +0.22 % (s.e. 0.16 %), coverage 0.990 and 0.775 (too wide; "Pair correlations").
+DOCS_IMAGES = 200
 
 
-def test_bundled_model_count_calibration_as_documented():
-    """New images (other seeds): the coverage may differ from the documented one by the
-    binomial error of both estimates, the bias by the standard error of both means."""
+@pytest.mark.parametrize("density, shape, bias, bias_err, documented_coverage", [
+    pytest.param(None, (50, 50), 0.0031, 0.0028, {0.5: 0.595, 0.9: 0.950}, id="M2 density"),
+    pytest.param(0.01, (100, 100), 0.0022, 0.0016, {0.5: 0.775, 0.9: 0.990}, id="0.01"),
+])
+def test_bundled_model_count_calibration_as_documented(density, shape, bias, bias_err,
+                                                       documented_coverage):
+    """New images (other seeds) at two densities: the coverage may differ from the
+    documented one by the binomial error of both estimates (with a floor of one image
+    for a coverage near 1), the bias by the standard error of both means."""
     deblender = StarNetDeblender.pretrained("sdss-m2")
+    if density is not None:
+        deblender.prior = deblender.prior.replace(mu=density)
     k = 200
-    results = evaluate_on_simulations(deblender, n_images=k, shape=(50, 50), seed=7000,
-                                      levels=tuple(DOCS_COVERAGE))
+    results = evaluate_on_simulations(deblender, n_images=k, shape=shape, seed=7000,
+                                      levels=tuple(documented_coverage))
     coverage = count_coverage(results)
-    for level, documented in DOCS_COVERAGE.items():
-        measured = coverage["coverage"][coverage["level"] == level][0]
-        error = math.sqrt(documented * (1 - documented) * (1 / k + 1 / DOCS_IMAGES))
-        assert abs(measured - documented) < 3 * error, level
-    error = math.hypot(coverage.meta["relative_bias_err"], DOCS_BIAS_ERR)
-    assert abs(coverage.meta["relative_bias"] - DOCS_BIAS) < 3 * error
-
-
-# docs/calibration.rst ("Pair correlations"), 200 images of 100 x 100 (seeds 1000..1199)
-# at 0.01 stars per pixel: bias +0.22 % (s.e. 0.16 %), coverage 0.990 at 90 %, 0.775 at 50 %
-SPARSE_IMAGES, SPARSE_BIAS, SPARSE_BIAS_ERR = 200, 0.0022, 0.0016
-SPARSE_COVERAGE = {0.5: 0.775, 0.9: 0.990}
-
-
-def test_bundled_model_sparse_count_calibration_as_documented():
-    """The second density of the regression: at 0.01 stars per pixel the bundled
-    model's intervals are documented as too wide (0.990 at 90 %); new images hold both
-    figures within the binomial error of both estimates (a floor of one image in the
-    error for a coverage near 1) and the bias within the standard error of both."""
-    deblender = StarNetDeblender.pretrained("sdss-m2")
-    deblender.prior = deblender.prior.replace(mu=0.01)
-    k = 200
-    results = evaluate_on_simulations(deblender, n_images=k, shape=(100, 100), seed=7000,
-                                      levels=tuple(SPARSE_COVERAGE))
-    coverage = count_coverage(results)
-    for level, documented in SPARSE_COVERAGE.items():
+    for level, documented in documented_coverage.items():
         measured = coverage["coverage"][coverage["level"] == level][0]
         error = math.sqrt(max(documented * (1 - documented), 1 / k)
-                          * (1 / k + 1 / SPARSE_IMAGES))
+                          * (1 / k + 1 / DOCS_IMAGES))
         assert abs(measured - documented) < 3 * error, level
-    error = math.hypot(coverage.meta["relative_bias_err"], SPARSE_BIAS_ERR)
-    assert abs(coverage.meta["relative_bias"] - SPARSE_BIAS) < 3 * error
+    error = math.hypot(coverage.meta["relative_bias_err"], bias_err)
+    assert abs(coverage.meta["relative_bias"] - bias) < 3 * error
 
 
 def test_simulations_seeded_by_a_generator_repeat_with_its_state():
