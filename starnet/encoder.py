@@ -193,6 +193,11 @@ class StarNetEncoder(nn.Module):
     the shared side (`starnet.posterior.side_correlations`), so that a region's count
     varies less than independent tiles say (`starnet.posterior.contract_counts`).
 
+    With ``count_tail`` (and ``density_cells``), the count pmfs read a tile's top count
+    as ``max_sources`` or more, the stars beyond following a Poisson tail at the density
+    of its cell (`starnet.posterior.poisson_tail`): crowded tiles hold more stars than
+    q can place. No weights are added.
+
     With ``n_colors`` > 1 the tiles are coloured in a checkerboard (2 colours:
     ``(i + j) mod 2``; 4 colours: ``2 (i mod 2) + (j mod 2)``) and decided colour by
     colour: the tiles of colour ``c`` see the catalogs already chosen for their
@@ -233,6 +238,9 @@ class StarNetEncoder(nn.Module):
         tiles); independent tiles only (``n_colors`` = 1).
     pair_correlations : bool
         Add the pair-correlation head; independent tiles only (``n_colors`` = 1).
+    count_tail : bool
+        Give the count pmfs a tail beyond ``max_sources`` per tile; needs
+        ``density_cells``.
 
     Examples
     --------
@@ -249,7 +257,7 @@ class StarNetEncoder(nn.Module):
     def __init__(self, *, n_bands, tile_size=2, max_sources=3, hidden=32, tile_hidden=128,
                  n_colors=1, log_flux_offset=math.log(3000.0), mask_channel=False,
                  psf_features=0, prior_features=0, context_cells=0, context_hidden=32,
-                 density_cells=0, pair_correlations=False):
+                 density_cells=0, pair_correlations=False, count_tail=False):
         super().__init__()
         if n_colors not in (1, 2, 4):
             raise ValueError(f"n_colors must be 1, 2 or 4, got {n_colors}")
@@ -259,6 +267,9 @@ class StarNetEncoder(nn.Module):
         if pair_correlations and n_colors != 1:
             raise ValueError("pair_correlations needs independent tiles (n_colors = 1), "
                              f"got n_colors = {n_colors}")
+        if count_tail and not density_cells:
+            raise ValueError("count_tail needs density cells (density_cells > 0): the "
+                             "density of a tile's cell sets its tail")
         if context_cells and context_cells < 4:
             raise ValueError(f"context_cells must be 0 or at least 4 tiles, got {context_cells}")
         self.n_bands = n_bands
@@ -273,6 +284,7 @@ class StarNetEncoder(nn.Module):
         self.context_cells = int(context_cells)
         self.density_cells = int(density_cells)
         self.pair_correlations = bool(pair_correlations)
+        self.count_tail = bool(count_tail)
         n_in = (3 if mask_channel else 2) * n_bands
         n_out = max_sources + 1 + self.n_slots * (4 + 2 * n_bands)
         self.pixel_layers = nn.Sequential(
@@ -340,6 +352,8 @@ class StarNetEncoder(nn.Module):
             config["density_cells"] = self.density_cells
         if self.pair_correlations:
             config["pair_correlations"] = True
+        if self.count_tail:
+            config["count_tail"] = True
         return config
 
     @property
@@ -682,7 +696,8 @@ class StarNetEncoder(nn.Module):
             loc_sd=torch.exp(params[..., 2:4].clamp(-8, 3)),
             log_flux_mean=params[..., 4:4 + b] + self.log_flux_offset,
             log_flux_sd=torch.exp(params[..., 4 + b:4 + 2 * b].clamp(-8, 3)),
-            spread=spread, density_cells=self.density_cells or None, pair_weights=pairs)
+            spread=spread, density_cells=self.density_cells or None, pair_weights=pairs,
+            count_tail=self.count_tail)
 
     def decide(self, features, choose, *, chunk_tiles=None):
         """Choose the catalog colour by colour.

@@ -457,8 +457,9 @@ def modal_catalog(encoder, inputs, *, chunk_tiles=None, progress=False,
     rows = {key: value[order] for key, value in rows.items()}
     if not counts:
         return rows, None, None
-    n_tiles = int(np.prod(grid.grid_shape(shape)))
-    pmf = pmf[:max(n_tiles * grid.max_sources + 1 - offset, 0)]
+    if not encoder.count_tail:     # (a count tail may go beyond max_sources per tile)
+        n_tiles = int(np.prod(grid.grid_shape(shape)))
+        pmf = pmf[:max(n_tiles * grid.max_sources + 1 - offset, 0)]
     return rows, offset, pmf / pmf.sum()
 
 
@@ -543,8 +544,9 @@ def count_pmfs(encoder, inputs, regions=None, *, chunk_tiles=None, progress=Fals
     pmfs = []
     for part, tiles in zip(parts, tile_maps):
         n_selected = n_tiles if tiles is None else int(tiles.sum())
-        pmfs.append(_full_pmf(*pairs.contract(*convolve_counts(part), tiles),
-                              n_selected * grid.max_sources + 1))
+        offset, pmf = pairs.contract(*convolve_counts(part), tiles)
+        pmfs.append(_full_pmf(offset, pmf,
+                              max(n_selected * grid.max_sources + 1, offset + len(pmf))))
     return pmfs
 
 

@@ -61,7 +61,7 @@ _OPTIONAL = ("psf_variants", "n_colors", "log_flux_offset", "provenance",
 #: What an encoder reads beside the pixels (`encoder_inputs`), with the defaults of a
 #: model file without them.
 _INPUTS = {"reads_psf": False, "reads_mask": False, "reads_prior": False, "context_cells": 0,
-           "density_cells": 0, "pair_correlations": False}
+           "density_cells": 0, "pair_correlations": False, "count_tail": False}
 
 
 def write_atomically(path, write, *, overwrite=True):
@@ -204,7 +204,8 @@ def describe_model(deblender):
         if "encoder_inputs" in description:     # with the defaults of inputs added since
             description["encoder_inputs"] = {
                 key: value for key, value in read_encoder_inputs(metadata).items()
-                if key not in ("density_cells", "pair_correlations") or value}
+                if key not in ("density_cells", "pair_correlations", "count_tail")
+                or value}
         return description
     encoder = deblender.encoder
     description = {
@@ -226,7 +227,7 @@ def encoder_inputs(encoder):
     """What ``encoder`` reads beside the pixels, as the `~starnet.StarNetDeblender`
     arguments ``reads_psf``, ``reads_mask``, ``reads_prior``, ``context_cells`` and
     (where it has a density spread) ``density_cells`` and (where it has them)
-    ``pair_correlations``.
+    ``pair_correlations`` and ``count_tail``.
 
     Returns
     -------
@@ -239,6 +240,8 @@ def encoder_inputs(encoder):
         inputs["density_cells"] = encoder.density_cells
     if encoder.pair_correlations:
         inputs["pair_correlations"] = True
+    if encoder.count_tail:
+        inputs["count_tail"] = True
     return inputs
 
 
@@ -541,7 +544,7 @@ def read_encoder_inputs(metadata):
     unknown = sorted(set(inputs) - set(_INPUTS))
     if unknown:
         raise ValueError(f"unknown encoder inputs {unknown}; expected some of {list(_INPUTS)}")
-    for key in ("reads_psf", "reads_mask", "reads_prior", "pair_correlations"):
+    for key in ("reads_psf", "reads_mask", "reads_prior", "pair_correlations", "count_tail"):
         if not isinstance(inputs[key], bool):
             raise ValueError(f"encoder input {key!r} must be true or false, got {inputs[key]!r}")
     for key in ("context_cells", "density_cells"):
@@ -612,7 +615,8 @@ def _expected_shapes(path, metadata):
                 prior_features=PRIOR_FEATURES if inputs["reads_prior"] else 0,
                 context_cells=inputs["context_cells"],
                 density_cells=inputs["density_cells"],
-                pair_correlations=inputs["pair_correlations"])}
+                pair_correlations=inputs["pair_correlations"],
+                count_tail=inputs["count_tail"])}
             if options is not None:
                 networks["background_weights"] = BackgroundEncoder(
                     n_bands=n_bands, cell_size=sizes["cell_size"],

@@ -30,6 +30,14 @@ their weights on their shared side (`side_correlations`). The count pmf of a reg
 pairs inside the region (`pair_covariance`; weights that sum to at most 1 keep it
 positive). Each tile's distribution, and the catalogs `sample` draws (independent
 tiles), are unchanged.
+
+A tile holds at most ``max_sources`` stars in q, as in the tiles that training scores
+(the stars beyond are dropped from them), so q's top count stands for "``max_sources``
+or more". With a count tail (an encoder built with ``count_tail``, which needs density
+cells), the count pmfs (`TiledPosterior.count_parts`, `TiledPosterior.count_pmf`) give
+that mass a Poisson tail at the density of the tile's cell (`poisson_tail`): the stars
+that crowded tiles hold beyond ``max_sources``, which q cannot place but the count
+should include. The catalogs q draws are unchanged.
 """
 
 import functools
@@ -39,12 +47,13 @@ import math
 import numpy as np
 import scipy.fft
 import torch
+from scipy.stats import poisson
 from torch.nn import functional as F
 
 from .tiles import TileCatalog
 
 __all__ = ["TiledPosterior", "count_distribution", "density_mixture", "side_correlations",
-           "pair_covariance", "contract_counts"]
+           "pair_covariance", "contract_counts", "poisson_tail"]
 
 _EPS = 1e-6
 
@@ -87,12 +96,18 @@ class TiledPosterior:
     pair_weights : `torch.Tensor`, shape (n_images, tile_rows, tile_cols, 4), optional
         Each tile's weights on its right, lower, left and upper sides, summing to at most
         1 (see the module docstring and `side_correlations`); default: none.
+    count_tail : bool, optional
+        Give the count pmfs a Poisson tail beyond ``max_sources`` at the density of each
+        tile's cell (see the module docstring and `poisson_tail`); needs ``density_cells``.
     """
 
     def __init__(self, count_logits, loc_mean, loc_sd, log_flux_mean, log_flux_sd,
-                 spread=None, density_cells=None, pair_weights=None):
+                 spread=None, density_cells=None, pair_weights=None, count_tail=False):
         if (spread is None) != (density_cells is None):
             raise ValueError("spread and density_cells go together: give both or neither")
+        if count_tail and density_cells is None:
+            raise ValueError("count_tail needs density cells (the density of a tile's "
+                             "cell sets its tail): give spread and density_cells too")
         self.count_logits = count_logits
         self.loc_mean = loc_mean
         self.loc_sd = loc_sd
@@ -101,6 +116,7 @@ class TiledPosterior:
         self.spread = spread
         self.density_cells = density_cells
         self.pair_weights = pair_weights
+        self.count_tail = bool(count_tail)
         self.max_sources = count_logits.shape[-1] - 1
         self._slots = triangle_slots(self.max_sources)
 
@@ -113,14 +129,16 @@ class TiledPosterior:
         for other in others:
             if (other.spread is None) != (self.spread is None) \
                     or other.density_cells != self.density_cells \
-                    or (other.pair_weights is None) != (self.pair_weights is None):
+                    or (other.pair_weights is None) != (self.pair_weights is None) \
+                    or other.count_tail != self.count_tail:
                 raise ValueError("posteriors with and without a density spread (or with "
-                                 "other density cells, or with and without pair "
-                                 "correlations) cannot be combined")
+                                 "other density cells, with and without pair "
+                                 "correlations or a count tail) cannot be combined")
         return TiledPosterior(**{
             name: None if getattr(self, name) is None
             else function(getattr(self, name), *[getattr(q, name) for q in others])
-            for name in self._FIELDS}, density_cells=self.density_cells)
+            for name in self._FIELDS}, density_cells=self.density_cells,
+            count_tail=self.count_tail)
 
     def where(self, mask, other):
         """Tiles of ``self`` where ``mask`` is true and of ``other`` elsewhere.
@@ -230,9 +248,10 @@ class TiledPosterior:
         -------
         list of ``(offset, values)``
             Each part's pmf as from `support`; their convolution (`convolve_counts`) is
-            the pmf of the total.
+            the pmf of the total (with a count tail, of stars beyond ``max_sources`` per
+            tile too).
         """
-        probs = self.count_probs[0].double().cpu().numpy()
+        probs = self.tile_count_pmfs
         selected = (np.ones(probs.shape[:2], dtype=bool) if tiles is None
                     else np.asarray(tiles, dtype=bool))
         if self.spread is None:
@@ -263,7 +282,8 @@ class TiledPosterior:
         Returns
         -------
         `numpy.ndarray`, shape (n_tiles max_sources + 1,)
-            ``pmf[k]`` = q(N = k) for the ``n_tiles`` tiles counted.
+            ``pmf[k]`` = q(N = k) for the ``n_tiles`` tiles counted (with a count tail,
+            longer where the tail has mass beyond ``n_tiles max_sources``).
         """
         n_tiles = (self.count_logits[0, ..., 0].numel() if tiles is None
                    else int(np.count_nonzero(tiles)))
@@ -273,7 +293,28 @@ class TiledPosterior:
                 self.count_variance[0].double().cpu().numpy(),
                 side_correlations(self.pair_weights)[0].double().cpu().numpy(), tiles)
             offset, pmf = contract_counts(offset, pmf, 2 * covariance)
-        return _full_pmf(offset, pmf, n_tiles * self.max_sources + 1)
+        return _full_pmf(offset, pmf, max(n_tiles * self.max_sources + 1, offset + len(pmf)))
+
+    @functools.cached_property
+    def tile_count_pmfs(self):
+        """Count pmf of each tile of the first image, `numpy.ndarray` of shape (tile_rows,
+        tile_cols, width): ``count_probs``, or with a count tail, 0 to ``max_sources - 1``
+        stars as in ``count_probs`` and ``max_sources`` or more from its top count by
+        `poisson_tail` at the Poisson mean whose count cut at ``max_sources`` has the
+        mean of the tile's density cell (a width that every cell's tail needs)."""
+        probs = self.count_probs[0].double().cpu().numpy()
+        if not self.count_tail:
+            return probs
+        cell_mean = cell_means(torch.from_numpy(probs @ np.arange(probs.shape[-1]))[None, None],
+                               self.density_cells)[0, 0].numpy()
+        cell = np.repeat(np.repeat(np.arange(cell_mean.size).reshape(cell_mean.shape),
+                                   self.density_cells, axis=0),
+                         self.density_cells, axis=1)[:probs.shape[0], :probs.shape[1]]
+        largest = np.zeros(cell_mean.size)    # each cell's tail cut where its tiles allow
+        np.maximum.at(largest, cell.reshape(-1), probs[..., -1].reshape(-1))
+        tails = _tail_table(_poisson_rate(cell_mean.reshape(-1), self.max_sources),
+                            self.max_sources, largest[:, None], 1e-13)[cell]
+        return np.concatenate([probs[..., :-1], probs[..., -1:] * tails], axis=-1)
 
     @functools.cached_property
     def count_probs(self):
@@ -749,6 +790,88 @@ def _density_mixtures(pmfs, spreads, nodes):
     return np.einsum("gnj,n->gj", tilted, weights / weights.sum())
 
 
+def poisson_tail(probs, rate, *, tail=1e-13):
+    """Tile count probabilities whose top count is spread over it and more by a Poisson
+    tail: a tile's ``probs[..., -1]``, the probability of ``max_sources`` stars or more,
+    is shared among ``max_sources + j`` stars (``j >= 0``) in proportion to a Poisson pmf
+    of mean ``rate`` given at least ``max_sources``.
+
+    Parameters
+    ----------
+    probs : array, shape (..., max_sources + 1)
+        Probabilities of ``0 .. max_sources`` stars in each tile (``max_sources >= 1``).
+    rate : array
+        Poisson mean of the number of stars in each tile (> 0), of a shape that
+        broadcasts to ``probs.shape[:-1]`` (the tail is computed once per value).
+    tail : float, optional
+        The tail is cut where every tile's probability is below this, then normalised.
+
+    Returns
+    -------
+    `numpy.ndarray`, shape (..., max_sources + width)
+        Probabilities of ``0, 1, ...`` stars; the first ``max_sources`` are ``probs``'s.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from starnet.posterior import poisson_tail
+    >>> probs = poisson_tail(np.array([0.5, 0.3, 0.1, 0.1]), np.array(2.0))
+    >>> print(f"{probs.sum():.6f}, {probs[:3].sum():.6f}")
+    1.000000, 0.900000
+    >>> k = np.arange(len(probs))   # E[n | n >= 3] of a Poisson of mean 2
+    >>> print(f"{np.dot(k[3:], probs[3:]) / probs[3:].sum():.4f}")
+    3.6743
+    """
+    probs = np.asarray(probs, dtype=float)
+    rate = np.asarray(rate, dtype=float)
+    try:
+        shape = np.broadcast_shapes(rate.shape, probs.shape[:-1])
+    except ValueError:
+        shape = None
+    if shape is None or probs.ndim == 0 or probs.shape[-1] < 2:
+        raise ValueError(f"probs must have at least 2 counts per tile and rate a shape that "
+                         f"broadcasts to its shape without the last axis; got {probs.shape} "
+                         f"and {rate.shape}")
+    top = probs.shape[-1] - 1
+    weight = np.broadcast_to(probs[..., top], shape)
+    tails = _tail_table(rate.reshape(-1), top, weight.reshape(-1, 1) if rate.shape == shape
+                        else weight.max(initial=0.0), tail)
+    tails = tails.reshape(rate.shape + tails.shape[-1:])
+    return np.concatenate([np.broadcast_to(probs[..., :top], shape + (top,)),
+                           probs[..., top:] * tails], axis=-1)
+
+
+def _tail_table(rate, top, weight, tail):
+    """Poisson pmfs of means ``rate`` (n,) given at least ``top``, on ``top, top + 1, ...``
+    (n, width), cut where ``weight`` (broadcast to the rows) times every row is below
+    ``tail``, then normalised."""
+    extra = np.arange(8 * top + 64)
+    rate = np.clip(rate, 1e-12, None)[:, None]
+    table = np.exp(poisson.logpmf(top + extra, rate) - poisson.logsf(top - 1, rate))
+    significant = (np.asarray(weight) * table > tail).any(axis=0)
+    width = int(np.flatnonzero(significant)[-1]) + 1 if significant.any() else 1
+    return table[:, :width] / table[:, :width].sum(axis=1, keepdims=True)
+
+
+def _poisson_rate(truncated_mean, max_sources, *, largest=50.0):
+    """The Poisson mean whose count, cut at ``max_sources``, has the mean
+    ``truncated_mean`` (elementwise, by bisection between 1e-12 and ``largest``; a cut
+    mean of ``max_sources`` gives the rate beyond which rounding cannot tell)."""
+    target = np.clip(np.asarray(truncated_mean, dtype=float), 0.0, max_sources)
+    k = np.arange(max_sources)
+
+    def cut_mean(rate):
+        return max_sources - np.sum((max_sources - k) * poisson.pmf(k, rate[..., None]),
+                                    axis=-1)
+
+    low, high = np.full(target.shape, 1e-12), np.full(target.shape, largest)
+    for _ in range(60):
+        middle = np.sqrt(low * high)
+        below = cut_mean(middle) < target
+        low, high = np.where(below, middle, low), np.where(below, high, middle)
+    return np.sqrt(low * high)
+
+
 def cell_means(x, cell):
     """Mean of ``x`` over square cells of ``cell`` pixels (or tiles) from the top left.
 
@@ -855,11 +978,24 @@ def convolve_counts(parts):
     """
     if not parts:
         return 0, np.ones(1)
-    width = max(len(values) for _, values in parts)
-    pmfs = np.zeros((len(parts), width))
-    for row, (_, values) in zip(pmfs, parts):
-        row[:len(values)] = values
-    offset, pmf = _convolve_all(pmfs, np.array([o for o, _ in parts], dtype=np.int64))
+    # parts of similar widths together (each group padded to its widest), then the groups:
+    # a few wide parts (crowded density cells) do not widen all the others
+    parts = sorted(parts, key=lambda part: len(part[1]))
+    widths = np.array([len(values) for _, values in parts])
+    group = np.floor(np.log2(widths)).astype(int)
+    sums = []
+    for level in np.unique(group):
+        members = [part for part, g in zip(parts, group) if g == level]
+        pmfs = np.zeros((len(members), max(len(values) for _, values in members)))
+        for row, (_, values) in zip(pmfs, members):
+            row[:len(values)] = values
+        sums.append(_convolve_all(pmfs, np.array([o for o, _ in members], dtype=np.int64)))
+    offset, pmf = sums[0]
+    for other_offset, other in sums[1:]:
+        width = max(len(pmf), len(other))
+        offset, pmf = _convolve_all(
+            np.stack([np.pad(pmf, (0, width - len(pmf))), np.pad(other, (0, width - len(other)))]),
+            np.array([offset, other_offset], dtype=np.int64))
     nonzero = np.flatnonzero(pmf)
     if len(nonzero):
         offset, pmf = offset + int(nonzero[0]), pmf[nonzero[0]:nonzero[-1] + 1]

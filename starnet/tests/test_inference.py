@@ -140,6 +140,19 @@ def test_density_spread_blocks_give_the_one_shot_count_and_widen_it(inputs):
     assert variance > 1.3 * plain_variance
 
 
+def assert_region_counts_as_one_shot(network, inputs):
+    """The count pmf of the image's left part, block by block and in one go, is the
+    one-shot posterior's (`TiledPosterior.count_pmf` of the region's tiles)."""
+    left = np.zeros(SHAPE, bool)
+    left[:, :13] = True
+    with torch.no_grad():
+        q = network(inputs.image, inputs.background)
+    for chunk in (None, 4):
+        [in_left] = count_pmfs(network, inputs, [left], chunk_tiles=chunk)
+        np.testing.assert_allclose(
+            in_left, q.count_pmf(region_tiles(left, SHAPE, tile_size=2)), atol=1e-9)
+
+
 def test_pair_correlation_blocks_give_the_one_shot_count_and_narrow_it(inputs):
     """With a pair head (and a density spread), the count pmfs block by block equal the
     one-shot ones, pairs across blocks included; the modal catalog is unchanged and the
@@ -160,14 +173,7 @@ def test_pair_correlation_blocks_give_the_one_shot_count_and_narrow_it(inputs):
                                np.pad(whole_pmf, (0, length - len(whole_pmf))), atol=1e-9)
     spread_rows, spread_offset, spread_pmf = modal_catalog(spread, inputs)
     np.testing.assert_allclose(rows["locs"], spread_rows["locs"], rtol=2e-6, atol=1e-7)
-    left = np.zeros(SHAPE, bool)
-    left[:, :13] = True
-    with torch.no_grad():
-        q = network(inputs.image, inputs.background)
-    for chunk in (None, 4):
-        [in_left] = count_pmfs(network, inputs, [left], chunk_tiles=chunk)
-        np.testing.assert_allclose(
-            in_left, q.count_pmf(region_tiles(left, SHAPE, tile_size=2)), atol=1e-9)
+    assert_region_counts_as_one_shot(network, inputs)
 
     def moments(offset, pmf):
         k = offset + np.arange(len(pmf))
@@ -177,6 +183,31 @@ def test_pair_correlation_blocks_give_the_one_shot_count_and_narrow_it(inputs):
         moments(offset, pmf), moments(spread_offset, spread_pmf))
     assert mean == pytest.approx(spread_mean, abs=1e-6)
     assert variance < 0.9 * spread_variance
+
+
+def test_count_tail_blocks_give_the_one_shot_count_and_raise_it(inputs):
+    """With a count tail, the count pmfs block by block (blocks of whole density cells)
+    equal the one-shot ones and the modal catalog is unchanged; the count is higher."""
+    plain, spread = spread_encoder()
+    network = StarNetEncoder(**dict(spread.config(), count_tail=True)).eval()
+    network.load_state_dict(spread.state_dict())
+    with torch.no_grad():
+        network.head.bias[3] += 3.0        # crowded tiles: the tail matters
+        spread.head.bias[3] += 3.0
+    whole, whole_offset, whole_pmf = modal_catalog(network, inputs)
+    rows, offset, pmf = modal_catalog(network, inputs, chunk_tiles=4)
+    assert whole_offset == offset
+    np.testing.assert_allclose(pmf, whole_pmf, atol=1e-9)
+    no_tail_rows, no_tail_offset, no_tail_pmf = modal_catalog(spread, inputs)
+    np.testing.assert_array_equal(rows["locs"], no_tail_rows["locs"])
+    assert_region_counts_as_one_shot(network, inputs)
+
+    def mean(offset, pmf):
+        return np.dot(offset + np.arange(len(pmf)), pmf)
+
+    assert mean(offset, pmf) > mean(no_tail_offset, no_tail_pmf) + 1.0
+    with pytest.raises(ValueError, match="count_tail needs density cells"):
+        StarNetEncoder(n_bands=1, count_tail=True)
 
 
 def test_spread_and_pair_heads_read_their_own_channels():

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender
+from starnet import PowerLawPSF, StarFieldPrior, StarNetDeblender, simulate_starfield
 from starnet import deblender as deblender_module
-from starnet.model_files import metadata_checksum, weights_checksum, write_atomically
+from starnet.model_files import (describe_model, metadata_checksum, weights_checksum,
+                                 write_atomically)
 
 PSF = PowerLawPSF(sigma1=1.0, sigma2=2.5, sigmap=3.0, beta=3.0, b=0.1, p0=0.01)
 PRIOR = StarFieldPrior(mu=0.05, bands=['r', 'i'])
@@ -311,11 +312,27 @@ def test_load_refuses_impossible_sizes(saved, change):
 @pytest.mark.parametrize('inputs, expected', [
     (dict(context_cells='four'), "'context_cells' must be an integer"),
     (dict(reads_psf='yes'), "'reads_psf' must be true or false"),
-    (dict(reads_colour=True), r"unknown encoder inputs \['reads_colour'\]")])
+    (dict(reads_colour=True), r"unknown encoder inputs \['reads_colour'\]"),
+    (dict(count_tail='yes'), "'count_tail' must be true or false"),
+    (dict(count_tail=True), "count_tail needs density cells")])
 def test_load_refuses_impossible_encoder_inputs(saved, inputs, expected):
     rewrite(saved, lambda metadata, state: metadata.update(encoder_inputs=inputs))
     with pytest.raises(ValueError, match=expected):
         StarNetDeblender.load(saved)
+
+
+def test_a_count_tail_goes_through_a_model_file(tmp_path):
+    """The count tail adds no weights: a file records it and loads the same count."""
+    deblender = tiny_deblender(seed=3, density_cells=4, count_tail=True)
+    path = tmp_path / 'tail.pt'
+    deblender.save(path)
+    assert describe_model(path)['encoder_inputs']['count_tail'] is True
+    loaded = StarNetDeblender.load(path)
+    assert loaded.encoder.count_tail
+    image, _ = simulate_starfield((16, 16), prior=PRIOR, psf=PSF, background=[686.0, 1123.0],
+                                  seed=1)
+    np.testing.assert_array_equal(loaded.count_posterior(image, background='given'),
+                                  deblender.count_posterior(image, background='given'))
 
 
 def test_load_refuses_weights_of_another_encoder_input(saved):

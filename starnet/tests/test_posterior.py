@@ -6,8 +6,9 @@ import torch
 from scipy import stats
 from scipy.special import log_softmax, logit, logsumexp, softmax
 
-from starnet.posterior import (TiledPosterior, contract_counts, count_distribution,
-                               density_mixture, pair_covariance, side_correlations)
+from starnet.posterior import (TiledPosterior, _poisson_rate, contract_counts,
+                               count_distribution, density_mixture, pair_covariance,
+                               poisson_tail, side_correlations)
 from starnet.tiles import TileCatalog
 
 MAX_SOURCES = 3
@@ -476,3 +477,87 @@ def test_count_pmf_with_pair_correlations_has_the_pairs_variance(cells):
     assert torch.equal(q.expand(2).image(1).pair_weights, q.pair_weights)
     with pytest.raises(ValueError, match="with and without pair correlations"):
         TiledPosterior.concatenate([halves[0], plain._rebuild(lambda t: t[:, :, 8:])], dim=2)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.8, 3.0])
+def test_poisson_tail_is_the_poisson_beyond_the_top_count(rate):
+    """A tile certain to hold ``max_sources`` or more gets the Poisson pmf given at least
+    ``max_sources`` (scipy), to the cut; the other counts keep their probabilities."""
+    probs = np.array([[0.0, 0.0, 0.0, 1.0], [0.4, 0.3, 0.2, 0.1]])
+    tailed = poisson_tail(probs, np.full(2, rate))
+    k = np.arange(tailed.shape[1])
+    expected = stats.poisson.pmf(k, rate) * (k >= 3) / stats.poisson.sf(2, rate)
+    np.testing.assert_allclose(tailed[0], expected, atol=1e-12)
+    np.testing.assert_allclose(tailed[1, :3], [0.4, 0.3, 0.2])
+    np.testing.assert_allclose(tailed[1, 3:], 0.1 * expected[3:], atol=1e-12)
+    np.testing.assert_allclose(tailed.sum(axis=1), 1.0)
+    with pytest.raises(ValueError, match="at least 2 counts per tile"):
+        poisson_tail(probs, np.full(3, rate))
+
+
+def test_poisson_rate_inverts_the_cut_mean():
+    rates = np.array([1e-4, 0.05, 0.8, 3.0, 9.0])
+    k = np.arange(3)
+    cut = 3 - np.sum((3 - k) * stats.poisson.pmf(k, rates[:, None]), axis=1)
+    np.testing.assert_allclose(_poisson_rate(cut, 3), rates, rtol=1e-6)
+    assert 30.0 < _poisson_rate(np.array([3.0]), 3)[0] <= 50.0   # full: the rounding's
+
+
+def test_count_tail_adds_each_cells_poisson_excess():
+    """With a count tail and no spread, the count pmf is the convolution of each tile's
+    pmf with its top count's Poisson tail at the density of its cell (a rate whose cut
+    mean is the cell's mean count): its mean is the tiles' plus, for each tile, q(3)
+    times the Poisson excess E[n - 3 | n >= 3] of its cell (scipy), and a region counts
+    its own tiles' tails."""
+    rng = np.random.default_rng(6)
+    params = {key: torch.tensor(value)
+              for key, value in random_parameters(rng, (1, 6, 10), 1).items()}
+    params["count_logits"][..., 3] += 1.5           # crowded tiles
+    q = TiledPosterior(**params, spread=torch.zeros(1, 6, 10), density_cells=4,
+                       count_tail=True)
+    plain = TiledPosterior(**params, spread=torch.zeros(1, 6, 10), density_cells=4)
+    probs = q.count_probs[0].numpy()
+    tile_means = probs @ np.arange(4)
+    excess = np.zeros((6, 10))
+    for rows in (slice(0, 4), slice(4, 6)):
+        for cols in (slice(0, 4), slice(4, 8), slice(8, 10)):
+            rate = _poisson_rate(tile_means[rows, cols].mean(), 3)
+            k = np.arange(3, 200)
+            tail = stats.poisson.pmf(k, rate) / stats.poisson.sf(2, rate)
+            excess[rows, cols] = np.dot(k - 3, tail)
+    region = np.zeros((6, 10), bool)
+    region[1:5, 3:9] = True
+    for tiles in (None, region):
+        chosen = np.ones((6, 10), bool) if tiles is None else tiles
+        pmf, plain_pmf = q.count_pmf(tiles), plain.count_pmf(tiles)
+        k = np.arange(len(pmf))
+        expected = tile_means[chosen].sum() + (probs[..., 3] * excess)[chosen].sum()
+        assert np.dot(k, pmf) == pytest.approx(expected, rel=1e-9)
+        assert np.dot(k, pmf) > np.dot(np.arange(len(plain_pmf)), plain_pmf) + 1.0
+    with pytest.raises(ValueError, match="count_tail needs density cells"):
+        TiledPosterior(**params, count_tail=True)
+    halves = [q._rebuild(lambda t: t[:, :, :8]), q._rebuild(lambda t: t[:, :, 8:])]
+    np.testing.assert_allclose(TiledPosterior.concatenate(halves, dim=2).count_pmf(),
+                               q.count_pmf(), atol=1e-12)
+    with pytest.raises(ValueError, match="count tail"):
+        TiledPosterior.concatenate([halves[0], plain._rebuild(lambda t: t[:, :, 8:])], dim=2)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.48, 1.2])
+def test_count_tail_completes_truncated_poisson_tiles(rate):
+    """Tiles that hold exactly the Poisson probabilities of 0, 1 and 2 stars and of 3 or
+    more (what the forward KL fits on truncated training tiles under a Poisson prior):
+    with the count tail their total is Poisson of mean n_tiles * rate (scipy), where
+    without it the count falls short by the stars beyond three per tile."""
+    top = np.append(stats.poisson.pmf(np.arange(3), rate), stats.poisson.sf(2, rate))
+    logits = torch.log(torch.tensor(top)).expand(1, 8, 8, 4)
+    params = {key: torch.tensor(value) for key, value in
+              random_parameters(np.random.default_rng(7), (1, 8, 8), 1).items()}
+    params["count_logits"] = logits
+    tailed = TiledPosterior(**params, spread=torch.zeros(1, 8, 8), density_cells=4,
+                            count_tail=True).count_pmf()
+    expected = stats.poisson.pmf(np.arange(len(tailed)), 64 * rate)
+    np.testing.assert_allclose(tailed, expected, atol=1e-10)
+    plain = TiledPosterior(**params, spread=torch.zeros(1, 8, 8), density_cells=4).count_pmf()
+    shortfall = 64 * (rate - np.dot(np.arange(4), top))
+    assert np.dot(np.arange(len(plain)), plain) == pytest.approx(64 * rate - shortfall)
