@@ -107,7 +107,9 @@ class TiledPosterior:
             raise ValueError("spread and density_cells go together: give both or neither")
         if count_tail and density_cells is None:
             raise ValueError("count_tail needs density cells (the density of a tile's "
-                             "cell sets its tail): give spread and density_cells too")
+                             "cell sets its tail), and this posterior has none: give "
+                             "spread and density_cells too (an encoder with count_tail "
+                             "needs density_cells)")
         self.count_logits = count_logits
         self.loc_mean = loc_mean
         self.loc_sd = loc_sd
@@ -301,7 +303,8 @@ class TiledPosterior:
         tile_cols, width): ``count_probs``, or with a count tail, 0 to ``max_sources - 1``
         stars as in ``count_probs`` and ``max_sources`` or more from its top count by
         `poisson_tail` at the Poisson mean whose count cut at ``max_sources`` has the
-        mean of the tile's density cell (a width that every cell's tail needs)."""
+        mean of the tile's density cell (at most ``TAIL_RATE_LIMIT`` times
+        ``max_sources``; each cell's tail cut at its own width, zeros beyond)."""
         probs = self.count_probs[0].double().cpu().numpy()
         if not self.count_tail:
             return probs
@@ -312,8 +315,9 @@ class TiledPosterior:
                          self.density_cells, axis=1)[:probs.shape[0], :probs.shape[1]]
         largest = np.zeros(cell_mean.size)    # each cell's tail cut where its tiles allow
         np.maximum.at(largest, cell.reshape(-1), probs[..., -1].reshape(-1))
-        tails = _tail_table(_poisson_rate(cell_mean.reshape(-1), self.max_sources),
-                            self.max_sources, largest[:, None], 1e-13)[cell]
+        rate = _poisson_rate(cell_mean.reshape(-1), self.max_sources,
+                             largest=TAIL_RATE_LIMIT * self.max_sources)
+        tails = _tail_table(rate, self.max_sources, largest[:, None], 1e-13)[cell]
         return np.concatenate([probs[..., :-1], probs[..., -1:] * tails], axis=-1)
 
     @functools.cached_property
@@ -804,7 +808,8 @@ def poisson_tail(probs, rate, *, tail=1e-13):
         Poisson mean of the number of stars in each tile (> 0), of a shape that
         broadcasts to ``probs.shape[:-1]`` (the tail is computed once per value).
     tail : float, optional
-        The tail is cut where every tile's probability is below this, then normalised.
+        Each rate's tail is cut where its tiles' probabilities stay below this, then
+        normalised.
 
     Returns
     -------
@@ -828,10 +833,15 @@ def poisson_tail(probs, rate, *, tail=1e-13):
         shape = np.broadcast_shapes(rate.shape, probs.shape[:-1])
     except ValueError:
         shape = None
-    if shape is None or probs.ndim == 0 or probs.shape[-1] < 2:
-        raise ValueError(f"probs must have at least 2 counts per tile and rate a shape that "
-                         f"broadcasts to its shape without the last axis; got {probs.shape} "
-                         f"and {rate.shape}")
+    if probs.ndim == 0 or probs.shape[-1] < 2:
+        raise ValueError(f"probs must have at least 2 counts per tile (the last axis), got "
+                         f"shape {probs.shape}")
+    if shape is None:
+        raise ValueError(f"rate must broadcast to the shape of probs without its last axis "
+                         f"{probs.shape[:-1]}, got {rate.shape}")
+    if not np.all(np.isfinite(rate) & (rate > 0)):
+        raise ValueError("rate must be finite and positive (a Poisson mean of stars per "
+                         "tile)")
     top = probs.shape[-1] - 1
     weight = np.broadcast_to(probs[..., top], shape)
     tails = _tail_table(rate.reshape(-1), top, weight.reshape(-1, 1) if rate.shape == shape
@@ -843,20 +853,28 @@ def poisson_tail(probs, rate, *, tail=1e-13):
 
 def _tail_table(rate, top, weight, tail):
     """Poisson pmfs of means ``rate`` (n,) given at least ``top``, on ``top, top + 1, ...``
-    (n, width), cut where ``weight`` (broadcast to the rows) times every row is below
-    ``tail``, then normalised."""
-    extra = np.arange(8 * top + 64)
+    (n, width): each row cut where ``weight`` (broadcast to the rows) times it falls below
+    ``tail`` for good, normalised, and padded with zeros to the widest row (so that a
+    row does not depend on the others)."""
     rate = np.clip(rate, 1e-12, None)[:, None]
+    extra = np.arange(int(np.ceil(rate.max() + 12 * np.sqrt(rate.max()))) + 64)
     table = np.exp(poisson.logpmf(top + extra, rate) - poisson.logsf(top - 1, rate))
-    significant = (np.asarray(weight) * table > tail).any(axis=0)
-    width = int(np.flatnonzero(significant)[-1]) + 1 if significant.any() else 1
-    return table[:, :width] / table[:, :width].sum(axis=1, keepdims=True)
+    significant = np.broadcast_to(np.asarray(weight) * table > tail, table.shape)
+    widths = np.where(significant.any(axis=1),
+                      table.shape[1] - significant[:, ::-1].argmax(axis=1), 1)
+    table = np.where(extra < widths[:, None], table, 0.0)[:, :widths.max()]
+    return table / table.sum(axis=1, keepdims=True)
 
 
-def _poisson_rate(truncated_mean, max_sources, *, largest=50.0):
+#: A cell's tail rate is at most this many times ``max_sources`` stars per tile: a cell
+#: whose tiles all hold ``max_sources`` with near certainty reads no finite rate.
+TAIL_RATE_LIMIT = 2.0
+
+
+def _poisson_rate(truncated_mean, max_sources, *, largest):
     """The Poisson mean whose count, cut at ``max_sources``, has the mean
-    ``truncated_mean`` (elementwise, by bisection between 1e-12 and ``largest``; a cut
-    mean of ``max_sources`` gives the rate beyond which rounding cannot tell)."""
+    ``truncated_mean`` (elementwise, by bisection between 1e-12 and ``largest``, which
+    a cut mean at or near ``max_sources`` gives)."""
     target = np.clip(np.asarray(truncated_mean, dtype=float), 0.0, max_sources)
     k = np.arange(max_sources)
 
@@ -864,7 +882,7 @@ def _poisson_rate(truncated_mean, max_sources, *, largest=50.0):
         return max_sources - np.sum((max_sources - k) * poisson.pmf(k, rate[..., None]),
                                     axis=-1)
 
-    low, high = np.full(target.shape, 1e-12), np.full(target.shape, largest)
+    low, high = np.full(target.shape, 1e-12), np.full(target.shape, float(largest))
     for _ in range(60):
         middle = np.sqrt(low * high)
         below = cut_mean(middle) < target
@@ -974,7 +992,8 @@ def convolve_counts(parts):
     -------
     offset, values
         The pmf of the sum in the same form, convolved in pairs as in
-        `count_distribution` (and trimmed alike), unnormalised only by rounding.
+        `count_distribution` (and trimmed alike), unnormalised only by rounding; parts of
+        similar widths (within a factor 2) first, then their sums.
     """
     if not parts:
         return 0, np.ones(1)

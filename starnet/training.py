@@ -875,6 +875,7 @@ def _count_calibration(encoder, features, tiles):
     if encoder.n_colors != 1:
         return {"val_count_bias": float("nan"), "val_coverage": float("nan")}
     posterior = encoder.tile_posterior(features).to("cpu")
+    posterior.count_tail = False    # the truth of training tiles stops at max_sources too
     pmfs = [posterior.image(i).count_pmf() for i in range(features.shape[0])]
     return count_calibration(pmfs, tiles.counts.sum(dim=(1, 2)).numpy())
 

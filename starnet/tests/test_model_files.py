@@ -331,8 +331,11 @@ def test_a_count_tail_goes_through_a_model_file(tmp_path):
     assert loaded.encoder.count_tail
     image, _ = simulate_starfield((16, 16), prior=PRIOR, psf=PSF, background=[686.0, 1123.0],
                                   seed=1)
-    np.testing.assert_array_equal(loaded.count_posterior(image, background='given'),
-                                  deblender.count_posterior(image, background='given'))
+    tailed = loaded.count_posterior(image, background='given')
+    np.testing.assert_array_equal(tailed, deblender.count_posterior(image, background='given'))
+    deblender.encoder.count_tail = False
+    plain = deblender.count_posterior(image, background='given')
+    assert np.dot(np.arange(len(tailed)), tailed) > np.dot(np.arange(len(plain)), plain)
 
 
 def test_load_refuses_weights_of_another_encoder_input(saved):

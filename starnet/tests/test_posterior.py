@@ -491,16 +491,47 @@ def test_poisson_tail_is_the_poisson_beyond_the_top_count(rate):
     np.testing.assert_allclose(tailed[1, :3], [0.4, 0.3, 0.2])
     np.testing.assert_allclose(tailed[1, 3:], 0.1 * expected[3:], atol=1e-12)
     np.testing.assert_allclose(tailed.sum(axis=1), 1.0)
-    with pytest.raises(ValueError, match="at least 2 counts per tile"):
+    with pytest.raises(ValueError, match="rate must broadcast"):
         poisson_tail(probs, np.full(3, rate))
+    with pytest.raises(ValueError, match="at least 2 counts per tile"):
+        poisson_tail(np.ones((2, 1)), np.full(2, rate))
+    with pytest.raises(ValueError, match="finite and positive"):
+        poisson_tail(probs, np.array([rate, -1.0]))
+
+
+def test_poisson_tail_of_one_rate_for_all_tiles_and_of_a_large_rate():
+    """A scalar rate serves every tile (cut where the likeliest tile's tail ends, not each
+    tile's own: a difference below the cut); a rate of 100 keeps its whole tail."""
+    probs = np.array([[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]])
+    np.testing.assert_allclose(poisson_tail(probs, np.array(0.8)),
+                               poisson_tail(probs, np.full(2, 0.8)), atol=1e-12)
+    tailed = poisson_tail(np.array([0.0, 0.0, 0.0, 1.0]), np.array(100.0))
+    assert np.dot(np.arange(len(tailed)), tailed) == pytest.approx(100.0, rel=1e-9)
+
+
+def test_count_tail_of_a_region_ignores_the_cells_outside_it():
+    """Each cell's tail is cut at its own width: saturating a cell outside a region leaves
+    the region's count pmf as it was, with a wide density spread too."""
+    rng = np.random.default_rng(8)
+    params = {key: torch.tensor(value)
+              for key, value in random_parameters(rng, (1, 8, 16), 1).items()}
+    crowded = {**params, "count_logits": params["count_logits"].clone()}
+    crowded["count_logits"][0, :, 12:, 3] += 8.0
+    region = np.zeros((8, 16), bool)
+    region[:4, :4] = True
+    pmfs = [TiledPosterior(**p, spread=torch.full((1, 8, 16), 0.8), density_cells=4,
+                           count_tail=True).count_pmf(region) for p in (params, crowded)]
+    np.testing.assert_allclose(pmfs[0], pmfs[1], atol=1e-12)
 
 
 def test_poisson_rate_inverts_the_cut_mean():
     rates = np.array([1e-4, 0.05, 0.8, 3.0, 9.0])
     k = np.arange(3)
     cut = 3 - np.sum((3 - k) * stats.poisson.pmf(k, rates[:, None]), axis=1)
-    np.testing.assert_allclose(_poisson_rate(cut, 3), rates, rtol=1e-6)
-    assert 30.0 < _poisson_rate(np.array([3.0]), 3)[0] <= 50.0   # full: the rounding's
+    np.testing.assert_allclose(_poisson_rate(cut, 3, largest=50.0), rates, rtol=1e-6)
+    # a cell at (or within rounding of) three per tile reads no finite rate: the limit
+    np.testing.assert_allclose(_poisson_rate(np.array([3.0, 2.9999999]), 3, largest=6.0),
+                               6.0, rtol=1e-6)
 
 
 def test_count_tail_adds_each_cells_poisson_excess():
@@ -521,7 +552,7 @@ def test_count_tail_adds_each_cells_poisson_excess():
     excess = np.zeros((6, 10))
     for rows in (slice(0, 4), slice(4, 6)):
         for cols in (slice(0, 4), slice(4, 8), slice(8, 10)):
-            rate = _poisson_rate(tile_means[rows, cols].mean(), 3)
+            rate = _poisson_rate(tile_means[rows, cols].mean(), 3, largest=6.0)
             k = np.arange(3, 200)
             tail = stats.poisson.pmf(k, rate) / stats.poisson.sf(2, rate)
             excess[rows, cols] = np.dot(k - 3, tail)
