@@ -999,13 +999,11 @@ def convolve_counts(parts):
         return 0, np.ones(1)
     # parts of similar widths together (each group padded to its widest), then the groups:
     # a few wide parts (crowded density cells) do not widen all the others
-    parts = sorted(parts, key=lambda part: len(part[1]))
-    widths = np.array([len(values) for _, values in parts])
-    group = np.floor(np.log2(widths)).astype(int)
     sums = []
-    for level in np.unique(group):
-        members = [part for part, g in zip(parts, group) if g == level]
-        pmfs = np.zeros((len(members), max(len(values) for _, values in members)))
+    for _, members in itertools.groupby(sorted(parts, key=lambda part: len(part[1])),
+                                        key=lambda part: len(part[1]).bit_length()):
+        members = list(members)
+        pmfs = np.zeros((len(members), len(members[-1][1])))
         for row, (_, values) in zip(pmfs, members):
             row[:len(values)] = values
         sums.append(_convolve_all(pmfs, np.array([o for o, _ in members], dtype=np.int64)))

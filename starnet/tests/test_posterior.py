@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 from scipy.special import log_softmax, logit, logsumexp, softmax
 
-from starnet.posterior import (TiledPosterior, _poisson_rate, contract_counts,
+from starnet.posterior import (TiledPosterior, _poisson_rate, contract_counts, convolve_counts,
                                count_distribution, density_mixture, pair_covariance,
                                poisson_tail, side_correlations)
 from starnet.tiles import TileCatalog
@@ -592,3 +592,19 @@ def test_count_tail_completes_truncated_poisson_tiles(rate):
     plain = TiledPosterior(**params, spread=torch.zeros(1, 8, 8), density_cells=4).count_pmf()
     shortfall = 64 * (rate - np.dot(np.arange(4), top))
     assert np.dot(np.arange(len(plain)), plain) == pytest.approx(64 * rate - shortfall)
+
+
+def test_convolve_counts_of_parts_of_mixed_widths_is_their_convolution():
+    """Parts of widths 1 to 40 (grouped by width inside) at offsets: the pmf of their sum
+    is the plain convolution (numpy), placed at the sum of the offsets."""
+    rng = np.random.default_rng(9)
+    parts = []
+    for width in [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 40, 3, 2]:
+        values = rng.random(width)
+        parts.append((int(rng.integers(0, 5)), values / values.sum()))
+    offset, pmf = convolve_counts(parts)
+    expected = np.ones(1)
+    for _, values in parts:
+        expected = np.convolve(expected, values)
+    assert offset == sum(start for start, _ in parts)
+    np.testing.assert_allclose(pmf, expected, atol=1e-15)
