@@ -1,9 +1,12 @@
-"""Count bias of a model trained over PSF variants and sky levels, one condition at a time.
+r"""Count bias of a model trained over PSF variants and sky levels, one condition at a time.
 
-``sdss-m2`` is trained on images whose star light is moved towards (or away from) the
-psField power-law PSF by a fraction drawn from its training settings'
-``psf_variant_range`` (-0.5 to 0.5), and whose sky is its background times a factor from
-``background_range`` (0.9 to 1.6); the network is told the sky, not the fraction. A
+A model trained with PSF variants (the ``sdss-m2`` bundled until 2026-12-08, now
+``scripts/checkpoints/sdss-m2-gradient-spread.pt``) is trained on images whose star light
+is moved towards (or away from) the psField power-law PSF by a fraction drawn from its
+training settings' ``psf_variant_range`` (-0.5 to 0.5), and whose sky is its background
+times a factor from ``background_range`` (0.9 to 1.6); the network is told the sky, not
+the fraction. (The bundled ``sdss-m2`` is trained without variants, range 0 to 0: its
+fraction rows say what a PSF error along that line does to it.) A
 forward-KL fit can then be right on average over the training mix and wrong at each
 fraction. This bench draws images as training does (`starnet.training.SimulatedBatches`
 with the model's training settings, uniform density, stars 6 px beyond the edges) with
@@ -16,7 +19,8 @@ at fraction 0 (the declared PSF) and factor 1 (the true sky).
 
 Run::
 
-    python benchmarks/bench_variant_bias.py --model sdss-m2 --density 0.002 0.04
+    python benchmarks/bench_variant_bias.py \
+        --model scripts/checkpoints/sdss-m2-gradient-spread.pt --density 0.002 0.04
 """
 
 import argparse

@@ -78,7 +78,7 @@ IMAGE is either
 When the model has a background encoder (the bundled ones do), the background is
 estimated from the pixels (starnet.background.fit_background: a factor on the
 background the model was trained with; on images larger than 256 pixels a factor
-that varies over 64 pixels), which on M2 lifts F1 from 0.47 to 0.57;
+that varies over 64 pixels), which on M2 lifts F1 from 0.46 to 0.57;
 --no-background-fit keeps the given background.
 
 A model that reads the prior (sdss) counts the faint stars of a crowded field from

@@ -639,7 +639,7 @@ class StarNetDeblender:
             smoothed over 64 pixels on images larger than 256 pixels), 'given': use
             ``meta['background']`` as it is. Default: 'fit' when the model has a
             background encoder (the bundled ones do), else 'given'. On M2 the fit gives
-            F1 0.57 against 0.47 with the SDSS sky (docs/m2.rst).
+            F1 0.57 against 0.46 with the SDSS sky (docs/m2.rst).
         progress : bool, optional
             Show a progress bar (tqdm) over the blocks of an image larger than
             ``chunk_size`` pixels on a side, when the work lasts more than 2 seconds
@@ -778,7 +778,7 @@ class StarNetDeblender:
         >>> cdf = np.cumsum(pmf)
         >>> print(f"{np.dot(np.arange(len(pmf)), pmf):.1f} ({np.searchsorted(cdf, 0.05)}, "
         ...       f"{np.searchsorted(cdf, 0.95)}); true {len(truth)}")
-        150.4 (139, 163); true 164
+        153.4 (142, 165); true 164
         """
         region = None if region is None else np.asarray(region)
         single = region is None or region.ndim == 2
@@ -900,7 +900,7 @@ class StarNetDeblender:
         >>> samples = deblender.sample(image, n_samples=50, seed=0, background="given")
         >>> counts = np.bincount(samples["sample"], minlength=50)
         >>> print(f"{counts.mean():.1f} {counts.min()} {counts.max()}; true {len(truth)}")
-        151.0 138 166; true 164
+        153.9 146 167; true 164
         """
         n_samples = check_positive_int(n_samples, "n_samples")
         check_draws_memory(n_samples, np.shape(nddata.data), tile_size=self.grid.tile_size,

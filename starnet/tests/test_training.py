@@ -41,6 +41,26 @@ def test_psf_variant_moves_the_light_linearly(noiseless, fraction):
     torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-3)
 
 
+class _NeverRendered(StarFieldRenderer):
+    def render(self, *args, **kwargs):
+        raise AssertionError("a variant with a fraction of 0 was rendered")
+
+
+def test_a_variant_range_of_zero_skips_the_variants_rendering(noiseless):
+    """Fractions of 0 move no light: the variant is not rendered, and the images are
+    those of the model's PSF alone, with the random stream of a real variant (so that a
+    model trained with ``psf_variant_range=(0, 0)`` draws the same images as before)."""
+    draws = []
+    for variant in (_NeverRendered([WIDE, WIDE], stamp_size=11), renderer(WIDE)):
+        batches = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, (20, 20), margin=3,
+                                   variants=[variant], variant_range=(0.0, 0.0))
+        draws.append(batches.draw(3, generator=torch.Generator().manual_seed(4)))
+    (images, background, catalogs), (again, _, _) = draws
+    torch.testing.assert_close(images, again, rtol=0, atol=0)
+    narrow = renderer(NARROW).render(catalogs.locs, catalogs.fluxes, catalogs.mask, (20, 20))
+    torch.testing.assert_close(images, (narrow + background).clamp(min=0), rtol=1e-5, atol=1e-3)
+
+
 def test_variant_fractions_differ_by_image_and_band(noiseless):
     batches = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, (20, 20), margin=3,
                                variants=[renderer(WIDE)], variant_range=(0.0, 1.0))
