@@ -164,7 +164,7 @@ class SimulatedBatches:
             low, high = self.variant_range
             fraction = low + (high - low) * torch.rand(n_images, stars.shape[1], 1, 1,
                                                        generator=generator)
-            if not torch.as_tensor(fraction).any():
+            if not fraction.any():
                 continue        # no light moves (a range of 0 to 0): skip the rendering
             other = variant.render(catalogs.locs, catalogs.fluxes, catalogs.mask, self.shape)
             stars = stars + fraction * (other - base)

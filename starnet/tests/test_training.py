@@ -47,16 +47,21 @@ class _NeverRendered(StarFieldRenderer):
 
 
 def test_a_variant_range_of_zero_skips_the_variants_rendering(noiseless):
-    """Fractions of 0 move no light: the variant is not rendered, and the images are
-    those of the model's PSF alone, with the random stream of a real variant (so that a
-    model trained with ``psf_variant_range=(0, 0)`` draws the same images as before)."""
-    draws = []
-    for variant in (_NeverRendered([WIDE, WIDE], stamp_size=11), renderer(WIDE)):
-        batches = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, (20, 20), margin=3,
-                                   variants=[variant], variant_range=(0.0, 0.0))
-        draws.append(batches.draw(3, generator=torch.Generator().manual_seed(4)))
-    (images, background, catalogs), (again, _, _) = draws
-    torch.testing.assert_close(images, again, rtol=0, atol=0)
+    """Fractions of 0 move no light: the variant is not rendered, the images are those
+    of the model's PSF alone, and the random stream is that of a variant that is rendered
+    (here at fractions up to 1e-9), so that a model trained with ``psf_variant_range=(0,
+    0)`` draws the same images as before the rendering was skipped."""
+    skipped = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, (20, 20), margin=3,
+                               variants=[_NeverRendered([WIDE, WIDE], stamp_size=11)],
+                               variant_range=(0.0, 0.0), background_range=(0.9, 1.6))
+    rendered = SimulatedBatches(PRIOR, renderer(NARROW), BACKGROUND, (20, 20), margin=3,
+                                variants=[renderer(WIDE)], variant_range=(0.0, 1e-9),
+                                background_range=(0.9, 1.6))
+    images, background, catalogs = skipped.draw(3, generator=torch.Generator().manual_seed(4))
+    again, same_background, _ = rendered.draw(3, generator=torch.Generator().manual_seed(4))
+    # the sky factors are drawn after the fractions: equal only if the stream is the same
+    torch.testing.assert_close(background, same_background, rtol=0, atol=0)
+    torch.testing.assert_close(images, again, rtol=1e-5, atol=1e-3)
     narrow = renderer(NARROW).render(catalogs.locs, catalogs.fluxes, catalogs.mask, (20, 20))
     torch.testing.assert_close(images, (narrow + background).clamp(min=0), rtol=1e-5, atol=1e-3)
 
